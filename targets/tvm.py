@@ -1,0 +1,236 @@
+"""Apache TVM (Relax, LLVM) target: native x86 builds and aarch64 cross-builds.
+
+The pipeline is an explicit tuple of named steps built from the profile (see ``pipeline``), so a
+reader sees top to bottom what happens to the graph. Later steps (hand-written kernel substitution,
+MetaSchedule tuning) plug in as further named steps.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from targets import Coverage, SimpleRunner
+from toolchain.cache import Artifact, Cache, StepKey
+from toolchain.errors import InfraError, SdkMissing, UsageError
+from toolchain.onnx_io import fix_batch, input_specs, load_onnx
+from toolchain.profile import Profile
+
+Step = tuple[str, Callable[[Any], Any]]
+
+COMPILE_CONFIG_VERSION = 1
+
+
+def _import_tvm():  # -> module
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401
+    except ImportError as e:
+        raise SdkMissing(f"TVM is not importable ({e}); pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1") from None
+    return tvm
+
+
+def tvm_target(profile: Profile):  # -> tvm.target.Target
+    tvm = _import_tvm()
+    return tvm.target.Target(profile.tvm_target())
+
+
+def import_onnx(model: onnx.ModelProto):  # -> IRModule
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = fix_batch(model, 1)
+    shapes = {s.name: list(s.shape) for s in input_specs(model)}
+    dtypes = {s.name: s.dtype for s in input_specs(model)}
+    try:
+        return from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
+    except Exception as e:  # the frontend raises bare exceptions for unsupported ops
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise UsageError(f"TVM's ONNX importer rejected the model: {first}; try --target ort") from None
+
+
+def pipeline(profile: Profile) -> tuple[Step, ...]:
+    """The named Relax -> TIR steps for this profile, in order."""
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = tvm_target(profile)
+
+    def seq(passes: list) -> Callable[[Any], Any]:
+        import tvm
+
+        def run(mod: Any) -> Any:
+            with target:
+                return tvm.transform.Sequential(passes)(mod)
+
+        return run
+
+    return (
+        ("decompose", seq([relax.transform.DecomposeOpsForInference()])),
+        ("library-dispatch", seq(cpu.library_dispatch_passes(target))),
+        ("legalize-and-fuse", seq(cpu.legalize_passes(target))),
+        ("dataflow-lower", seq(cpu.dataflow_lower_passes(target))),
+        ("finalize", seq(cpu.finalize_passes(target))),
+    )
+
+
+def kernel_table(mod: Any) -> list[dict[str, Any]]:
+    """Every PrimFunc with its origin: hand-written (edgec.kernel attr), tuned (scheduled) or generic."""
+    import tvm
+
+    rows = []
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        attrs = func.attrs or {}
+        if "edgec.kernel" in attrs:
+            origin = "hand-written"
+        elif bool(attrs.get("tirx.is_scheduled", False)):
+            origin = "tuned"
+        else:
+            origin = "generic"
+        rows.append({"name": gv.name_hint, "origin": origin, "kernel": str(attrs.get("edgec.kernel", ""))})
+    return rows
+
+
+def build_library(model: onnx.ModelProto, profile: Profile, out: Path) -> dict[str, Any]:
+    """Import, lower and link ``model`` for ``profile`` into the shared library ``out``."""
+    tvm = _import_tvm()
+    mod = import_onnx(model)
+    steps = pipeline(profile)
+    for _name, step in steps:
+        mod = step(mod)
+    kernels = kernel_table(mod)
+    target = tvm_target(profile)
+    ex = tvm.compile(mod, target, relax_pipeline=None)
+    _export(ex, profile, out)
+    return {
+        "triple": profile.cpu.mtriple,
+        "mcpu": profile.cpu.mcpu,
+        "pipeline": [n for n, _ in steps],
+        "kernels": kernels,
+        "inputs": [s.to_json() for s in input_specs(fix_batch(model, 1))],
+        "elf_machine": elf_machine(out),
+    }
+
+
+def _export(ex: Any, profile: Profile, out: Path) -> None:
+    from tvm.support import cc
+
+    if profile.cpu.cross_cc:
+        if not _which(profile.cpu.cross_cc):
+            raise SdkMissing(
+                f"cross compiler {profile.cpu.cross_cc} not found; apt-get install gcc-aarch64-linux-gnu"
+            )
+        ex.export_library(str(out), fcompile=cc.cross_compiler(profile.cpu.cross_cc))
+    else:
+        ex.export_library(str(out))
+
+
+def _which(cmd: str) -> bool:
+    from shutil import which
+
+    return which(cmd) is not None
+
+
+def elf_machine(path: Path) -> str:
+    """The ELF e_machine of a shared library: 'x86_64', 'aarch64' or the raw number."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if head[:4] != b"\x7fELF":
+        return "not-elf"
+    code = int.from_bytes(head[18:20], "little")
+    return {62: "x86_64", 183: "aarch64", 40: "arm"}.get(code, str(code))
+
+
+class TvmRunner(SimpleRunner):
+    def __init__(self, lib_path: Path, input_names: list[str], threads: int) -> None:
+        tvm = _import_tvm()
+        from tvm import relax
+
+        os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+        cfg = tvm.get_global_func("runtime.config_threadpool", True)
+        if cfg is not None:
+            cfg(1, threads)
+        self._tvm = tvm
+        self.lib = tvm.runtime.load_module(str(lib_path))
+        self.vm = relax.VirtualMachine(self.lib, tvm.cpu())
+        self.main = self.vm["main"]
+        self.input_names = input_names
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = [self._tvm.runtime.tensor(np.ascontiguousarray(feed[n])) for n in self.input_names]
+        out = self.main(*args)
+        if hasattr(out, "numpy"):
+            return [out.numpy()]
+        return [o.numpy() for o in out]
+
+
+class TvmTarget:
+    name = "tvm"
+
+    def available(self) -> str | None:
+        try:
+            _import_tvm()
+        except SdkMissing as e:
+            return str(e)
+        return None
+
+    def supports(self, model: onnx.ModelProto, profile: Profile) -> Coverage:
+        from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+        known = set(_get_convert_map())
+        sup: dict[str, int] = {}
+        unsup: dict[str, str] = {}
+        for n in model.graph.node:
+            if n.domain not in ("", "ai.onnx"):
+                unsup[n.op_type] = f"custom domain {n.domain!r} has no TVM converter"
+            elif n.op_type in known:
+                sup[n.op_type] = sup.get(n.op_type, 0) + 1
+            else:
+                unsup[n.op_type] = "TVM's Relax ONNX frontend has no converter for this op"
+        notes = () if profile.is_host_native else (f"cross-compiled for {profile.cpu.mtriple}",)
+        return Coverage(self.name, sup, unsup, notes)
+
+    def compile(self, art: Artifact, profile: Profile, cache: Cache) -> tuple[Artifact, bool]:
+        model = load_onnx(art.payload, check=False)
+        cfg = {"target": profile.tvm_target(), "kernels": profile.kernels.__dict__, "tuning": None}
+
+        def write(d: Path) -> tuple[str, dict[str, Any]]:
+            meta = build_library(model, profile, d / "model.so")
+            meta["source"] = art.key
+            meta["threads"] = profile.bench.threads
+            return "model.so", meta
+
+        sk = StepKey("compile:tvm", (art.key,), cfg, COMPILE_CONFIG_VERSION, profile.id)
+        return cache.get_or_build(sk, "tvm-lib", write)
+
+    def load(self, art: Artifact) -> TvmRunner:
+        machine = art.meta.get("elf_machine")
+        if machine != platform.machine():
+            raise UsageError(
+                f"artifact {art.key[:12]} is a {machine} library for {art.meta.get('triple')}; "
+                "run it on that device (edgec bench --tracker HOST:PORT --key KEY)"
+            )
+        names = [i["name"] for i in art.meta.get("inputs", [])]
+        return TvmRunner(art.payload, names, int(art.meta.get("threads", 1)))
+
+    def kernels(self, art: Artifact) -> list[dict[str, Any]]:
+        return list(art.meta.get("kernels", []))
+
+
+def qemu_available() -> bool:
+    try:
+        subprocess.run(["qemu-aarch64", "--version"], capture_output=True, check=True)
+        return True
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
+__all__ = ["TvmTarget", "TvmRunner", "build_library", "pipeline", "elf_machine", "InfraError"]

@@ -1,0 +1,150 @@
+"""Loading, checking and describing ONNX models safely."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from toolchain.errors import UsageError
+
+_NP_TYPES = {
+    TensorProto.FLOAT: np.float32,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.DOUBLE: np.float64,
+    TensorProto.INT64: np.int64,
+    TensorProto.INT32: np.int32,
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.BOOL: np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # dynamic dims resolved to the given batch size (or 1)
+    dtype: str  # numpy dtype name
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
+    """External data must live inside the model's own folder: no absolute paths, no '..'."""
+    base = base.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / loc).resolve()
+        if Path(loc).is_absolute() or not target.is_relative_to(base):
+            raise UsageError(
+                f"ONNX external data location {loc!r} of tensor {tensor.name!r} points outside the "
+                f"model's folder {base}; move the data file next to the model and re-save it"
+            )
+        if not target.is_file():
+            raise UsageError(f"ONNX external data file {loc!r} for tensor {tensor.name!r} is missing in {base}")
+
+
+def load_onnx(path: Path | str, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file; a missing, corrupt or truncated file is a one-line UsageError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"ONNX file {path} does not exist; check the path")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise UsageError(
+            f"{path} is not a valid ONNX model (corrupt or truncated: {type(e).__name__}); "
+            "re-export it or check the download"
+        ) from None
+    if not model.graph.node and not model.graph.output:
+        raise UsageError(f"{path} parsed as an empty ONNX model (truncated or not ONNX); re-export it")
+    _check_external_data(model, path.parent)
+    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    if check:
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UsageError(f"{path} fails the ONNX checker: {first}; fix the exporter output") from None
+    return model
+
+
+def model_from_bytes(data: bytes, where: str) -> onnx.ModelProto:
+    try:
+        return onnx.load_from_string(data)
+    except Exception as e:
+        raise UsageError(f"{where} is not a valid ONNX model ({type(e).__name__})") from None
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def input_specs(model: onnx.ModelProto, batch: int = 1) -> list[TensorSpec]:
+    specs = []
+    for vi in graph_inputs(model):
+        tt = vi.type.tensor_type
+        dims = []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            elif i == 0:
+                dims.append(batch)
+            else:
+                raise UsageError(
+                    f"input {vi.name!r} has a dynamic non-batch dimension {d.dim_param or '?'}; "
+                    "export with static shapes (--input-shape) for edge targets"
+                )
+        dtype = _NP_TYPES.get(tt.elem_type)
+        if dtype is None:
+            raise UsageError(f"input {vi.name!r} has unsupported element type {tt.elem_type}")
+        specs.append(TensorSpec(vi.name, tuple(dims), np.dtype(dtype).name))
+    return specs
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
+def random_feed(specs: list[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for s in specs:
+        dt = np.dtype(s.dtype)
+        if np.issubdtype(dt, np.floating):
+            feed[s.name] = rng.standard_normal(s.shape).astype(dt)
+        elif dt == np.bool_:
+            feed[s.name] = rng.integers(0, 2, s.shape).astype(bool)
+        else:
+            feed[s.name] = rng.integers(0, 10, s.shape).astype(dt)
+    return feed
+
+
+def fix_batch(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
+    """A copy whose dynamic leading input dims are pinned to ``batch`` (edge targets want static shapes)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in graph_inputs(m):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    return m
+
+
+def param_count(model: onnx.ModelProto) -> int:
+    return int(sum(np.prod(i.dims) if i.dims else 1 for i in model.graph.initializer))
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    hist: dict[str, int] = {}
+    for n in model.graph.node:
+        hist[n.op_type] = hist.get(n.op_type, 0) + 1
+    return dict(sorted(hist.items(), key=lambda kv: -kv[1]))

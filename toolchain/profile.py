@@ -1,0 +1,211 @@
+"""Device profiles: ``profiles/<id>.toml`` validated into frozen dataclasses.
+
+Unknown keys and bad values are errors naming the file and the key, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import profiles as _profiles_pkg
+from toolchain.errors import UsageError
+
+PROFILE_DIR = Path(_profiles_pkg.__file__).parent
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    """The CPU the code runs on, as LLVM sees it."""
+
+    arch: str  # "x86_64" | "aarch64"
+    mtriple: str  # LLVM target triple, e.g. "x86_64-linux-gnu", "aarch64-linux-android"
+    mcpu: str  # LLVM CPU name, e.g. "znver4", "cortex-a76"
+    mattr: tuple[str, ...] = ()
+    num_cores: int = 1
+    vector_bits: int = 128  # SIMD register width: 512 AVX-512, 256 AVX2, 128 NEON
+    int8_dot: str = "none"  # "vnni" | "sdot" | "none": the int8 dot-product instruction, if any
+    cross_cc: str | None = None  # C compiler that links a shared library for this CPU, when not the host's
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """An NVIDIA GPU reached through TensorRT."""
+
+    name: str
+    sm: int  # compute capability, e.g. 87 for Orin
+    memory_mb: int
+    fp16: bool = True
+    int8: bool = True
+    sparse_tensor_cores: bool = False
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Which hand-tuned kernel variants suit this device, and their tile/vector parameters."""
+
+    gemv_variant: str = "generic"  # e.g. "avx512-packed", "avx2-packed", "neon-packed"
+    vector_lanes: int = 4  # fp32 lanes per vector register
+    gemv_block_n: int = 32  # output rows per packed block
+    gemv_block_k: int = 64  # reduction tile
+    unroll: int = 4
+    use_fused_kan: bool = True
+    use_fused_lif: bool = True
+    use_grouped_matmul: bool = True
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    threads: int = 1
+    warmup_s: float = 0.2
+    duration_s: float = 1.0
+    min_runs: int = 50
+
+
+@dataclass(frozen=True)
+class Profile:
+    id: str
+    name: str
+    description: str
+    os: str  # "linux" | "android"
+    targets: tuple[str, ...]  # targets that can run here, best first
+    cpu: CpuSpec
+    gpu: GpuSpec | None = None
+    kernels: KernelSpec = field(default_factory=KernelSpec)
+    bench: BenchSpec = field(default_factory=BenchSpec)
+
+    @property
+    def is_host_native(self) -> bool:
+        """True when code built for this profile can run on this machine."""
+        import platform
+
+        return self.cpu.arch == platform.machine() and self.cpu.cross_cc is None
+
+    def tvm_target(self) -> dict[str, Any]:
+        t: dict[str, Any] = {
+            "kind": "llvm",
+            "mtriple": self.cpu.mtriple,
+            "mcpu": self.cpu.mcpu,
+            "num-cores": self.cpu.num_cores,
+        }
+        if self.cpu.mattr:
+            t["mattr"] = list(self.cpu.mattr)
+        return t
+
+
+_VALID = {
+    ("cpu", "arch"): ("x86_64", "aarch64"),
+    ("cpu", "int8_dot"): ("vnni", "sdot", "none"),
+    ("", "os"): ("linux", "android"),
+}
+_KNOWN_TARGETS = ("ort", "tvm", "tensorrt")
+
+
+def _coerce(cls: type, data: dict[str, Any], where: str, section: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UsageError(
+                f"{where}: unknown key '{section + '.' if section else ''}{key}'; "
+                f"valid keys are {', '.join(sorted(names))}"
+            )
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        hint = hints[f.name]
+        qual = f"{section + '.' if section else ''}{f.name}"
+        sub = _dataclass_of(hint)
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise UsageError(f"{where}: '{qual}' must be a table [{qual}]")
+            kwargs[f.name] = _coerce(sub, value, where, qual)
+            continue
+        kwargs[f.name] = _check_scalar(value, hint, where, qual)
+        allowed = _VALID.get((section, f.name))
+        if allowed and value not in allowed:
+            raise UsageError(f"{where}: '{qual}' = {value!r} is not one of {', '.join(allowed)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        missing = str(e).split("argument", 1)[-1].strip(": ")
+        raise UsageError(f"{where}: missing required key(s) in [{section or 'top level'}]: {missing}") from None
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    for cand in (hint, *get_args(hint)):
+        if isinstance(cand, type) and hasattr(cand, "__dataclass_fields__"):
+            return cand
+    return None
+
+
+def _check_scalar(value: Any, hint: Any, where: str, qual: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{where}: '{qual}' must be a list of strings, got {value!r}")
+        return tuple(value)
+    accepted = tuple(a for a in args if a is not type(None)) if args else (hint,)
+    ok = any(
+        (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (t is int and isinstance(value, int) and not isinstance(value, bool))
+        or (t not in (int, float) and isinstance(value, t))
+        for t in accepted
+    )
+    if not ok:
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in accepted)
+        raise UsageError(f"{where}: '{qual}' must be {names}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise UsageError(f"{where}: '{qual}' must not be negative, got {value!r}")
+    return float(value) if float in accepted and int not in accepted else value
+
+
+def parse_profile(data: dict[str, Any], where: str) -> Profile:
+    prof = _coerce(Profile, data, where, "")
+    for t in prof.targets:
+        if t not in _KNOWN_TARGETS:
+            raise UsageError(f"{where}: 'targets' has unknown target {t!r}; known: {', '.join(_KNOWN_TARGETS)}")
+    if "tensorrt" in prof.targets and prof.gpu is None:
+        raise UsageError(f"{where}: target 'tensorrt' needs a [gpu] table")
+    if prof.cpu.num_cores < 1 or prof.bench.threads < 1:
+        raise UsageError(f"{where}: 'cpu.num_cores' and 'bench.threads' must be at least 1")
+    return prof
+
+
+def load_profile_file(path: Path) -> Profile:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML ({e}); fix the syntax") from None
+    prof = parse_profile(data, str(path))
+    if prof.id != path.stem:
+        raise UsageError(f"{path}: 'id' = {prof.id!r} must match the file name {path.stem!r}")
+    return prof
+
+
+def profile_ids() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A profile by id (``x86-avx512``) or by path to a TOML file."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.is_file():
+        return load_profile_file(p)
+    path = PROFILE_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UsageError(
+            f"unknown profile {name_or_path!r}; choose one of {', '.join(profile_ids())} "
+            "(see 'edgec profiles list') or pass a .toml file"
+        )
+    return load_profile_file(path)
+
+
+def all_profiles() -> list[Profile]:
+    return [load_profile(i) for i in profile_ids()]

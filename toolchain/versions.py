@@ -1,0 +1,41 @@
+"""Toolchain and SDK versions, recorded in every manifest and every benchmark result."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata as md
+import platform
+
+_PACKAGES = ("edgec", "onnx", "onnxruntime", "onnxscript", "apache-tvm", "torch", "numpy", "tensorrt")
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    """Installed versions of the packages that shape a build's output (absent ones omitted)."""
+    found: dict[str, str] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return found
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_governor() -> str | None:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor", encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return None
