@@ -6,16 +6,14 @@ Exit codes: 0 ok, 1 a gate failed, 2 usage / input error, 3 SDK, device or data 
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
-from toolchain.errors import EdgecError
+from toolchain.commands import register_all
 
 app = typer.Typer(
     help="edgec: deploy unconventional networks (sparse modular MLPs, KANs, GNN-distilled MLPs, spiking nets) "
@@ -30,15 +28,8 @@ zoo_app = typer.Typer(help="The model zoo: list and train the seed families on r
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(zoo_app, name="zoo")
 
-STATE: dict[str, Any] = {"verbose": False, "cache_dir": None}
-F = TypeVar("F", bound=Callable[..., Any])
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Device profile id (edgec profiles list) or .toml path.")]
-DataDirOpt = Annotated[
-    Path | None, typer.Option("--data-dir", help="Directory with the dataset files (Fashion-MNIST IDX, Planetoid raw).")
-]
-
+from toolchain.cli_support import STATE, DataDirOpt, JsonOpt, ProfileOpt, emit, handled
+from toolchain.cli_support import get_cache as _cache
 
 @app.callback()
 def _main(
@@ -49,47 +40,6 @@ def _main(
 ) -> None:
     STATE["verbose"] = verbose
     STATE["cache_dir"] = cache_dir
-
-
-def _cache():  # -> Cache
-    from toolchain.cache import Cache
-
-    return Cache(STATE["cache_dir"])
-
-
-def handled(fn: F) -> F:
-    """One line on stderr and a meaningful exit code for every error; tracebacks only with --verbose."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except EdgecError as e:
-            if STATE["verbose"]:
-                raise
-            typer.echo(f"edgec: error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("edgec: interrupted; completed stages stay cached", err=True)
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as e:  # a bug: say so in one line
-            if STATE["verbose"]:
-                raise
-            msg = (str(e).strip().splitlines() or [""])[0][:300]
-            typer.echo(f"edgec: internal error: {type(e).__name__}: {msg} (rerun with --verbose and report it)",
-                       err=True)
-            raise typer.Exit(4) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def emit(data: Any, as_json: bool, human: Callable[[], str]) -> None:
-    if as_json:
-        typer.echo(json.dumps(data, indent=2, default=str))
-    else:
-        typer.echo(human())
 
 
 # ------------------------------------------------------------------------------------------- verbs
@@ -356,6 +306,9 @@ def demo(
                     progress=not as_json)
     j, m = write_build_reports(rep, report_dir, "demo")
     emit(rep, as_json, lambda: render_build(rep) + f"\n\nreports: {j} {m}")
+
+
+register_all(app)
 
 
 def main() -> None:
