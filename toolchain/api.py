@@ -11,7 +11,7 @@ import numpy as np
 
 from toolchain.cache import Artifact, Cache, StepKey
 from toolchain.errors import SdkMissing, UsageError
-from toolchain.onnx_io import fix_batch, input_specs, load_onnx, op_histogram, param_count, random_feed
+from toolchain.onnx_io import fix_batch, input_specs, load_onnx, op_histogram, param_count
 from toolchain.profile import Profile, load_profile
 from toolchain.versions import cpu_governor, cpu_model, versions
 
@@ -119,39 +119,51 @@ def bench(art: Artifact, cache: Cache, profile: Profile | None = None, data: str
     """Latency, agreement with the source ONNX on ONNX Runtime, and task accuracy where labelled data exists."""
     from targets import target_for_artifact
     from targets.ort import OrtRunner
-    from toolchain.bench import agreement, measure_latency, run_batched, task_accuracy
+    from toolchain.bench import measure_latency
 
     profile = profile or load_profile(art.profile or "x86-avx512")
     target = target_for_artifact(art)
     src = reference or source_onnx(art, cache)
     spec = input_specs(fix_batch(load_onnx(src.payload, check=False), 1))
     if len(spec) != 1:
-        feed = random_feed(spec)
+        raise UsageError(f"bench takes single-input models for now; {art.key[:12]} has {len(spec)} inputs")
     ds = _dataset_for(src, data_dir, data)
     with target.load(art) as runner, OrtRunner(src.payload, profile.bench.threads) as ref:
         name, shape = spec[0].name, spec[0].shape
-        if ds is not None:
-            n = len(ds.x_test) if samples <= 0 else min(samples, len(ds.x_test))
-            x = ds.x_test[:n].astype(np.float32)
-        else:
-            x = np.random.default_rng(0).standard_normal((64, *shape[1:])).astype(np.float32)
+        x = _eval_inputs(ds, samples, shape)
         feed = {name: x[:1].reshape(shape)}
         lat = measure_latency(runner, feed, profile.bench.warmup_s, duration_s or profile.bench.duration_s,
                               profile.bench.min_runs, profile.bench.threads)
-        agree = agreement(runner, ref, name, x, shape)
-        result: dict[str, Any] = {
-            "artifact": art.key, "target": target.name, "profile": profile.id,
-            "latency": lat.to_json(), "agreement": agree.to_json(),
-        }
-        if ds is not None:
-            logits = run_batched(runner, name, x, shape)
-            ref_logits = run_batched(ref, name, x, shape)
-            result["accuracy"] = {"dataset": ds.name, "samples": int(len(x)),
-                                  "task_accuracy": task_accuracy(logits, ds.y_test),
-                                  "reference_accuracy": task_accuracy(ref_logits, ds.y_test)}
+        result: dict[str, Any] = {"artifact": art.key, "target": target.name, "profile": profile.id,
+                                  "latency": lat.to_json()}
+        result.update(quality(runner, ref, name, shape, x, ds))
     result["size_bytes"] = art.payload.stat().st_size
     result["environment"] = environment()
     return result
+
+
+def _eval_inputs(ds: Any, samples: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The labelled test inputs (first ``samples``; 0 = all), or 64 seeded random inputs without data."""
+    if ds is None:
+        return np.random.default_rng(0).standard_normal((64, *shape[1:])).astype(np.float32)
+    n = len(ds.x_test) if samples <= 0 else min(samples, len(ds.x_test))
+    return ds.x_test[:n].astype(np.float32)
+
+
+def quality(runner: Any, ref: Any, name: str, shape: tuple[int, ...], x: np.ndarray, ds: Any,
+            ref_out: np.ndarray | None = None) -> dict[str, Any]:
+    """Agreement with the reference runner and, with labels, task accuracy of both (one pass each)."""
+    from toolchain.bench import run_batched, task_accuracy
+    from toolchain.export import compare
+
+    got = run_batched(runner, name, x, shape)
+    ref_out = run_batched(ref, name, x, shape) if ref_out is None else ref_out
+    out: dict[str, Any] = {"agreement": compare([ref_out], [got]).to_json()}
+    if ds is not None:
+        out["accuracy"] = {"dataset": ds.name, "samples": int(len(x)),
+                           "task_accuracy": task_accuracy(got, ds.y_test),
+                           "reference_accuracy": task_accuracy(ref_out, ds.y_test)}
+    return out
 
 
 def environment() -> dict[str, Any]:
@@ -170,7 +182,7 @@ def build(model: str, profile_id: str, targets: list[str] | None, passes: list[s
 
     from targets import get_target
     from targets.ort import OrtRunner
-    from toolchain.bench import agreement, measure_interleaved, run_batched, task_accuracy
+    from toolchain.bench import measure_interleaved, run_batched
     from toolchain.passes import parse_pass
 
     t0 = time.monotonic()
@@ -197,11 +209,7 @@ def build(model: str, profile_id: str, targets: list[str] | None, passes: list[s
     m = load_onnx(final.payload, check=False)
     spec = input_specs(fix_batch(m, 1))[0]
     ds = _dataset_for(onnx_art, data_dir, data)
-    if ds is not None:
-        n = len(ds.x_test) if samples <= 0 else min(samples, len(ds.x_test))
-        x = ds.x_test[:n].astype(np.float32)
-    else:
-        x = np.random.default_rng(0).standard_normal((64, *spec.shape[1:])).astype(np.float32)
+    x = _eval_inputs(ds, samples, spec.shape)
     feed = {spec.name: x[:1].reshape(spec.shape)}
     runners = {t: get_target(t).load(a) for t, (a, _) in compiled.items()}
     # The reference is the model before passes, on ONNX Runtime: passes are judged too.
@@ -210,21 +218,16 @@ def build(model: str, profile_id: str, targets: list[str] | None, passes: list[s
         lats = measure_interleaved({t: (r, feed) for t, r in runners.items()}, profile.bench.warmup_s,
                                    duration_s or profile.bench.duration_s, profile.bench.min_runs,
                                    threads=profile.bench.threads)
-        ref_logits = run_batched(ref, spec.name, x, spec.shape) if ds is not None else None
+        ref_out = run_batched(ref, spec.name, x, spec.shape)
         results: dict[str, Any] = {}
         for t, r in runners.items():
             art, hit = compiled[t]
-            res: dict[str, Any] = {
-                "artifact": art.key, "cache_hit": hit, "size_bytes": art.payload.stat().st_size,
-                "latency": lats[t].to_json(),
-                "agreement": agreement(r, ref, spec.name, x, spec.shape).to_json(),
-            }
-            if ds is not None and ref_logits is not None:
-                res["accuracy"] = {"dataset": ds.name, "samples": int(len(x)),
-                                   "task_accuracy": task_accuracy(run_batched(r, spec.name, x, spec.shape), ds.y_test),
-                                   "reference_accuracy": task_accuracy(ref_logits, ds.y_test)}
-            if hasattr(get_target(t), "kernels"):
-                res["kernels"] = get_target(t).kernels(art)
+            res: dict[str, Any] = {"artifact": art.key, "cache_hit": hit, "size_bytes": art.payload.stat().st_size,
+                                   "latency": lats[t].to_json()}
+            res.update(quality(r, ref, spec.name, spec.shape, x, ds, ref_out))
+            tgt = get_target(t)
+            if hasattr(tgt, "kernels"):
+                res["kernels"] = tgt.kernels(art)
             results[t] = res
     finally:
         for r in runners.values():
