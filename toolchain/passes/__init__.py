@@ -51,6 +51,13 @@ class PassSpec:
 REGISTRY: dict[str, PassSpec] = {
     "cleanup": PassSpec("cleanup", "toolchain.passes.cleanup",
                         "constant folding, dead-node removal, shape inference, fusion-friendly rewrites"),
+    "prune": PassSpec("prune", "toolchain.passes.prune",
+                      "unstructured magnitude pruning to a density (global or per layer); no speed-up on ort"),
+    "nm": PassSpec("nm", "toolchain.passes.nm", "N:M (default 2:4) sparsity along the reduction dim, verified"),
+    "structured": PassSpec("structured", "toolchain.passes.structured",
+                           "neuron pruning that slices consecutive MatMul/Gemm weights (smaller, faster)"),
+    "modular": PassSpec("modular", "toolchain.passes.modular",
+                        "lower block-sparse (G2GNet) MatMuls to gather + grouped matmul"),
 }
 
 

@@ -1,0 +1,81 @@
+"""Per-layer speed measurement on the chosen target, for sparsity passes' reports and ``only_if_faster``.
+
+Each layer is cut out as a standalone ONNX model (its original form and its rewritten form), both run on
+ONNX Runtime in this process with the profile's thread count, timed in interleaved rounds at batch 1, and
+compared by p50 ratio. Only ``ort`` is measured in-process; other targets say so instead of guessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from toolchain.errors import UsageError
+
+# A sparse form must beat dense by this margin to be kept under only_if_faster: per-layer timings on a
+# shared machine wobble by a few percent, and a tie is not worth the accuracy risk.
+MIN_GAIN = 1.05
+
+
+@dataclass(frozen=True)
+class Timing:
+    dense_us: float
+    sparse_us: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_us / self.sparse_us
+
+    def to_json(self) -> dict[str, float]:
+        return {"dense_p50_us": round(self.dense_us, 2), "sparse_p50_us": round(self.sparse_us, 2),
+                "speedup": round(self.speedup, 3)}
+
+
+def check_target(target: str, measure: bool, only_if_faster: bool, pass_name: str) -> None:
+    if (measure or only_if_faster) and target != "ort":
+        raise UsageError(f"pass {pass_name}: per-layer speed is measured in-process on ort only, not {target!r}; "
+                         "use target ort for measure/only_if_faster, or set measure=false,only_if_faster=false")
+
+
+def single_layer_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], in_name: str, in_dim: int,
+                       out_name: str, opset: int = 18) -> onnx.ModelProto:
+    """A standalone model of one layer: input ``[1, in_dim]`` float, one float output."""
+    g = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info(in_name, onnx.TensorProto.FLOAT, [1, in_dim])],
+                          [helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+class _Sess:
+    def __init__(self, model: onnx.ModelProto, threads: int) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        self.sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.outs = [o.name for o in self.sess.get_outputs()]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sess.run(self.outs, feed)
+
+
+def time_pair(dense: onnx.ModelProto, sparse: onnx.ModelProto, in_name: str, in_dim: int, threads: int = 1,
+              duration_s: float = 0.4) -> Timing:
+    """p50 of both single-layer models at batch 1, interleaved so machine noise hits both alike."""
+    from toolchain.bench import measure_interleaved
+
+    feed = {in_name: np.random.default_rng(0).standard_normal((1, in_dim)).astype(np.float32)}
+    runs: dict[str, tuple[Any, dict[str, np.ndarray]]] = {"dense": (_Sess(dense, threads), feed),
+                                                          "sparse": (_Sess(sparse, threads), feed)}
+    st = measure_interleaved(runs, warmup_s=0.05, duration_s=duration_s, min_runs=100, rounds=6, threads=threads)
+    return Timing(st["dense"].p50_ms * 1000, st["sparse"].p50_ms * 1000)
+
+
+def threads_of(ctx: Any) -> int:
+    prof = getattr(ctx, "profile", None)
+    return int(prof.bench.threads) if prof is not None else 1

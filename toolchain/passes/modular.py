@@ -1,0 +1,156 @@
+"""modular: lower block-structured sparse MatMuls to a gather + grouped (batched) matmul.
+
+A G2GNet-style layer splits its outputs into G groups; every output of group g reads the same set S_g of
+inputs (its own input group plus a few foreign inputs). Stored as a dense matrix, ~75 % of the multiply
+work is on zeros. The structure is detected from the weight's zero pattern alone (any model): outputs are
+cut into G contiguous equal groups, S_g = inputs with a nonzero weight into group g, K = max |S_g|. The
+layer becomes::
+
+    Gather(x, idx[G, 1, K], axis=-1) -> [B, G, 1, K]  @  W[G, K, out/G]  -> [B, G, 1, out/G] -> Reshape [B, out]
+
+with shorter groups padded to K by zero weight rows (exact). A layer is left alone when K/in would not
+pay (``max_ratio``) or, with ``only_if_faster``, when the lowered form is not measured faster on the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from toolchain.passes import PassContext, PassResult
+from toolchain.passes._graph import DenseLayer, copy_model, get_weight, remove_initializer, require_layers, select
+from toolchain.passes._speed import MIN_GAIN, check_target, single_layer_model, threads_of, time_pair
+
+
+@dataclass(frozen=True)
+class Config:
+    max_groups: int = 64  # largest G tried (G must divide the output width)
+    max_ratio: float = 0.6  # lower only when K / in <= this (gather + batching overhead must be repaid)
+    layers: tuple[str, ...] = ()
+    measure: bool = False
+    only_if_faster: bool = False
+
+
+@dataclass(frozen=True)
+class Blocks:
+    groups: int
+    k: int
+    idx: np.ndarray  # [G, K] int64 input columns per group (padded)
+    w: np.ndarray  # [G, K, out/G] float32 (zero rows where padded)
+
+
+def detect(w: np.ndarray, max_groups: int = 64) -> Blocks | None:
+    """The block structure of an [in, out] weight with the fewest groups reaching the minimal K (None if dense)."""
+    nz = w != 0
+    n_in, n_out = w.shape
+    best: tuple[int, int] | None = None  # (K, G)
+    cands = []
+    for g in range(1, min(max_groups, n_out) + 1):
+        if n_out % g:
+            continue
+        sup = nz.reshape(n_in, g, n_out // g).any(axis=2)  # [in, G]
+        cands.append((int(sup.sum(0).max()), g))
+    kmin = min(k for k, _ in cands)
+    # Fewest groups within 5 % of the minimal K: more groups only add per-group overhead.
+    best = min(((k, g) for k, g in cands if k <= kmin * 1.05), key=lambda kg: kg[1])
+    k, g = best
+    if k >= n_in or k == 0:
+        return None
+    n = n_out // g
+    idx = np.zeros((g, k), dtype=np.int64)
+    wg = np.zeros((g, k, n), dtype=np.float32)
+    for j in range(g):
+        cols = w[:, j * n:(j + 1) * n]
+        rows = np.flatnonzero((cols != 0).any(axis=1))
+        idx[j, :len(rows)] = rows
+        if len(rows) < k:
+            idx[j, len(rows):] = rows[-1] if len(rows) else 0  # any valid column; its weight rows are zero
+        wg[j, :len(rows)] = cols[rows]
+    return Blocks(g, k, idx, wg)
+
+
+def lowered_nodes(x: str, y: str, b: Blocks, prefix: str, bias: str | None,
+                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing y = x @ W (+ bias) from the block form; x is [B, in]."""
+    g, k, n = b.w.shape
+    inits = [numpy_helper.from_array(b.idx.reshape(g, 1, k), f"{prefix}/idx"),
+             numpy_helper.from_array(b.w, f"{prefix}/wg"),
+             numpy_helper.from_array(np.array([-1, g * n], dtype=np.int64), f"{prefix}/shape")]
+    mm_out = f"{prefix}/flat" if bias else y
+    nodes = [helper.make_node("Gather", [x, f"{prefix}/idx"], [f"{prefix}/xg"], axis=-1, name=f"{prefix}/gather"),
+             helper.make_node("MatMul", [f"{prefix}/xg", f"{prefix}/wg"], [f"{prefix}/yg"], name=f"{prefix}/bmm"),
+             helper.make_node("Reshape", [f"{prefix}/yg", f"{prefix}/shape"], [mm_out], name=f"{prefix}/reshape")]
+    if bias:
+        nodes.append(helper.make_node("Add", [mm_out, bias], [y], name=f"{prefix}/bias"))
+    return nodes, inits
+
+
+def _rank(model: onnx.ModelProto, name: str) -> int | None:
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
+    return None
+
+
+def timing_models(w: np.ndarray, b: Blocks) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    dense = single_layer_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [numpy_helper.from_array(w, "W")],
+                               "x", w.shape[0], "y")
+    nodes, inits = lowered_nodes("x", "y", b, "m", None)
+    return dense, single_layer_model(nodes, inits, "x", w.shape[0], "y")
+
+
+def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> PassResult:
+    ctx = ctx or PassContext()
+    check_target(ctx.target, cfg.measure, cfg.only_if_faster, "modular")
+    out = copy_model(model)
+    inferred = onnx.shape_inference.infer_shapes(out)
+    layers = select(require_layers(out, "modular"), cfg.layers)
+    rows: list[dict[str, Any]] = []
+    plans: list[tuple[DenseLayer, Blocks]] = []
+    for ly in layers:
+        w = get_weight(out, ly)
+        row: dict[str, Any] = {"layer": ly.name, "shape": list(w.shape),
+                               "density": round(float(np.count_nonzero(w)) / w.size, 4)}
+        b = detect(w, cfg.max_groups)
+        rank = _rank(inferred, ly.node.input[0])
+        why = None
+        if b is None:
+            why = "no block structure (every group reads every input)"
+        elif b.k / w.shape[0] > cfg.max_ratio:
+            why = f"K/in = {b.k}/{w.shape[0]} > max_ratio {cfg.max_ratio}: would not pay"
+        elif rank != 2:
+            why = f"input rank {rank} (only [batch, in] inputs are lowered)"
+        if b is not None:
+            row.update(groups=b.groups, k=b.k, padded_density=round(b.k * w.shape[1] / w.size, 4))
+        if why is None and (cfg.measure or cfg.only_if_faster):
+            t = time_pair(*timing_models(w, b), "x", w.shape[0], threads_of(ctx))
+            row.update(measured_on=ctx.target, **t.to_json())
+            if cfg.only_if_faster and t.speedup < MIN_GAIN:
+                why = f"lowered form not faster on {ctx.target} (ratio {row['speedup']})"
+        if why is None:
+            plans.append((ly, b))
+            rows.append({**row, "applied": True})
+        else:
+            rows.append({**row, "applied": False, "why": why})
+    if plans:
+        replace = {ly.index: (ly, b) for ly, b in plans}
+        new_nodes: list[onnx.NodeProto] = []
+        for i, n in enumerate(out.graph.node):
+            if i not in replace:
+                new_nodes.append(n)
+                continue
+            ly, b = replace[i]
+            nodes, inits = lowered_nodes(n.input[0], n.output[0], b, f"modular{i}", ly.bias)
+            new_nodes.extend(nodes)
+            out.graph.initializer.extend(inits)
+        for ly, _ in plans:
+            remove_initializer(out, ly.weight)
+        del out.graph.node[:]
+        out.graph.node.extend(new_nodes)
+        del out.graph.value_info[:]
+        out = onnx.shape_inference.infer_shapes(out)
+    return PassResult(out, bool(plans), {"layers": rows, "target": ctx.target})
