@@ -115,31 +115,18 @@ def resolve_artifact(ref: str, cache: Cache) -> Artifact:
 
 def bench(art: Artifact, cache: Cache, profile: Profile | None = None, data: str | None = None,
           data_dir: Path | None = None, samples: int = 1000, duration_s: float | None = None,
-          reference: Artifact | None = None) -> dict[str, Any]:
-    """Latency, agreement with the source ONNX on ONNX Runtime, and task accuracy where labelled data exists."""
-    from targets import target_for_artifact
-    from targets.ort import OrtRunner
-    from toolchain.bench import measure_latency
+          reference: Artifact | None = None, remote: Any = None) -> dict[str, Any]:
+    """Latency (steady warm-up, block-bootstrap CIs, stable flag), agreement with the source ONNX on ONNX
+    Runtime, task accuracy where labelled data exists, size and runner memory. ``remote``: a
+    ``toolchain.remote.RemoteSpec`` to run on a device through a TVM RPC tracker instead of here."""
+    from toolchain.bench import assemble, prepare_job, run_local
 
-    profile = profile or load_profile(art.profile or "x86-avx512")
-    target = target_for_artifact(art)
-    src = reference or source_onnx(art, cache)
-    spec = input_specs(fix_batch(load_onnx(src.payload, check=False), 1))
-    if len(spec) != 1:
-        raise UsageError(f"bench takes single-input models for now; {art.key[:12]} has {len(spec)} inputs")
-    ds = _dataset_for(src, data_dir, data)
-    with target.load(art) as runner, OrtRunner(src.payload, profile.bench.threads) as ref:
-        name, shape = spec[0].name, spec[0].shape
-        x = _eval_inputs(ds, samples, shape)
-        feed = {name: x[:1].reshape(shape)}
-        lat = measure_latency(runner, feed, profile.bench.warmup_s, duration_s or profile.bench.duration_s,
-                              profile.bench.min_runs, profile.bench.threads)
-        result: dict[str, Any] = {"artifact": art.key, "target": target.name, "profile": profile.id,
-                                  "latency": lat.to_json()}
-        result.update(quality(runner, ref, name, shape, x, ds))
-    result["size_bytes"] = art.payload.stat().st_size
-    result["environment"] = environment()
-    return result
+    job = prepare_job(art, cache, profile, data, data_dir, samples, duration_s, reference)
+    if remote is not None:
+        from toolchain.remote import bench_many
+
+        return bench_many([job], remote)[art.key]
+    return assemble(job, run_local(job))
 
 
 def _eval_inputs(ds: Any, samples: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -193,7 +180,7 @@ def build(model: str, profile_id: str, targets: list[str] | None, passes: list[s
     for p in passes:
         parse_pass(p)
     stages = ["export", "passes", *[f"compile:{t}" for t in targets], "bench"]
-    bar = tqdm(total=len(stages), desc="build", disable=not progress, unit="stage")
+    bar = tqdm(total=len(stages), desc="build", disable=None if progress else True, unit="stage")
     bar.set_postfix_str("export")
     onnx_art, export_hit = export(model, cache, input_shape, data_dir=data_dir, progress=progress)
     bar.update(1)

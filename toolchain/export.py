@@ -63,7 +63,8 @@ def torch_to_onnx(module: Any, example: tuple[Any, ...], dynamic_batch: bool = T
     import torch
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    module.eval()
+    if isinstance(module, torch.nn.Module):
+        module.eval()
     kwargs: dict[str, Any] = {"dynamo": True, "opset_version": 18, "external_data": False}
     if dynamic_batch:
         kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in example)

@@ -54,7 +54,7 @@ def train_classifier(
     start = time.monotonic()
     step = 0
     stopped_early = False
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not ctx.progress, unit="step", leave=False)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=None if ctx.progress else True, unit="step", leave=False)
     for _epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(xtr), generator=g)
