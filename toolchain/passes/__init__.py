@@ -58,6 +58,12 @@ REGISTRY: dict[str, PassSpec] = {
                            "neuron pruning that slices consecutive MatMul/Gemm weights (smaller, faster)"),
     "modular": PassSpec("modular", "toolchain.passes.modular",
                         "lower block-sparse (G2GNet) MatMuls to gather + grouped matmul"),
+    "int8": PassSpec("int8", "toolchain.passes.int8",
+                     "INT8 dynamic or static QDQ (per-channel, calibrated on real data) via onnxruntime.quantization"),
+    "int8-auto": PassSpec("int8-auto", "toolchain.passes.int8_auto",
+                          "accuracy-controlled INT8: sensitive layers stay fp32 until the drop <= max_drop"),
+    "fp16": PassSpec("fp16", "toolchain.passes.fp16", "float16 conversion with an op block-list; fp32 I/O"),
+    "bf16": PassSpec("bf16", "toolchain.passes.bf16", "bfloat16 conversion with an op block-list (tvm/tensorrt)"),
 }
 
 

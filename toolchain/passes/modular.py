@@ -141,7 +141,9 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
         new_nodes: list[onnx.NodeProto] = []
         for i, n in enumerate(out.graph.node):
             if i not in replace:
-                new_nodes.append(n)
+                keep = onnx.NodeProto()
+                keep.CopyFrom(n)
+                new_nodes.append(keep)
                 continue
             ly, b = replace[i]
             nodes, inits = lowered_nodes(n.input[0], n.output[0], b, f"modular{i}", ly.bias)
