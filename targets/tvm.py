@@ -25,7 +25,7 @@ from toolchain.profile import Profile
 
 Step = tuple[str, Callable[[Any], Any]]
 
-COMPILE_CONFIG_VERSION = 1
+COMPILE_CONFIG_VERSION = 2  # 2: hand-written kernel substitution
 
 
 def _import_tvm():  # -> module
@@ -71,7 +71,14 @@ def pipeline(profile: Profile) -> tuple[Step, ...]:
 
         return run
 
+    def substitute(mod: Any) -> Any:
+        from kernels.tvm.substitute import KernelConfig, substitute_kernels
+
+        return substitute_kernels(mod, KernelConfig.from_profile(profile))[0]
+
     return (
+        # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
+        ("substitute-kernels", substitute),
         ("decompose", seq([relax.transform.DecomposeOpsForInference()])),
         ("library-dispatch", seq(cpu.library_dispatch_passes(target))),
         ("legalize-and-fuse", seq(cpu.legalize_passes(target))),

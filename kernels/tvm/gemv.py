@@ -1,0 +1,129 @@
+"""Batch-1 dense (GEMV-shaped) kernel with a packed weight layout, written as low-level TIR.
+
+``y[m, n] = act(sum_k x[m, k] * W[k, n] + b[n])`` for a constant ``W`` of shape (K, N) and a small
+row count M (1 for batch-1 inference, T for the stateless part of a spiking layer).
+
+Packed layout: ``Wp[nb, k, i] = W[k, nb * BN + i]`` with N padded up to a multiple of BN. For one
+block of BN output columns the kernel then streams ``K * BN`` contiguous floats, keeping BN
+accumulators (BN / lanes vector registers) live while it walks k. Every batch-1 dense layer is
+bandwidth bound, so one contiguous stream per block with no reloads of partial sums is what wins.
+The tail block (N % BN columns) reads the first columns of the padded last block.
+
+Vector width and block sizes come from the device profile's ``[kernels]`` table: BN must be a
+multiple of the profile's fp32 lanes (AVX-512: 16, NEON: 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+KERNEL_NAME = "gemv-packed-f32"
+
+
+@dataclass(frozen=True)
+class GemvParams:
+    """Shape and tiling of one dense layer."""
+
+    m: int  # rows of x (1 for batch-1)
+    k: int  # reduction length
+    n: int  # output features
+    block_n: int  # output columns per packed block (multiple of the vector lanes)
+    unroll: int  # k unroll factor
+    bias: bool = True
+    relu: bool = False
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.n // self.block_n)
+
+    @property
+    def full_blocks(self) -> int:
+        return self.n // self.block_n
+
+    @property
+    def tail(self) -> int:
+        return self.n % self.block_n
+
+
+def choose_block_n(n: int, block_n: int, lanes: int) -> int:
+    """The profile's block width, shrunk (in whole vectors) for layers narrower than one block."""
+    lanes = max(1, lanes)
+    bn = max(lanes, (block_n // lanes) * lanes)
+    if n < bn:
+        bn = max(lanes, -(-n // lanes) * lanes)
+    return bn
+
+
+def pack_weight(w: np.ndarray, block_n: int) -> np.ndarray:
+    """(K, N) -> (ceil(N / BN), K, BN), zero padded: the layout ``gemv_kernel`` reads."""
+    k, n = w.shape
+    blocks = -(-n // block_n)
+    padded = np.zeros((k, blocks * block_n), dtype=w.dtype)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, blocks, block_n).transpose(1, 0, 2))
+
+
+def gemv_kernel(p: GemvParams) -> Any:
+    """The PrimFunc ``(x[M, K], wp[NB, K, BN], b[N], y[M, N])`` for ``p``, marked hand-written."""
+    from tvm.script import tirx as T
+
+    M, K, N, BN, U = p.m, p.k, p.n, p.block_n, max(1, p.unroll)
+    NB, FULL, TAIL = p.blocks, p.full_blocks, p.tail
+    KO, KR = K // U, K % U
+    HAS_BIAS, RELU = p.bias, p.relu
+
+    def act(v: Any, j: Any, b: Any) -> Any:
+        if HAS_BIAS:
+            v = v + b[j]
+        if RELU:
+            v = T.max(v, T.float32(0))
+        return v
+
+    # The bias buffer is always a parameter (a 1-element dummy without bias) so the call
+    # signature does not depend on the pattern.
+    NBIAS = N if HAS_BIAS else 1
+
+    @T.prim_func
+    def gemv(
+        x: T.Buffer((M, K), "float32"),
+        wp: T.Buffer((NB, K, BN), "float32"),
+        b: T.Buffer((NBIAS,), "float32"),
+        y: T.Buffer((M, N), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True})
+        acc = T.alloc_buffer((M, BN), "float32", scope="local")
+        for nb in range(FULL):
+            for m in range(M):
+                for i in T.vectorized(BN):
+                    acc[m, i] = T.float32(0)
+            for ko in range(KO):
+                for ku in T.unroll(U):
+                    for m in range(M):
+                        for i in T.vectorized(BN):
+                            acc[m, i] = acc[m, i] + x[m, ko * U + ku] * wp[nb, ko * U + ku, i]
+            for kr in range(KR):
+                for m in range(M):
+                    for i in T.vectorized(BN):
+                        acc[m, i] = acc[m, i] + x[m, KO * U + kr] * wp[nb, KO * U + kr, i]
+            for m in range(M):
+                for i in T.vectorized(BN):
+                    y[m, nb * BN + i] = act(acc[m, i], nb * BN + i, b)
+        for _t in range(1 if TAIL > 0 else 0):
+            for m in range(M):
+                for i in T.vectorized(BN):
+                    acc[m, i] = T.float32(0)
+            for k in range(K):
+                for m in range(M):
+                    for i in T.vectorized(BN):
+                        acc[m, i] = acc[m, i] + x[m, k] * wp[FULL, k, i]
+            for m in range(M):
+                for i in T.vectorized(TAIL if TAIL > 0 else 1):
+                    y[m, FULL * BN + i] = act(acc[m, i], FULL * BN + i, b)
+
+    return gemv
+
+
+__all__ = ["GemvParams", "gemv_kernel", "pack_weight", "choose_block_n", "KERNEL_NAME"]

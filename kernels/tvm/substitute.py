@@ -1,0 +1,208 @@
+"""Substitute hand-written TIR kernels into an imported Relax module, by pattern.
+
+Runs right after ONNX import (before legalization), on the Relax graph:
+
+- ``matmul(x, W) [+ b] [relu]`` with ``W`` a 2-D constant and ``x`` of shape (M, K), M small
+  -> one ``call_tir`` of the packed GEMV kernel (``kernels.tvm.gemv``), with the weight re-laid out
+  at compile time into a new constant. The now-dead matmul/add bindings are removed afterwards.
+
+Only what the profile's ``[kernels]`` table selects is substituted; everything else stays on the
+generic lowering (and MetaSchedule tuning, when asked for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kernels.tvm.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
+
+# Rows above this go to the generic (tunable) matmul: the GEMV kernel keeps M x BN accumulators live.
+MAX_GEMV_ROWS = 8
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The profile's kernel choices, as the substitution needs them."""
+
+    gemv: bool
+    lanes: int
+    block_n: int
+    unroll: int
+
+    @staticmethod
+    def from_profile(profile: Any) -> KernelConfig:
+        k = profile.kernels
+        return KernelConfig(gemv=k.gemv_variant != "generic", lanes=k.vector_lanes, block_n=k.gemv_block_n,
+                            unroll=k.unroll)
+
+
+@dataclass
+class SubstitutionReport:
+    """Which layers got which kernel (kept in the artifact meta)."""
+
+    replaced: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _const_array(expr: Any) -> np.ndarray | None:
+    import tvm
+
+    # TVM 0.27 names Relax constants ir.GenericConst, holding the tensor in ``value``.
+    if isinstance(expr, tvm.ir.expr.GenericConst):
+        v = expr.value
+        return v.numpy() if hasattr(v, "numpy") else None
+    return None
+
+
+def _static_shape(expr: Any) -> tuple[int, ...] | None:
+    from tvm import relax
+
+    sinfo = getattr(expr, "ty", None)  # TVM 0.27: struct info became ``ty`` (relax.TensorType)
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in sinfo.shape.values)
+    except (TypeError, AttributeError):
+        return None
+
+
+def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionReport]:
+    """Return ``mod`` with matching layers replaced by hand-written kernels, and what was replaced."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    report = SubstitutionReport()
+    if not cfg.gemv:
+        return mod, report
+    op_matmul = tvm.ir.Op.get("relax.matmul")
+    op_add = tvm.ir.Op.get("relax.add")
+    op_relu = tvm.ir.Op.get("relax.nn.relu")
+    op_permute = tvm.ir.Op.get("relax.permute_dims")
+
+    def bindings_of(func: Any) -> tuple[dict[Any, Any], dict[Any, int]]:
+        """var -> bound value, and var -> number of uses, over the function's blocks."""
+        bound: dict[Any, Any] = {}
+        uses: dict[Any, int] = {}
+
+        def count(e: Any) -> None:
+            if isinstance(e, relax.Var):
+                uses[e] = uses.get(e, 0) + 1
+
+        for blk in func.body.blocks:
+            for bnd in blk.bindings:
+                if isinstance(bnd, relax.VarBinding):
+                    bound[bnd.var] = bnd.value
+                    relax.analysis.post_order_visit(bnd.value, count)
+        relax.analysis.post_order_visit(func.body.body, count)
+        return bound, uses
+
+    def match(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any]) -> tuple[Any, np.ndarray, np.ndarray | None, bool] | None:
+        """(x, W, b, relu) when ``call`` ends a dense layer with a constant weight; the inner
+        bindings it swallows are appended to ``absorbed``."""
+
+        def inner(e: Any) -> Any:
+            # Only look through a binding used once: otherwise its value is still needed elsewhere.
+            if isinstance(e, relax.Var) and uses.get(e, 0) == 1 and e in bound:
+                absorbed.append(e)
+                return bound[e]
+            return None
+
+        relu = False
+        node = call
+        if not isinstance(node, relax.Call):
+            return None
+        if node.op == op_relu:
+            relu = True
+            node = inner(node.args[0])
+            if not isinstance(node, relax.Call):
+                return None
+        bias = None
+        if node.op == op_add:
+            a, c = node.args
+            cb = _const_array(c)
+            if cb is None:
+                a, c = c, a
+                cb = _const_array(c)
+            mm = inner(a)
+            if cb is None or not isinstance(mm, relax.Call) or mm.op != op_matmul:
+                return None
+            bias = cb
+            node = mm
+        if node.op != op_matmul:
+            return None
+        x, w = node.args
+        wa = _const_array(w)
+        if wa is None:
+            # ONNX Gemm(transB=1) (torch's nn.Linear) imports as matmul(x, permute_dims(W)).
+            pd = inner(w)
+            if isinstance(pd, relax.Call) and pd.op == op_permute:
+                axes = pd.attrs.axes
+                wt = _const_array(pd.args[0])
+                if wt is not None and wt.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
+                    wa = np.ascontiguousarray(wt.T)
+        xs = _static_shape(x)
+        if wa is None or wa.ndim != 2 or xs is None or len(xs) != 2 or wa.dtype != np.float32:
+            return None
+        if str(x.ty.dtype) != "float32" or xs[0] > MAX_GEMV_ROWS or xs[1] != wa.shape[0]:
+            return None
+        n = wa.shape[1]
+        if bias is not None:
+            if bias.size != n or bias.dtype != np.float32 or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
+                return None
+            bias = bias.reshape(n)
+        return x, wa, bias, relu
+
+    @mutator
+    class _Rewriter(PyExprMutator):
+        def __init__(self, m: Any) -> None:
+            super().__init__(m)
+            self.heads: dict[Any, tuple[Any, np.ndarray, np.ndarray | None, bool]] = {}
+            self.count = 0
+
+        def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802 (TVM's visitor name)
+            m = self.heads.get(binding.var)
+            if m is None:
+                super().visit_var_binding_(binding)
+                return
+            x, w, b, relu = m
+            mrows, k = _static_shape(x)  # type: ignore[misc]
+            n = w.shape[1]
+            bn = choose_block_n(n, cfg.block_n, cfg.lanes)
+            p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=b is not None, relu=relu)
+            name = f"edgec_gemv_{self.count}"
+            # TVMScript names every kernel by its Python function: give each instance its own symbol.
+            gv = self.builder_.add_func(gemv_kernel(p).with_attr("global_symbol", name), name)
+            self.count += 1
+            wp = relax.const(pack_weight(w, bn))
+            bc = relax.const(b if b is not None else np.zeros((1,), np.float32))
+            report.replaced.append({"kernel": "gemv-packed-f32", "func": gv.name_hint, "m": mrows, "k": k, "n": n,
+                                    "block_n": bn, "bias": b is not None, "relu": relu})
+            call = relax.call_tir(gv, [self.visit_expr(x), wp, bc], relax.TensorType((mrows, n), "float32"))
+            new_var = self.builder_.emit(call, "gemv")
+            self.set_var_remap(binding.var, new_var)
+
+    rw = _Rewriter(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
+            bound, uses = bindings_of(func)
+            rw.heads = {}
+            inner_vars: list[Any] = []
+            for var, value in bound.items():
+                swallowed: list[Any] = []
+                m = match(value, bound, uses, swallowed)
+                if m is not None:
+                    rw.heads[var] = m
+                    inner_vars += swallowed
+            for var in inner_vars:  # only the end of each matmul [+ add] [+ relu] chain is rewritten
+                rw.heads.pop(var, None)
+            new = rw.visit_expr(func)
+            rw.builder_.update_func(gv, new)
+    out = rw.builder_.get()
+    out = relax.transform.DeadCodeElimination()(out)
+    return out, report
+
+
+__all__ = ["KernelConfig", "SubstitutionReport", "substitute_kernels"]
