@@ -17,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from kernels.tvm.block_sparse import KERNEL_NAME as GROUPED_NAME
+from kernels.tvm.block_sparse import grouped_gemv_kernel, pack_block_sparse
 from kernels.tvm.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
 
 # Rows above this go to the generic (tunable) matmul: the GEMV kernel keeps M x BN accumulators live.
 MAX_GEMV_ROWS = 8
+# A sparse weight goes to the grouped kernel when its blocks keep at most this share of the rows:
+# above it, index loads and short row runs cost more than the skipped zeros save.
+MAX_GROUPED_DENSITY = 0.6
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class KernelConfig:
     """The profile's kernel choices, as the substitution needs them."""
 
     gemv: bool
+    grouped: bool
     lanes: int
     block_n: int
     unroll: int
@@ -35,7 +41,7 @@ class KernelConfig:
     @staticmethod
     def from_profile(profile: Any) -> KernelConfig:
         k = profile.kernels
-        return KernelConfig(gemv=k.gemv_variant != "generic", lanes=k.vector_lanes, block_n=k.gemv_block_n,
+        return KernelConfig(gemv=k.gemv_variant != "generic", grouped=k.use_grouped_matmul, lanes=k.vector_lanes, block_n=k.gemv_block_n,
                             unroll=k.unroll)
 
 
@@ -68,6 +74,66 @@ def _static_shape(expr: Any) -> tuple[int, ...] | None:
         return None
 
 
+def densify_grouped(mod: Any) -> Any:
+    """Rewrite ``reshape(matmul(take(x, idx, axis=-1), Wg))`` (the ``modular`` pass's Gather + batched
+    MatMul, constants folded) back to ``matmul(x, W)`` with the block-diagonal dense constant W, so the
+    GEMV matcher sees one dense layer and the grouped kernel skips its zero blocks itself."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    op_take = tvm.ir.Op.get("relax.take")
+    op_matmul = tvm.ir.Op.get("relax.matmul")
+    op_reshape = tvm.ir.Op.get("relax.reshape")
+
+    @mutator
+    class _Densify(PyExprMutator):
+        def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802
+            v = binding.value
+            dense = self._dense(v)
+            if dense is None:
+                super().visit_var_binding_(binding)
+                return
+            x, w = dense
+            new_var = self.builder_.emit(relax.op.matmul(self.visit_expr(x), relax.const(w)), "grouped")
+            self.set_var_remap(binding.var, new_var)
+
+        def _val(self, e: Any) -> Any:
+            return self.lookup_binding(e) if isinstance(e, relax.Var) else e
+
+        def _dense(self, v: Any) -> tuple[Any, np.ndarray] | None:
+            if not (isinstance(v, relax.Call) and v.op == op_reshape):
+                return None
+            mm = self._val(v.args[0])
+            if not (isinstance(mm, relax.Call) and mm.op == op_matmul):
+                return None
+            tk = self._val(mm.args[0])
+            wg = _const_array(mm.args[1])
+            if not (isinstance(tk, relax.Call) and tk.op == op_take) or wg is None or wg.ndim != 3:
+                return None
+            idx = _const_array(tk.args[1])
+            x = tk.args[0]
+            xs, out = _static_shape(x), _static_shape(v)
+            g, kg, ng = wg.shape
+            if idx is None or xs is None or out is None or len(xs) != 2 or xs[0] != 1 or out != (1, g * ng):
+                return None
+            if int(tk.attrs.axis) not in (-1, 1) or idx.size != g * kg or wg.dtype != np.float32:
+                return None
+            idx = idx.reshape(g, kg)
+            if idx.min() < 0 or idx.max() >= xs[1]:
+                return None
+            w = np.zeros((xs[1], g * ng), np.float32)
+            for j in range(g):  # duplicate (padding) indices carry zero rows: accumulate, never overwrite
+                np.add.at(w[:, j * ng:(j + 1) * ng], idx[j], wg[j])
+            return x, w
+
+    rw = _Densify(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rw.builder_.get())
+
+
 def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionReport]:
     """Return ``mod`` with matching layers replaced by hand-written kernels, and what was replaced."""
     import tvm
@@ -77,6 +143,9 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
     report = SubstitutionReport()
     if not cfg.gemv:
         return mod, report
+    if cfg.grouped:
+        # Folding makes the modular pass's gather indices (computed from shape_of) plain constants.
+        mod = densify_grouped(relax.transform.FoldConstant()(mod))
     op_matmul = tvm.ir.Op.get("relax.matmul")
     op_add = tvm.ir.Op.get("relax.add")
     op_relu = tvm.ir.Op.get("relax.nn.relu")
@@ -171,16 +240,25 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
             mrows, k = _static_shape(x)  # type: ignore[misc]
             n = w.shape[1]
             bn = choose_block_n(n, cfg.block_n, cfg.lanes)
-            p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=b is not None, relu=relu)
-            name = f"edgec_gemv_{self.count}"
-            # TVMScript names every kernel by its Python function: give each instance its own symbol.
-            gv = self.builder_.add_func(gemv_kernel(p).with_attr("global_symbol", name), name)
-            self.count += 1
-            wp = relax.const(pack_weight(w, bn))
             bc = relax.const(b if b is not None else np.zeros((1,), np.float32))
-            report.replaced.append({"kernel": "gemv-packed-f32", "func": gv.name_hint, "m": mrows, "k": k, "n": n,
-                                    "block_n": bn, "bias": b is not None, "relu": relu})
-            call = relax.call_tir(gv, [self.visit_expr(x), wp, bc], relax.TensorType((mrows, n), "float32"))
+            bs = pack_block_sparse(w, bn) if cfg.grouped and np.mean(w == 0) > 0.3 else None
+            if bs is not None and bs.density <= MAX_GROUPED_DENSITY:
+                name = f"edgec_grouped_gemv_{self.count}"
+                func = grouped_gemv_kernel(bs, mrows, b is not None, relu)
+                args = [relax.const(bs.kptr), relax.const(bs.kidx), relax.const(bs.wv), bc]
+                kname, extra = GROUPED_NAME, {"density": round(bs.density, 4)}
+            else:
+                name = f"edgec_gemv_{self.count}"
+                p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=b is not None, relu=relu)
+                func = gemv_kernel(p)
+                args = [relax.const(pack_weight(w, bn)), bc]
+                kname, extra = "gemv-packed-f32", {}
+            self.count += 1
+            # TVMScript names every kernel by its Python function: give each instance its own symbol.
+            gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+            report.replaced.append({"kernel": kname, "func": name, "m": mrows, "k": k, "n": n, "block_n": bn,
+                                    "bias": b is not None, "relu": relu, **extra})
+            call = relax.call_tir(gv, [self.visit_expr(x), *args], relax.TensorType((mrows, n), "float32"))
             new_var = self.builder_.emit(call, "gemv")
             self.set_var_remap(binding.var, new_var)
 

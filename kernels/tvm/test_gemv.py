@@ -1,0 +1,56 @@
+"""Packed GEMV kernel vs the generic lowering (and numpy) on random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.tvm.gemv import choose_block_n, pack_weight
+from kernels.tvm.harness import build_vm, dense_onnx, with_kernels
+from toolchain.profile import load_profile
+
+
+def test_pack_weight_layout() -> None:
+    w = np.arange(5 * 20, dtype=np.float32).reshape(5, 20)
+    p = pack_weight(w, 8)
+    assert p.shape == (3, 5, 8)
+    assert p[1, 2, 3] == w[2, 11]
+    assert np.all(p[2, :, 4:] == 0)  # padding of the tail block
+
+
+def test_choose_block_n_whole_vectors() -> None:
+    assert choose_block_n(256, 64, 16) == 64
+    assert choose_block_n(10, 64, 16) == 16
+    assert choose_block_n(10, 16, 4) == 12
+
+
+@pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
+@pytest.mark.parametrize("gemm", [False, True])
+def test_gemv_matches_generic(profile_id: str, gemm: bool) -> None:
+    rng = np.random.default_rng(1)
+    dims = [97, 70, 33, 10]  # odd sizes: tails in K (unroll) and N (block)
+    ws = [rng.standard_normal((a, c)).astype(np.float32) for a, c in zip(dims[:-1], dims[1:])]
+    bs: list[np.ndarray | None] = [rng.standard_normal(c).astype(np.float32) for c in dims[1:]]
+    if not gemm:
+        bs[1] = None  # a layer without bias: matmul + relu only
+    model = dense_onnx(ws, bs, relu=True, gemm=gemm)
+    prof = load_profile(profile_id)
+    fast, table = build_vm(model, prof)
+    generic, gtable = build_vm(model, prof, substitute=False)
+    assert [r["kernel"] for r in table] == ["gemv-packed-f32"] * 3
+    assert all(r["origin"] == "generic" for r in gtable)
+    x = rng.standard_normal((1, dims[0])).astype(np.float32)
+    ref = x
+    for i, (w, bias) in enumerate(zip(ws, bs)):
+        ref = ref @ w + (bias if bias is not None else 0)
+        if i < 2:
+            ref = np.maximum(ref, 0)
+    np.testing.assert_allclose(fast(x), generic(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_generic_variant_is_not_substituted() -> None:
+    rng = np.random.default_rng(2)
+    model = dense_onnx([rng.standard_normal((16, 8)).astype(np.float32)], [None])
+    _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), gemv_variant="generic"))
+    assert [r["origin"] for r in table] == ["generic"]
