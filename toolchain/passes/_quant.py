@@ -42,14 +42,18 @@ def family_marked(n: onnx.NodeProto) -> str | None:
 def candidates(model: onnx.ModelProto, family_defaults: bool, keep_fp32: tuple[str, ...]
                ) -> tuple[list[str], dict[str, str]]:
     """(names of nodes to quantize, {name: why kept fp32}) among weight ops with a constant weight."""
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
     chosen: list[str] = []
     kept: dict[str, str] = {}
     for n in model.graph.node:
         if n.op_type not in WEIGHT_OPS or len(n.input) < 2 or n.input[1] not in inits:
             continue
         mark = family_marked(n) if family_defaults else None
-        if n.name in keep_fp32:
+        if n.op_type != "Conv" and len(inits[n.input[1]].dims) != 2:
+            # e.g. the [G, K, out/G] blocks of a modular-lowered layer: ORT's int8 MatMul kernels take
+            # 2-D weights only (per-channel zero points of a 3-D B are rejected at run time).
+            kept[n.name] = "batched (3-D) weight: ORT int8 MatMul takes 2-D weights; stays fp32"
+        elif n.name in keep_fp32:
             kept[n.name] = "kept fp32 by the user"
         elif mark:
             kept[n.name] = f"family default: {mark!r} math stays fp32 (family_defaults=false to override)"
@@ -75,14 +79,16 @@ def gemm_to_matmul(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
             continue
         w = get_weight(out, ly)
         remove_initializer(out, ly.weight)
-        set_initializer(out, ly.weight, w)
+        w_name = f"{ly.weight}__in_out" if ly.transposed else ly.weight  # a new layout gets a new name
+        set_initializer(out, w_name, w)
         y = n.output[0]
         mm_out = f"{y}__mm" if ly.bias else y
-        new_nodes.append(helper.make_node("MatMul", [n.input[0], ly.weight], [mm_out], name=n.name))
+        new_nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [mm_out], name=n.name))
         if ly.bias:
             new_nodes.append(helper.make_node("Add", [mm_out, ly.bias], [y], name=f"{n.name}__bias"))
     del out.graph.node[:]
     out.graph.node.extend(new_nodes)
+    del out.graph.value_info[:]  # stale shapes of rewritten values; ORT re-infers them
     return out
 
 
@@ -118,14 +124,17 @@ def session(model: onnx.ModelProto, threads: int = 1) -> Any:
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def predict(model: onnx.ModelProto, x: np.ndarray, threads: int = 2) -> np.ndarray:
+def predict(model: onnx.ModelProto, x: np.ndarray, threads: int = 1, batch: int = 1) -> np.ndarray:
+    """Logits for x, run ``batch`` samples at a time (default 1: dynamic int8 scales activations per call,
+    so batch-1 evaluation is what a batch-1 deployment sees)."""
     s = session(model, threads)
     out = s.get_outputs()[0].name
-    return np.concatenate([s.run([out], f)[0].reshape(len(next(iter(f.values()))), -1) for f in batches(model, x)])
+    return np.concatenate([s.run([out], f)[0].reshape(len(next(iter(f.values()))), -1)
+                           for f in batches(model, x, bs=batch)])
 
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy in percent on (x, y)."""
+    """Top-1 accuracy in percent on (x, y), at batch 1."""
     logits = predict(model, x)
     return float((logits.argmax(-1) == y[: len(logits)]).mean() * 100.0)
 
