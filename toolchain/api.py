@@ -34,18 +34,26 @@ def export(model: str, cache: Cache, input_shape: str | None = None, weights: Pa
 
 
 def optimize(art: Artifact, pass_texts: list[str], cache: Cache, profile: Profile | None = None,
-             data_dir: Path | None = None, target: str = "ort") -> tuple[Artifact, list[dict[str, Any]]]:
-    """Apply passes in order; each is its own cached artifact."""
+             data_dir: Path | None = None, target: str = "ort", data_name: str | None = None,
+             only_if_faster: bool = False) -> tuple[Artifact, list[dict[str, Any]]]:
+    """Apply passes in order; each is its own cached artifact. ``data_name`` names the labelled set for passes
+    that need one (default: the model's own dataset); ``only_if_faster`` turns it on for every pass that has it."""
+    import dataclasses
+
     from toolchain.passes import PassContext, config_dict, parse_pass
 
     parsed = [parse_pass(t) for t in pass_texts]  # validate every pass before running any
+    if only_if_faster:
+        parsed = [(s, dataclasses.replace(c, only_if_faster=True) if hasattr(c, "only_if_faster") else c)
+                  for s, c in parsed]
     reports: list[dict[str, Any]] = []
     data = None
     for spec, cfg in parsed:
         if data is None and getattr(cfg, "needs_data", False):
-            data = _dataset_for(art, data_dir)
+            data = _dataset_for(art, data_dir, data_name)
         ctx = PassContext(profile=profile, cache=cache, data=data, target=target)
-        sk = StepKey(f"pass:{spec.name}", (art.key,), config_dict(cfg), spec.version,
+        keyed = {**config_dict(cfg), **({"data": data_name} if data_name and getattr(cfg, "needs_data", False) else {})}
+        sk = StepKey(f"pass:{spec.name}", (art.key,), keyed, spec.version,
                      profile.id if profile else None)
         model = None
 
