@@ -80,6 +80,8 @@ def optimize(
     passes: Annotated[list[str], typer.Option("--pass", help="NAME[=key=value,...]; repeat to chain. See 'edgec passes'.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Where to write the result.")] = None,
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile the passes optimize for.")] = "x86-avx512",
+    data: Annotated[str | None, typer.Option(help="Labelled set for calibration / accuracy control: fashion-mnist, cora, citeseer or an .npz.")] = None,
+    only_if_faster: Annotated[bool, typer.Option("--only-if-faster", help="Sparsity passes keep a layer dense unless sparse is measured faster.")] = False,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -97,7 +99,7 @@ def optimize(
     for p in passes:
         parse_pass(p)
     art, _ = import_onnx_file(model, cache)
-    out_art, reports = api.optimize(art, passes, cache, prof, data_dir)
+    out_art, reports = api.optimize(art, passes, cache, prof, data_dir, data_name=data, only_if_faster=only_if_faster)
     output = output or model.with_name(model.stem + ".opt.onnx")
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.copyfile(out_art.payload, tmp)
