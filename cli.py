@@ -140,19 +140,29 @@ def bench(
     data_dir: DataDirOpt = None,
     samples: Annotated[int, typer.Option(help="Test samples for accuracy (0 = all).")] = 1000,
     duration: Annotated[float | None, typer.Option(help="Seconds of timed runs (default: profile's).")] = None,
+    tracker: Annotated[str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker: run on a device.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker (with --tracker).")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Device token (default $EDGEC_DEVICE_TOKEN).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure latency and accuracy of a compiled artifact on this machine."""
+    """Measure latency and accuracy of a compiled artifact on this machine, or on a device (--tracker)."""
+    import os
+
     from toolchain import api
+    from toolchain.remote import RemoteSpec
 
     cache = _cache()
     art = api.resolve_artifact(artifact, cache)
-    res = api.bench(art, cache, data=data, data_dir=data_dir, samples=samples, duration_s=duration)
+    remote = RemoteSpec.parse(tracker, key or "", token or os.environ.get("EDGEC_DEVICE_TOKEN")) if tracker else None
+    res = api.bench(art, cache, data=data, data_dir=data_dir, samples=samples, duration_s=duration, remote=remote)
 
     def human() -> str:
         lat, ag = res["latency"], res["agreement"]
-        s = (f"{res['target']} on {res['profile']}: p50 {lat['p50_ms'] * 1000:.1f} us  p90 {lat['p90_ms'] * 1000:.1f} us  "
-             f"p99 {lat['p99_ms'] * 1000:.1f} us  ({lat['runs']} runs, {lat['threads']} thread)\n"
+        ci = lat.get("ci", {}).get("p50_ms", [float("nan")] * 2)
+        s = (f"{res['target']} on {res['profile']} ({res.get('device', 'local')}): p50 {lat['p50_ms'] * 1000:.1f} us "
+             f"[95% CI {ci[0] * 1000:.1f}-{ci[1] * 1000:.1f}]  p90 {lat['p90_ms'] * 1000:.1f} us  "
+             f"p99 {lat['p99_ms'] * 1000:.1f} us  ({lat['runs']} runs, {lat['threads']} thread, "
+             f"{'stable' if lat.get('stable') else 'UNSTABLE'})\n"
              f"vs ONNX Runtime reference: max rel err {ag['max_rel']:.1e}, argmax agreement {ag['argmax_agreement']:.2%}")
         if "accuracy" in res:
             a = res["accuracy"]
