@@ -62,7 +62,8 @@ def pack_block_sparse(w: np.ndarray, block_n: int) -> BlockSparse:
                        np.ascontiguousarray(np.concatenate(vals), dtype=np.float32))
 
 
-def grouped_gemv_kernel(bs: BlockSparse, m: int, bias: bool, relu: bool) -> Any:
+def grouped_gemv_kernel(bs: BlockSparse, m: int, bias: bool, relu: bool, x_shape: tuple[int, ...] = (),
+                        y_shape: tuple[int, ...] = ()) -> Any:
     """PrimFunc ``(x[M, K], kptr, kidx, wv, b, y[M, N])`` for the packed weight ``bs``."""
     from tvm.script import tirx as T
 
@@ -72,6 +73,7 @@ def grouped_gemv_kernel(bs: BlockSparse, m: int, bias: bool, relu: bool) -> Any:
     FULL, TAIL = N // BN, N % BN
     NBIAS = N if bias else 1
     HAS_BIAS, RELU = bias, relu
+    XS, YS = x_shape or (M, K), y_shape or (M, N)
 
     def act(v: Any, j: Any, b: Any) -> Any:
         if HAS_BIAS:
@@ -82,14 +84,16 @@ def grouped_gemv_kernel(bs: BlockSparse, m: int, bias: bool, relu: bool) -> Any:
 
     @T.prim_func
     def grouped_gemv(
-        x: T.Buffer((M, K), "float32"),
+        xg: T.Buffer(XS, "float32"),
         kptr: T.Buffer((NB + 1,), "int32"),
         kidx: T.Buffer((NNZ,), "int32"),
         wv: T.Buffer((NNZ, BN), "float32"),
         b: T.Buffer((NBIAS,), "float32"),
-        y: T.Buffer((M, N), "float32"),
+        yg: T.Buffer(YS, "float32"),
     ):
         T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True})
+        x = T.decl_buffer((M, K), "float32", data=xg.data)  # flat 2-D views of the graph's tensors
+        y = T.decl_buffer((M, N), "float32", data=yg.data)
         acc = T.alloc_buffer((M, BN), "float32", scope="local")
         for nb in range(NB):
             for m in range(M):

@@ -34,6 +34,9 @@ class GemvParams:
     unroll: int  # k unroll factor
     bias: bool = True
     relu: bool = False
+    # Shapes of x / y as the graph has them (e.g. (1, 1, K)); the kernel reads them flat as (M, K) / (M, N).
+    x_shape: tuple[int, ...] = ()
+    y_shape: tuple[int, ...] = ()
 
     @property
     def blocks(self) -> int:
@@ -85,15 +88,19 @@ def gemv_kernel(p: GemvParams) -> Any:
     # The bias buffer is always a parameter (a 1-element dummy without bias) so the call
     # signature does not depend on the pattern.
     NBIAS = N if HAS_BIAS else 1
+    XS = p.x_shape or (M, K)
+    YS = p.y_shape or (M, N)
 
     @T.prim_func
     def gemv(
-        x: T.Buffer((M, K), "float32"),
+        xg: T.Buffer(XS, "float32"),
         wp: T.Buffer((NB, K, BN), "float32"),
         b: T.Buffer((NBIAS,), "float32"),
-        y: T.Buffer((M, N), "float32"),
+        yg: T.Buffer(YS, "float32"),
     ):
         T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True})
+        x = T.decl_buffer((M, K), "float32", data=xg.data)  # flat 2-D views of the graph's tensors
+        y = T.decl_buffer((M, N), "float32", data=yg.data)
         acc = T.alloc_buffer((M, BN), "float32", scope="local")
         for nb in range(FULL):
             for m in range(M):

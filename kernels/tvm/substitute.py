@@ -213,13 +213,13 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
                 if wt is not None and wt.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
                     wa = np.ascontiguousarray(wt.T)
         xs = _static_shape(x)
-        if wa is None or wa.ndim != 2 or xs is None or len(xs) != 2 or wa.dtype != np.float32:
+        if wa is None or wa.ndim != 2 or xs is None or len(xs) < 2 or wa.dtype != np.float32:
             return None
-        if str(x.ty.dtype) != "float32" or xs[0] > MAX_GEMV_ROWS or xs[1] != wa.shape[0]:
+        if str(x.ty.dtype) != "float32" or int(np.prod(xs[:-1])) > MAX_GEMV_ROWS or xs[-1] != wa.shape[0]:
             return None
         n = wa.shape[1]
         if bias is not None:
-            if bias.size != n or bias.dtype != np.float32 or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
+            if bias.size != n or bias.dtype != np.float32 or bias.ndim > len(xs) or bias.shape[-1] != n:
                 return None
             bias = bias.reshape(n)
         return x, wa, bias, relu
@@ -237,19 +237,23 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
                 super().visit_var_binding_(binding)
                 return
             x, w, b, relu = m
-            mrows, k = _static_shape(x)  # type: ignore[misc]
+            xshape = _static_shape(x)
+            assert xshape is not None
+            mrows, k = int(np.prod(xshape[:-1])), xshape[-1]
+            yshape = (*xshape[:-1], w.shape[1])
             n = w.shape[1]
             bn = choose_block_n(n, cfg.block_n, cfg.lanes)
             bc = relax.const(b if b is not None else np.zeros((1,), np.float32))
             bs = pack_block_sparse(w, bn) if cfg.grouped and np.mean(w == 0) > 0.3 else None
             if bs is not None and bs.density <= MAX_GROUPED_DENSITY:
                 name = f"edgec_grouped_gemv_{self.count}"
-                func = grouped_gemv_kernel(bs, mrows, b is not None, relu)
+                func = grouped_gemv_kernel(bs, mrows, b is not None, relu, xshape, yshape)
                 args = [relax.const(bs.kptr), relax.const(bs.kidx), relax.const(bs.wv), bc]
                 kname, extra = GROUPED_NAME, {"density": round(bs.density, 4)}
             else:
                 name = f"edgec_gemv_{self.count}"
-                p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=b is not None, relu=relu)
+                p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=b is not None, relu=relu,
+                               x_shape=xshape, y_shape=yshape)
                 func = gemv_kernel(p)
                 args = [relax.const(pack_weight(w, bn)), bc]
                 kname, extra = "gemv-packed-f32", {}
@@ -258,7 +262,8 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
             gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
             report.replaced.append({"kernel": kname, "func": name, "m": mrows, "k": k, "n": n, "block_n": bn,
                                     "bias": b is not None, "relu": relu, **extra})
-            call = relax.call_tir(gv, [self.visit_expr(x), *args], relax.TensorType((mrows, n), "float32"))
+            # The kernels take x / y in the graph's shapes (e.g. (1, 1, K)) and view them flat.
+            call = relax.call_tir(gv, [self.visit_expr(x), *args], relax.TensorType(yshape, "float32"))
             new_var = self.builder_.emit(call, "gemv")
             self.set_var_remap(binding.var, new_var)
 

@@ -54,3 +54,23 @@ def test_generic_variant_is_not_substituted() -> None:
     model = dense_onnx([rng.standard_normal((16, 8)).astype(np.float32)], [None])
     _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), gemv_variant="generic"))
     assert [r["origin"] for r in table] == ["generic"]
+
+
+def test_rank3_input_is_reshaped() -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "B"], ["y"])],
+                          "r3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 40])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 24])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    fast, table = build_vm(model, load_profile("x86-avx512"))
+    assert [r["kernel"] for r in table] == ["gemv-packed-f32"]
+    x = rng.standard_normal((1, 2, 40)).astype(np.float32)
+    np.testing.assert_allclose(fast(x), x @ w + b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,196 @@
+"""TVM lowering vs ONNX Runtime and vs TVM's generic lowering -> benchmarks/results/tvm.md.
+
+    nice python benchmarks/bench_tvm.py [--duration 1.0] [--only NAME ...]
+
+1. Exports every zoo entry (untrained weights: latency does not depend on their values; G2GNet keeps
+   its initial sparse masks) in a child process, since torch and TVM should not share a process.
+2. In this torch-free process, for each model: ORT (fp32, 1 thread) and TVM with the profile's
+   hand-written kernels (0 tuning trials), timed interleaved. Where it says so, also TVM's generic
+   lowering of the same graph (no hand-written kernels, no tuning).
+3. Kernel rows: grouped GEMV vs dense masked GEMV at 75 % sparsity, fused kernels vs generic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+PROFILE = "x86-avx512"
+HEADER = ["model", "pass", "target", "profile", "p50 (us)", "p90 (us)", "baseline", "ratio vs baseline", "kernels"]
+
+
+def export_all(out: Path, names: list[str]) -> None:
+    """Child-process entry: export zoo entries to ``out/<name>.onnx`` (cleanup pass applied)."""
+    import onnx
+    import torch
+
+    from toolchain.export import torch_to_onnx
+    from toolchain.passes.cleanup import Config as CleanupConfig
+    from toolchain.passes.cleanup import run as cleanup
+    from toolchain.zoo.registry import entries
+
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, e in entries().items():
+        if names and name not in names:
+            continue
+        try:
+            module = e.build(e.recipe).eval()
+            if e.export_module is not None:
+                module = e.export_module(module, e.forms[0])
+            x = torch.randn(*e.input_shape)  # input_shape already has the batch dim
+            example = e.example_inputs(module, e.forms[0], x) if e.example_inputs else (x,)
+            model = cleanup(torch_to_onnx(module, example, dynamic_batch=False), CleanupConfig()).model
+            onnx.save(model, out / f"{name}.onnx")
+            print(f"exported {name}", flush=True)
+        except Exception as ex:  # one family failing must not hide the others
+            print(f"SKIP {name}: export failed: {type(ex).__name__}: {str(ex)[:160]}", flush=True)
+
+
+def tvm_runner(model_path: Path, profile: Any, out_dir: Path, tag: str) -> tuple[Any, list[dict[str, Any]]]:
+    import onnx
+
+    from targets.tvm import TvmRunner, build_library
+
+    lib = out_dir / f"{model_path.stem}.{tag}.so"
+    meta = build_library(onnx.load(str(model_path)), profile, lib)
+    names = [i["name"] for i in meta["inputs"]]
+    return TvmRunner(lib, names, profile.bench.threads), meta["kernels"]
+
+
+def kernel_summary(kernels: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for k in kernels:
+        key = k["kernel"] or k["origin"]
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+
+
+def feed_for(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+
+    from toolchain.onnx_io import input_specs
+
+    rng = np.random.default_rng(0)
+    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in input_specs(onnx.load(str(path)))}
+
+
+def fmt_row(model: str, pas: str, target: str, p50: float, p90: float, base: str, ratio: float, kern: str) -> list[str]:
+    return [model, pas, target, PROFILE, f"{p50 * 1000:.1f}", f"{p90 * 1000:.1f}", base, f"{ratio:.2f}x", kern]
+
+
+def bench_models(zoo_dir: Path, work: Path, duration: float, generic_for: set[str]) -> list[list[str]]:
+    from targets.ort import OrtRunner
+    from kernels.tvm.harness import with_kernels
+    from toolchain.bench import measure_interleaved
+    from toolchain.profile import load_profile
+
+    prof = load_profile(PROFILE)
+    rows: list[list[str]] = []
+    for path in sorted(zoo_dir.glob("*.onnx")):
+        name = path.stem
+        feed = feed_for(path)
+        ort = OrtRunner(path, prof.bench.threads)
+        try:
+            tvm, kern = tvm_runner(path, prof, work, "hand")
+        except Exception as ex:
+            rows.append([name, "cleanup", "tvm", PROFILE, "-", "-", "ort", "-", f"build failed: {str(ex)[:80]}"])
+            continue
+        runs: dict[str, tuple[Any, dict[str, np.ndarray]]] = {"ort": (ort, feed), "tvm": (tvm, feed)}
+        if name in generic_for:
+            gen, gkern = tvm_runner(path, with_kernels(prof, gemv_variant="generic", use_grouped_matmul=False,
+                                                       use_fused_kan=False, use_fused_lif=False), work, "generic")
+            runs["generic"] = (gen, feed)
+        err = float(np.max(np.abs(ort.infer(feed)[0] - tvm.infer(feed)[0])))
+        st = measure_interleaved(runs, duration_s=duration, threads=prof.bench.threads)
+        o = st["ort"]
+        rows.append(fmt_row(name, "cleanup", "ort", o.p50_ms, o.p90_ms, "ort", 1.0, "vendor"))
+        t = st["tvm"]
+        rows.append(fmt_row(name, "cleanup", "tvm (0 trials)", t.p50_ms, t.p90_ms, "ort", t.p50_ms / o.p50_ms,
+                            kernel_summary(kern) + f"; max abs err vs ort {err:.1e}"))
+        if "generic" in st:
+            g = st["generic"]
+            rows.append(fmt_row(name, "cleanup", "tvm generic", g.p50_ms, g.p90_ms, "tvm (0 trials)",
+                                g.p50_ms / t.p50_ms, kernel_summary(gkern)))
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def bench_grouped(work: Path, duration: float) -> list[list[str]]:
+    """Grouped GEMV vs the dense packed GEMV on the same masked weight (75 % and 87.5 % sparse)."""
+    import onnx
+
+    from kernels.tvm.harness import block_diagonal, dense_onnx, with_kernels
+    from toolchain.bench import measure_interleaved
+    from toolchain.profile import load_profile
+
+    prof = load_profile(PROFILE)
+    rows = []
+    for size, groups in ((1024, 4), (2048, 4), (2048, 8)):
+        w = block_diagonal(size, size, groups)
+        path = work / f"masked{size}g{groups}.onnx"
+        onnx.save(dense_onnx([w], [np.zeros(size, np.float32)]), path)
+        feed = feed_for(path)
+        grouped, _ = tvm_runner(path, prof, work, "grouped")
+        dense, _ = tvm_runner(path, with_kernels(prof, use_grouped_matmul=False), work, "dense")
+        st = measure_interleaved({"dense": (dense, feed), "grouped": (grouped, feed)}, duration_s=duration)
+        d, g = st["dense"], st["grouped"]
+        label = f"dense masked {size}x{size}, {groups} groups ({100 - 100 // groups}% sparse)"
+        rows.append(fmt_row(label, "-", "tvm dense packed GEMV", d.p50_ms, d.p90_ms, "-", 1.0, "gemv-packed-f32"))
+        rows.append(fmt_row(label, "-", "tvm grouped GEMV", g.p50_ms, g.p90_ms, "dense packed GEMV",
+                            g.p50_ms / d.p50_ms, f"grouped-gemv-f32 ({d.p50_ms / g.p50_ms:.1f}x faster)"))
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def write(rows: list[list[str]], notes: list[str]) -> Path:
+    out = HERE / "results" / "tvm.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["## TVM lowering (issue 5)", "",
+             f"`nice python benchmarks/bench_tvm.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+             "Batch 1, 1 thread, fp32, interleaved in one process; ratio = p50 / baseline p50 (< 1 is faster).",
+             "", "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", *notes, ""]
+    out.write_text("\n".join(lines))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--duration", type=float, default=1.0)
+    ap.add_argument("--only", nargs="*", default=[])
+    ap.add_argument("--export", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.export:
+        export_all(args.export, args.only)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-tvm-") as tmp:
+        work = Path(tmp)
+        zoo = work / "zoo"
+        r = subprocess.run([sys.executable, __file__, "--export", str(zoo), *args.only], cwd=ROOT,
+                           capture_output=True, text=True)
+        skipped = [ln for ln in r.stdout.splitlines() if ln.startswith("SKIP")]
+        print(r.stdout, r.stderr[-2000:] if r.returncode else "", flush=True)
+        generic_for = {"mlp-small", "kan-bspline", "kan-fast", "kan-cheby", "g2gnet"}
+        rows = bench_models(zoo, work, args.duration, generic_for)
+        rows += bench_grouped(work, args.duration)
+        notes = [f"- {s}" for s in skipped]
+        out = write(rows, notes)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
