@@ -8,7 +8,9 @@ layer becomes::
 
     Gather(x, idx[G, 1, K], axis=-1) -> [B, G, 1, K]  @  W[G, K, out/G]  -> [B, G, 1, out/G] -> Reshape [B, out]
 
-with shorter groups padded to K by zero weight rows (exact). A layer is left alone when K/in would not
+with shorter groups padded to K by zero weight rows (exact). Groups need not be contiguous: outputs are
+also grouped greedily by shared inputs (G2GNet's interleaved "mixer" grouping), and a final Gather puts
+the outputs back in their original order. A layer is left alone when K/in would not
 pay (``max_ratio``) or, with ``only_if_faster``, when the lowered form is not measured faster on the target.
 """
 
@@ -41,36 +43,65 @@ class Blocks:
     k: int
     idx: np.ndarray  # [G, K] int64 input columns per group (padded)
     w: np.ndarray  # [G, K, out/G] float32 (zero rows where padded)
+    perm: np.ndarray | None = None  # lowered output p is original output perm[p]; None = identity
+
+
+def _partition(sup: np.ndarray, g: int) -> np.ndarray:
+    """Outputs grouped into g equal groups of similar support (greedy on shared inputs): a permutation.
+    Finds interleaved / permuted groups (e.g. G2GNet's "mixer" grouping) that contiguous cuts miss."""
+    n_out = sup.shape[0]
+    n = n_out // g
+    f = sup.astype(np.float32)
+    overlap = f @ f.T  # [out, out] shared inputs
+    free = np.ones(n_out, dtype=bool)
+    order = []
+    for _ in range(g):
+        j = int(np.flatnonzero(free)[0])
+        score = np.where(free, overlap[j], -1.0)
+        pick = np.sort(np.argsort(-score, kind="stable")[:n])
+        free[pick] = False
+        order.append(pick)
+    return np.concatenate(order)
+
+
+def _k_of(nz: np.ndarray, perm: np.ndarray, g: int) -> int:
+    n_in, n_out = nz.shape
+    return int(nz[:, perm].reshape(n_in, g, n_out // g).any(axis=2).sum(0).max())
 
 
 def detect(w: np.ndarray, max_groups: int = 64) -> Blocks | None:
     """The block structure of an [in, out] weight with the fewest groups reaching the minimal K (None if dense)."""
     nz = w != 0
     n_in, n_out = w.shape
-    best: tuple[int, int] | None = None  # (K, G)
-    cands = []
+    ident = np.arange(n_out)
+    cands: list[tuple[int, int, np.ndarray]] = []  # (K, G, output permutation)
     for g in range(1, min(max_groups, n_out) + 1):
         if n_out % g:
             continue
-        sup = nz.reshape(n_in, g, n_out // g).any(axis=2)  # [in, G]
-        cands.append((int(sup.sum(0).max()), g))
-    kmin = min(k for k, _ in cands)
+        k, perm = _k_of(nz, ident, g), ident
+        if g > 1 and k > 0:
+            p2 = _partition(nz.T, g)
+            k2 = _k_of(nz, p2, g)
+            if k2 < k:
+                k, perm = k2, p2
+        cands.append((k, g, perm))
+    kmin = min(c[0] for c in cands)
     # Fewest groups within 5 % of the minimal K: more groups only add per-group overhead.
-    best = min(((k, g) for k, g in cands if k <= kmin * 1.05), key=lambda kg: kg[1])
-    k, g = best
+    k, g, perm = min((c for c in cands if c[0] <= kmin * 1.05), key=lambda c: c[1])
     if k >= n_in or k == 0:
         return None
     n = n_out // g
     idx = np.zeros((g, k), dtype=np.int64)
     wg = np.zeros((g, k, n), dtype=np.float32)
+    wp = w[:, perm]
     for j in range(g):
-        cols = w[:, j * n:(j + 1) * n]
+        cols = wp[:, j * n:(j + 1) * n]
         rows = np.flatnonzero((cols != 0).any(axis=1))
         idx[j, :len(rows)] = rows
         if len(rows) < k:
             idx[j, len(rows):] = rows[-1] if len(rows) else 0  # any valid column; its weight rows are zero
         wg[j, :len(rows)] = cols[rows]
-    return Blocks(g, k, idx, wg)
+    return Blocks(g, k, idx, wg, None if np.array_equal(perm, ident) else perm)
 
 
 def lowered_nodes(x: str, y: str, b: Blocks, prefix: str, bias: str | None,
@@ -81,9 +112,15 @@ def lowered_nodes(x: str, y: str, b: Blocks, prefix: str, bias: str | None,
              numpy_helper.from_array(b.w, f"{prefix}/wg"),
              numpy_helper.from_array(np.array([-1, g * n], dtype=np.int64), f"{prefix}/shape")]
     mm_out = f"{prefix}/flat" if bias else y
+    flat = f"{prefix}/permuted" if b.perm is not None else mm_out
     nodes = [helper.make_node("Gather", [x, f"{prefix}/idx"], [f"{prefix}/xg"], axis=-1, name=f"{prefix}/gather"),
              helper.make_node("MatMul", [f"{prefix}/xg", f"{prefix}/wg"], [f"{prefix}/yg"], name=f"{prefix}/bmm"),
-             helper.make_node("Reshape", [f"{prefix}/yg", f"{prefix}/shape"], [mm_out], name=f"{prefix}/reshape")]
+             helper.make_node("Reshape", [f"{prefix}/yg", f"{prefix}/shape"], [flat], name=f"{prefix}/reshape")]
+    if b.perm is not None:  # groups were found in permuted output order: put outputs back in place
+        inv = np.argsort(b.perm).astype(np.int64)
+        inits.append(numpy_helper.from_array(inv, f"{prefix}/unpermute"))
+        nodes.append(helper.make_node("Gather", [flat, f"{prefix}/unpermute"], [mm_out], axis=-1,
+                                      name=f"{prefix}/unpermute"))
     if bias:
         nodes.append(helper.make_node("Add", [mm_out, bias], [y], name=f"{prefix}/bias"))
     return nodes, inits
@@ -125,7 +162,8 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
         elif rank != 2:
             why = f"input rank {rank} (only [batch, in] inputs are lowered)"
         if b is not None:
-            row.update(groups=b.groups, k=b.k, padded_density=round(b.k * w.shape[1] / w.size, 4))
+            row.update(groups=b.groups, k=b.k, padded_density=round(b.k * w.shape[1] / w.size, 4),
+                       output_permuted=b.perm is not None)
         if why is None and (cfg.measure or cfg.only_if_faster):
             t = time_pair(*timing_models(w, b), "x", w.shape[0], threads_of(ctx))
             row.update(measured_on=ctx.target, **t.to_json())
