@@ -19,6 +19,7 @@ import numpy as np
 
 from kernels.tvm.block_sparse import KERNEL_NAME as GROUPED_NAME
 from kernels.tvm.block_sparse import grouped_gemv_kernel, pack_block_sparse
+from kernels.tvm import kan
 from kernels.tvm.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
 
 # Rows above this go to the generic (tunable) matmul: the GEMV kernel keeps M x BN accumulators live.
@@ -34,6 +35,7 @@ class KernelConfig:
 
     gemv: bool
     grouped: bool
+    kan: bool
     lanes: int
     block_n: int
     unroll: int
@@ -41,7 +43,8 @@ class KernelConfig:
     @staticmethod
     def from_profile(profile: Any) -> KernelConfig:
         k = profile.kernels
-        return KernelConfig(gemv=k.gemv_variant != "generic", grouped=k.use_grouped_matmul, lanes=k.vector_lanes, block_n=k.gemv_block_n,
+        return KernelConfig(gemv=k.gemv_variant != "generic", grouped=k.use_grouped_matmul, kan=k.use_fused_kan,
+                            lanes=k.vector_lanes, block_n=k.gemv_block_n,
                             unroll=k.unroll)
 
 
@@ -134,6 +137,67 @@ def densify_grouped(mod: Any) -> Any:
     return relax.transform.DeadCodeElimination()(rw.builder_.get())
 
 
+def fuse_kan(mod: Any, cfg: KernelConfig, report: SubstitutionReport) -> Any:
+    """Replace ``matmul(reshape(B(z)), W)`` (a KAN layer's basis expansion + contraction, W constant)
+    by one fused kernel reading z; see ``kernels.tvm.kan``."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    op_matmul = tvm.ir.Op.get("relax.matmul")
+    op_reshape = tvm.ir.Op.get("relax.reshape")
+
+    counter = [0]
+
+    @mutator
+    class _Kan(PyExprMutator):
+        def _val(self, e: Any) -> Any:
+            return self.lookup_binding(e) if isinstance(e, relax.Var) else None
+
+        def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802
+            v = binding.value
+            plan = None
+            if isinstance(v, relax.Call) and v.op == op_matmul:
+                w = _const_array(v.args[1])
+                rs = self._val(v.args[0])
+                if w is not None and w.ndim == 2 and isinstance(rs, relax.Call) and rs.op == op_reshape:
+                    plan = self._plan(rs.args[0], w, v)
+            if plan is None:
+                super().visit_var_binding_(binding)
+                return
+            g, n, kk, w, yshape = plan
+            name = f"edgec_kan_{counter[0]}"
+            counter[0] += 1
+            func = kan.fused_kan_kernel(g, n, kk, w.shape[1], cfg.lanes, _static_shape(g.root), yshape)
+            gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+            call = relax.call_tir(gv, [self.visit_expr(g.root), relax.const(kan.pack_coefficients(w, cfg.lanes))],
+                                  relax.TensorType(yshape, "float32"))
+            self.set_var_remap(binding.var, self.builder_.emit(call, "kan"))
+            report.replaced.append({"kernel": kan.KERNEL_NAME, "func": name, "in": n, "basis": kk,
+                                    "out": int(w.shape[1]), "nodes": len(g.nodes)})
+
+        def _plan(self, vexpr: Any, w: np.ndarray, mm: Any) -> Any:
+            vs, ys = _static_shape(vexpr), _static_shape(mm)
+            if vs is None or ys is None or len(vs) < 2 or int(np.prod(vs[:-2])) != 1:
+                return None
+            n, kk = vs[-2], vs[-1]
+            if kk < 2 or w.shape[0] != n * kk or w.shape[1] > kan.MAX_OUT or int(np.prod(ys[:-1])) != 1:
+                return None
+            try:
+                g = kan.extract_basis(vexpr, self._val, _const_array)
+            except kan.NoMatch:
+                return None
+            if _static_shape(g.root) is None or int(np.prod(_static_shape(g.root))) != n:
+                return None
+            return g, n, kk, w.astype(np.float32), ys
+
+    rw = _Kan(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rw.builder_.get())
+
+
 def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionReport]:
     """Return ``mod`` with matching layers replaced by hand-written kernels, and what was replaced."""
     import tvm
@@ -141,7 +205,9 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     report = SubstitutionReport()
-    if not cfg.gemv:
+    if cfg.kan:
+        mod = fuse_kan(relax.transform.FoldConstant()(mod), cfg, report)
+    if not cfg.gemv:  # the grouped kernel is a GEMV variant: "generic" turns both off
         return mod, report
     if cfg.grouped:
         # Folding makes the modular pass's gather indices (computed from shape_of) plain constants.
