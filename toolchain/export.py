@@ -122,8 +122,9 @@ def import_onnx_file(path: Path, cache: Cache) -> tuple[Artifact, bool]:
 
 
 def export_module(
-    module: Any, input_shape: tuple[int, ...], cache: Cache, source_key: str, check_inputs: np.ndarray | None = None,
-    form: str = "default", example: tuple[Any, ...] | None = None, extra_meta: dict[str, Any] | None = None,
+    module: Any, input_shape: tuple[int, ...], cache: Cache, source_key: str,
+    check_inputs: np.ndarray | tuple[np.ndarray, ...] | None = None, form: str = "default",
+    example: tuple[Any, ...] | None = None, extra_meta: dict[str, Any] | None = None,
 ) -> tuple[Artifact, bool]:
     """Export a torch module and prove parity with ONNX Runtime on ``check_inputs`` (or random inputs)."""
     import torch
@@ -138,7 +139,9 @@ def export_module(
     model = torch_to_onnx(module, example)
     if check_inputs is None:
         check_inputs = np.random.default_rng(0).standard_normal((64, *input_shape[1:])).astype(np.float32)
-    parity = torch_parity(module, model, (check_inputs,)) if len(example) == 1 else None
+    # A tuple of arrays feeds a multi-input form (e.g. a spiking step cell with its membrane state).
+    checks = check_inputs if isinstance(check_inputs, tuple) else (check_inputs,)
+    parity = torch_parity(module, model, checks) if len(checks) == len(example) else None
     if parity is not None and not parity.ok():
         raise GateFailure(
             f"ONNX export does not match torch: max rel error {parity.max_rel:.2e} (limit {PARITY_RTOL:.0e}), "
@@ -220,6 +223,8 @@ def export_model(
         import torch
 
         example = entry.example_inputs(module, form, torch.from_numpy(check[:1]))
+        if len(example) > 1:  # prove every input of a multi-input form on real data, not only the image
+            check = tuple(t.numpy() for t in entry.example_inputs(module, form, torch.from_numpy(check)))
     meta = {"zoo": entry.name, "family": entry.family, "dataset": entry.dataset}
     return export_module(exp_mod, entry.input_shape, cache, wart.key, check_inputs=check, form=form,
                          example=example, extra_meta=meta)
