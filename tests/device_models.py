@@ -40,3 +40,20 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, path)
     return path
+
+
+def random_mlp(dims: tuple[int, ...], seed: int = 0) -> onnx.ModelProto:
+    """An untrained MLP of the given widths (for memory and size checks, not accuracy)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, cur = [], [], "x"
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        inits.append(numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [cur, f"w{i}"], [f"m{i}"]))
+        cur = f"m{i}"
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [cur], [f"r{i}"]))
+            cur = f"r{i}"
+    nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, dims[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, dims[-1]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgec-tests")
