@@ -117,3 +117,28 @@ def test_bf16_graph_and_numerics() -> None:
     except Exception as e:  # pragma: no cover - depends on the onnx build
         pytest.skip(f"onnx reference evaluator cannot run bfloat16 here: {type(e).__name__}")
     assert rel(np.asarray(got, np.float32), ort_run(m, X[:8])) < 5e-2
+
+
+def test_kan_family_defaults_on_a_real_kan_export() -> None:
+    """FastKAN (zoo family, untrained weights): the basis math (scope 'basis') stays fp32 under fp16,
+    the weight matmuls (spline coefficients, base linear) are int8."""
+    import torch
+
+    from toolchain.export import torch_to_onnx
+    from toolchain.passes._quant import family_marked
+    from toolchain.zoo.registry import get_entry
+
+    e = get_entry("kan-fast")
+    torch.manual_seed(0)
+    m = torch_to_onnx(e.build(e.recipe).eval(), (torch.zeros(e.input_shape),))
+    basis = [n for n in m.graph.node if family_marked(n)]
+    assert basis and all(n.op_type not in ("MatMul", "Gemm") for n in basis)
+    x = np.random.default_rng(0).random((16, 784)).astype(np.float32)
+    ref = ort_run(m, x)
+    h = apply(m, "fp16")
+    assert h.report["nodes_fp32"] >= len(basis)
+    assert rel(ort_run(h.model, x), ref) < 2e-2
+    q = apply(m, "int8")
+    assert all(r["precision"] == "int8" for r in q.report["layers"]) and len(q.report["layers"]) == 4
+    got = ort_run(q.model, x)
+    assert np.abs(got - ref).mean() / np.abs(ref).mean() < 0.05

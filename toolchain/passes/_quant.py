@@ -35,7 +35,11 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def family_marked(n: onnx.NodeProto) -> str | None:
-    text = " ".join([n.name, *n.output, *(p.key + "=" + p.value for p in n.metadata_props)]).lower()
+    """The family marker in the node's name, outputs or module path (torch export's ``name_scopes``
+    metadata, e.g. ``['', 'layers', 'layers.0', 'basis', 'sub']``). Stack traces and class names are not
+    read: they name the whole model's source file, not the role of this node."""
+    scopes = [p.value for p in n.metadata_props if p.key.endswith("name_scopes") or p.key == "edgec.role"]
+    text = " ".join([n.name, *n.output, *scopes]).lower()
     return next((m for m in FAMILY_MARKERS if m in text), None)
 
 
