@@ -96,6 +96,10 @@ def load_dataset(name: str, data_dir: Path | str | None = None) -> Dataset:
     """A dataset by name (``fashion-mnist``, ``cora``, ``citeseer``) or an .npz path."""
     if name.endswith(".npz"):
         return load_npz(name)
+    if name.startswith("fashion-mnist:"):  # a class subset, e.g. fashion-mnist:5,7,9 (NN-Factory tasks)
+        from toolchain.zoo import nnfactory
+
+        return nnfactory.task_dataset(name, data_dir)
     if name in ("cora", "citeseer"):
         from toolchain.zoo import planetoid
 

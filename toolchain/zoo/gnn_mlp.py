@@ -9,6 +9,7 @@ teacher predictions, and high-frequency distillation of |z_src - z_dst| along ed
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -172,9 +173,8 @@ def teacher_logits(recipe: Mapping[str, Any], ctx: TrainContext) -> tuple[torch.
     from toolchain.cli_support import get_cache
     from toolchain.zoo.trained import load_trained
 
-    entry = TEACHERS[recipe["teacher"]]
-    if dict(entry.recipe) != dict(recipe["teacher_recipe"]):
-        raise UsageError(f"student recipe names teacher {entry.name} with a different recipe; update teacher_recipe")
+    # The student's recipe carries the teacher's, so it alone keys both cached weights.
+    entry = dataclasses.replace(TEACHERS[recipe["teacher"]], recipe=dict(recipe["teacher_recipe"]))
     teacher, metrics, _art, _hit = load_trained(entry, get_cache(), data=ctx.data, seed=ctx.seed,
                                                 progress=ctx.progress)
     data = _graph(ctx.data)

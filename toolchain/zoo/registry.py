@@ -9,7 +9,7 @@ from toolchain.zoo import ZooEntry
 
 # Family modules, each exporting ENTRIES: tuple[ZooEntry, ...]. Imported lazily (they import torch).
 FAMILY_MODULES = ("toolchain.zoo.mlp", "toolchain.zoo.g2gnet", "toolchain.zoo.kan",
-                  "toolchain.zoo.gnn_mlp", "toolchain.zoo.spiking")
+                  "toolchain.zoo.gnn_mlp", "toolchain.zoo.spiking", "toolchain.zoo.nnfactory")
 
 
 def entries() -> dict[str, ZooEntry]:
