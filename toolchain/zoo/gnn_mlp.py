@@ -62,7 +62,7 @@ def sparse_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return F.dropout(x, p, training)
     if not training or p == 0:
         return x
-    return torch.sparse_coo_tensor(x.indices(), F.dropout(x.values(), p, True), x.shape)
+    return torch.sparse_coo_tensor(x.indices(), F.dropout(x.values(), p, True), x.shape, check_invariants=False)
 
 
 def sparse_features(x: np.ndarray) -> torch.Tensor:
