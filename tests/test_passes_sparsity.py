@@ -185,5 +185,25 @@ def test_modular_finds_interleaved_groups() -> None:
     res = apply(m, "modular")
     row = res.report["layers"][0]
     assert row["applied"] and row["groups"] == 8 and row["k"] == 16 and row["output_permuted"]
-    assert [n.op_type for n in res.model.graph.node][:4] == ["Gather", "MatMul", "Reshape", "Gather"]
+    # the permutation is folded into the bias and the next layer's rows: no un-permute Gather
+    assert [n.op_type for n in res.model.graph.node][:4] == ["Gather", "MatMul", "Reshape", "Add"]
     assert rel(ort_run(res.model, X), ort_run(m, X)) < 1e-5
+    # both layers regrouped and lowered: the second layer's gather reads the permuted positions
+    m2 = g2g_masked_mlp((64, 128, 128, 10), groups=8, density=0.25, seed=4, gemm=True)
+    w = next(t for t in m2.graph.initializer if t.name == "w0")  # Gemm layout [out, in]
+    w.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w)[perm]), "w0"))
+    b = next(t for t in m2.graph.initializer if t.name == "b0")
+    b.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b)[perm], "b0"))
+    w1 = next(t for t in m2.graph.initializer if t.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w1)[:, perm]), "w1"))
+    r2 = apply(m2, "modular")
+    assert [r["applied"] for r in r2.report["layers"]] == [True, True, False]
+    assert r2.report["layers"][0]["output_permuted"]
+    assert [n.op_type for n in r2.model.graph.node].count("Gather") == 2
+    assert rel(ort_run(r2.model, X), ort_run(m2, X)) < 1e-5
+    # a regrouped layer whose output is the graph output keeps the un-permute Gather
+    single = mlp_model([numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w0"))], [None],
+                       gemm=False)
+    r3 = apply(single, "modular")
+    assert [n.op_type for n in r3.model.graph.node] == ["Gather", "MatMul", "Reshape", "Gather"]
+    assert rel(ort_run(r3.model, X), ort_run(single, X)) < 1e-5

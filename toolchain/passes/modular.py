@@ -10,12 +10,14 @@ layer becomes::
 
 with shorter groups padded to K by zero weight rows (exact). Groups need not be contiguous: outputs are
 also grouped greedily by shared inputs (G2GNet's interleaved "mixer" grouping), and a final Gather puts
-the outputs back in their original order. A layer is left alone when K/in would not
+the outputs back in their original order (or, where the layer feeds one next dense layer, that layer's
+input rows and this layer's bias are permuted instead, so no Gather is needed). A layer is left alone when K/in would not
 pay (``max_ratio``) or, with ``only_if_faster``, when the lowered form is not measured faster on the target.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from toolchain.passes import PassContext, PassResult
-from toolchain.passes._graph import DenseLayer, copy_model, get_weight, remove_initializer, require_layers, select
+from toolchain.passes._graph import (
+    DenseLayer, consumers, copy_model, get_weight, initializers, remove_initializer, require_layers, select,
+    set_initializer, set_weight,
+)
 from toolchain.passes._speed import MIN_GAIN, check_target, single_layer_model, threads_of, time_pair
 
 
@@ -140,6 +145,33 @@ def timing_models(w: np.ndarray, b: Blocks) -> tuple[onnx.ModelProto, onnx.Model
     return dense, single_layer_model(nodes, inits, "x", w.shape[0], "y")
 
 
+def _fold_permutations(model: onnx.ModelProto, plans: list[tuple[DenseLayer, Blocks]]
+                       ) -> list[tuple[DenseLayer, Blocks]]:
+    """Where a regrouped layer feeds (bias, elementwise activations) exactly one next dense layer, leave
+    its outputs in group order and permute the bias and the next layer's inputs instead: no un-permute
+    Gather at run time. Edits ``model``'s initializers in place."""
+    from toolchain.passes.structured import find_chains
+
+    chains = {c.a.node.output[0]: c for c in find_chains(model)}
+    uses = consumers(model)
+    at = {ly.node.output[0]: i for i, (ly, _) in enumerate(plans)}
+    plans = list(plans)
+    for i, (ly, b) in enumerate(plans):
+        c = chains.get(ly.node.output[0])
+        if b.perm is None or c is None or (c.bias and len(uses.get(c.bias, [])) != 1):
+            continue
+        if c.bias:
+            set_initializer(model, c.bias, numpy_helper.to_array(initializers(model)[c.bias])[b.perm])
+        j = at.get(c.b.node.output[0])
+        if j is not None:  # the next layer is lowered too: its gather reads the permuted positions
+            nb = plans[j][1]
+            plans[j] = (plans[j][0], dataclasses.replace(nb, idx=np.argsort(b.perm)[nb.idx]))
+        else:
+            set_weight(model, c.b, get_weight(model, c.b)[b.perm])
+        plans[i] = (ly, dataclasses.replace(b, perm=None))
+    return plans
+
+
 def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> PassResult:
     ctx = ctx or PassContext()
     check_target(ctx.target, cfg.measure, cfg.only_if_faster, "modular")
@@ -175,6 +207,7 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
         else:
             rows.append({**row, "applied": False, "why": why})
     if plans:
+        plans = _fold_permutations(out, plans)
         replace = {ly.index: (ly, b) for ly, b in plans}
         new_nodes: list[onnx.NodeProto] = []
         for i, n in enumerate(out.graph.node):
