@@ -16,6 +16,7 @@ nothing data-dependent. Rewiring (``G2GRewirer``) runs only between optimizer st
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -134,7 +135,7 @@ class G2GNet(nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(int(recipe.get("mask_seed", 0)))
         groups, dims = int(recipe["groups"]), [784, *recipe["hidden"]]
-        n_sparse = sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+        n_sparse = sum(a * b for a, b in itertools.pairwise(dims))
         n_dense = dims[-1] * 10
         # Cap the cross-group density so the WHOLE net (dense readout included) stays >= min_sparsity.
         density = ((1 - recipe["min_sparsity"]) * (n_sparse + n_dense) - n_dense) / n_sparse

@@ -6,6 +6,7 @@ holds the networks, the training recipes and the zoo entries.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +27,7 @@ class KANNet(nn.Module):
     def __init__(self, kind: str, widths: list[int], num_basis: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
             if kind == "bspline":
                 layers.append(BSplineKANLayer(a, b, grid_size=num_basis - 3, order=3))
             elif kind == "rbf":
@@ -75,7 +76,8 @@ def train_skan(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]) -
     common = {"lr": recipe["lr"], "batch": recipe["batch"]}
     with single_thread():
         full = train_classifier(model, ctx, epochs=recipe["epochs_full"], desc="skan full", **common)
-        model.select(torch.from_numpy(ctx.data.x_train[: recipe["select_samples"]]))
+        n = recipe["select_samples"]
+        model.select(torch.from_numpy(ctx.data.x_train[:n]), torch.from_numpy(ctx.data.y_train[:n]))
         selected_acc = evaluate(model, ctx.data.x_test, ctx.data.y_test)
         tuned = train_classifier(model, ctx, epochs=recipe["epochs_prune"], desc="skan pruned", **common)
     pruned_params = sum(int(layer.node_mask().sum()) * layer.out_features for layer in model.layers) + sum(
@@ -113,8 +115,8 @@ ENTRIES = (
     ZooEntry(name="skan", family="kan",
              summary="S-KAN 784-64-10: per-node basis chosen from {bspline, rbf, cheby}, pruned, frozen",
              dataset="fashion-mnist", input_shape=(1, 784),
-             recipe={"hidden": [64], "num_basis": 8, "pool": ["bspline", "rbf", "cheby"], "epochs_full": 4,
-                     "epochs_prune": 2, "select_samples": 4096, "lr": 2e-3, "batch": 128},
+             recipe={"hidden": [64], "num_basis": 8, "pool": ["bspline", "rbf", "cheby"], "epochs_full": 3,
+                     "epochs_prune": 5, "select_samples": 4096, "lr": 2e-3, "batch": 128},
              build=build_skan, train=train_skan, export_module=_skan_export, tags=("kan",)),
     ZooEntry(name="convkan", family="kan", summary="Conv-KAN: RBF expansion per channel + Conv2d, 1x28x28 input",
              dataset="fashion-mnist", input_shape=(1, 1, 28, 28),

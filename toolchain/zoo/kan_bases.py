@@ -168,3 +168,17 @@ class ChebyKANLayer(KANLayer):
     def __init__(self, in_features: int, out_features: int, degree: int = 7) -> None:
         super().__init__(in_features, out_features, ChebyBasis(degree), base=False, norm=False,
                          spline_std=1.0 / math.sqrt(in_features * (degree + 1)))
+
+
+def kernel_annotations(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """{module path: {"kernel": id, **params}} for every submodule that names a fused kernel.
+
+    The paths match the ``pkg.torch.onnx.name_scopes`` the exporter writes into node metadata, so a
+    compiler pass can map exported nodes back to the layer's static description.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, sub in module.named_modules():
+        params = getattr(sub, "edgec_kernel_params", None)
+        if callable(params):
+            out[name] = {"kernel": sub.edgec_kernel, **params()}
+    return out

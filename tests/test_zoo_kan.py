@@ -1,0 +1,176 @@
+"""KAN families: basis maths, S-KAN selection/pruning/freezing, kernel metadata, ONNX parity on real data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from toolchain.export import compare, export_module, run_ort, torch_to_onnx
+from toolchain.zoo import ZooEntry
+from toolchain.zoo.kan import ENTRIES
+from toolchain.zoo.kan_bases import BSplineBasis, ChebyBasis, RBFBasis, kernel_annotations
+from toolchain.zoo.registry import get_entry
+from toolchain.zoo.skan import SKANNet
+from toolchain.zoo.trained import load_trained
+
+
+def full_test_parity(module: torch.nn.Module, model: onnx.ModelProto, x: np.ndarray) -> Any:
+    """ONNX Runtime vs torch over the whole real test set, in chunks of 1000 (bounded memory)."""
+    chunks = [x[i:i + 1000] for i in range(0, len(x), 1000)]
+    with torch.no_grad():
+        ref = np.concatenate([module(torch.from_numpy(c)).numpy() for c in chunks])
+    got = np.concatenate([o[0] for o in run_ort(model, [{model.graph.input[0].name: c} for c in chunks])])
+    return compare([ref], [got])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    # Small models on a shared 2-core machine: a second intra-op thread made steps several times slower.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+TINY = {"epochs": 1, "epochs_full": 1, "epochs_prune": 1, "select_samples": 512, "train_limit": 2000}
+
+
+def _tiny(name: str) -> ZooEntry:
+    e = get_entry(name)
+    return dataclasses.replace(e, recipe={**e.recipe, **{k: v for k, v in TINY.items()
+                                                         if k in e.recipe or k == "train_limit"}})
+
+
+def _ops(model: onnx.ModelProto) -> set[str]:
+    return {n.op_type for n in model.graph.node}
+
+
+def test_bspline_basis_is_partition_of_unity_and_matches_cox_de_boor() -> None:
+    basis = BSplineBasis(grid_size=5, order=3)
+    x = torch.linspace(-0.999, 0.999, 301)[:, None]
+    b = basis(x)
+    assert b.shape == (301, 1, 8)
+    assert torch.allclose(b.sum(-1), torch.ones(301, 1), atol=1e-5)
+    assert bool((b >= 0).all())
+    # recursive reference (textbook Cox-de Boor) at a few points
+    g = basis.grid.tolist()
+
+    def ref(i: int, k: int, t: float) -> float:
+        if k == 0:
+            return 1.0 if g[i] <= t < g[i + 1] else 0.0
+        return ((t - g[i]) / (g[i + k] - g[i]) * ref(i, k - 1, t)
+                + (g[i + k + 1] - t) / (g[i + k + 1] - g[i + 1]) * ref(i + 1, k - 1, t))
+
+    for t in (-0.73, 0.0, 0.41):
+        got = basis(torch.tensor([[t]]))[0, 0].tolist()
+        assert np.allclose(got, [ref(i, 3, t) for i in range(8)], atol=1e-6)
+
+
+def test_chebyshev_recurrence_equals_cos_n_acos() -> None:
+    x = torch.linspace(-3, 3, 101, dtype=torch.float64)[:, None]
+    got = ChebyBasis(degree=7).double()(x)[:, 0]
+    t = torch.tanh(x[:, 0])
+    want = torch.stack([torch.cos(n * torch.acos(t)) for n in range(8)], -1)
+    assert torch.allclose(got, want, atol=1e-9)
+
+
+def test_rbf_basis_peaks_at_centers() -> None:
+    basis = RBFBasis(8)
+    got = basis(basis.centers[:, None])[:, 0]
+    assert torch.allclose(torch.diagonal(got), torch.ones(8))
+
+
+def test_chebykan_onnx_has_no_acos_or_cos() -> None:
+    m = get_entry("kan-cheby").build(get_entry("kan-cheby").recipe).eval()
+    ops = _ops(torch_to_onnx(m, (torch.zeros(1, 784),)))
+    assert "Tanh" in ops and not ops & {"Acos", "Cos", "Einsum"}
+
+
+@pytest.mark.parametrize("name,kernel", [("kan-bspline", "kan-bspline"), ("kan-fast", "kan-rbf"),
+                                         ("kan-cheby", "kan-cheby"), ("convkan", "kan-conv-rbf")])
+def test_layers_name_their_fused_kernel_in_onnx_metadata(name: str, kernel: str) -> None:
+    e = get_entry(name)
+    m = e.build(e.recipe).eval()
+    ann = kernel_annotations(m)
+    assert ann and all(a["kernel"] == kernel for a in ann.values())
+    first = next(iter(ann.values()))
+    assert first.get("in_features", first.get("in_channels")) in (784, 1)
+    json.dumps(ann)  # plain data, storable next to the model
+    model = torch_to_onnx(m, (torch.zeros(e.input_shape),))
+    cls = type(next(mod for n, mod in m.named_modules() if n in ann)).__name__
+    hier = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "pkg.torch.onnx.class_hierarchy"]
+    assert any(cls in h for h in hier), f"{cls} not recorded in ONNX node metadata"
+
+
+def _skan_trained(fashion: Any, n: int = 2048) -> SKANNet:
+    torch.manual_seed(0)
+    e = get_entry("skan")
+    net = e.build(e.recipe)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    x, y = torch.from_numpy(fashion.x_train[:n]), torch.from_numpy(fashion.y_train[:n])
+    for i in range(0, n, 128):  # a few real steps so coefficients carry signal
+        loss = torch.nn.functional.cross_entropy(net(x[i:i + 128]), y[i:i + 128])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+def test_skan_selection_prunes_and_export_has_only_chosen_bases(fashion: Any) -> None:
+    net = _skan_trained(fashion)
+    with pytest.raises(ValueError, match="selection"):
+        net.frozen()
+    net.select(torch.from_numpy(fashion.x_train[:512]), torch.from_numpy(fashion.y_train[:512]))
+    for layer in net.layers:
+        assert layer.selected
+        keep = layer.node_mask()
+        assert torch.equal(layer.coeff.detach() * (1 - keep)[:, :, None], torch.zeros_like(layer.coeff))
+        assert int(keep.sum()) == layer.in_features * layer.num_basis  # one basis per node
+    net.eval()
+    frozen = net.frozen()
+    x = torch.from_numpy(fashion.x_test[:1000])
+    with torch.no_grad():
+        assert torch.allclose(frozen(x), net(x), atol=1e-4)
+    model = torch_to_onnx(frozen, (x[:1],))
+    # coefficient initializers hold exactly the chosen (node, basis) rows, nothing of the pool
+    sizes = sorted(int(np.prod(t.dims)) for t in model.graph.initializer)
+    for layer in net.layers:
+        assert layer.in_features * layer.num_basis * layer.out_features in sizes
+        assert layer.coeff.numel() not in sizes
+
+
+def test_skan_forced_single_choice_exports_only_that_basis(fashion: Any) -> None:
+    net = _skan_trained(fashion, 512)
+    for layer in net.layers:
+        layer.choice.fill_(1)  # every node picks RBF
+    ops = _ops(torch_to_onnx(net.eval().frozen(), (torch.zeros(1, 784),)))
+    assert "Exp" in ops and not ops & {"Tanh", "Less", "GreaterOrEqual"}
+    for layer in net.layers:
+        layer.choice.fill_(2)  # every node picks Chebyshev
+    ops = _ops(torch_to_onnx(net.frozen(), (torch.zeros(1, 784),)))
+    assert "Tanh" in ops and not ops & {"Exp", "Less", "GreaterOrEqual"}
+
+
+@pytest.mark.parametrize("name", [e.name for e in ENTRIES])
+def test_entry_trains_and_exports_with_parity_on_real_test_set(name: str, fashion: Any, session_cache: Any) -> None:
+    entry = _tiny(name)
+    module, metrics, wart, _ = load_trained(entry, session_cache, data=fashion, progress=False)
+    assert metrics["test_accuracy"] > 0.5
+    exp = entry.export_module(module, "default") if entry.export_module else module
+    x = fashion.x_test.reshape(-1, *entry.input_shape[1:])
+    art, _ = export_module(exp, entry.input_shape, session_cache, wart.key, check_inputs=x[:1000])
+    assert art.meta["parity"]["max_rel"] <= 1e-4 and art.meta["parity"]["argmax_agreement"] == 1.0
+    model = onnx.load(str(art.payload))
+    assert not _ops(model) & {"Einsum", "Acos", "Cos"}
+    parity = full_test_parity(module, model, x)  # the trained module itself, not the export form
+    assert parity.max_rel <= 1e-4 and parity.argmax_agreement == 1.0
+    if name == "skan":
+        chosen = [k for counts in metrics["choices"] for k, v in counts.items() if v]
+        basis_ops = {"bspline": "GreaterOrEqual", "rbf": "Exp", "cheby": "Tanh"}
+        assert {k for k, op in basis_ops.items() if op in _ops(model)} == set(chosen)
