@@ -110,6 +110,8 @@ class MeasureConfig:
     warmup_tol: float = 0.05  # steady: the last 3 window medians are within 5 % and not falling
     warmup_max_s: float = 3.0  # cap: report steady=False rather than warm up forever
     threads: int = 1
+    rounds: int = 6  # fresh runner per round: load-to-load variation belongs in the interval
+    round_gap_s: float = 0.25  # idle between rounds, so the rounds sample the machine over a longer span
     rerun_unstable: bool = True
     keep_samples: int = 4000  # thinned samples kept in the result (for regression tests)
 
@@ -147,28 +149,45 @@ def warmup_until_steady(runner: Any, feed: dict[str, np.ndarray], cfg: MeasureCo
             "steady": steady, "window_medians_ms": [round(m, 6) for m in medians[-6:]]}
 
 
-def _measure_once(runner: Any, feed: dict[str, np.ndarray], cfg: MeasureConfig, scfg: Any) -> dict[str, Any]:
-    from toolchain.stats import summarize, thin
+def _measure_once(make_runner: Any, feed: dict[str, np.ndarray], cfg: MeasureConfig, scfg: Any,
+                  memory: MemoryProbe | None) -> dict[str, Any]:
+    """``cfg.rounds`` rounds, each with a freshly loaded runner warmed up until steady, then timed for
+    ``duration_s / rounds``; statistics over all rounds (two-level bootstrap)."""
+    from toolchain.stats import summarize
 
-    warm = warmup_until_steady(runner, feed, cfg)
-    samples, _ = time_runs(runner, feed, 0.0, cfg.duration_s, cfg.min_runs, cfg.max_runs)
-    lat = summarize(samples, scfg)
-    lat.update({"warmup_runs": warm["runs"], "threads": cfg.threads, "warmup": warm})
+    parts, warms = [], []
+    for i in range(max(1, cfg.rounds)):
+        if i:
+            time.sleep(cfg.round_gap_s)
+        with make_runner() as runner:
+            if memory is not None:
+                memory.sample()
+            warms.append(warmup_until_steady(runner, feed, cfg))
+            s, _ = time_runs(runner, feed, 0.0, cfg.duration_s / max(1, cfg.rounds),
+                             max(1, cfg.min_runs // max(1, cfg.rounds)), cfg.max_runs)
+            parts.append(s)
+            if memory is not None:
+                memory.sample()
+    samples = np.concatenate(parts)
+    lat = summarize(samples, scfg, [p.size for p in parts])
+    lat.update({"warmup_runs": sum(w["runs"] for w in warms), "threads": cfg.threads, "rounds": len(parts),
+                "warmup": {"steady": all(w["steady"] for w in warms), "per_round": warms}})
     return {"latency": lat, "samples": samples}
 
 
-def measure_honest(runner: Any, feed: dict[str, np.ndarray], cfg: MeasureConfig,
-                   scfg: Any = None) -> dict[str, Any]:
-    """Warm up until steady, measure for ``cfg.duration_s``, summarise with block-bootstrap CIs; when the
-    p50 interval is too wide (noisy machine), measure once more and keep the second run.
+def measure_honest(make_runner: Any, feed: dict[str, np.ndarray], cfg: MeasureConfig,
+                   scfg: Any = None, memory: MemoryProbe | None = None) -> dict[str, Any]:
+    """Warm up until steady, measure for ``cfg.duration_s`` in rounds (a fresh runner from
+    ``make_runner()`` each), summarise with bootstrap CIs; when the p50 interval is too wide (noisy
+    machine), measure once more and keep the second run.
     Returns {"latency": {...}, "samples_ms": [...thinned, time order...]}."""
     from toolchain.stats import StatsConfig, thin
 
     scfg = scfg or StatsConfig()
-    first = _measure_once(runner, feed, cfg, scfg)
+    first = _measure_once(make_runner, feed, cfg, scfg, memory)
     res = first
     if cfg.rerun_unstable and not first["latency"]["stable"]:
-        res = _measure_once(runner, feed, cfg, scfg)
+        res = _measure_once(make_runner, feed, cfg, scfg, memory)
         res["latency"]["rerun"] = {"reason": "unstable", "first_ci_rel_width": first["latency"]["ci_rel_width"],
                                    "first_p50_ms": first["latency"]["p50_ms"]}
     else:
@@ -206,16 +225,15 @@ class MemoryProbe:
                 "process_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 2)}
 
 
-def bench_loaded(runner: Any, input_name: str, shape: tuple[int, ...], x: np.ndarray, cfg: MeasureConfig,
+def bench_loaded(make_runner: Any, input_name: str, shape: tuple[int, ...], x: np.ndarray, cfg: MeasureConfig,
                  memory: MemoryProbe) -> dict[str, Any]:
     """Everything measured on the runner's side, locally or on a device: latency (honest), the outputs
     of every evaluation input (for accuracy and agreement), and the runner's memory."""
     feed = {input_name: x[:1].reshape(shape)}
-    memory.sample()
-    res = measure_honest(runner, feed, cfg)
-    memory.sample()
-    outputs = run_batched(runner, input_name, x, shape)
-    res["outputs"] = outputs
+    res = measure_honest(make_runner, feed, cfg, memory=memory)
+    with make_runner() as runner:
+        res["outputs"] = run_batched(runner, input_name, x, shape)
+        memory.sample()
     res["memory"] = memory.to_json()
     return res
 
@@ -270,8 +288,8 @@ def run_local(job: BenchJob) -> dict[str, Any]:
     from toolchain.api import environment
 
     mem = MemoryProbe()
-    with get_target(job.target).load(job.art) as runner:
-        dev = bench_loaded(runner, job.input_name, job.shape, job.x, job.cfg, mem)
+    target = get_target(job.target)
+    dev = bench_loaded(lambda: target.load(job.art), job.input_name, job.shape, job.x, job.cfg, mem)
     dev["environment"] = environment()
     dev["device"] = "local"
     return dev

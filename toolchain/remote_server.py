@@ -103,8 +103,8 @@ def device_bench(kind: str, file_name: str, cfg_json: str, x_bytes: bytes) -> st
         x = np.frombuffer(bytes(x_bytes), dtype=np.float32).reshape(-1, *shape[1:])
         path = Path(_STATE["workdir"] or ".") / Path(file_name).name  # never outside the session dir
         mem = MemoryProbe()
-        with _runner(kind, path, cfg) as runner:
-            res = bench_loaded(runner, cfg["input_name"], shape, x, MeasureConfig(**cfg["measure"]), mem)
+        res = bench_loaded(lambda: _runner(kind, path, cfg), cfg["input_name"], shape, x,
+                           MeasureConfig(**cfg["measure"]), mem)
         out = np.ascontiguousarray(res.pop("outputs"), dtype=np.float32)
         res["outputs_b64"] = base64.b64encode(out.tobytes()).decode()
         res["outputs_shape"] = list(out.shape)

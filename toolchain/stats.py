@@ -32,33 +32,60 @@ class StatsConfig:
     seed: int = 0
 
 
-def _blocks(samples: np.ndarray, cfg: StatsConfig) -> np.ndarray:
-    """(K, m) matrix: K contiguous time blocks, each reduced to m evenly spaced quantiles of itself (a
+def _blocks(samples: np.ndarray, k: int, m_cap: int) -> np.ndarray:
+    """(k, m) matrix: k contiguous time blocks, each reduced to m evenly spaced quantiles of itself (a
     deterministic sketch of the block's distribution, so pooled quantiles match the full data's)."""
-    n = samples.size
-    k = int(max(2, min(cfg.blocks, n // 10))) if n >= 20 else n
     parts = np.array_split(samples, k)
-    m = min(min(p.size for p in parts), cfg.per_block)
+    m = min(min(p.size for p in parts), m_cap)
     grid = (np.arange(m) + 0.5) / m * 100
     return np.stack([np.percentile(p, grid) if p.size > m else p[:m] for p in parts])
 
 
-def bootstrap_ci(samples: np.ndarray, qs: list[float], cfg: StatsConfig = StatsConfig()) -> np.ndarray:
-    """Block-bootstrap confidence intervals of the percentiles ``qs`` (0-100): array (len(qs), 2)."""
+def bootstrap_ci(samples: np.ndarray, qs: list[float], cfg: StatsConfig = StatsConfig(),
+                 rounds: list[int] | None = None) -> np.ndarray:
+    """Confidence intervals of the percentiles ``qs`` (0-100): array (len(qs), 2).
+
+    Without ``rounds``: a block bootstrap over contiguous time blocks. With ``rounds`` (the sizes of
+    consecutive measurement rounds, each with a freshly loaded runner): a two-level bootstrap that
+    resamples rounds, then blocks within each chosen round, so load-to-load variation is included."""
     s = np.asarray(samples, dtype=np.float64)
     if s.size < 2:
         return np.repeat(s[:1], 2 * len(qs)).reshape(len(qs), 2) if s.size else np.zeros((len(qs), 2))
     rng = np.random.default_rng(cfg.seed)
-    data = _blocks(s, cfg)
-    k, m = data.shape
+    groups = np.split(s, np.cumsum(rounds)[:-1]) if rounds and len(rounds) >= 2 else [s]
+    nmin = min(g.size for g in groups)
+    k = int(max(2, min(cfg.blocks, nmin // 10))) if nmin >= 20 else max(1, nmin)
+    m_cap = max(1, cfg.per_block * cfg.blocks // (k * len(groups)))
+    sketches = [_blocks(g, k, m_cap) for g in groups]
+    m = min(x.shape[1] for x in sketches)
+    data = np.stack([x[:, :m] for x in sketches])  # (rounds, k, m)
+    r = data.shape[0]
     est = np.empty((len(qs), cfg.n_boot))
-    chunk = max(1, 2_000_000 // (k * m))  # bound memory: at most ~16 MB per chunk
+    chunk = max(1, 2_000_000 // (r * k * m))  # bound memory: at most ~16 MB per chunk
     for start in range(0, cfg.n_boot, chunk):
         b = min(chunk, cfg.n_boot - start)
-        idx = rng.integers(0, k, size=(b, k))
-        est[:, start : start + b] = np.percentile(data[idx].reshape(b, k * m), qs, axis=1)
+        ri = rng.integers(0, r, size=(b, r)) if r > 1 else np.zeros((b, 1), dtype=np.int64)
+        ki = rng.integers(0, k, size=(b, r, k))
+        est[:, start : start + b] = np.percentile(data[ri[:, :, None], ki].reshape(b, r * k * m), qs, axis=1)
     alpha = (1.0 - cfg.confidence) / 2
-    return np.percentile(est, [100 * alpha, 100 * (1 - alpha)], axis=1).T
+    ci = np.percentile(est, [100 * alpha, 100 * (1 - alpha)], axis=1).T
+    if len(groups) >= 3:
+        ci = _widen_for_few_rounds(ci, s, groups, qs, cfg.confidence)
+    return ci
+
+
+def _widen_for_few_rounds(ci: np.ndarray, s: np.ndarray, groups: list[np.ndarray], qs: list[float],
+                          confidence: float) -> np.ndarray:
+    """A bootstrap over a handful of rounds under-covers (it cannot see more spread than the rounds
+    show, and its variance is biased low by (R-1)/R). Take the hull with the Student-t interval on the
+    per-round percentiles, the standard small-cluster correction."""
+    from scipy.stats import t as student_t
+
+    r = len(groups)
+    per_round = np.stack([np.percentile(g, qs) for g in groups])  # (R, len(qs))
+    half = student_t.ppf(0.5 + confidence / 2, r - 1) * per_round.std(axis=0, ddof=1) / np.sqrt(r)
+    point = np.percentile(s, qs)
+    return np.stack([np.minimum(ci[:, 0], point - half), np.maximum(ci[:, 1], point + half)], axis=1)
 
 
 def outliers(samples: np.ndarray, k: float = 3.0) -> dict[str, Any]:
@@ -69,7 +96,8 @@ def outliers(samples: np.ndarray, k: float = 3.0) -> dict[str, Any]:
             "threshold_ms": round(float(hi), 6)}
 
 
-def summarize(samples_ms: np.ndarray, cfg: StatsConfig = StatsConfig()) -> dict[str, Any]:
+def summarize(samples_ms: np.ndarray, cfg: StatsConfig = StatsConfig(),
+              rounds: list[int] | None = None) -> dict[str, Any]:
     """p50/p90/p99 with CIs, min/max/mean, outlier counts, relative p50 CI width and the stable flag."""
     s = np.asarray(samples_ms, dtype=np.float64)
     if s.size == 0:
@@ -77,14 +105,16 @@ def summarize(samples_ms: np.ndarray, cfg: StatsConfig = StatsConfig()) -> dict[
     names = list(QUANTILES)
     qs = [QUANTILES[n] for n in names]
     point = np.percentile(s, qs)
-    ci = bootstrap_ci(s, qs, cfg)
+    ci = bootstrap_ci(s, qs, cfg, rounds)
     p50 = float(point[0])
     rel = float((ci[0, 1] - ci[0, 0]) / p50) if p50 > 0 else float("inf")
     out: dict[str, Any] = {f"{n}_ms": float(v) for n, v in zip(names, point, strict=True)}
     out.update({
         "min_ms": float(s.min()), "max_ms": float(s.max()), "mean_ms": float(s.mean()), "runs": int(s.size),
         "ci": {f"{n}_ms": [float(lo), float(hi)] for n, (lo, hi) in zip(names, ci, strict=True)},
-        "confidence": cfg.confidence, "ci_method": f"block bootstrap ({cfg.n_boot} resamples, seed {cfg.seed})",
+        "confidence": cfg.confidence, "ci_method": (f"two-level bootstrap over {len(rounds)} rounds x time blocks, hull with Student-t on "
+                       "per-round percentiles" if rounds and len(rounds) > 1
+                      else "block bootstrap over time blocks") + f" ({cfg.n_boot} resamples, seed {cfg.seed})",
         "ci_rel_width": rel, "stable": bool(rel < cfg.stable_rel_width),
         "stable_threshold": cfg.stable_rel_width, "outliers": outliers(s, cfg.outlier_iqr),
     })
