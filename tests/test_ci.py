@@ -128,3 +128,23 @@ def test_device_stopped_mid_run_exits_3(models_dir: Path, tmp_path: Path) -> Non
         assert "<error" in junit and "InfraError" in junit
     finally:
         farm.close()
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ci" / "edge.toml"
+
+
+def test_shipped_example_project_is_valid() -> None:
+    from toolchain.ci_config import load_project
+
+    proj = load_project(EXAMPLE)
+    assert [m.name for m in proj.models] == ["mlp-small", "mlp-small-int8"]
+    assert proj.baseline.name == "edge-baseline.json"
+
+
+@pytest.mark.slow
+def test_shipped_example_project_passes(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(EXAMPLE, tmp_path / "edge.toml")
+    r = invoke(["ci", str(tmp_path / "edge.toml")], tmp_path / "cache")
+    assert r.exit_code == 0, r.output
