@@ -7,10 +7,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from device_models import fit_linear, save
 from typer.testing import CliRunner
 
 from cli import app
-from device_models import fit_linear, save
 from toolchain.ci import run_ci
 
 PROJECT = """
@@ -108,6 +108,7 @@ def test_bad_config_exits_2(tmp_path: Path, text: str, needle: str) -> None:
 @pytest.mark.rpc
 def test_device_stopped_mid_run_exits_3(models_dir: Path, tmp_path: Path) -> None:
     from device_farm import TOKEN, start_farm
+
     from toolchain.cache import Cache
 
     farm = start_farm("ci-dev", devices=1)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
+from device_models import fit_linear, save
 from typer.testing import CliRunner
 
 from cli import app
-from device_models import fit_linear, save
 from toolchain.pick import decide, pareto
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from device_farm import TOKEN, Farm, start_farm
+from device_models import fit_linear, save
 from typer.testing import CliRunner
 
 from cli import app
-from device_farm import TOKEN, Farm, start_farm
-from device_models import fit_linear, save
 from toolchain import api
 from toolchain.bench import prepare_job
 from toolchain.cache import Cache

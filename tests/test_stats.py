@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from device_models import fit_linear, random_mlp, save
+
 from targets.ort import OrtRunner
-from toolchain.bench import MeasureConfig, MemoryProbe, measure_honest, warmup_until_steady
+from toolchain.bench import MeasureConfig, measure_honest, warmup_until_steady
 from toolchain.errors import UsageError
 from toolchain.stats import StatsConfig, bootstrap_ci, require_comparable, summarize
 

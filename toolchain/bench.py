@@ -306,7 +306,7 @@ def assemble(job: BenchJob, dev: dict[str, Any]) -> dict[str, Any]:
         "agreement": compare([job.ref_out], [got]).to_json(),
     }
     if job.dataset is not None:
-        res["accuracy"] = {"dataset": job.dataset.name, "samples": int(len(job.x)),
+        res["accuracy"] = {"dataset": job.dataset.name, "samples": len(job.x),
                            "task_accuracy": task_accuracy(got, job.dataset.y_test),
                            "reference_accuracy": task_accuracy(job.ref_out, job.dataset.y_test)}
     res["size_bytes"] = job.art.payload.stat().st_size

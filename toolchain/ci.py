@@ -144,4 +144,4 @@ def render_summary(rep: dict[str, Any]) -> str:
     return markdown(rep)
 
 
-__all__ = ["Outcome", "run_ci", "gates", "render_summary", "EdgecError", "UsageError"]
+__all__ = ["EdgecError", "Outcome", "UsageError", "gates", "render_summary", "run_ci"]

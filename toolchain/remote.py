@@ -67,7 +67,7 @@ def _tracker_call(spec: RemoteSpec, msg: list[Any], timeout: float) -> Any:
             raise InfraError(f"{spec.tracker_host}:{spec.tracker_port} is not a TVM RPC tracker; fix --tracker")
         base.sendjson(sock, msg)
         return base.recvjson(sock)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise InfraError(f"no device with key {spec.key!r} became free within {timeout:.0f} s; "
                          "start one with 'edgec device serve' or raise the timeout") from None
     finally:

@@ -76,7 +76,9 @@ def _guard(fn: Any) -> Any:
 
 def _runner(kind: str, path: Path, cfg: dict[str, Any]) -> Any:
     if kind == "tvm-lib":
-        from targets.tvm import TvmRunner  # loads the library with tvm.runtime.load_module + relax VM
+        from targets.tvm import (
+            TvmRunner,  # loads the library with tvm.runtime.load_module + relax VM
+        )
 
         return TvmRunner(path, cfg["input_names"], int(cfg["threads"]))
     if kind == "ort-model":

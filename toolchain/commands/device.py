@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve benchmarks for edgec clients (TVM libraries, ONNX Runtime models, TensorRT engines)."""
         from toolchain.remote import RemoteSpec
-        from toolchain.remote_server import TOKEN_ENV, serve as run_server
+        from toolchain.remote_server import TOKEN_ENV
+        from toolchain.remote_server import serve as run_server
 
         token = token or os.environ.get(TOKEN_ENV)
         addr = None
