@@ -144,8 +144,8 @@ def render(res: dict[str, Any]) -> str:
     sn = res["factory"]["supernet"]
     lines += ["", "## NN-Factory (Fashion-MNIST tasks; generated = assembled, no training)", "",
               f"Supernet test accuracy (10 classes, full width): {_pct(sn['test_accuracy'])} %.", "",
-              "| task | classes | sparsity | widths | non-zero params | generated acc % | baseline acc % (same size, "
-              "trained on task) | gap (points) | assemble ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              ("| task | classes | sparsity | widths | non-zero params | generated acc % | baseline acc % (same size, "
+               "trained on task) | gap (points) | assemble ms |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['task']} | {r['classes']} | {r['sparsity']} | {r['widths']} | {r['nonzero_params']} | "
               f"{_pct(r['generated_accuracy'])} | {_pct(r['baseline_accuracy'])} | {r['gap_points']:+.2f} | "
               f"{1000 * r['assemble_seconds']:.1f} |" for r in res["factory"]["rows"]]

@@ -10,6 +10,7 @@ teacher predictions, and high-frequency distillation of |z_src - z_dst| along ed
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -115,7 +116,7 @@ def build_student(recipe: Mapping[str, Any]) -> nn.Module:
     ds = recipe["dataset"]
     dims = [NUM_FEATURES[ds], *recipe["hidden"], NUM_CLASSES[ds]]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         if i > 0:
             layers += [nn.ReLU(), nn.Dropout(recipe["dropout"])]
         layers.append(nn.Linear(a, b))

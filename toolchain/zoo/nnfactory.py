@@ -108,7 +108,7 @@ class _Fixed(nn.Module):
 
 def plan(net: Supernet, task: Sequence[int], sparsity: float) -> tuple[list[int], int, int, float]:
     """(selected group indices, stem width, expert width, width fraction) for a task and a parameter budget."""
-    task = sorted(set(int(c) for c in task))
+    task = sorted({int(c) for c in task})
     if not task or any(c < 0 or c > 9 for c in task):
         raise UsageError(f"task classes {task} must be a non-empty subset of 0..9")
     if not 0.0 <= sparsity < 1.0:
@@ -134,7 +134,7 @@ def compact_module(n_in: int, k: int, hidden: int, n_out: int) -> nn.Sequential:
 @torch.no_grad()
 def assemble_from(net: Supernet, task_classes: Sequence[int], sparsity: float) -> nn.Sequential:
     """Materialise the task model: stem prefix, selected experts stacked, head rows of the task classes."""
-    task = sorted(set(int(c) for c in task_classes))
+    task = sorted({int(c) for c in task_classes})
     sel, k, ke, _w = plan(net, task, sparsity)
     model = compact_module(784, k, len(sel) * ke, len(task))
     model[0].weight.copy_(net.stem.weight[:k])

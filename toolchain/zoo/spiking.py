@@ -13,6 +13,7 @@ membrane potentials as explicit inputs/outputs, for streaming on a device).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -30,13 +31,13 @@ class _Spike(torch.autograd.Function):
     """Heaviside forward, surrogate derivative backward."""
 
     @staticmethod
-    def forward(ctx: Any, v: torch.Tensor, surrogate: str, slope: float) -> torch.Tensor:  # noqa: D102
+    def forward(ctx: Any, v: torch.Tensor, surrogate: str, slope: float) -> torch.Tensor:
         ctx.save_for_backward(v)
         ctx.surrogate, ctx.slope = surrogate, slope
         return (v > 0).to(v.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: D102
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (v,) = ctx.saved_tensors
         k = ctx.slope
         if ctx.surrogate == "atan":
@@ -88,7 +89,7 @@ class SpikingMLP(nn.Module):
                  surrogate: str) -> None:
         super().__init__()
         dims = [784, *hidden, 10]
-        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
         self.lifs = nn.ModuleList(LIF(beta, threshold, reset, steps, surrogate) for _ in self.fcs)
         self.steps = steps
 
