@@ -167,6 +167,9 @@ def bench(
         if "accuracy" in res:
             a = res["accuracy"]
             s += f"\naccuracy on {a['dataset']} ({a['samples']}): {a['task_accuracy']:.2%} (reference {a['reference_accuracy']:.2%})"
+        if "memory" in res:
+            s += (f"\nsize on disk {res['size_bytes'] / 1024:.0f} KiB, runner memory +{res['memory']['runner_rss_delta_mb']:.1f} MB "
+                  f"(peak RSS {res['memory']['rss_peak_mb']:.0f} MB)")
         return s
 
     emit(res, as_json, human)
