@@ -114,6 +114,7 @@ def compile_cmd(
     model: Annotated[Path, typer.Argument(help="Input ONNX file.")],
     profile: ProfileOpt,
     target: Annotated[str | None, typer.Option("--target", "-t", help="ort | tvm | tensorrt (default: profile's first available).")] = None,
+    tune_trials: Annotated[int, typer.Option(help="TVM: MetaSchedule trials (0 = hand-written kernels only).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Compile an ONNX model for a device profile; prints the artifact key to bench."""
@@ -126,7 +127,10 @@ def compile_cmd(
     prof = load_profile(profile)
     art, _ = import_onnx_file(model, cache)
     name = target or next((t for t in prof.targets if get_target(t).available() is None), prof.targets[0])
-    out, hit = api.compile(art, prof, name, cache)
+    from toolchain.tuning import tuning_scope
+
+    with tuning_scope(tune_trials, progress=not as_json):
+        out, hit = api.compile(art, prof, name, cache)
     data = {"artifact": out.key, "kind": out.kind, "target": name, "profile": prof.id, "cache_hit": hit,
             "path": str(out.payload), "meta": out.meta}
     emit(data, as_json, lambda: f"{name} artifact {out.key} ({'cache hit' if hit else 'built'}): {out.payload}")
@@ -188,14 +192,17 @@ def build(
     samples: Annotated[int, typer.Option(help="Test samples for accuracy (0 = all).")] = 1000,
     duration: Annotated[float | None, typer.Option(help="Seconds of timed runs per target.")] = None,
     report_dir: Annotated[Path | None, typer.Option(help="Also write <name>.json and <name>.md here.")] = None,
+    tune_trials: Annotated[int, typer.Option(help="TVM: MetaSchedule trials (0 = hand-written kernels only).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Export, optimize, compile and benchmark in one go; one report."""
     from toolchain import api
     from toolchain.report import render_build, write_build_reports
+    from toolchain.tuning import tuning_scope
 
-    rep = api.build(model, profile, target, passes or [], _cache(), input_shape, data, data_dir, samples,
-                    duration, progress=not as_json)
+    with tuning_scope(tune_trials, progress=not as_json):
+        rep = api.build(model, profile, target, passes or [], _cache(), input_shape, data, data_dir, samples,
+                        duration, progress=not as_json)
     if report_dir:
         write_build_reports(rep, report_dir, Path(model).stem.replace(":", "_"))
     emit(rep, as_json, lambda: render_build(rep))

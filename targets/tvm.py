@@ -7,10 +7,12 @@ MetaSchedule tuning) plug in as further named steps.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import platform
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,22 @@ from toolchain.onnx_io import fix_batch, input_specs, load_onnx
 from toolchain.profile import Profile
 
 Step = tuple[str, Callable[[Any], Any]]
+
+# Tuning for the compiles inside a ``tuning_budget(...)`` block (edgec compile/build --tune-trials, edgec tune):
+# the Target contract's compile() has no tuning argument, and api.build compiles several targets in one call.
+TUNING: contextvars.ContextVar[Any] = contextvars.ContextVar("edgec_tvm_tuning", default=None)
+TUNING_PROGRESS: contextvars.ContextVar[bool] = contextvars.ContextVar("edgec_tvm_tuning_progress", default=True)
+
+
+@contextmanager
+def tuning_budget(cfg: Any, progress: bool = True) -> Iterator[None]:
+    """Compiles for the TVM target inside this block tune with ``cfg`` (a toolchain.tuning.TuneConfig)."""
+    tok, tok2 = TUNING.set(cfg), TUNING_PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        TUNING.reset(tok)
+        TUNING_PROGRESS.reset(tok2)
 
 COMPILE_CONFIG_VERSION = 2  # 2: hand-written kernel substitution
 
@@ -55,8 +73,9 @@ def import_onnx(model: onnx.ModelProto):  # -> IRModule
         raise UsageError(f"TVM's ONNX importer rejected the model: {first}; try --target ort") from None
 
 
-def pipeline(profile: Profile) -> tuple[Step, ...]:
-    """The named Relax -> TIR steps for this profile, in order."""
+def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...]:
+    """The named Relax -> TIR steps for this profile, in order. With ``tuning_db`` (a MetaSchedule
+    database directory, see toolchain.tuning) the fused kernels take their tuned schedules."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -76,12 +95,19 @@ def pipeline(profile: Profile) -> tuple[Step, ...]:
 
         return substitute_kernels(mod, KernelConfig.from_profile(profile))[0]
 
+    def apply_db(mod: Any) -> Any:
+        from toolchain.tuning import apply_database
+
+        assert tuning_db is not None
+        return apply_database(mod, target, tuning_db)
+
     return (
         # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
         ("substitute-kernels", substitute),
         ("decompose", seq([relax.transform.DecomposeOpsForInference()])),
         ("library-dispatch", seq(cpu.library_dispatch_passes(target))),
         ("legalize-and-fuse", seq(cpu.legalize_passes(target))),
+        *((("apply-tuning-db", apply_db),) if tuning_db is not None else ()),
         ("dataflow-lower", seq(cpu.dataflow_lower_passes(target))),
         ("finalize", seq(cpu.finalize_passes(target))),
     )
@@ -119,13 +145,19 @@ def kernel_table(mod: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def build_library(model: onnx.ModelProto, profile: Profile, out: Path) -> dict[str, Any]:
+def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
+                  tuning_db: Path | None = None) -> dict[str, Any]:
     """Import, lower and link ``model`` for ``profile`` into the shared library ``out``."""
     tvm = _import_tvm()
     mod = import_onnx(model)
-    steps = pipeline(profile)
-    for _name, step in steps:
+    steps = pipeline(profile, tuning_db)
+    naive: list[str] = []
+    for name, step in steps:
         mod = step(mod)
+        if name == "apply-tuning-db":
+            from toolchain.tuning import naive_kernels
+
+            naive = naive_kernels(mod)  # checked right after applying: later passes add no kernels
     kernels = kernel_table(mod)
     target = tvm_target(profile)
     ex = tvm.compile(mod, target, relax_pipeline=None)
@@ -137,6 +169,7 @@ def build_library(model: onnx.ModelProto, profile: Profile, out: Path) -> dict[s
         "kernels": kernels,
         "inputs": [s.to_json() for s in input_specs(fix_batch(model, 1))],
         "elf_machine": elf_machine(out),
+        "naive_after_tuning": naive,
     }
 
 
@@ -242,14 +275,33 @@ class TvmTarget:
         return Coverage(self.name, sup, unsup, notes)
 
     def compile(self, art: Artifact, profile: Profile, cache: Cache) -> tuple[Artifact, bool]:
+        from toolchain.tuning import TuneConfig, database_digest, database_dir, tune
+
         model = load_onnx(art.payload, check=False)
-        cfg = {"target": profile.tvm_target(), "kernels": profile.kernels.__dict__, "tuning": None,
+        tcfg: TuneConfig | None = TUNING.get()
+        tuning = None
+        db = None
+        tune_summary: dict[str, Any] = {}
+        if tcfg is not None and tcfg.trials > 0:
+            if not profile.is_host_native and tcfg.tracker is None:
+                raise UsageError(
+                    f"tuning for {profile.id} must measure on the device itself; start 'edgec device serve' there "
+                    "and pass --tracker HOST:PORT --key KEY (or tune with --tune-trials 0)"
+                )
+            db = database_dir(cache.root, profile.id)
+            tune_summary = tune(art.payload, profile.id, tcfg, db, progress=TUNING_PROGRESS.get())
+            # Trials and the database content key the tuned build: a longer tune is a new artifact.
+            tuning = {"trials": tcfg.trials, "remote": tcfg.tracker is not None, "db": database_digest(db)}
+        cfg = {"target": profile.tvm_target(), "kernels": profile.kernels.__dict__, "tuning": tuning,
                "kernel_sources": kernel_sources_digest()}
 
         def write(d: Path) -> tuple[str, dict[str, Any]]:
-            meta = build_library(model, profile, d / "model.so")
+            meta = build_library(model, profile, d / "model.so", tuning_db=db)
             meta["source"] = art.key
             meta["threads"] = profile.bench.threads
+            if tuning is not None:
+                meta["tuning"] = {**tuning, "measured": tune_summary.get("measured"),
+                                  "failed_trials": tune_summary.get("failed"), "database": str(db)}
             return "model.so", meta
 
         sk = StepKey("compile:tvm", (art.key,), cfg, COMPILE_CONFIG_VERSION, profile.id)

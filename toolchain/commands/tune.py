@@ -1,9 +1,52 @@
-"""Commands added by a later issue; see toolchain/commands/__init__.py."""
+"""``edgec tune``: MetaSchedule tuning for the TVM target into the profile's persistent database."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from toolchain.cli_support import JsonOpt, ProfileOpt, emit, get_cache, handled
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command("tune")
+    @handled
+    def tune_cmd(
+        model: Annotated[Path, typer.Argument(help="Input ONNX file.")],
+        profile: ProfileOpt,
+        trials: Annotated[int, typer.Option("--trials", help="Trial budget for this model (about 1-2 s per trial here).")] = 64,
+        tracker: Annotated[str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker: measure on the device.")] = None,
+        key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker (e.g. the profile id).")] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Tune MODEL's kernels (those without a hand-written kernel) and build the tuned artifact.
+
+        Records go to <cache>/tuning/<profile>/ and are reused by every model with the same layers;
+        an interrupted run keeps every finished batch: run the same command again to resume."""
+        from toolchain import api
+        from toolchain.export import import_onnx_file
+        from toolchain.profile import load_profile
+        from toolchain.tuning import tuning_scope
+
+        cache = get_cache()
+        prof = load_profile(profile)
+        art, _ = import_onnx_file(model, cache)
+        with tuning_scope(trials, progress=not as_json, tracker=tracker, device_key=key):
+            out, hit = api.compile(art, prof, "tvm", cache)
+        meta = out.meta
+        data = {"artifact": out.key, "cache_hit": hit, "profile": prof.id, "tuning": meta.get("tuning"),
+                "naive_after_tuning": meta.get("naive_after_tuning", []), "kernels": meta.get("kernels", [])}
+
+        def human() -> str:
+            t = meta.get("tuning") or {}
+            naive = data["naive_after_tuning"]
+            lines = [f"tuned tvm artifact {out.key} ({'cache hit' if hit else 'built'})",
+                     f"trials measured {t.get('measured')}, failed {t.get('failed_trials')}; database {t.get('database')}"]
+            lines.append("every kernel is scheduled" if not naive else
+                         f"WARNING: {len(naive)} kernel(s) stayed naive (no valid tuning record): {', '.join(naive)}; "
+                         "rerun with more --trials")
+            return "\n".join(lines)
+
+        emit(data, as_json, human)

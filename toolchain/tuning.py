@@ -1,0 +1,302 @@
+"""MetaSchedule tuning for the TVM target: a persistent database per profile, resumable, in its own process.
+
+- Database: ``<cache>/tuning/<profile>/database_{workload,tuning_record}.json`` (MetaSchedule's
+  JSONDatabase). Records are keyed by workload (the fused PrimFunc's structure), so a layer tuned for
+  one model is reused by every model with the same layer shape.
+- Resumable: MetaSchedule appends each measured batch (``num_trials_per_iter`` candidates) to the JSON
+  files as it is committed; a killed run loses at most the batch in flight. A rerun counts the valid
+  records already there per task and only tunes what is still short of its budget.
+- Isolation: ``tune`` runs ``python -m toolchain.tuning`` in a child process that never imports torch
+  (tuning spawns builder workers; torch's thread pools and signal handlers do not mix with them) and
+  reads its JSON progress lines into a progress bar.
+- Builder timeouts: a busy machine made the default 30 s LocalBuilder time out and store every trial as
+  a 1e10 record. The builder timeout is raised, failed records are counted and reported, and after the
+  database is applied every PrimFunc is checked for ``tirx.is_scheduled`` (see ``naive_kernels``).
+- Remote profiles measure on the device through TVM RPC (MetaSchedule's RPCRunner via the tracker),
+  never on the build host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from toolchain.errors import InfraError, UsageError
+
+FAILED_LATENCY_S = 1e9  # MetaSchedule stores failed candidates with run_secs of 1e10
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """One tuning run."""
+
+    trials: int  # global trial budget for the model
+    max_trials_per_task: int | None = None  # default: trials (the scheduler spreads them by weight)
+    trials_per_batch: int = 16  # a kill loses at most this many measurements
+    builder_timeout_s: float = 300.0
+    runner_timeout_s: float = 60.0
+    tracker: str | None = None  # "host:port" of a TVM RPC tracker: measure on the device
+    device_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.trials < 0:
+            raise UsageError(f"--tune-trials must be >= 0, got {self.trials}")
+        if (self.tracker is None) != (self.device_key is None):
+            raise UsageError("remote tuning needs both --tracker HOST:PORT and --key KEY")
+
+
+def database_dir(cache_root: Path, profile_id: str) -> Path:
+    return Path(cache_root) / "tuning" / profile_id
+
+
+def database_digest(db_dir: Path) -> str:
+    """Content hash of a database: a tuned build's cache key changes when the database does."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        p = db_dir / name
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _open_db(db_dir: Path) -> Any:
+    from tvm.s_tir import meta_schedule as ms
+
+    db_dir.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(str(db_dir / "database_workload.json"),
+                                    str(db_dir / "database_tuning_record.json"), allow_missing=True)
+
+
+def tunable_module(model_path: Path, profile: Any) -> Any:
+    """The module tuning sees: the TVM pipeline up to fusion (hand-written kernels already in place)."""
+    import onnx
+
+    from targets.tvm import import_onnx, pipeline
+
+    mod = import_onnx(onnx.load(str(model_path)))
+    for name, step in pipeline(profile):
+        mod = step(mod)
+        if name == "legalize-and-fuse":
+            return mod
+    raise InfraError("internal: the TVM pipeline has no legalize-and-fuse step")
+
+
+def _valid_records(db: Any, mod: Any) -> int:
+    import tvm
+
+    if not db.has_workload(mod):
+        return 0
+    recs = db.get_top_k(db.commit_workload(mod), 10**6)
+    ok = 0
+    for r in recs:
+        secs = [float(s) for s in (r.run_secs or [])]
+        if secs and max(secs) < FAILED_LATENCY_S:
+            ok += 1
+    del tvm
+    return ok
+
+
+def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) -> dict[str, Any]:
+    """Tune in THIS process (the child); prints JSON progress lines to stdout."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from targets.tvm import tvm_target
+
+    target = tvm_target(profile)
+    mod = tunable_module(model_path, profile)
+    db = _open_db(db_dir)
+    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
+                 if not _is_hand_written(t.dispatched[0])]
+    per_task = cfg.max_trials_per_task or cfg.trials
+    todo, weights, done_before = [], [], 0
+    for t in extracted:
+        have = _valid_records(db, t.dispatched[0])
+        done_before += min(have, per_task)
+        if have < per_task:
+            todo.append(t)
+            weights.append(float(t.weight))
+    budget = max(0, cfg.trials - done_before)
+    _emit({"event": "start", "tasks": len(extracted), "to_tune": len(todo), "budget": budget,
+           "resumed_trials": done_before})
+    stats = {"measured": 0, "failed": 0}
+    if todo and budget > 0:
+        work = db_dir / "work"
+        ctxs, w = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, str(work))
+
+        from tvm.ir.utils import derived_object
+
+        @derived_object
+        class _Progress(ms.measure_callback.PyMeasureCallback):
+            def apply(self, task_scheduler: Any, task_id: int, candidates: Any, builds: Any, runs: Any) -> None:
+                for b, r in zip(builds, runs):
+                    stats["measured"] += 1
+                    if b.error_msg or r.error_msg:
+                        stats["failed"] += 1
+                _emit({"event": "progress", "done": stats["measured"], "total": budget,
+                       "failed": stats["failed"], "task": todo[task_id].task_name})
+
+        runner: Any
+        if cfg.tracker:
+            host, port = cfg.tracker.rsplit(":", 1)
+            runner = ms.runner.RPCRunner(
+                rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=cfg.device_key,
+                                               session_timeout_sec=int(cfg.runner_timeout_s)))
+        else:
+            runner = ms.runner.LocalRunner(timeout_sec=cfg.runner_timeout_s)
+        ms.tune.tune_tasks(
+            tasks=ctxs, task_weights=w, work_dir=str(work), max_trials_global=budget,
+            max_trials_per_task=per_task, num_trials_per_iter=cfg.trials_per_batch,
+            builder=_builder(profile, cfg), runner=runner,
+            database=db, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _Progress()],
+        )
+    applied = apply_database(mod, target, db_dir)
+    naive = naive_kernels(applied)
+    result = {"event": "done", "tasks": len(extracted), "tuned_tasks": len(todo), "measured": stats["measured"],
+              "failed": stats["failed"], "resumed_trials": done_before, "naive": naive,
+              "database": str(db_dir), "config": asdict(cfg)}
+    _emit(result)
+    del tvm
+    return result
+
+
+def _builder(profile: Any, cfg: TuneConfig) -> Any:
+    """LocalBuilder with a long timeout; for a cross profile it links with the profile's cross compiler
+    so the RPC device can load the candidate."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if not profile.cpu.cross_cc:
+        return ms.builder.LocalBuilder(timeout_sec=cfg.builder_timeout_s, max_workers=1)
+    cross_cc = profile.cpu.cross_cc
+
+    def export(mod: Any) -> str:
+        import os
+        import tempfile
+
+        from tvm.support import cc
+
+        path = os.path.join(tempfile.mkdtemp(prefix="edgec-ms-"), "candidate.so")
+        mod.export_library(path, fcompile=cc.cross_compiler(cross_cc))
+        return path
+
+    return ms.builder.LocalBuilder(timeout_sec=cfg.builder_timeout_s, max_workers=1, f_export=export)
+
+
+def _is_hand_written(mod: Any) -> bool:
+    import tvm
+
+    return any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "edgec.kernel" in f.attrs
+               for f in mod.functions.values())
+
+
+def apply_database(mod: Any, target: Any, db_dir: Path) -> Any:
+    """``mod`` with every PrimFunc the database has a schedule for replaced by its best schedule."""
+    from tvm import relax
+
+    db = _open_db(db_dir)
+    with target, db:
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+def naive_kernels(mod: Any) -> list[str]:
+    """PrimFuncs left unscheduled (no hand-written kernel, no tuned schedule): they run naive loops."""
+    import tvm
+
+    out = []
+    for gv, f in mod.functions.items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            attrs = f.attrs or {}
+            if not bool(attrs.get("tirx.is_scheduled", False)):
+                out.append(gv.name_hint)
+    return sorted(out)
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, default=str), flush=True)
+
+
+def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Run tuning in a child process (no torch there) with a progress bar; returns its summary."""
+    if cfg.trials == 0:
+        return {"event": "done", "measured": 0, "failed": 0, "naive": [], "database": str(db_dir)}
+    cmd = [sys.executable, "-m", "toolchain.tuning", "--model", str(model_path), "--profile", profile_id,
+           "--db", str(db_dir), "--config", json.dumps(asdict(cfg))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    bar = None
+    result: dict[str, Any] | None = None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if ev.get("event") == "start" and progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=ev["budget"], desc=f"tuning {Path(model_path).stem}", unit="trial",
+                           file=sys.stderr)
+            elif ev.get("event") == "progress" and bar is not None:
+                bar.n = min(ev["done"], bar.total)
+                bar.set_postfix(failed=ev["failed"])
+                bar.refresh()
+            elif ev.get("event") == "done":
+                result = ev
+        err = proc.stderr.read() if proc.stderr else ""
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()  # an interrupted tune keeps every committed batch in the database
+        proc.wait()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if rc != 0 or result is None:
+        tail = (err.strip().splitlines() or ["no output"])[-1][:200]
+        raise InfraError(f"tuning process failed (exit {rc}): {tail}; rerun to resume from {db_dir}")
+    return result
+
+
+@contextmanager
+def tuning_scope(trials: int, progress: bool = True, tracker: str | None = None,
+                 device_key: str | None = None) -> Iterator[None]:
+    """TVM compiles inside this block tune with ``trials`` (no-op for 0 and no tracker)."""
+    if trials <= 0:
+        if trials < 0:
+            raise UsageError(f"--tune-trials must be >= 0, got {trials}")
+        yield
+        return
+    from targets.tvm import tuning_budget
+
+    with tuning_budget(TuneConfig(trials=trials, tracker=tracker, device_key=device_key), progress):
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    from toolchain.profile import load_profile
+
+    ap = argparse.ArgumentParser(prog="python -m toolchain.tuning")
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--db", type=Path, required=True)
+    ap.add_argument("--config", required=True)
+    a = ap.parse_args(argv)
+    cfg = TuneConfig(**json.loads(a.config))
+    run_tuning(a.model, load_profile(a.profile), cfg, a.db)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
