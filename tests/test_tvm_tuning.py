@@ -1,0 +1,86 @@
+"""Tuning plumbing: database applied, naive kernels reported, remote profiles refuse local measuring,
+and (slow) a real MetaSchedule run that schedules every kernel and resumes from its database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from toolchain.errors import UsageError
+from toolchain.profile import load_profile
+
+
+def _layernorm_model(tmp_path: Path) -> Path:
+    """One LayerNorm + Sigmoid: kernels no hand-written kernel covers (they stay generic untuned)."""
+    n = 64
+    g = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "s", "b"], ["l"], axis=-1),
+         helper.make_node("Sigmoid", ["l"], ["y"])],
+        "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(np.ones(n, np.float32), "s"), numpy_helper.from_array(np.zeros(n, np.float32), "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "ln.onnx"
+    onnx.save(m, path)
+    return path
+
+
+def test_empty_database_leaves_kernels_naive_and_says_so(tmp_path: Path) -> None:
+    from targets.tvm import tvm_target
+    from toolchain.tuning import apply_database, naive_kernels, tunable_module
+
+    prof = load_profile("x86-avx512")
+    mod = tunable_module(_layernorm_model(tmp_path), prof)
+    applied = apply_database(mod, tvm_target(prof), tmp_path / "db")
+    assert naive_kernels(applied)  # nothing tuned: reported, not silently accepted
+
+
+def test_build_library_records_naive_after_tuning(tmp_path: Path) -> None:
+    from targets.tvm import build_library
+
+    meta = build_library(onnx.load(str(_layernorm_model(tmp_path))), load_profile("x86-avx512"),
+                         tmp_path / "m.so", tuning_db=tmp_path / "db")
+    assert "apply-tuning-db" in meta["pipeline"]
+    assert meta["naive_after_tuning"]
+
+
+def test_remote_profile_refuses_to_tune_on_the_host(tmp_path: Path, cache: object) -> None:
+    from targets.tvm import TvmTarget
+    from toolchain.export import import_onnx_file
+    from toolchain.tuning import tuning_scope
+
+    art, _ = import_onnx_file(_layernorm_model(tmp_path), cache)  # type: ignore[arg-type]
+    with tuning_scope(8, progress=False), pytest.raises(UsageError, match="on the device"):
+        TvmTarget().compile(art, load_profile("rpi5"), cache)  # type: ignore[arg-type]
+
+
+def test_tune_config_validation() -> None:
+    from toolchain.tuning import TuneConfig
+
+    with pytest.raises(UsageError):
+        TuneConfig(trials=-1)
+    with pytest.raises(UsageError, match="--key"):
+        TuneConfig(trials=4, tracker="127.0.0.1:9190")
+
+
+@pytest.mark.slow
+def test_tuning_schedules_every_kernel_and_resumes(tmp_path: Path) -> None:
+    from toolchain.tuning import TuneConfig, tune
+
+    model = _layernorm_model(tmp_path)
+    db = tmp_path / "db"
+    cfg = TuneConfig(trials=8, trials_per_batch=4)
+    first = tune(model, "x86-avx512", cfg, db, progress=False)
+    assert first["measured"] > 0
+    assert first["naive"] == [], f"kernels left naive after tuning: {first['naive']}"
+    records = (db / "database_tuning_record.json").read_text().splitlines()
+    assert records and all(json.loads(r) for r in records)
+    again = tune(model, "x86-avx512", cfg, db, progress=False)  # budget already met: resumes, measures nothing
+    assert again["resumed_trials"] >= 1
+    assert again["measured"] <= first["measured"]
