@@ -19,7 +19,7 @@ import numpy as np
 
 from kernels.tvm.block_sparse import KERNEL_NAME as GROUPED_NAME
 from kernels.tvm.block_sparse import grouped_gemv_kernel, pack_block_sparse
-from kernels.tvm import kan
+from kernels.tvm import kan, lif
 from kernels.tvm.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
 
 # Rows above this go to the generic (tunable) matmul: the GEMV kernel keeps M x BN accumulators live.
@@ -36,6 +36,7 @@ class KernelConfig:
     gemv: bool
     grouped: bool
     kan: bool
+    lif: bool
     lanes: int
     block_n: int
     unroll: int
@@ -43,7 +44,7 @@ class KernelConfig:
     @staticmethod
     def from_profile(profile: Any) -> KernelConfig:
         k = profile.kernels
-        return KernelConfig(gemv=k.gemv_variant != "generic", grouped=k.use_grouped_matmul, kan=k.use_fused_kan,
+        return KernelConfig(gemv=k.gemv_variant != "generic", grouped=k.use_grouped_matmul, kan=k.use_fused_kan, lif=k.use_fused_lif,
                             lanes=k.vector_lanes, block_n=k.gemv_block_n,
                             unroll=k.unroll)
 
@@ -198,6 +199,50 @@ def fuse_kan(mod: Any, cfg: KernelConfig, report: SubstitutionReport) -> Any:
     return relax.transform.DeadCodeElimination()(rw.builder_.get())
 
 
+def fuse_lif(mod: Any, cfg: KernelConfig, report: SubstitutionReport) -> Any:
+    """Replace an unrolled spiking recurrence (``concat`` over T steps of elementwise ops on row slices
+    of one current matrix) by one fused kernel; see ``kernels.tvm.lif``."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    op_concat = tvm.ir.Op.get("relax.concat")
+    counter = [0]
+
+    @mutator
+    class _Lif(PyExprMutator):
+        def _val(self, e: Any) -> Any:
+            return self.lookup_binding(e) if isinstance(e, relax.Var) else None
+
+        def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802
+            v = binding.value
+            g = None
+            if (isinstance(v, relax.Call) and v.op == op_concat and int(v.attrs.axis) == 0
+                    and isinstance(v.args[0], relax.Tuple) and len(v.args[0].fields) >= 2):
+                try:
+                    g = lif.extract_recurrence(v, self._val, _const_array)
+                except lif.NoMatch:
+                    g = None
+            if g is None or _static_shape(v) != (g.rows, _static_shape(g.source)[1]):  # type: ignore[index]
+                super().visit_var_binding_(binding)
+                return
+            t, n = _static_shape(v)  # type: ignore[misc]
+            name = f"edgec_lif_{counter[0]}"
+            counter[0] += 1
+            func = lif.fused_recurrence_kernel(g, n, cfg.lanes)
+            gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+            call = relax.call_tir(gv, [self.visit_expr(g.source)], relax.TensorType((t, n), "float32"))
+            self.set_var_remap(binding.var, self.builder_.emit(call, "lif"))
+            report.replaced.append({"kernel": lif.KERNEL_NAME, "func": name, "steps": t, "neurons": n,
+                                    "nodes": len(g.nodes)})
+
+    rw = _Lif(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rw.builder_.get())
+
+
 def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionReport]:
     """Return ``mod`` with matching layers replaced by hand-written kernels, and what was replaced."""
     import tvm
@@ -207,6 +252,8 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
     report = SubstitutionReport()
     if cfg.kan:
         mod = fuse_kan(relax.transform.FoldConstant()(mod), cfg, report)
+    if cfg.lif:
+        mod = fuse_lif(relax.transform.FoldConstant()(mod), cfg, report)
     if not cfg.gemv:  # the grouped kernel is a GEMV variant: "generic" turns both off
         return mod, report
     if cfg.grouped:
