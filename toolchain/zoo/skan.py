@@ -42,6 +42,12 @@ class SKANLayer(nn.Module):
         # One input domain for the whole pool: LayerNorm puts nodes where every basis is expressive.
         self.norm = nn.LayerNorm(in_features)
         self.bases = nn.ModuleList(make_basis(b, num_basis) for b in pool)
+        # Equalise the bases' feature scale (RMS on N(0,1) input, i.e. LayerNorm-ed nodes): unscaled,
+        # Chebyshev terms (RMS ~0.75) out-learned the local RBF / B-spline bumps (~0.3) under Adam and
+        # every node ended up choosing Chebyshev. Constants, folded into the weights by frozen().
+        with torch.no_grad():
+            z = torch.randn(8192, 1, generator=torch.Generator().manual_seed(0))
+            self.feature_scale = [float(basis(z).pow(2).mean().rsqrt()) for basis in self.bases]
         std = 0.1 / (in_features * len(pool)) ** 0.5
         self.coeff = nn.Parameter(torch.randn(len(pool), in_features * num_basis, out_features) * std)
         self.base = nn.Linear(in_features, out_features)
@@ -63,7 +69,7 @@ class SKANLayer(nn.Module):
         y = self.base(F.silu(x))
         if not self.selected:
             for b, basis in enumerate(self.bases):
-                y = y + expand(basis, z) @ self.coeff[b]
+                y = y + (expand(basis, z) @ self.coeff[b]) * self.feature_scale[b]
             return y
         # Pruned: each basis expands only its own nodes (training-time indices; export uses frozen()).
         feats, weights = [], []
@@ -72,7 +78,7 @@ class SKANLayer(nn.Module):
             if len(idx):
                 feats.append(expand(basis, z.index_select(1, idx)))
                 w = self.coeff[b].view(self.in_features, self.num_basis, self.out_features)
-                weights.append(w.index_select(0, idx).reshape(-1, self.out_features))
+                weights.append(w.index_select(0, idx).reshape(-1, self.out_features) * self.feature_scale[b])
         return y + torch.cat(feats, 1) @ torch.cat(weights, 0)
 
     @torch.no_grad()
@@ -81,7 +87,7 @@ class SKANLayer(nn.Module):
         z = self.norm(x)
         scores = torch.empty(len(self.pool), self.in_features)
         for b, basis in enumerate(self.bases):
-            phi = basis(z)  # (N, in, K)
+            phi = basis(z) * self.feature_scale[b]  # (N, in, K)
             # dL/dy . (phi_i @ W_i) = phi_i . (W_i @ dL/dy): one MatMul instead of an (N, in, out) tensor
             gw = (grad_out @ self.coeff[b].T).view(len(x), self.in_features, self.num_basis)
             scores[b] = (phi * gw).sum(-1).abs().sum(0)
@@ -124,7 +130,7 @@ class FrozenSKANLayer(nn.Module):
             self.kinds.append(name)
             self.register_buffer(f"idx_{name}", idx.clone())
             bases.append(make_basis(name, k))
-            w = layer.coeff[b].detach().view(layer.in_features, k, layer.out_features)[idx]
+            w = layer.coeff[b].detach().view(layer.in_features, k, layer.out_features)[idx] * layer.feature_scale[b]
             weights.append(w.reshape(-1, layer.out_features))
         self.bases = nn.ModuleList(bases)
         self.register_buffer("weight", torch.cat(weights, 0))
