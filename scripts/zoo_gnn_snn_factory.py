@@ -152,9 +152,11 @@ def render(res: dict[str, Any]) -> str:
     lines += ["", "Generated zoo entries exported: " + ", ".join(
         f"{r['model']} (acc {_pct(r['test_accuracy'])} %, max rel {r['parity']['max_rel']:.1e})"
         for r in res["factory"]["exports"])]
-    lines += ["", "## `edgec build` (x86-avx512, ORT target)", "", "| model | p50 ms | p90 ms | accuracy | ops |",
-              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['model']} | {r['p50_ms']} | {r['p90_ms']} | {r['accuracy']} | "
+    lines += ["", "## `edgec build` (x86-avx512, ORT target; flow check, latencies informational)", "",
+              "| model | p50 ms | p90 ms | ORT acc % (first 1000 test) | ORT vs export argmax agreement | ops |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['p50_ms']:.4f} | {r['p90_ms']:.4f} | {_pct((r['accuracy'] or {}).get('task_accuracy'))} | "
+              f"{(r['agreement'] or {}).get('argmax_agreement')} | "
               f"{', '.join(f'{k}:{v}' for k, v in sorted(r['ops'].items()))} |" for r in res["build"]]
     return "\n".join(lines) + "\n"
 

@@ -193,7 +193,7 @@ def _entry(name: str, hidden: list[int], steps: int, epochs: int, reset: str, su
 
 
 ENTRIES = (
-    _entry("snn-mlp", [512], 8, 5, "subtract",
-           "spiking MLP 784-512-10, LIF (subtract reset), T=8 deterministic rate code, spike-count readout"),
-    _entry("snn-mlp-zero", [512], 8, 5, "zero", "same with zero reset"),
+    _entry("snn-mlp", [512], 16, 5, "subtract",
+           "spiking MLP 784-512-10, LIF (subtract reset), T=16 deterministic rate code, spike-count readout"),
+    _entry("snn-mlp-zero", [512], 8, 5, "zero", "784-512-10 LIF with zero reset, T=8 (cheaper variant)"),
 )
