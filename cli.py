@@ -233,8 +233,9 @@ def inspect(
         lines = [f"artifact {info['artifact']} ({info['kind']}) step {m['step']} profile {m.get('profile')}",
                  f"payload {info['dir']}/{m['payload']}  verified: {info['verified']}"]
         if info.get("kernels"):
-            lines += ["", table(["kernel", "origin", "detail"],
-                                [[k["name"], k["origin"], k.get("kernel", "")] for k in info["kernels"]])]
+            share = lambda k: f"{k['time_share']:.1%} ({k['us_per_run']} us)" if "time_share" in k else ""  # noqa: E731
+            lines += ["", table(["kernel", "origin", "detail", "time share"],
+                                [[k["name"], k["origin"], k.get("kernel", ""), share(k)] for k in info["kernels"]])]
         return "\n".join(lines)
 
     emit(info, as_json, human)

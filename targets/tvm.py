@@ -337,7 +337,52 @@ class TvmTarget:
         return TvmRunner(art.payload, names, int(art.meta.get("threads", 1)))
 
     def kernels(self, art: Artifact) -> list[dict[str, Any]]:
-        return list(art.meta.get("kernels", []))
+        """Kernels per layer from the build meta; on a machine that can run the library, each with its
+        measured time per inference and share of the kernel time."""
+        rows = [dict(r) for r in art.meta.get("kernels", [])]
+        if art.meta.get("elf_machine") != platform.machine() or not rows:
+            return rows
+        try:
+            times = kernel_times(art.payload, art.meta.get("inputs", []))
+        except Exception:  # timing is a bonus: a library that cannot run here still lists its kernels
+            return rows
+        total = sum(times.get(r["name"], 0.0) for r in rows) or 1.0
+        for r in rows:
+            t = times.get(r["name"])
+            if t is not None:
+                r["us_per_run"] = round(t * 1e6, 2)
+                r["time_share"] = round(t / total, 4)
+        return rows
+
+
+def kernel_times(lib_path: Path, inputs: list[dict[str, Any]], runs: int = 200) -> dict[str, float]:
+    """Seconds per inference spent in each PrimFunc, from the Relax VM's call instrument (wall time
+    between the VM's before/after hooks, averaged over ``runs`` after a warmup)."""
+    import time
+
+    tvm = _import_tvm()
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal(i["shape"]).astype(i["dtype"])) for i in inputs]
+    main = vm["main"]
+    for _ in range(20):
+        main(*args)
+    acc: dict[str, float] = {}
+    start = [0.0]
+
+    def instrument(_func: Any, name: str, before: bool, _ret: Any, *_a: Any) -> Any:
+        if before:
+            start[0] = time.perf_counter()
+        else:
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - start[0]
+        return relax.VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        main(*args)
+    return {k: v / runs for k, v in acc.items()}
 
 
 def qemu_available() -> bool:

@@ -99,15 +99,28 @@ def extract_basis(v_expr: Any, lookup: Any, const_of: Any) -> BasisGraph:
             nid = const_node(c)
         elif isinstance(e, relax.Var):
             val = lookup(e)
-            if val is None or not isinstance(val, relax.Call) or not _supported(val):
+            nid = -1
+            if val is not None and isinstance(val, relax.Call) and _supported(val):
+                # A per-feature op on an (…, n) tensor may belong to the basis (ChebyKAN's tanh) or to
+                # the previous layer (a residual add): try to extend, else this var is the input z.
+                saved = (len(g.nodes), g.root, dict(memo))
+                try:
+                    nid = visit_call(val)
+                except NoMatch:
+                    if _shape(e) != root_shape:
+                        raise
+                    del g.nodes[saved[0]:]
+                    g.root = saved[1]
+                    memo.clear()
+                    memo.update(saved[2])
+                    nid = -1
+            if nid < 0:
                 if _shape(e) != root_shape:
                     raise NoMatch("leaf is not a (…, n) tensor")
                 if g.root is not None and not g.root.same_as(e):
                     raise NoMatch("basis depends on two tensors")
                 g.root = e
                 nid = add(("z", 1))
-            else:
-                nid = visit_call(val)
         elif isinstance(e, relax.Call):
             nid = visit_call(e)
         else:
@@ -227,7 +240,7 @@ def fused_kan_kernel(g: BasisGraph, n: int, k: int, out: int, lanes: int, x_shap
                 vals[i] = vals[nd[3]]
                 continue
             if kind == "unary":
-                fn = {"exp": tvm.tirx.exp, "tanh": tvm.tirx.tanh, "sqrt": tvm.tirx.sqrt,
+                fn = {"exp": _fast_exp, "tanh": tvm.tirx.tanh, "sqrt": tvm.tirx.sqrt,
                       "sigmoid": tvm.tirx.sigmoid, "negative": lambda t: -t, "square": lambda t: t * t,
                       "to_bool": lambda t: Select(t != zero, one, zero)}[nd[2]]
                 exprs = [fn(t) for t in bcast(vals[nd[3]], w)]
@@ -287,6 +300,26 @@ def fused_kan_kernel(g: BasisGraph, n: int, k: int, out: int, lanes: int, x_shap
             with T.vectorized(0, out) as c:
                 T.buffer_store(y, acc[c], [c])
     return ib.get()
+
+
+def _fast_exp(x: Any) -> Any:
+    """exp for float32 in plain arithmetic (Cephes expf: range reduction + degree-6 polynomial, ~2 ulp),
+    so the vectoriser keeps it in vector registers; llvm.exp would scalarise into libm calls."""
+    import tvm
+    from tvm.tirx import Cast, FloatImm
+
+    def f(v: float) -> Any:
+        return FloatImm("float32", v)
+
+    x = tvm.tirx.max(tvm.tirx.min(x, f(88.3762626647949)), f(-87.3365447504019))
+    n = tvm.tirx.floor(x * f(1.44269504088896341) + f(0.5))
+    r = x - n * f(0.693359375) - n * f(-2.12194440e-4)
+    p = f(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + f(c)
+    p = p * r * r + r + f(1.0)
+    two_n = tvm.tirx.reinterpret("float32", (Cast("int32", n) + 127) * 8388608)  # 2^n via the exponent bits
+    return p * two_n
 
 
 def pack_coefficients(w: np.ndarray, lanes: int) -> np.ndarray:
