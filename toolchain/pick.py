@@ -115,8 +115,8 @@ def measure_candidate(c: Candidate, profile: Profile, cache: Cache, cfg: PickCon
     from toolchain import api
 
     onnx_art, _ = api.export(c.model, cache, data_dir=cfg.data_dir, progress=False)
-    final, _ = api.optimize(onnx_art, list(c.passes), cache, profile, cfg.data_dir, target=c.target) \
-        if c.passes else (onnx_art, [])
+    final, _ = api.optimize(onnx_art, list(c.passes), cache, profile, cfg.data_dir, target=c.target,
+                            data_name=c.data) if c.passes else (onnx_art, [])
     comp, _ = api.compile(final, profile, c.target, cache)
     res, hit = cached_bench(comp, cache, profile, onnx_art, c.data, cfg.data_dir, cfg.samples, cfg.duration_s,
                             cfg.remote)
