@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -91,7 +92,8 @@ def write(rows: dict[str, dict[str, Any]], out: Path) -> None:
         "# Zoo: G2GNet and KAN families on Fashion-MNIST",
         "",
         (f"Written by `scripts/zoo_g2g_kan.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"{platform.machine()}, shared 2-core machine: training seconds are noisy). Default recipes, seed 0, "
+        f"{platform.machine()}, shared 2-core machine, 1-min load average {os.getloadavg()[0]:.1f} when written: "
+        "training seconds are noisy and were measured while other jobs ran). Default recipes, seed 0, "
         "full 60k train / 10k test split; trained weights come from the edgec cache when present "
         "(train seconds are those of the run that trained them)."),
         "",
@@ -111,7 +113,11 @@ def write(rows: dict[str, dict[str, Any]], out: Path) -> None:
                   f"{fmt(x.get('full_pool_accuracy'), '.4f')}"),
                   f"- after selection, before fine-tuning: {fmt(x.get('selected_untuned_accuracy'), '.4f')}",
                   f"- after pruning + fine-tuning (deployed): {rows['skan']['test_accuracy']:.4f}",
-                  f"- chosen bases per layer: {x.get('choices')}"]
+                  f"- chosen bases per layer: {x.get('choices')}",
+                  (f"- epochs: S-KAN {rows['skan']['epochs']} (full pool + pruned fine-tuning) vs "
+                   f"{', '.join(str(rows[n]['epochs']) for n in SINGLE_BASIS if n in rows)} for the single-basis "
+                   "KANs; the comparison is at equal deployed size (784-64-10, 8 functions per edge), "
+                   "not equal training budget")]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"rows": list(rows.values()), "checks": cks}, indent=2,
