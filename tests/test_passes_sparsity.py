@@ -135,19 +135,24 @@ def test_structured_slices_to_the_masked_network() -> None:
     assert rel(ort_run(single.model, X), ort_run(ref, X)) < 1e-5
 
 
-@pytest.mark.parametrize("gemm", [True, False])
-def test_modular_lowering_is_exact(gemm: bool) -> None:
+@pytest.mark.parametrize("gemm,gather", [(True, "take"), (False, "take"), (True, "elements"), (False, "auto")])
+def test_modular_lowering_is_exact(gemm: bool, gather: str) -> None:
     m = g2g_masked_mlp((64, 128, 128, 10), groups=8, density=0.25, seed=3, gemm=gemm)
-    res = apply(m, "modular")
+    res = apply(m, f"modular=gather={gather}")
     ops = [n.op_type for n in res.model.graph.node]
-    assert ops.count("Gather") == 2 and ops.count("Reshape") == 2
+    if gather == "take":
+        assert ops.count("Gather") == 2 and ops.count("Reshape") == 2
+        shapes = sorted(tuple(t.dims) for t in res.model.graph.initializer if len(t.dims) == 3)
+        assert shapes == [(8, 1, 16), (8, 1, 32), (8, 16, 16), (8, 32, 16)]
+    else:  # auto on ort = GatherElements over batch-expanded indices (X has batch 32)
+        assert res.report["gather"] == "elements" and ops.count("GatherElements") == 2 and "Gather" not in ops
+        shapes = sorted(tuple(t.dims) for t in res.model.graph.initializer if len(t.dims) == 3)
+        assert shapes == [(8, 16, 16), (8, 32, 16)]
+    assert ops.count("MatMul") + ops.count("Gemm") == 3  # two grouped + the untouched dense head
     rows = res.report["layers"]
     assert [r["applied"] for r in rows] == [True, True, False]
     assert rows[0]["groups"] == 8 and rows[0]["k"] == 16 and rows[1]["k"] == 32
     assert "no block structure" in rows[2]["why"]
-    # the dense masked weights are gone: only the grouped [G, K, out/G] blocks remain
-    shapes = sorted(tuple(t.dims) for t in res.model.graph.initializer if len(t.dims) == 3)
-    assert shapes == [(8, 1, 16), (8, 1, 32), (8, 16, 16), (8, 32, 16)]
     assert rel(ort_run(res.model, X), ort_run(m, X)) < 1e-5
 
 
@@ -182,7 +187,7 @@ def test_modular_finds_interleaved_groups() -> None:
     a = numpy_helper.to_array(w)
     perm = np.arange(128).reshape(8, 16).T.ravel()  # contiguous groups -> interleaved
     w.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a[:, perm]), "w0"))
-    res = apply(m, "modular")
+    res = apply(m, "modular=gather=take")
     row = res.report["layers"][0]
     assert row["applied"] and row["groups"] == 8 and row["k"] == 16 and row["output_permuted"]
     # the permutation is folded into the bias and the next layer's rows: no un-permute Gather
@@ -196,7 +201,7 @@ def test_modular_finds_interleaved_groups() -> None:
     b.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b)[perm], "b0"))
     w1 = next(t for t in m2.graph.initializer if t.name == "w1")
     w1.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w1)[:, perm]), "w1"))
-    r2 = apply(m2, "modular")
+    r2 = apply(m2, "modular=gather=take")
     assert [r["applied"] for r in r2.report["layers"]] == [True, True, False]
     assert r2.report["layers"][0]["output_permuted"]
     assert [n.op_type for n in r2.model.graph.node].count("Gather") == 2
@@ -204,6 +209,6 @@ def test_modular_finds_interleaved_groups() -> None:
     # a regrouped layer whose output is the graph output keeps the un-permute Gather
     single = mlp_model([numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w0"))], [None],
                        gemm=False)
-    r3 = apply(single, "modular")
+    r3 = apply(single, "modular=gather=take")
     assert [n.op_type for n in r3.model.graph.node] == ["Gather", "MatMul", "Reshape", "Gather"]
     assert rel(ort_run(r3.model, X), ort_run(single, X)) < 1e-5
