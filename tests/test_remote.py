@@ -108,3 +108,19 @@ def test_unauthenticated_raw_tvm_client_cannot_upload(farm: Farm, tmp_path: Path
         sess.upload(str(f), target="x.bin")
     with pytest.raises(Exception, match="not authenticated"):
         sess.get_function("edgec.ort_bench")("x.bin", "{}", bytearray(4))
+
+
+def test_pick_measures_on_the_farm(farm: Farm, tmp_path: Path, fashion: object) -> None:
+    m = save(fit_linear(fashion), tmp_path / "lin.onnx")
+    cands = tmp_path / "c.toml"
+    cands.write_text(f'[[candidate]]\nmodel = "{m}"\npasses = [[], ["cleanup"]]\ntargets = ["ort"]\n'
+                     'data = "fashion-mnist"\n')
+    r = CliRunner().invoke(app, ["--cache-dir", str(tmp_path / "cache"), "pick", "--profile", "x86-avx512",
+                                 "--budget-ms", "5", "--candidates", str(cands), "--duration", "0.2",
+                                 "--report-dir", str(tmp_path / "rep"), "--tracker", farm.tracker, "--key", KEY,
+                                 "--token", TOKEN, "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["chosen"] and len(rep["candidates"]) == 2
+    res = json.loads(next((tmp_path / "cache").glob("*/*/result.json")).read_text())
+    assert res["device"].startswith("rpc://127.0.0.1:")

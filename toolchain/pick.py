@@ -214,7 +214,12 @@ def verify_choice(row: dict[str, Any], cache: Cache, profile: Profile, cfg: Pick
     art = cache.get(row["artifact"])
     assert art is not None
     job = prepare_job(art, cache, profile, samples=64, duration_s=cfg.duration_s)
-    vals = [run_local(job)["latency"][f"{cfg.metric}_ms"] for _ in range(cfg.verify)]
+    if cfg.remote is not None:
+        from toolchain.remote import bench_many
+
+        vals = [bench_many([job], cfg.remote)[art.key]["latency"][f"{cfg.metric}_ms"] for _ in range(cfg.verify)]
+    else:
+        vals = [run_local(job)["latency"][f"{cfg.metric}_ms"] for _ in range(cfg.verify)]
     return {"runs": len(vals), "within_budget": sum(v <= cfg.budget_ms for v in vals),
             f"{cfg.metric}_ms": [round(v, 6) for v in vals]}
 

@@ -57,15 +57,21 @@ def register(app: typer.Typer) -> None:
         report_dir: Annotated[Path, typer.Option("--report-dir", help="Where pick.json/.md/.png go.")] = Path("reports/pick"),
         verify: Annotated[int, typer.Option("--verify", help="Re-measure the chosen model N times.")] = 0,
         duration: Annotated[float | None, typer.Option("--duration", help="Seconds of timed runs per candidate.")] = None,
+        tracker: Annotated[str | None, typer.Option("--tracker", help="HOST:PORT: measure on devices there.")] = None,
+        key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker.")] = None,
+        token: TokenOpt = None,
         data_dir: DataDirOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Choose the most accurate model whose latency is within the budget with 95 % confidence."""
         from toolchain.pick import PickConfig, render_markdown, run_pick
+        from toolchain.remote import RemoteSpec
 
+        remote = RemoteSpec.parse(tracker, key or profile, token or os.environ.get("EDGEC_DEVICE_TOKEN")) \
+            if tracker else None
         cfg = PickConfig(profile=profile, budget_ms=budget_ms, metric=metric, min_accuracy=min_accuracy,
                          candidates=candidates, report_dir=report_dir, verify=verify, duration_s=duration,
-                         data_dir=data_dir)
+                         data_dir=data_dir, remote=remote)
         rep = run_pick(cfg, get_cache(), progress=not as_json)
         emit(rep, as_json, lambda: render_markdown(rep))
 
