@@ -158,6 +158,10 @@ def render(res: dict[str, Any]) -> str:
     lines += [f"| {r['model']} | {r['p50_ms']:.4f} | {r['p90_ms']:.4f} | {_pct((r['accuracy'] or {}).get('task_accuracy'))} | "
               f"{(r['agreement'] or {}).get('argmax_agreement')} | "
               f"{', '.join(f'{k}:{v}' for k, v in sorted(r['ops'].items()))} |" for r in res["build"]]
+    lines += ["", "## Default-recipe training time (seconds, as recorded when the weights were trained; budget 600)", "",
+              "| model | train s | loaded from cache in this run |", "| --- | --- | --- |"]
+    trained = [*res["gnn"], *res["snn"], {"model": "nnf-supernet", **sn}]
+    lines += [f"| {r['model']} | {r.get('train_seconds')} | {r.get('cache_hit')} |" for r in trained]
     return "\n".join(lines) + "\n"
 
 
