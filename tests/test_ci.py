@@ -79,6 +79,19 @@ def test_example_project_passes_then_baseline_regression_gate(models_dir: Path, 
     assert (tmp_path / "edge-reports" / "summary.md").read_text().count("pass") >= 4
 
 
+def test_latency_regression_against_baseline_fails_with_exit_1(models_dir: Path, tmp_path: Path) -> None:
+    p = project(models_dir, tmp_path)
+    assert invoke(["ci", str(p), "--update-baseline"], tmp_path / "cache").exit_code == 0
+    # Same model name, now a much bigger network: within budget, but clearly slower than the baseline.
+    (tmp_path / "linear.onnx").write_bytes((models_dir / "wide.onnx").read_bytes())
+    r = invoke(["ci", str(p)], tmp_path / "cache")
+    assert r.exit_code == 1, r.output
+    suite = ET.parse(tmp_path / "edge-reports" / "junit.xml").getroot().find("testsuite")
+    failed = {(tc.get("classname"), tc.get("name")) for tc in suite.iter("testcase") if tc.find("failure") is not None}
+    assert ("edgec.linear", "latency-regression") in failed  # (the swapped model's accuracy may differ too)
+    assert {c for c, _ in failed} == {"edgec.linear"}
+
+
 def test_budget_blown_fails_with_exit_1_and_junit_names_model(models_dir: Path, tmp_path: Path) -> None:
     p = project(models_dir, tmp_path, budget=0.0001)
     r = invoke(["ci", str(p)], tmp_path / "cache")
