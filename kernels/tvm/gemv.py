@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 KERNEL_NAME = "gemv-packed-f32"
+MAX_ROW_BLOCK = 4  # rows sharing one pass over a weight block (4 x 64 accumulators = 16 AVX-512 registers)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ def gemv_kernel(p: GemvParams) -> Any:
     NBIAS = N if HAS_BIAS else 1
     XS = p.x_shape or (M, K)
     YS = p.y_shape or (M, N)
+    # Rows are processed RB at a time (RB x BN accumulators live); the weight block is re-read per row
+    # block, from cache. RB is the largest divisor of M up to MAX_ROW_BLOCK.
+    RB = max(d for d in range(1, min(M, MAX_ROW_BLOCK) + 1) if M % d == 0)
+    MO = M // RB
 
     @T.prim_func
     def gemv(
@@ -101,34 +106,36 @@ def gemv_kernel(p: GemvParams) -> Any:
         T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True})
         x = T.decl_buffer((M, K), "float32", data=xg.data)  # flat 2-D views of the graph's tensors
         y = T.decl_buffer((M, N), "float32", data=yg.data)
-        acc = T.alloc_buffer((M, BN), "float32", scope="local")
+        acc = T.alloc_buffer((RB, BN), "float32", scope="local")
         for nb in range(FULL):
-            for m in range(M):
-                for i in T.vectorized(BN):
-                    acc[m, i] = T.float32(0)
-            for ko in range(KO):
-                for ku in T.unroll(U):
-                    for m in range(M):
+            for mo in range(MO):
+                for m in range(RB):
+                    for i in T.vectorized(BN):
+                        acc[m, i] = T.float32(0)
+                for ko in range(KO):
+                    for ku in T.unroll(U):
+                        for m in range(RB):
+                            for i in T.vectorized(BN):
+                                acc[m, i] = acc[m, i] + x[mo * RB + m, ko * U + ku] * wp[nb, ko * U + ku, i]
+                for kr in range(KR):
+                    for m in range(RB):
                         for i in T.vectorized(BN):
-                            acc[m, i] = acc[m, i] + x[m, ko * U + ku] * wp[nb, ko * U + ku, i]
-            for kr in range(KR):
-                for m in range(M):
+                            acc[m, i] = acc[m, i] + x[mo * RB + m, KO * U + kr] * wp[nb, KO * U + kr, i]
+                for m in range(RB):
                     for i in T.vectorized(BN):
-                        acc[m, i] = acc[m, i] + x[m, KO * U + kr] * wp[nb, KO * U + kr, i]
-            for m in range(M):
-                for i in T.vectorized(BN):
-                    y[m, nb * BN + i] = act(acc[m, i], nb * BN + i, b)
+                        y[mo * RB + m, nb * BN + i] = act(acc[m, i], nb * BN + i, b)
         for _t in range(1 if TAIL > 0 else 0):
-            for m in range(M):
-                for i in T.vectorized(BN):
-                    acc[m, i] = T.float32(0)
-            for k in range(K):
-                for m in range(M):
+            for mo in range(MO):
+                for m in range(RB):
                     for i in T.vectorized(BN):
-                        acc[m, i] = acc[m, i] + x[m, k] * wp[FULL, k, i]
-            for m in range(M):
-                for i in T.vectorized(TAIL if TAIL > 0 else 1):
-                    y[m, FULL * BN + i] = act(acc[m, i], FULL * BN + i, b)
+                        acc[m, i] = T.float32(0)
+                for k in range(K):
+                    for m in range(RB):
+                        for i in T.vectorized(BN):
+                            acc[m, i] = acc[m, i] + x[mo * RB + m, k] * wp[FULL, k, i]
+                for m in range(RB):
+                    for i in T.vectorized(TAIL if TAIL > 0 else 1):
+                        y[mo * RB + m, FULL * BN + i] = act(acc[m, i], FULL * BN + i, b)
 
     return gemv
 

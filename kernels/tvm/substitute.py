@@ -22,8 +22,9 @@ from kernels.tvm.block_sparse import grouped_gemv_kernel, pack_block_sparse
 from kernels.tvm import kan, lif
 from kernels.tvm.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
 
-# Rows above this go to the generic (tunable) matmul: the GEMV kernel keeps M x BN accumulators live.
-MAX_GEMV_ROWS = 8
+# Rows above this go to the generic (tunable) matmul: the GEMV kernel re-reads each weight block once
+# per block of rows, which stops paying against a tiled GEMM somewhere past the T*B of a spiking layer.
+MAX_GEMV_ROWS = 64
 # A sparse weight goes to the grouped kernel when its blocks keep at most this share of the rows:
 # above it, index loads and short row runs cost more than the skipped zeros save.
 MAX_GROUPED_DENSITY = 0.6
@@ -358,7 +359,7 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
             bn = choose_block_n(n, cfg.block_n, cfg.lanes)
             bc = relax.const(b if b is not None else np.zeros((1,), np.float32))
             bs = pack_block_sparse(w, bn) if cfg.grouped and np.mean(w == 0) > 0.3 else None
-            if bs is not None and bs.density <= MAX_GROUPED_DENSITY:
+            if bs is not None and bs.density <= MAX_GROUPED_DENSITY and mrows <= 8:  # M x BN accumulators
                 name = f"edgec_grouped_gemv_{self.count}"
                 func = grouped_gemv_kernel(bs, mrows, b is not None, relu, xshape, yshape)
                 args = [relax.const(bs.kptr), relax.const(bs.kidx), relax.const(bs.wv), bc]

@@ -74,3 +74,16 @@ def test_rank3_input_is_reshaped() -> None:
     assert [r["kernel"] for r in table] == ["gemv-packed-f32"]
     x = rng.standard_normal((1, 2, 40)).astype(np.float32)
     np.testing.assert_allclose(fast(x), x @ w + b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [3, 12])
+def test_multi_row_gemv(rows: int) -> None:
+    """T*B rows (a spiking layer's stateless matmul): row blocks of up to 4 share a weight pass."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((50, 70)).astype(np.float32)
+    b = rng.standard_normal(70).astype(np.float32)
+    model = dense_onnx([w], [b], rows=rows)
+    fast, table = build_vm(model, load_profile("x86-avx512"))
+    assert [r["kernel"] for r in table] == ["gemv-packed-f32"]
+    x = rng.standard_normal((rows, 50)).astype(np.float32)
+    np.testing.assert_allclose(fast(x), x @ w + b, rtol=1e-4, atol=1e-4)
