@@ -212,3 +212,13 @@ def test_modular_finds_interleaved_groups() -> None:
     r3 = apply(single, "modular=gather=take")
     assert [n.op_type for n in r3.model.graph.node] == ["Gather", "MatMul", "Reshape", "Gather"]
     assert rel(ort_run(r3.model, X), ort_run(single, X)) < 1e-5
+
+
+def test_modular_batch1_pins_batch_and_drops_index_expansion() -> None:
+    m = g2g_masked_mlp((64, 128, 128, 10), groups=8, density=0.25, seed=3)
+    res = apply(m, "modular=batch1=true")
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("GatherElements") == 2 and "Expand" not in ops and "Shape" not in ops
+    assert res.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    for i in range(4):
+        assert rel(ort_run(res.model, X[i:i + 1]), ort_run(m, X[i:i + 1])) < 1e-5

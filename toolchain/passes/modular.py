@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from toolchain.onnx_io import fix_batch
 from toolchain.passes import PassContext, PassResult
 from toolchain.passes._graph import (
     DenseLayer, consumers, copy_model, get_weight, initializers, remove_initializer, require_layers, select,
@@ -41,6 +42,7 @@ class Config:
     measure: bool = False
     only_if_faster: bool = False
     gather: str = "auto"  # auto (elements on ort, take elsewhere) | take | elements
+    batch1: bool = False  # pin the model's batch to 1 (edge deployment): constant gather indices, fewer ops
 
     def __post_init__(self) -> None:
         if self.gather not in ("auto", "take", "elements"):
@@ -115,7 +117,7 @@ def detect(w: np.ndarray, max_groups: int = 64) -> Blocks | None:
 
 
 def lowered_nodes(x: str, y: str, b: Blocks, prefix: str, bias: str | None, gather: str = "take",
-                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+                  static_batch: int | None = None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes computing y = x @ W (+ bias) from the block form; x is [B, in].
 
     ``gather="take"``: Gather(x, idx[G, 1, K], axis=-1), the form TVM's grouped-GEMV pattern recognises.
@@ -127,7 +129,14 @@ def lowered_nodes(x: str, y: str, b: Blocks, prefix: str, bias: str | None, gath
              numpy_helper.from_array(np.array([-1, g * n], dtype=np.int64), f"{prefix}/shape")]
     mm_out = f"{prefix}/flat" if bias else y
     flat = f"{prefix}/permuted" if b.perm is not None else mm_out
-    if gather == "elements":
+    if gather == "elements" and static_batch:  # indices for the known batch: no Shape/Concat/Expand at run time
+        inits += [numpy_helper.from_array(np.tile(b.idx.reshape(1, g * k), (static_batch, 1)), f"{prefix}/idx"),
+                  numpy_helper.from_array(np.array([-1, g, 1, k], dtype=np.int64), f"{prefix}/shape4")]
+        nodes = [helper.make_node("GatherElements", [x, f"{prefix}/idx"], [f"{prefix}/xf"], axis=1,
+                                  name=f"{prefix}/gather"),
+                 helper.make_node("Reshape", [f"{prefix}/xf", f"{prefix}/shape4"], [f"{prefix}/xg"],
+                                  name=f"{prefix}/split")]
+    elif gather == "elements":
         inits += [numpy_helper.from_array(b.idx.reshape(1, g * k), f"{prefix}/idx"),
                   numpy_helper.from_array(np.array([g * k], dtype=np.int64), f"{prefix}/width"),
                   numpy_helper.from_array(np.array([-1, g, 1, k], dtype=np.int64), f"{prefix}/shape4")]
@@ -159,6 +168,15 @@ def _rank(model: onnx.ModelProto, name: str) -> int | None:
     for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
         if vi.name == name and vi.type.tensor_type.HasField("shape"):
             return len(vi.type.tensor_type.shape.dim)
+    return None
+
+
+def _batch(model: onnx.ModelProto, name: str) -> int | None:
+    """The static leading dim of a value, if shape inference knows it."""
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        if vi.name == name and vi.type.tensor_type.HasField("shape") and vi.type.tensor_type.shape.dim:
+            d = vi.type.tensor_type.shape.dim[0]
+            return int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
     return None
 
 
@@ -200,7 +218,7 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
     ctx = ctx or PassContext()
     check_target(ctx.target, cfg.measure, cfg.only_if_faster, "modular")
     form = cfg.gather if cfg.gather != "auto" else ("elements" if ctx.target == "ort" else "take")
-    out = copy_model(model)
+    out = fix_batch(model, 1) if cfg.batch1 else copy_model(model)
     inferred = onnx.shape_inference.infer_shapes(out)
     layers = select(require_layers(out, "modular"), cfg.layers)
     rows: list[dict[str, Any]] = []
@@ -242,7 +260,8 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
                 new_nodes.append(keep)
                 continue
             ly, b = replace[i]
-            nodes, inits = lowered_nodes(n.input[0], n.output[0], b, f"modular{i}", ly.bias, form)
+            nodes, inits = lowered_nodes(n.input[0], n.output[0], b, f"modular{i}", ly.bias, form,
+                                         _batch(inferred, n.input[0]))
             new_nodes.extend(nodes)
             out.graph.initializer.extend(inits)
         for ly, _ in plans:
