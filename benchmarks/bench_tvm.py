@@ -154,6 +154,78 @@ def bench_grouped(work: Path, duration: float) -> list[list[str]]:
     return rows
 
 
+# Per model: a variant with one hand-written kernel switched off (everything else equal), timed
+# interleaved against the default build: isolates what that kernel buys over TVM's own lowering.
+VARIANTS = {
+    "kan-bspline": ("fused KAN off", {"use_fused_kan": False}),
+    "kan-fast": ("fused KAN off", {"use_fused_kan": False}),
+    "kan-cheby": ("fused KAN off", {"use_fused_kan": False}),
+    "snn-mlp": ("fused LIF off", {"use_fused_lif": False}),
+    "snn-mlp-zero": ("fused LIF off", {"use_fused_lif": False}),
+    "g2gnet": ("grouped GEMV off", {"use_grouped_matmul": False}),
+}
+
+
+def bench_variants(zoo_dir: Path, work: Path, duration: float) -> list[list[str]]:
+    from kernels.tvm.harness import with_kernels
+    from toolchain.bench import measure_interleaved
+    from toolchain.profile import load_profile
+
+    prof = load_profile(PROFILE)
+    rows = []
+    for name, (label, change) in VARIANTS.items():
+        path = zoo_dir / f"{name}.onnx"
+        if not path.is_file():
+            continue
+        feed = feed_for(path)
+        hand, _ = tvm_runner(path, prof, work, "hand2")
+        off, okern = tvm_runner(path, with_kernels(prof, **change), work, "off")
+        st = measure_interleaved({"hand": (hand, feed), "off": (off, feed)}, duration_s=duration)
+        h, o = st["hand"], st["off"]
+        rows.append(fmt_row(name, "cleanup", f"tvm, {label}", o.p50_ms, o.p90_ms, "tvm (0 trials)",
+                            o.p50_ms / h.p50_ms, kernel_summary(okern)))
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def bench_kan_vs_mlp(zoo_dir: Path, work: Path, duration: float) -> list[list[str]]:
+    """Each KAN model vs a 784-h-10 MLP with the same parameter count, both through TVM (0 trials)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from kernels.tvm.harness import dense_onnx
+    from targets.ort import OrtRunner
+    from toolchain.bench import measure_interleaved
+    from toolchain.profile import load_profile
+
+    prof = load_profile(PROFILE)
+    rows = []
+    for name in ("kan-bspline", "kan-fast", "kan-cheby"):
+        path = zoo_dir / f"{name}.onnx"
+        if not path.is_file():
+            continue
+        params = sum(numpy_helper.to_array(t).size for t in onnx.load(str(path)).graph.initializer)
+        h = max(1, round((params - 10) / 795))  # 784*h + h + 10*h + 10 parameters
+        rng = np.random.default_rng(0)
+        mlp_path = work / f"mlp-like-{name}.onnx"
+        onnx.save(dense_onnx([rng.standard_normal((784, h)).astype(np.float32) * 0.03,
+                              rng.standard_normal((h, 10)).astype(np.float32) * 0.03],
+                             [np.zeros(h, np.float32), np.zeros(10, np.float32)]), mlp_path)
+        kan_run, _ = tvm_runner(path, prof, work, "hand3")
+        mlp_run, mkern = tvm_runner(mlp_path, prof, work, "hand")
+        mlp_ort = OrtRunner(mlp_path, prof.bench.threads)
+        st = measure_interleaved({"kan": (kan_run, feed_for(path)), "mlp": (mlp_run, feed_for(mlp_path)),
+                                  "mlp-ort": (mlp_ort, feed_for(mlp_path))}, duration_s=duration)
+        k, m, mo = st["kan"], st["mlp"], st["mlp-ort"]
+        label = f"MLP 784-{h}-10 ({params / 1e3:.0f} k params = {name})"
+        rows.append(fmt_row(label, "-", "ort", mo.p50_ms, mo.p90_ms, "-", 1.0, "vendor"))
+        rows.append(fmt_row(label, "-", "tvm (0 trials)", m.p50_ms, m.p90_ms, "-", 1.0, kernel_summary(mkern)))
+        rows.append(fmt_row(name, "cleanup", "tvm (0 trials)", k.p50_ms, k.p90_ms, "same-size MLP, tvm",
+                            k.p50_ms / m.p50_ms, f"vs same-size MLP on ort: {k.p50_ms / mo.p50_ms:.2f}x"))
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
 def write(rows: list[list[str]], notes: list[str]) -> Path:
     out = HERE / "results" / "tvm.md"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +255,10 @@ def main() -> int:
                            capture_output=True, text=True)
         skipped = [ln for ln in r.stdout.splitlines() if ln.startswith("SKIP")]
         print(r.stdout, r.stderr[-2000:] if r.returncode else "", flush=True)
-        generic_for = {"mlp-small", "kan-bspline", "kan-fast", "kan-cheby", "g2gnet"}
+        generic_for = {"mlp-small", "kan-bspline", "kan-fast", "kan-cheby", "g2gnet", "snn-mlp"}
         rows = bench_models(zoo, work, args.duration, generic_for)
+        rows += bench_variants(zoo, work, args.duration)
+        rows += bench_kan_vs_mlp(zoo, work, args.duration)
         rows += bench_grouped(work, args.duration)
         notes = [f"- {s}" for s in skipped]
         out = write(rows, notes)
