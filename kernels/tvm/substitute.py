@@ -90,6 +90,7 @@ def densify_grouped(mod: Any) -> Any:
     op_take = tvm.ir.Op.get("relax.take")
     op_matmul = tvm.ir.Op.get("relax.matmul")
     op_reshape = tvm.ir.Op.get("relax.reshape")
+    op_gather_elements = tvm.ir.Op.get("relax.gather_elements")
 
     @mutator
     class _Densify(PyExprMutator):
@@ -114,7 +115,14 @@ def densify_grouped(mod: Any) -> Any:
                 return None
             tk = self._val(mm.args[0])
             wg = _const_array(mm.args[1])
-            if not (isinstance(tk, relax.Call) and tk.op == op_take) or wg is None or wg.ndim != 3:
+            if not isinstance(tk, relax.Call) or wg is None or wg.ndim != 3:
+                return None
+            if tk.op == op_reshape:  # GatherElements(x, idx[1, G*K], axis=1) -> Reshape [1, G, 1, K]
+                ge = self._val(tk.args[0])
+                if not (isinstance(ge, relax.Call) and ge.op == op_gather_elements and int(ge.attrs.axis) in (1, -1)):
+                    return None
+                tk = ge
+            elif tk.op != op_take or int(tk.attrs.axis) not in (-1, 1):
                 return None
             idx = _const_array(tk.args[1])
             x = tk.args[0]
@@ -122,7 +130,7 @@ def densify_grouped(mod: Any) -> Any:
             g, kg, ng = wg.shape
             if idx is None or xs is None or out is None or len(xs) != 2 or xs[0] != 1 or out != (1, g * ng):
                 return None
-            if int(tk.attrs.axis) not in (-1, 1) or idx.size != g * kg or wg.dtype != np.float32:
+            if idx.size != g * kg or wg.dtype != np.float32:
                 return None
             idx = idx.reshape(g, kg)
             if idx.min() < 0 or idx.max() >= xs[1]:

@@ -52,3 +52,16 @@ def test_grouped_off_in_profile_uses_dense_gemv() -> None:
     w = block_diagonal(64, 64, 4)
     _, table = build_vm(dense_onnx([w], [None]), with_kernels(load_profile("x86-avx512"), use_grouped_matmul=False))
     assert [r["kernel"] for r in table] == ["gemv-packed-f32"]
+
+
+def test_modular_gather_elements_form_is_recognised() -> None:
+    from toolchain.passes._speed import single_layer_model
+    from toolchain.passes.modular import detect, lowered_nodes
+
+    w = block_diagonal(128, 128, 4, seed=5)
+    nodes, inits = lowered_nodes("x", "y", detect(w), "m", None, gather="elements", static_batch=1)
+    model = single_layer_model(nodes, inits, "x", 128, "y")
+    fast, table = build_vm(model, load_profile("x86-avx512"))
+    assert "grouped-gemv-f32" in [r["kernel"] for r in table]
+    x = np.random.default_rng(2).standard_normal((1, 128)).astype(np.float32)
+    np.testing.assert_allclose(fast(x), x @ w, rtol=1e-4, atol=1e-4)
