@@ -72,6 +72,8 @@ def train_kan(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]) ->
 def train_skan(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]) -> dict[str, Any]:
     """Full training with every basis, then per-node selection, then fine-tuning of the pruned net."""
     assert isinstance(model, SKANNet)
+    if recipe.get("selection", "taylor-centred") != "taylor-centred":
+        raise ValueError("S-KAN selection must be 'taylor-centred' (see toolchain.zoo.skan)")
     ctx = limited_context(ctx, recipe)
     common = {"lr": recipe["lr"], "batch": recipe["batch"]}
     with single_thread():
@@ -116,7 +118,7 @@ ENTRIES = (
              summary="S-KAN 784-64-10: per-node basis chosen from {bspline, rbf, cheby}, pruned, frozen",
              dataset="fashion-mnist", input_shape=(1, 784),
              recipe={"hidden": [64], "num_basis": 8, "pool": ["bspline", "rbf", "cheby"], "epochs_full": 2,
-                     "epochs_prune": 8, "select_samples": 4096, "lr": 2e-3, "batch": 128},
+                     "epochs_prune": 8, "select_samples": 4096, "selection": "taylor-centred", "lr": 2e-3, "batch": 128},
              build=build_skan, train=train_skan, export_module=_skan_export, tags=("kan",)),
     ZooEntry(name="convkan", family="kan", summary="Conv-KAN: RBF expansion per channel + Conv2d, 1x28x28 input",
              dataset="fashion-mnist", input_shape=(1, 1, 28, 28),

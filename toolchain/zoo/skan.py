@@ -5,7 +5,8 @@ Three phases (driven by ``toolchain.zoo.kan.train_skan``):
 1. full training: each input node of a layer is expanded in EVERY basis of the pool, and every
    edge has coefficients for every basis;
 2. selection: for node i and basis b, the first-order (Taylor) importance of that basis's
-   contribution c_ib = phi_b(x_i) @ W_b[i] to the loss, E_x |dL/dy . c_ib|, on training data; each
+   centred contribution c_ib = (phi_b(x_i) - E phi_b(x_i)) @ W_b[i] to the loss, E_x |dL/dy . c_ib|,
+   on training data (per selection batch); each
    node keeps its most important basis (``choice`` buffer, saved with the weights). (Contribution
    variance alone was tried first: it picked Chebyshev for every node, whose terms span the whole
    input range, and lost accuracy.)
@@ -88,6 +89,9 @@ class SKANLayer(nn.Module):
         scores = torch.empty(len(self.pool), self.in_features)
         for b, basis in enumerate(self.bases):
             phi = basis(z) * self.feature_scale[b]  # (N, in, K)
+            # Centre: the constant part of an edge function (e.g. Chebyshev T_0) is a bias any basis
+            # or the next layer absorbs; only the varying part says what the basis contributes.
+            phi = phi - phi.mean(0)
             # dL/dy . (phi_i @ W_i) = phi_i . (W_i @ dL/dy): one MatMul instead of an (N, in, out) tensor
             gw = (grad_out @ self.coeff[b].T).view(len(x), self.in_features, self.num_basis)
             scores[b] = (phi * gw).sum(-1).abs().sum(0)
