@@ -344,7 +344,7 @@ class TvmTarget:
             return rows
         try:
             times = kernel_times(art.payload, art.meta.get("inputs", []))
-        except Exception:  # timing is a bonus: a library that cannot run here still lists its kernels
+        except Exception:  # noqa: BLE001 -- timing is a bonus: a library that cannot run here still lists its kernels
             return rows
         total = sum(times.get(r["name"], 0.0) for r in rows) or 1.0
         for r in rows:
@@ -393,4 +393,4 @@ def qemu_available() -> bool:
         return False
 
 
-__all__ = ["TvmTarget", "TvmRunner", "build_library", "pipeline", "elf_machine", "InfraError"]
+__all__ = ["InfraError", "TvmRunner", "TvmTarget", "build_library", "elf_machine", "pipeline"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ needs_cross = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
 def _mlp() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     dims = [784, 64, 64, 10]  # mlp-small-like, smaller so the cross build stays fast
-    ws = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32) for a, b in zip(dims[:-1], dims[1:])]
+    ws = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32) for a, b in itertools.pairwise(dims)]
     return dense_onnx(ws, [np.zeros(b, np.float32) for b in dims[1:]], gemm=True)
 
 

@@ -62,12 +62,12 @@ def pack_block_sparse(w: np.ndarray, block_n: int) -> BlockSparse:
                        np.ascontiguousarray(np.concatenate(vals), dtype=np.float32))
 
 
-def grouped_gemv_kernel(bs: BlockSparse, m: int, bias: bool, relu: bool, x_shape: tuple[int, ...] = (),
+def grouped_gemv_kernel(bs: BlockSparse, rows: int, bias: bool, relu: bool, x_shape: tuple[int, ...] = (),
                         y_shape: tuple[int, ...] = ()) -> Any:
     """PrimFunc ``(x[M, K], kptr, kidx, wv, b, y[M, N])`` for the packed weight ``bs``."""
     from tvm.script import tirx as T
 
-    M, K, N, BN = m, bs.k, bs.n, bs.block_n
+    M, K, N, BN = rows, bs.k, bs.n, bs.block_n
     NB = len(bs.kptr) - 1
     NNZ = len(bs.kidx)
     FULL, TAIL = N // BN, N % BN
@@ -115,4 +115,4 @@ def grouped_gemv_kernel(bs: BlockSparse, m: int, bias: bool, relu: bool, x_shape
     return grouped_gemv
 
 
-__all__ = ["BlockSparse", "pack_block_sparse", "grouped_gemv_kernel", "KERNEL_NAME"]
+__all__ = ["KERNEL_NAME", "BlockSparse", "grouped_gemv_kernel", "pack_block_sparse"]

@@ -140,4 +140,4 @@ def gemv_kernel(p: GemvParams) -> Any:
     return gemv
 
 
-__all__ = ["GemvParams", "gemv_kernel", "pack_weight", "choose_block_n", "KERNEL_NAME"]
+__all__ = ["KERNEL_NAME", "GemvParams", "choose_block_n", "gemv_kernel", "pack_weight"]

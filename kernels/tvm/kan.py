@@ -271,34 +271,33 @@ def fused_kan_kernel(g: BasisGraph, n: int, k: int, out: int, lanes: int, x_shap
         return z[base + lane]
 
     chunks, rem = n // lanes, n % lanes
-    with IRBuilder() as ib:
-        with T.prim_func():
-            T.func_name("kan_fused")
-            T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True})
-            zg = T.arg("z", T.buffer(x_shape, f32))
-            wq = T.arg("wq", T.buffer((n * k, npad), f32))
-            yg = T.arg("y", T.buffer(y_shape, f32))
-            z = T.decl_buffer((n,), f32, data=zg.data)
-            y = T.decl_buffer((out,), f32, data=yg.data)
-            s = T.alloc_buffer((max(1, nrows), lanes), f32, scope="local")
-            acc = T.alloc_buffer((npad,), f32, scope="local")
-            with T.vectorized(0, npad) as c:
-                T.buffer_store(acc, zero, [c])
-            for count, width in ((chunks, lanes), (1 if rem else 0, rem)):
-                if count == 0:
-                    continue
-                start = 0 if width == lanes else chunks * lanes
-                with T.serial(0, count) as ci:
-                    base = start + ci * width
-                    with T.vectorized(0, width) as l:
-                        phi = emit_chunk(z, s, base, l)
-                    with T.serial(0, width) as l2:
-                        for j in range(k):
-                            pj = item_at(phi[j], z, s, base, l2)  # the value stored for lane l2
-                            with T.vectorized(0, npad) as c:
-                                T.buffer_store(acc, acc[c] + pj * wq[(base + l2) * k + j, c], [c])
-            with T.vectorized(0, out) as c:
-                T.buffer_store(y, acc[c], [c])
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("kan_fused")
+        T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True})
+        zg = T.arg("z", T.buffer(x_shape, f32))
+        wq = T.arg("wq", T.buffer((n * k, npad), f32))
+        yg = T.arg("y", T.buffer(y_shape, f32))
+        z = T.decl_buffer((n,), f32, data=zg.data)
+        y = T.decl_buffer((out,), f32, data=yg.data)
+        s = T.alloc_buffer((max(1, nrows), lanes), f32, scope="local")
+        acc = T.alloc_buffer((npad,), f32, scope="local")
+        with T.vectorized(0, npad) as c:
+            T.buffer_store(acc, zero, [c])
+        for count, width in ((chunks, lanes), (1 if rem else 0, rem)):
+            if count == 0:
+                continue
+            start = 0 if width == lanes else chunks * lanes
+            with T.serial(0, count) as ci:
+                base = start + ci * width
+                with T.vectorized(0, width) as l:
+                    phi = emit_chunk(z, s, base, l)
+                with T.serial(0, width) as l2:
+                    for j in range(k):
+                        pj = item_at(phi[j], z, s, base, l2)  # the value stored for lane l2
+                        with T.vectorized(0, npad) as c:
+                            T.buffer_store(acc, acc[c] + pj * wq[(base + l2) * k + j, c], [c])
+        with T.vectorized(0, out) as c:
+            T.buffer_store(y, acc[c], [c])
     return ib.get()
 
 
@@ -330,4 +329,4 @@ def pack_coefficients(w: np.ndarray, lanes: int) -> np.ndarray:
     return out
 
 
-__all__ = ["BasisGraph", "NoMatch", "extract_basis", "fused_kan_kernel", "pack_coefficients", "KERNEL_NAME"]
+__all__ = ["KERNEL_NAME", "BasisGraph", "NoMatch", "extract_basis", "fused_kan_kernel", "pack_coefficients"]

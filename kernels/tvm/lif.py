@@ -164,24 +164,22 @@ def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
             T.buffer_store(s, val[o], [t, j0 + l])
 
     chunks, rem = n // lanes, n % lanes
-    with IRBuilder() as ib:
-        with T.prim_func():
-            T.func_name("lif_fused")
-            # op_pattern 8 (opaque): Relax's pattern analysis would otherwise inspect this block-free
-            # elementwise kernel as a potential reshape (and fail); opaque also keeps it out of fusion.
-            T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True,
-                         "op_pattern": 8})
-            c = T.arg("c", T.buffer((g.rows, n), f32))
-            s = T.arg("s", T.buffer((t_out, n), f32))
-            scratch = T.alloc_buffer((len(g.nodes), lanes), f32, scope="local")
-            if chunks:
-                with T.serial(0, chunks) as ci:
-                    with T.vectorized(0, lanes) as l:
-                        body(c, s, scratch, ci * lanes, l, lanes)
-            if rem:
-                with T.vectorized(0, rem) as l:
-                    body(c, s, scratch, chunks * lanes, l, rem)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("lif_fused")
+        # op_pattern 8 (opaque): Relax's pattern analysis would otherwise inspect this block-free
+        # elementwise kernel as a potential reshape (and fail); opaque also keeps it out of fusion.
+        T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True,
+                     "op_pattern": 8})
+        c = T.arg("c", T.buffer((g.rows, n), f32))
+        s = T.arg("s", T.buffer((t_out, n), f32))
+        scratch = T.alloc_buffer((len(g.nodes), lanes), f32, scope="local")
+        if chunks:
+            with T.serial(0, chunks) as ci, T.vectorized(0, lanes) as l:
+                body(c, s, scratch, ci * lanes, l, lanes)
+        if rem:
+            with T.vectorized(0, rem) as l:
+                body(c, s, scratch, chunks * lanes, l, rem)
     return ib.get()
 
 
-__all__ = ["Recurrence", "NoMatch", "extract_recurrence", "fused_recurrence_kernel", "KERNEL_NAME"]
+__all__ = ["KERNEL_NAME", "NoMatch", "Recurrence", "extract_recurrence", "fused_recurrence_kernel"]

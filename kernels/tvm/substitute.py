@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from kernels.tvm import kan, lif
 from kernels.tvm.block_sparse import KERNEL_NAME as GROUPED_NAME
 from kernels.tvm.block_sparse import grouped_gemv_kernel, pack_block_sparse
-from kernels.tvm import kan, lif
 from kernels.tvm.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
 
 # Rows above this go to the generic (tunable) matmul: the GEMV kernel re-reads each weight block once
@@ -94,7 +94,7 @@ def densify_grouped(mod: Any) -> Any:
 
     @mutator
     class _Densify(PyExprMutator):
-        def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802
+        def visit_var_binding_(self, binding: Any) -> None:
             v = binding.value
             dense = self._dense(v)
             if dense is None:
@@ -164,7 +164,7 @@ def fuse_kan(mod: Any, cfg: KernelConfig, report: SubstitutionReport) -> Any:
         def _val(self, e: Any) -> Any:
             return self.lookup_binding(e) if isinstance(e, relax.Var) else None
 
-        def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802
+        def visit_var_binding_(self, binding: Any) -> None:
             v = binding.value
             plan = None
             if isinstance(v, relax.Call) and v.op == op_matmul:
@@ -223,7 +223,7 @@ def fuse_lif(mod: Any, cfg: KernelConfig, report: SubstitutionReport) -> Any:
         def _val(self, e: Any) -> Any:
             return self.lookup_binding(e) if isinstance(e, relax.Var) else None
 
-        def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802
+        def visit_var_binding_(self, binding: Any) -> None:
             v = binding.value
             g = None
             if (isinstance(v, relax.Call) and v.op == op_concat and int(v.attrs.axis) == 0
@@ -353,7 +353,7 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
             self.heads: dict[Any, tuple[Any, np.ndarray, np.ndarray | None, bool]] = {}
             self.count = 0
 
-        def visit_var_binding_(self, binding: Any) -> None:  # noqa: N802 (TVM's visitor name)
+        def visit_var_binding_(self, binding: Any) -> None:
             m = self.heads.get(binding.var)
             if m is None:
                 super().visit_var_binding_(binding)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ def test_choose_block_n_whole_vectors() -> None:
 def test_gemv_matches_generic(profile_id: str, gemm: bool) -> None:
     rng = np.random.default_rng(1)
     dims = [97, 70, 33, 10]  # odd sizes: tails in K (unroll) and N (block)
-    ws = [rng.standard_normal((a, c)).astype(np.float32) for a, c in zip(dims[:-1], dims[1:])]
+    ws = [rng.standard_normal((a, c)).astype(np.float32) for a, c in itertools.pairwise(dims)]
     bs: list[np.ndarray | None] = [rng.standard_normal(c).astype(np.float32) for c in dims[1:]]
     if not gemm:
         bs[1] = None  # a layer without bias: matmul + relu only
