@@ -226,6 +226,36 @@ def bench_kan_vs_mlp(zoo_dir: Path, work: Path, duration: float) -> list[list[st
     return rows
 
 
+def bench_int8(zoo_dir: Path, work: Path, duration: float) -> list[list[str]]:
+    """Dynamic int8 (the int8 pass, MatMulInteger) through ORT and through TVM's int8 packed GEMV."""
+    import onnx
+
+    from targets.ort import OrtRunner
+    from toolchain.bench import measure_interleaved
+    from toolchain.passes.int8 import Config, run
+    from toolchain.profile import load_profile
+
+    prof = load_profile(PROFILE)
+    rows = []
+    for name in ("mlp-small", "mlp-1m"):
+        src = zoo_dir / f"{name}.onnx"
+        if not src.is_file():
+            continue
+        path = work / f"{name}.int8.onnx"
+        onnx.save(run(onnx.load(str(src)), Config(mode="dynamic")).model, path)
+        feed = feed_for(path)
+        ort = OrtRunner(path, prof.bench.threads)
+        tvm, kern = tvm_runner(path, prof, work, "int8")
+        err = float(np.max(np.abs(ort.infer(feed)[0] - tvm.infer(feed)[0])))
+        st = measure_interleaved({"ort": (ort, feed), "tvm": (tvm, feed)}, duration_s=duration)
+        o, t = st["ort"], st["tvm"]
+        rows.append(fmt_row(name, "int8 (dynamic)", "ort", o.p50_ms, o.p90_ms, "ort", 1.0, "vendor"))
+        rows.append(fmt_row(name, "int8 (dynamic)", "tvm (0 trials)", t.p50_ms, t.p90_ms, "ort", t.p50_ms / o.p50_ms,
+                            kernel_summary(kern) + f"; max abs err vs ort {err:.1e}"))
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
 def write(rows: list[list[str]], notes: list[str]) -> Path:
     out = HERE / "results" / "tvm.md"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +287,7 @@ def main() -> int:
         print(r.stdout, r.stderr[-2000:] if r.returncode else "", flush=True)
         generic_for = {"mlp-small", "kan-bspline", "kan-fast", "kan-cheby", "g2gnet", "snn-mlp"}
         rows = bench_models(zoo, work, args.duration, generic_for)
+        rows += bench_int8(zoo, work, args.duration)
         rows += bench_variants(zoo, work, args.duration)
         rows += bench_kan_vs_mlp(zoo, work, args.duration)
         rows += bench_grouped(work, args.duration)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 KERNEL_NAME = "gemv-packed-f32"
+KERNEL_NAME_INT8 = "gemv-packed-i8"
 MAX_ROW_BLOCK = 4  # rows sharing one pass over a weight block (4 x 64 accumulators = 16 AVX-512 registers)
 
 
@@ -38,6 +39,11 @@ class GemvParams:
     # Shapes of x / y as the graph has them (e.g. (1, 1, K)); the kernel reads them flat as (M, K) / (M, N).
     x_shape: tuple[int, ...] = ()
     y_shape: tuple[int, ...] = ()
+    # Integer variant (ONNX MatMulInteger after dynamic int8 quantisation): int32 activations, int8
+    # weights packed at a quarter of the fp32 bytes, int32 accumulation. Exact, so it matches bit for bit.
+    x_dtype: str = "float32"
+    w_dtype: str = "float32"
+    acc_dtype: str = "float32"
 
     @property
     def blocks(self) -> int:
@@ -83,14 +89,23 @@ def gemv_kernel(p: GemvParams) -> Any:
         if HAS_BIAS:
             v = v + b[j]
         if RELU:
-            v = T.max(v, T.float32(0))
+            v = T.max(v, ZERO)
         return v
 
     # The bias buffer is always a parameter (a 1-element dummy without bias) so the call
     # signature does not depend on the pattern.
     NBIAS = N if HAS_BIAS else 1
+    KNAME = KERNEL_NAME if p.acc_dtype == "float32" else KERNEL_NAME_INT8
     XS = p.x_shape or (M, K)
     YS = p.y_shape or (M, N)
+    XT, WT, AT = p.x_dtype, p.w_dtype, p.acc_dtype
+    ZERO = T.float32(0) if AT == "float32" else T.int32(0)
+
+    def mac(acc_v: Any, xv: Any, wv: Any) -> Any:
+        if AT == "float32":
+            return acc_v + xv * wv
+        return acc_v + T.Cast(AT, xv) * T.Cast(AT, wv)
+
     # Rows are processed RB at a time (RB x BN accumulators live); the weight block is re-read per row
     # block, from cache. RB is the largest divisor of M up to MAX_ROW_BLOCK.
     RB = max(d for d in range(1, min(M, MAX_ROW_BLOCK) + 1) if M % d == 0)
@@ -98,29 +113,29 @@ def gemv_kernel(p: GemvParams) -> Any:
 
     @T.prim_func
     def gemv(
-        xg: T.Buffer(XS, "float32"),
-        wp: T.Buffer((NB, K, BN), "float32"),
-        b: T.Buffer((NBIAS,), "float32"),
-        yg: T.Buffer(YS, "float32"),
+        xg: T.Buffer(XS, XT),
+        wp: T.Buffer((NB, K, BN), WT),
+        b: T.Buffer((NBIAS,), AT),
+        yg: T.Buffer(YS, AT),
     ):
-        T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True})
-        x = T.decl_buffer((M, K), "float32", data=xg.data)  # flat 2-D views of the graph's tensors
-        y = T.decl_buffer((M, N), "float32", data=yg.data)
-        acc = T.alloc_buffer((RB, BN), "float32", scope="local")
+        T.func_attr({"tirx.noalias": True, "edgec.kernel": KNAME, "tirx.is_scheduled": True})
+        x = T.decl_buffer((M, K), XT, data=xg.data)  # flat 2-D views of the graph's tensors
+        y = T.decl_buffer((M, N), AT, data=yg.data)
+        acc = T.alloc_buffer((RB, BN), AT, scope="local")
         for nb in range(FULL):
             for mo in range(MO):
                 for m in range(RB):
                     for i in T.vectorized(BN):
-                        acc[m, i] = T.float32(0)
+                        acc[m, i] = ZERO
                 for ko in range(KO):
                     for ku in T.unroll(U):
                         for m in range(RB):
                             for i in T.vectorized(BN):
-                                acc[m, i] = acc[m, i] + x[mo * RB + m, ko * U + ku] * wp[nb, ko * U + ku, i]
+                                acc[m, i] = mac(acc[m, i], x[mo * RB + m, ko * U + ku], wp[nb, ko * U + ku, i])
                 for kr in range(KR):
                     for m in range(RB):
                         for i in T.vectorized(BN):
-                            acc[m, i] = acc[m, i] + x[mo * RB + m, KO * U + kr] * wp[nb, KO * U + kr, i]
+                            acc[m, i] = mac(acc[m, i], x[mo * RB + m, KO * U + kr], wp[nb, KO * U + kr, i])
                 for m in range(RB):
                     for i in T.vectorized(BN):
                         y[mo * RB + m, nb * BN + i] = act(acc[m, i], nb * BN + i, b)
@@ -128,11 +143,11 @@ def gemv_kernel(p: GemvParams) -> Any:
             for mo in range(MO):
                 for m in range(RB):
                     for i in T.vectorized(BN):
-                        acc[m, i] = T.float32(0)
+                        acc[m, i] = ZERO
                 for k in range(K):
                     for m in range(RB):
                         for i in T.vectorized(BN):
-                            acc[m, i] = acc[m, i] + x[mo * RB + m, k] * wp[FULL, k, i]
+                            acc[m, i] = mac(acc[m, i], x[mo * RB + m, k], wp[FULL, k, i])
                 for m in range(RB):
                     for i in T.vectorized(TAIL if TAIL > 0 else 1):
                         y[mo * RB + m, FULL * BN + i] = act(acc[m, i], FULL * BN + i, b)

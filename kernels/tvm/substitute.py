@@ -20,6 +20,7 @@ import numpy as np
 from kernels.tvm import kan, lif
 from kernels.tvm.block_sparse import KERNEL_NAME as GROUPED_NAME
 from kernels.tvm.block_sparse import grouped_gemv_kernel, pack_block_sparse
+from kernels.tvm.gemv import KERNEL_NAME_INT8 as GEMV_I8_NAME
 from kernels.tvm.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
 
 # Rows above this go to the generic (tunable) matmul: the GEMV kernel re-reads each weight block once
@@ -77,6 +78,13 @@ def _static_shape(expr: Any) -> tuple[int, ...] | None:
         return tuple(int(d) for d in sinfo.shape.values)
     except (TypeError, AttributeError):
         return None
+
+
+def _is_int8_matmul(call: Any, x: Any, w: np.ndarray) -> bool:
+    """matmul(x: int32, W: integer constant within int8, out_dtype=int32): ONNX MatMulInteger."""
+    out = str(getattr(call.attrs, "out_dtype", "")) if call.attrs is not None else ""
+    return (out == "int32" and str(getattr(x.ty, "dtype", "")) == "int32" and np.issubdtype(w.dtype, np.integer)
+            and w.size > 0 and int(w.min()) >= -128 and int(w.max()) <= 127)
 
 
 def densify_grouped(mod: Any) -> Any:
@@ -335,9 +343,13 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
                 if wt is not None and wt.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
                     wa = np.ascontiguousarray(wt.T)
         xs = _static_shape(x)
-        if wa is None or wa.ndim != 2 or xs is None or len(xs) < 2 or wa.dtype != np.float32:
+        if wa is None or wa.ndim != 2 or xs is None or len(xs) < 2:
             return None
-        if str(x.ty.dtype) != "float32" or int(np.prod(xs[:-1])) > MAX_GEMV_ROWS or xs[-1] != wa.shape[0]:
+        if int(np.prod(xs[:-1])) > MAX_GEMV_ROWS or xs[-1] != wa.shape[0]:
+            return None
+        if _is_int8_matmul(node, x, wa):  # MatMulInteger (dynamic int8): int32 in, int32 out, no epilogue
+            return (x, wa.astype(np.int8), None, False) if bias is None and not relu else None
+        if wa.dtype != np.float32 or str(x.ty.dtype) != "float32":
             return None
         n = wa.shape[1]
         if bias is not None:
@@ -366,12 +378,21 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
             n = w.shape[1]
             bn = choose_block_n(n, cfg.block_n, cfg.lanes)
             bc = relax.const(b if b is not None else np.zeros((1,), np.float32))
-            bs = pack_block_sparse(w, bn) if cfg.grouped and np.mean(w == 0) > 0.3 else None
+            out_dtype = "float32"
+            sparse_ok = cfg.grouped and w.dtype == np.float32 and np.mean(w == 0) > 0.3
+            bs = pack_block_sparse(w, bn) if sparse_ok else None
             if bs is not None and bs.density <= MAX_GROUPED_DENSITY and mrows <= 8:  # M x BN accumulators
                 name = f"edgec_grouped_gemv_{self.count}"
                 func = grouped_gemv_kernel(bs, mrows, b is not None, relu, xshape, yshape)
                 args = [relax.const(bs.kptr), relax.const(bs.kidx), relax.const(bs.wv), bc]
                 kname, extra = GROUPED_NAME, {"density": round(bs.density, 4)}
+            elif w.dtype == np.int8:
+                name = f"edgec_gemv_i8_{self.count}"
+                p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=False, relu=False,
+                               x_shape=xshape, y_shape=yshape, x_dtype="int32", w_dtype="int8", acc_dtype="int32")
+                func = gemv_kernel(p)
+                args = [relax.const(pack_weight(w, bn)), relax.const(np.zeros((1,), np.int32))]
+                kname, extra, out_dtype = GEMV_I8_NAME, {}, "int32"
             else:
                 name = f"edgec_gemv_{self.count}"
                 p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=b is not None, relu=relu,
@@ -385,7 +406,7 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
             report.replaced.append({"kernel": kname, "func": name, "m": mrows, "k": k, "n": n, "block_n": bn,
                                     "bias": b is not None, "relu": relu, **extra})
             # The kernels take x / y in the graph's shapes (e.g. (1, 1, K)) and view them flat.
-            call = relax.call_tir(gv, [self.visit_expr(x), *args], relax.TensorType(yshape, "float32"))
+            call = relax.call_tir(gv, [self.visit_expr(x), *args], relax.TensorType(yshape, out_dtype))
             new_var = self.builder_.emit(call, "gemv")
             self.set_var_remap(binding.var, new_var)
 
