@@ -25,8 +25,10 @@ from toolchain.export import export_model
 from toolchain.zoo.registry import get_entry
 from toolchain.zoo.trained import load_trained
 
-NAMES = ("g2gnet", "g2gnet-weight", "g2gnet-dense-match", "kan-bspline", "kan-fast", "kan-cheby", "skan", "convkan")
+NAMES = ("g2gnet", "g2gnet-weight", "g2gnet-dense-match", "kan-bspline", "kan-fast", "kan-cheby", "skan", "skan-local",
+         "convkan")
 SINGLE_BASIS = ("kan-bspline", "kan-fast", "kan-cheby")
+SKANS = ("skan", "skan-local")
 
 
 def run_entry(name: str, cache: Cache) -> dict[str, Any]:
@@ -87,12 +89,13 @@ def checks(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if name in rows:
             add(f"{name} >= 87 %", rows[name]["test_accuracy"] >= 0.87, f"{rows[name]['test_accuracy']:.4f}")
     singles = [rows[n] for n in SINGLE_BASIS if n in rows]
-    if "skan" in rows and singles:
-        best = max(singles, key=lambda r: r["test_accuracy"])
-        s = rows["skan"]
-        add("S-KAN >= best single-basis KAN of the same size (784-64-10, 8 functions per edge)",
-            s["test_accuracy"] >= best["test_accuracy"],
-            f"{s['test_accuracy']:.4f} vs {best['model']} {best['test_accuracy']:.4f}")
+    for name in SKANS:
+        if name in rows and singles:
+            best = max(singles, key=lambda r: r["test_accuracy"])
+            s = rows[name]
+            add(f"{name} (pool {'/'.join(s['recipe']['pool'])}) >= best single-basis KAN of the same size "
+                "(784-64-10, 8 functions per edge)", s["test_accuracy"] >= best["test_accuracy"],
+                f"{s['test_accuracy']:.4f} vs {best['model']} {best['test_accuracy']:.4f}")
     for name, r in rows.items():
         ok = r["parity_max_rel"] is not None and r["parity_max_rel"] <= 1e-4 and r["parity_argmax"] == 1.0
         add(f"{name}: ONNX Runtime parity (exporter gate, 1000 test samples)", ok,
@@ -129,15 +132,15 @@ def write(rows: dict[str, dict[str, Any]], out: Path) -> None:
                      f"| {fmt(r['full_test_argmax'], '.4f')} |")
     lines += ["", "## Checks (issue 3 'done when')", "", "| claim | result | detail |", "| --- | --- | --- |"]
     lines += [f"| {c['claim']} | {'met' if c['ok'] else 'NOT met'} | {c['detail']} |" for c in cks]
-    if "skan" in rows:
-        x = rows["skan"]["extra"]
-        lines += ["", "## S-KAN phases", "",
+    for name in (n for n in SKANS if n in rows):
+        x = rows[name]["extra"]
+        lines += ["", f"## {name} phases (pool {', '.join(rows[name]['recipe']['pool'])})", "",
                   (f"- full pool (all 3 bases, {fmt(x.get('params_full_pool'), ',')} params): "
                   f"{fmt(x.get('full_pool_accuracy'), '.4f')}"),
                   f"- after selection, before fine-tuning: {fmt(x.get('selected_untuned_accuracy'), '.4f')}",
-                  f"- after pruning + fine-tuning (deployed): {rows['skan']['test_accuracy']:.4f}",
+                  f"- after pruning + fine-tuning (deployed): {rows[name]['test_accuracy']:.4f}",
                   f"- chosen bases per layer: {x.get('choices')}",
-                  (f"- epochs: S-KAN {rows['skan']['epochs']} (full pool + pruned fine-tuning) vs "
+                  (f"- epochs: {rows[name]['epochs']} (full pool + pruned fine-tuning) vs "
                    f"{', '.join(str(rows[n]['epochs']) for n in SINGLE_BASIS if n in rows)} for the single-basis "
                    "KANs; the comparison is at equal deployed size (784-64-10, 8 functions per edge), "
                    "not equal training budget")]

@@ -110,16 +110,21 @@ def _kan_entry(name: str, kind: str, summary: str) -> ZooEntry:
                     recipe={**KAN_COMMON, "kind": kind}, build=build_kan, train=train_kan, tags=("kan",))
 
 
+def _skan_entry(name: str, pool: tuple[str, ...]) -> ZooEntry:
+    return ZooEntry(name=name, family="kan",
+                    summary=f"S-KAN 784-64-10: per-node basis chosen from {{{', '.join(pool)}}}, pruned, frozen",
+                    dataset="fashion-mnist", input_shape=(1, 784),
+                    recipe={"hidden": [64], "num_basis": 8, "pool": list(pool), "epochs_full": 2, "epochs_prune": 8,
+                            "select_samples": 4096, "selection": "taylor-centred", "lr": 2e-3, "batch": 128},
+                    build=build_skan, train=train_skan, export_module=_skan_export, tags=("kan",))
+
+
 ENTRIES = (
     _kan_entry("kan-bspline", "bspline", "B-spline KAN 784-64-10 (efficient-kan: SiLU base + G=5, k=3 spline)"),
     _kan_entry("kan-fast", "rbf", "FastKAN 784-64-10 (8 Gaussian RBFs on LayerNorm + SiLU base)"),
     _kan_entry("kan-cheby", "cheby", "ChebyKAN 784-64-10 (degree 7 by recurrence on tanh)"),
-    ZooEntry(name="skan", family="kan",
-             summary="S-KAN 784-64-10: per-node basis chosen from {bspline, rbf, cheby}, pruned, frozen",
-             dataset="fashion-mnist", input_shape=(1, 784),
-             recipe={"hidden": [64], "num_basis": 8, "pool": ["bspline", "rbf", "cheby"], "epochs_full": 2,
-                     "epochs_prune": 8, "select_samples": 4096, "selection": "taylor-centred", "lr": 2e-3, "batch": 128},
-             build=build_skan, train=train_skan, export_module=_skan_export, tags=("kan",)),
+    _skan_entry("skan", ("bspline", "rbf", "cheby")),
+    _skan_entry("skan-local", ("bspline", "rbf")),
     ZooEntry(name="convkan", family="kan", summary="Conv-KAN: RBF expansion per channel + Conv2d, 1x28x28 input",
              dataset="fashion-mnist", input_shape=(1, 1, 28, 28),
              recipe={"channels": [8, 16], "centers": [8, 4], "epochs": 3, "lr": 2e-3, "batch": 128},
