@@ -53,6 +53,7 @@ def optimize(art: Artifact, pass_texts: list[str], cache: Cache, profile: Profil
             data = _dataset_for(art, data_dir, data_name)
         ctx = PassContext(profile=profile, cache=cache, data=data, target=target)
         keyed = {**config_dict(cfg), **({"data": data_name} if data_name and getattr(cfg, "needs_data", False) else {})}
+        keyed["target"] = target  # passes may choose forms or measure speed for the target
         sk = StepKey(f"pass:{spec.name}", (art.key,), keyed, spec.version,
                      profile.id if profile else None)
         model = None
@@ -193,13 +194,19 @@ def build(model: str, profile_id: str, targets: list[str] | None, passes: list[s
     onnx_art, export_hit = export(model, cache, input_shape, data_dir=data_dir, progress=progress)
     bar.update(1)
     bar.set_postfix_str("passes")
-    final, pass_reports = optimize(onnx_art, passes, cache, profile, data_dir) if passes else (onnx_art, [])
+    # Passes run per target: a pass may pick a lowering form for, or measure speed on, that target.
+    finals: dict[str, Artifact] = {}
+    pass_reports: dict[str, list[dict[str, Any]]] = {}
+    for t in targets:
+        finals[t], pass_reports[t] = optimize(onnx_art, passes, cache, profile, data_dir, target=t) \
+            if passes else (onnx_art, [])
     bar.update(1)
     compiled: dict[str, tuple[Artifact, bool]] = {}
     for t in targets:
         bar.set_postfix_str(f"compile {t}")
-        compiled[t] = compile(final, profile, t, cache)
+        compiled[t] = compile(finals[t], profile, t, cache)
         bar.update(1)
+    final = finals[targets[0]]
     bar.set_postfix_str("bench")
     m = load_onnx(final.payload, check=False)
     spec = input_specs(fix_batch(m, 1))[0]
@@ -233,7 +240,7 @@ def build(model: str, profile_id: str, targets: list[str] | None, passes: list[s
         "model": model, "profile": profile.id,
         "onnx": {"artifact": onnx_art.key, "cache_hit": export_hit, "params": param_count(m),
                  "ops": op_histogram(m), "parity_vs_torch": onnx_art.meta.get("parity")},
-        "passes": pass_reports, "final_onnx": final.key, "targets": results,
+        "passes": pass_reports, "final_onnx": {t: a.key for t, a in finals.items()}, "targets": results,
         "environment": environment(), "wall_s": round(time.monotonic() - t0, 2),
         "cache_hits": {"export": export_hit, **{t: h for t, (_, h) in compiled.items()}},
     }

@@ -65,8 +65,9 @@ def build_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 def _summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"model {report['model']}  profile {report['profile']}  params {report['onnx']['params']:,}  "
              f"wall {report['wall_s']} s"]
-    if report["passes"]:
-        lines.append("passes: " + ", ".join(p["pass"] for p in report["passes"]))
+    names = next((", ".join(p["pass"] for p in ps) for ps in report["passes"].values() if ps), "")
+    if names:
+        lines.append(f"passes: {names}")
     if "tvm_vs_ort_p50_ratio" in report:
         lines.append(f"TVM / ORT p50 ratio: {report['tvm_vs_ort_p50_ratio']:.2f}x")
     return lines
