@@ -114,7 +114,7 @@ def _skan_entry(name: str, pool: tuple[str, ...]) -> ZooEntry:
     return ZooEntry(name=name, family="kan",
                     summary=f"S-KAN 784-64-10: per-node basis chosen from {{{', '.join(pool)}}}, pruned, frozen",
                     dataset="fashion-mnist", input_shape=(1, 784),
-                    recipe={"hidden": [64], "num_basis": 8, "pool": list(pool), "epochs_full": 2, "epochs_prune": 8,
+                    recipe={"hidden": [64], "num_basis": 8, "pool": list(pool), "epochs_full": 4, "epochs_prune": 8,
                             "select_samples": 4096, "selection": "taylor-centred", "lr": 2e-3, "batch": 128},
                     build=build_skan, train=train_skan, export_module=_skan_export, tags=("kan",))
 
