@@ -135,7 +135,7 @@ def write(rows: dict[str, dict[str, Any]], out: Path) -> None:
     for name in (n for n in SKANS if n in rows):
         x = rows[name]["extra"]
         lines += ["", f"## {name} phases (pool {', '.join(rows[name]['recipe']['pool'])})", "",
-                  (f"- full pool (all 3 bases, {fmt(x.get('params_full_pool'), ',')} params): "
+                  (f"- full pool (all {len(rows[name]['recipe']['pool'])} bases, {fmt(x.get('params_full_pool'), ',')} params): "
                   f"{fmt(x.get('full_pool_accuracy'), '.4f')}"),
                   f"- after selection, before fine-tuning: {fmt(x.get('selected_untuned_accuracy'), '.4f')}",
                   f"- after pruning + fine-tuning (deployed): {rows[name]['test_accuracy']:.4f}",
