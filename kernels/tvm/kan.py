@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from kernels.tvm.relax_match import NoMatch, const_ints, static_shape
+
 KERNEL_NAME = "kan-fused-f32"
 MAX_OUT = 512  # accumulators for all outputs stay live: beyond this, leave the layer to the GEMV path
 
@@ -41,31 +43,12 @@ class BasisGraph:
     root: Any = None  # the Relax var holding z, shape (..., n)
 
 
-class NoMatch(Exception):
-    """The subgraph is not a per-feature basis expansion this kernel can fuse."""
-
-
-def _shape(e: Any) -> tuple[int, ...]:
-    ty = getattr(e, "ty", None)
-    try:
-        return tuple(int(d) for d in ty.shape.values)  # type: ignore[union-attr]
-    except (AttributeError, TypeError):
-        raise NoMatch("dynamic shape") from None
-
-
-def _ints(e: Any) -> list[int]:
-    vals = getattr(e, "values", None)
-    if vals is None:
-        vals = list(e.fields) if hasattr(e, "fields") else list(e)
-    return [int(getattr(v, "value", v)) for v in vals]
-
-
 def extract_basis(v_expr: Any, lookup: Any, const_of: Any) -> BasisGraph:
     """Per-feature graph producing ``v_expr`` (shape (..., n, K)); raises NoMatch."""
     import tvm
     from tvm import relax
 
-    vshape = _shape(v_expr)
+    vshape = static_shape(v_expr)
     root_shape = vshape[:-1]
     rank = len(vshape)
     g = BasisGraph()
@@ -76,7 +59,7 @@ def extract_basis(v_expr: Any, lookup: Any, const_of: Any) -> BasisGraph:
         return len(g.nodes) - 1
 
     def width_of(e: Any) -> int:
-        s = _shape(e)
+        s = static_shape(e)
         if s == root_shape or s == (*root_shape, 1):
             return 1
         if len(s) == rank and s[:-1] == root_shape:
@@ -107,7 +90,7 @@ def extract_basis(v_expr: Any, lookup: Any, const_of: Any) -> BasisGraph:
                 try:
                     nid = visit_call(val)
                 except NoMatch:
-                    if _shape(e) != root_shape:
+                    if static_shape(e) != root_shape:
                         raise
                     del g.nodes[saved[0]:]
                     g.root = saved[1]
@@ -115,7 +98,7 @@ def extract_basis(v_expr: Any, lookup: Any, const_of: Any) -> BasisGraph:
                     memo.update(saved[2])
                     nid = -1
             if nid < 0:
-                if _shape(e) != root_shape:
+                if static_shape(e) != root_shape:
                     raise NoMatch("leaf is not a (…, n) tensor")
                 if g.root is not None and not g.root.same_as(e):
                     raise NoMatch("basis depends on two tensors")
@@ -163,8 +146,8 @@ def extract_basis(v_expr: Any, lookup: Any, const_of: Any) -> BasisGraph:
                 raise NoMatch("expand_dims on another axis")
             return add(("unary", w, "identity", visit(call.args[0])))
         if name == "strided_slice":
-            axes, begin, end = _ints(call.args[1]), _ints(call.args[2]), _ints(call.args[3])
-            strides = _ints(call.args[4]) if len(call.args) > 4 else [1]
+            axes, begin, end = const_ints(call.args[1]), const_ints(call.args[2]), const_ints(call.args[3])
+            strides = const_ints(call.args[4]) if len(call.args) > 4 else [1]
             if axes not in ([rank - 1], [-1]) or strides != [1]:
                 raise NoMatch("strided_slice off the basis axis")
             src = visit(call.args[0])

@@ -23,15 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from kernels.tvm.relax_match import NoMatch, const_ints, static_shape
+
 KERNEL_NAME = "lif-fused-f32"
 
 UNARY = ("negative", "floor", "exp", "tanh", "sigmoid", "abs")
 BINARY = ("add", "subtract", "multiply", "divide", "greater", "greater_equal", "less", "less_equal",
           "maximum", "minimum", "logical_and", "logical_or")
-
-
-class NoMatch(Exception):
-    """Not an elementwise recurrence over row slices of one tensor."""
 
 
 @dataclass
@@ -44,28 +42,14 @@ class Recurrence:
     rows: int = 0  # T*B
 
 
-def _shape(e: Any) -> tuple[int, ...]:
-    try:
-        return tuple(int(d) for d in e.ty.shape.values)
-    except (AttributeError, TypeError):
-        raise NoMatch("dynamic shape") from None
-
-
-def _ints(e: Any) -> list[int]:
-    vals = getattr(e, "values", None)
-    if vals is None:
-        vals = list(e.fields) if hasattr(e, "fields") else list(e)
-    return [int(getattr(v, "value", v)) for v in vals]
-
-
 def extract_recurrence(concat: Any, lookup: Any, const_of: Any) -> Recurrence:
     """The graph behind ``concat((p_0, ..., p_{T-1}), axis=0)`` with every p_t of shape (1, N)."""
     import tvm
     from tvm import relax
 
     parts = list(concat.args[0].fields)
-    part_shape = _shape(parts[0])
-    if len(part_shape) != 2 or part_shape[0] != 1 or any(_shape(p) != part_shape for p in parts):
+    part_shape = static_shape(parts[0])
+    if len(part_shape) != 2 or part_shape[0] != 1 or any(static_shape(p) != part_shape for p in parts):
         raise NoMatch("parts are not (1, N)")
     n = part_shape[1]
     g = Recurrence()
@@ -94,13 +78,13 @@ def extract_recurrence(concat: Any, lookup: Any, const_of: Any) -> Recurrence:
 
     def visit_call(call: Any) -> int:
         name = call.op.name.removeprefix("relax.")
-        if _shape(call) not in ((1, n), (n,)):
+        if static_shape(call) not in ((1, n), (n,)):
             raise NoMatch(f"{name} on another shape")
         if name == "strided_slice":
             src = call.args[0]
-            axes, begin, end = _ints(call.args[1]), _ints(call.args[2]), _ints(call.args[3])
-            strides = _ints(call.args[4]) if len(call.args) > 4 else [1]
-            ss = _shape(src)
+            axes, begin, end = const_ints(call.args[1]), const_ints(call.args[2]), const_ints(call.args[3])
+            strides = const_ints(call.args[4]) if len(call.args) > 4 else [1]
+            ss = static_shape(src)
             if axes != [0] or strides != [1] or len(ss) != 2 or ss[1] != n or end[0] - begin[0] != 1:
                 raise NoMatch("slice is not one row")
             if g.source is None:

@@ -1,4 +1,4 @@
-"""Trained weights as cached artifacts, keyed by (model name, recipe, data hash, seed)."""
+"""Trained weights as cached artifacts, keyed by (model name, recipe, data hash, seed, training code)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,19 @@ def load_state_dict_safely(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def training_code_digest() -> str:
+    """sha256 of the zoo package's sources: editing a family, its layers or the training loop must retrain.
+
+    Coarse on purpose: per-family digests would miss shared helpers (bases, training loop, datasets)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def load_trained(
     entry: ZooEntry,
     cache: Cache,
@@ -37,7 +50,8 @@ def load_trained(
     import torch
 
     data = data or load_dataset(entry.dataset, data_dir)
-    sk = StepKey("train", (), {"model": entry.name, "recipe": dict(entry.recipe), "data": data.sha256, "seed": seed})
+    sk = StepKey("train", (), {"model": entry.name, "recipe": dict(entry.recipe), "data": data.sha256, "seed": seed,
+                               "code": training_code_digest()})
 
     def write(d: Path) -> tuple[str, dict[str, Any]]:
         torch.manual_seed(seed)
