@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from toolchain.export import compare, export_module, run_ort
+from toolchain.export import export_module
 from toolchain.zoo import ZooEntry
 from toolchain.zoo.g2gnet import (
     ENTRIES,
@@ -22,24 +22,7 @@ from toolchain.zoo.g2gnet import (
 )
 from toolchain.zoo.registry import get_entry
 from toolchain.zoo.trained import load_trained
-
-
-def full_test_parity(module: torch.nn.Module, model: onnx.ModelProto, x: np.ndarray) -> Any:
-    """ONNX Runtime vs torch over the whole real test set, in chunks of 1000 (bounded memory)."""
-    chunks = [x[i:i + 1000] for i in range(0, len(x), 1000)]
-    with torch.no_grad():
-        ref = np.concatenate([module(torch.from_numpy(c)).numpy() for c in chunks])
-    got = np.concatenate([o[0] for o in run_ort(model, [{model.graph.input[0].name: c} for c in chunks])])
-    return compare([ref], [got])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    # Small models on a shared 2-core machine: a second intra-op thread made steps several times slower.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+from tests.zoo_helpers import full_test_parity, one_thread  # noqa: F401 (autouse fixture)
 
 
 TINY = {"epochs": 1, "train_limit": 2000}

@@ -11,31 +11,14 @@ import onnx
 import pytest
 import torch
 
-from toolchain.export import compare, export_module, run_ort, torch_to_onnx
+from toolchain.export import export_module, torch_to_onnx
 from toolchain.zoo import ZooEntry
 from toolchain.zoo.kan import ENTRIES
 from toolchain.zoo.kan_bases import BSplineBasis, ChebyBasis, RBFBasis, kernel_annotations
 from toolchain.zoo.registry import get_entry
 from toolchain.zoo.skan import SKANNet
 from toolchain.zoo.trained import load_trained
-
-
-def full_test_parity(module: torch.nn.Module, model: onnx.ModelProto, x: np.ndarray) -> Any:
-    """ONNX Runtime vs torch over the whole real test set, in chunks of 1000 (bounded memory)."""
-    chunks = [x[i:i + 1000] for i in range(0, len(x), 1000)]
-    with torch.no_grad():
-        ref = np.concatenate([module(torch.from_numpy(c)).numpy() for c in chunks])
-    got = np.concatenate([o[0] for o in run_ort(model, [{model.graph.input[0].name: c} for c in chunks])])
-    return compare([ref], [got])
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    # Small models on a shared 2-core machine: a second intra-op thread made steps several times slower.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+from tests.zoo_helpers import full_test_parity, one_thread  # noqa: F401 (autouse fixture)
 
 
 TINY = {"epochs": 1, "epochs_full": 1, "epochs_prune": 1, "select_samples": 512, "train_limit": 2000}

@@ -79,3 +79,15 @@ def time_pair(dense: onnx.ModelProto, sparse: onnx.ModelProto, in_name: str, in_
 def threads_of(ctx: Any) -> int:
     prof = getattr(ctx, "profile", None)
     return int(prof.bench.threads) if prof is not None else 1
+
+
+def measure_into(row: dict[str, Any], dense: onnx.ModelProto, sparse: onnx.ModelProto, in_dim: int, cfg: Any,
+                 ctx: Any) -> bool:
+    """When ``cfg.measure`` or ``cfg.only_if_faster``: time the layer dense vs sparse on ``ctx.target`` into
+    ``row``. Returns True when ``only_if_faster`` says the layer must stay dense."""
+    if not (cfg.measure or cfg.only_if_faster):
+        return False
+    t = time_pair(dense, sparse, "x", in_dim, threads_of(ctx))
+    row["measured_on"] = ctx.target
+    row.update(t.to_json())
+    return bool(cfg.only_if_faster and t.speedup < MIN_GAIN)

@@ -17,7 +17,7 @@ import onnx
 from toolchain.errors import GateFailure
 from toolchain.passes import PassContext, PassResult
 from toolchain.passes._graph import copy_model, get_weight, require_layers, select, set_weight
-from toolchain.passes._speed import MIN_GAIN, check_target, threads_of, time_pair
+from toolchain.passes._speed import check_target, measure_into
 from toolchain.passes.prune import layer_pair
 
 
@@ -71,12 +71,7 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
             raise GateFailure(f"pass nm: {bad} blocks of layer {ly.name} violate {cfg.n}:{cfg.m} after pruning; "
                               "this is an edgec bug, report it")
         row["density"] = round(float(np.count_nonzero(sw)) / w.size, 4)
-        keep_dense = False
-        if cfg.measure or cfg.only_if_faster:
-            t = time_pair(*layer_pair(w, sw), "x", w.shape[0], threads_of(ctx))
-            row["measured_on"] = ctx.target
-            row.update(t.to_json())
-            keep_dense = cfg.only_if_faster and t.speedup < MIN_GAIN
+        keep_dense = measure_into(row, *layer_pair(w, sw), w.shape[0], cfg, ctx)
         if keep_dense:
             row.update(applied=False, density=row["density_before"],
                        why=f"no N:M kernel on {ctx.target} (ratio {row['speedup']}); kept dense")

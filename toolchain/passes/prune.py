@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from toolchain.errors import UsageError
 from toolchain.passes import PassContext, PassResult
 from toolchain.passes._graph import copy_model, get_weight, require_layers, select, set_weight
-from toolchain.passes._speed import MIN_GAIN, check_target, single_layer_model, threads_of, time_pair
+from toolchain.passes._speed import check_target, measure_into, single_layer_model
 
 ORT_NOTE = ("ONNX Runtime runs MatMul/Gemm densely: zeros in a dense weight give no speed-up on ort "
             "(use structured or modular passes for speed)")
@@ -72,12 +72,7 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
         row: dict[str, Any] = {"layer": ly.name, "shape": list(w.shape),
                                "density_before": round(float(np.count_nonzero(w)) / w.size, 4),
                                "density": round(float(np.count_nonzero(pruned)) / w.size, 4)}
-        keep_dense = False
-        if cfg.measure or cfg.only_if_faster:
-            t = time_pair(*layer_pair(w, pruned), "x", w.shape[0], threads_of(ctx))
-            row["measured_on"] = ctx.target
-            row.update(t.to_json())
-            keep_dense = cfg.only_if_faster and t.speedup < MIN_GAIN
+        keep_dense = measure_into(row, *layer_pair(w, pruned), w.shape[0], cfg, ctx)
         if keep_dense:
             row["applied"] = False
             row["density"] = row["density_before"]
