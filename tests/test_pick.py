@@ -77,3 +77,21 @@ def test_pick_over_a_candidates_file_then_warm_from_cache(tmp_path: Path, fashio
 def test_pick_rejects_bad_metric(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["pick", "--profile", "x86-avx512", "--budget-ms", "1", "--metric", "p42"])
     assert r.exit_code == 2 and "p42" in r.output
+
+
+def test_zoo_sweep_compares_one_task_only() -> None:
+    """Accuracies of different tasks (Cora, a 3-class Fashion-MNIST subset) must not compete."""
+    from toolchain.errors import UsageError
+    from toolchain.pick import zoo_candidates
+    from toolchain.profile import load_profile
+    from toolchain.zoo.registry import entries
+
+    prof = load_profile("x86-avx512")
+    names = {c.model for c in zoo_candidates(prof, "fashion-mnist")}
+    assert names and all(entries()[n].dataset == "fashion-mnist" for n in names)
+    assert "mlp-small" in names and not any(n.startswith(("nnf-tops", "glnn-")) for n in names)
+    assert {c.model for c in zoo_candidates(prof, "cora")} >= {"glnn-cora", "ffg2m-cora"}
+    import pytest
+
+    with pytest.raises(UsageError, match="--task"):
+        zoo_candidates(prof, "imagenet")

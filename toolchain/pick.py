@@ -53,9 +53,13 @@ class PickConfig:
     data_dir: Path | None = None
     samples: int = 1000
     remote: Any = None  # toolchain.remote.RemoteSpec
+    # Accuracy is only comparable on one task: the zoo sweep keeps entries trained for this dataset.
+    task: str = "fashion-mnist"
 
 
-def zoo_candidates(profile: Profile) -> list[Candidate]:
+def zoo_candidates(profile: Profile, task: str = "fashion-mnist") -> list[Candidate]:
+    """Every zoo entry for ``task`` x the default pass chains x targets. Entries of other tasks (Cora, a
+    Fashion-MNIST class subset) are left out: their accuracies are not comparable with this task's."""
     from toolchain.passes import REGISTRY
     from toolchain.zoo.registry import entries
 
@@ -64,7 +68,11 @@ def zoo_candidates(profile: Profile) -> list[Candidate]:
     if not targets:
         raise UsageError(f"profile {profile.id} lists none of the default pick targets {DEFAULT_TARGETS}; "
                          "pass --candidates FILE with targets it has")
-    return [Candidate(name, c, t) for name in entries() for c in chains for t in targets]
+    names = [name for name, e in entries().items() if e.dataset == task]
+    if not names:
+        tasks = sorted({e.dataset for e in entries().values()})
+        raise UsageError(f"no zoo model is trained for task {task!r}; use --task with one of {', '.join(tasks)}")
+    return [Candidate(name, c, t) for name in names for c in chains for t in targets]
 
 
 def file_candidates(path: Path, profile: Profile) -> list[Candidate]:
@@ -235,7 +243,7 @@ def run_pick(cfg: PickConfig, cache: Cache, progress: bool = True) -> dict[str, 
         raise UsageError("--budget-ms must be positive")
     t0 = time.monotonic()
     profile = load_profile(cfg.profile)
-    cands = zoo_candidates(profile) if cfg.candidates == "zoo" else file_candidates(Path(cfg.candidates), profile)
+    cands = zoo_candidates(profile, cfg.task) if cfg.candidates == "zoo" else file_candidates(Path(cfg.candidates), profile)
     rows = []
     bar = tqdm(cands, desc="pick", unit="cand", disable=None if progress else True)
     for c in bar:

@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
         metric: Annotated[str, typer.Option("--metric", help="p50 | p90 | p99.")] = "p90",
         min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="Accuracy floor (0-1).")] = None,
         candidates: Annotated[str, typer.Option("--candidates", help="'zoo' or a TOML file of candidates.")] = "zoo",
+        task: Annotated[str, typer.Option("--task", help="With --candidates zoo: the dataset whose models compete "
+                                          "(fashion-mnist, cora, citeseer, ...).")] = "fashion-mnist",
         report_dir: Annotated[Path, typer.Option("--report-dir", help="Where pick.json/.md/.png go.")] = Path("reports/pick"),
         verify: Annotated[int, typer.Option("--verify", help="Re-measure the chosen model N times.")] = 0,
         duration: Annotated[float | None, typer.Option("--duration", help="Seconds of timed runs per candidate.")] = None,
@@ -71,7 +73,7 @@ def register(app: typer.Typer) -> None:
             if tracker else None
         cfg = PickConfig(profile=profile, budget_ms=budget_ms, metric=metric, min_accuracy=min_accuracy,
                          candidates=candidates, report_dir=report_dir, verify=verify, duration_s=duration,
-                         data_dir=data_dir, remote=remote)
+                         data_dir=data_dir, remote=remote, task=task)
         rep = run_pick(cfg, get_cache(), progress=not as_json)
         emit(rep, as_json, lambda: render_markdown(rep))
 
