@@ -57,17 +57,11 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Export MODEL to ONNX, proving numerical parity with torch on ONNX Runtime."""
-    import shutil
-
     from toolchain import api
-    from toolchain.report import write_atomic
+    from toolchain.report import copy_atomic
 
     art, hit = api.export(model, _cache(), input_shape, weights, data_dir, form)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.copyfile(art.payload, tmp)
-    tmp.replace(output)
-    del write_atomic
+    copy_atomic(art.payload, output)
     data = {"output": str(output), "artifact": art.key, "cache_hit": hit, "parity": art.meta.get("parity")}
     emit(data, as_json, lambda: f"wrote {output} (artifact {art.key[:12]}{', cache hit' if hit else ''})"
          + (f"; parity max rel {data['parity']['max_rel']:.1e}" if data["parity"] else ""))
@@ -86,24 +80,20 @@ def optimize(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply graph passes (cleanup, sparsity, quantization) to an ONNX file."""
-    import shutil
-
     from toolchain import api
     from toolchain.export import import_onnx_file
+    from toolchain.passes import parse_pass
     from toolchain.profile import load_profile
+    from toolchain.report import copy_atomic
 
     cache = _cache()
     prof = load_profile(profile)
-    from toolchain.passes import parse_pass
-
-    for p in passes:
+    for p in passes:  # every pass is valid before the input enters the cache
         parse_pass(p)
     art, _ = import_onnx_file(model, cache)
     out_art, reports = api.optimize(art, passes, cache, prof, data_dir, data_name=data, only_if_faster=only_if_faster)
     output = output or model.with_name(model.stem + ".opt.onnx")
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.copyfile(out_art.payload, tmp)
-    tmp.replace(output)
+    copy_atomic(out_art.payload, output)
     emit({"output": str(output), "artifact": out_art.key, "passes": reports}, as_json,
          lambda: "\n".join([f"{r['pass']}: {r['report']}" for r in reports] + [f"wrote {output}"]))
 
