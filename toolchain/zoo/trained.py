@@ -10,6 +10,9 @@ from toolchain.cache import Artifact, Cache, StepKey
 from toolchain.zoo import TrainContext, ZooEntry
 from toolchain.zoo.datasets import Dataset, load_dataset
 
+_ZOO = "toolchain.zoo"
+_ZOO_DIR = Path(__file__).parent
+
 
 def load_state_dict_safely(path: Path) -> dict[str, Any]:
     """Weights only: never unpickle arbitrary objects from a checkpoint."""
@@ -25,16 +28,47 @@ def load_state_dict_safely(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def training_code_digest() -> str:
-    """sha256 of the zoo package's sources: editing a family, its layers or the training loop must retrain.
+def _zoo_imports(path: Path) -> set[str]:
+    """toolchain.zoo modules a source file imports (module level or inside functions)."""
+    import ast
 
-    Coarse on purpose: per-family digests would miss shared helpers (bases, training loop, datasets)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith(_ZOO + "."))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith(_ZOO + "."):
+                found.add(node.module)
+            elif node.module == _ZOO:  # `from toolchain.zoo import kan_bases` names a module; a class is not one
+                found.update(f"{_ZOO}.{a.name}" for a in node.names if (_ZOO_DIR / f"{a.name}.py").is_file())
+    return found
+
+
+def training_code_digest(entry: ZooEntry | None = None) -> str:
+    """sha256 of the training code of one entry: its family module(s) and every zoo module they import,
+    transitively (bases, training loop, datasets, the ZooEntry contract). Editing S-KAN retrains S-KAN, not
+    the spiking nets; editing the shared training loop retrains everything that uses it. Without an entry:
+    the whole zoo package."""
     import hashlib
+    import importlib.util
 
+    files: dict[str, Path] = {}
+    if entry is None:
+        files = {f.name: f for f in _ZOO_DIR.glob("*.py")}
+    else:
+        todo = [_ZOO] + sorted({entry.build.__module__, entry.train.__module__})
+        while todo:
+            mod = todo.pop()
+            spec = importlib.util.find_spec(mod)
+            origin = Path(spec.origin) if spec and spec.origin else None
+            if mod in files or origin is None or not origin.is_file():
+                continue
+            files[mod] = origin
+            todo.extend(sorted(_zoo_imports(origin) - files.keys()))
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
+    for name in sorted(files):
+        h.update(files[name].name.encode())
+        h.update(files[name].read_bytes())
     return h.hexdigest()
 
 
@@ -51,7 +85,7 @@ def load_trained(
 
     data = data or load_dataset(entry.dataset, data_dir)
     sk = StepKey("train", (), {"model": entry.name, "recipe": dict(entry.recipe), "data": data.sha256, "seed": seed,
-                               "code": training_code_digest()})
+                               "code": training_code_digest(entry)})
 
     def write(d: Path) -> tuple[str, dict[str, Any]]:
         torch.manual_seed(seed)
