@@ -1,6 +1,6 @@
 """Compression passes measured on the target -> benchmarks/results/passes.md.
 
-    nice python benchmarks/bench_passes.py [--duration 3.0] [--train] [--skip-g2g-zoo]
+    nice python benchmarks/bench_passes.py [--duration 3.0] [--train] [--skip-g2g-zoo] [--skip-int8 --out FILE]
 
 Every row compares a pass's output with its own baseline (fp32 / dense masked) compiled for the same target
 (ONNX Runtime CPU EP, the profile's thread count, batch 1) and timed interleaved in this process.
@@ -13,6 +13,9 @@ Every row compares a pass's output with its own baseline (fp32 / dense masked) c
 3. Modular lowering: the G2GNet zoo model (if present) and a synthetic G2GNet-shaped stack
    (784-1024-1024-10, 8 groups, 75 % column-structured sparsity, labelled synthetic) vs the same network
    stored as dense masked matrices; max relative error on 1000 real test images.
+4. The same modular lowering on TVM (pass run for target tvm, both sparse layers on the grouped GEMV
+   kernel) vs the dense masked network on TVM with the packed dense GEMV, plus the dense masked network
+   with TVM's default kernels for reference.
 """
 
 from __future__ import annotations
@@ -49,22 +52,29 @@ class Bench:
 
         self.cache, self.duration = cache, duration
         self.profile = load_profile(PROFILE)
+        self.last_kernels: list[dict[str, Any]] = []  # the TVM kernel table of the last compile
 
-    def compiled(self, art: Any) -> Any:
+    def compiled(self, art: Any, target: str = TARGET, profile: Any = None) -> Any:
         from targets import get_target
         from toolchain import api
 
-        out, _ = api.compile(art, self.profile, TARGET, self.cache)
-        return get_target(TARGET).load(out)
+        out, _ = api.compile(art, profile or self.profile, target, self.cache)
+        self.last_kernels = list(out.meta.get("kernels", []))
+        return get_target(target).load(out)
 
-    def compare(self, arts: dict[str, Any], x: np.ndarray, y: np.ndarray | None,
-                ) -> dict[str, dict[str, Any]]:
-        """Latency (interleaved, batch 1) and, per model, outputs / accuracy on x at batch 1."""
+    def compare(self, arts: dict[str, Any], x: np.ndarray, y: np.ndarray | None, target: str = TARGET,
+                profiles: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """Latency (interleaved, batch 1) and, per model, outputs / accuracy on x at batch 1. ``profiles``
+        overrides the profile per key (e.g. a TVM baseline with one kernel switched off)."""
         from toolchain.bench import measure_interleaved, run_batched
         from toolchain.onnx_io import fix_batch, input_specs, load_onnx
 
         spec = input_specs(fix_batch(load_onnx(next(iter(arts.values())).payload, check=False), 1))[0]
-        runners = {k: self.compiled(a) for k, a in arts.items()}
+        runners: dict[str, Any] = {}
+        kernels: dict[str, list[dict[str, Any]]] = {}
+        for k, a in arts.items():
+            runners[k] = self.compiled(a, target, (profiles or {}).get(k))
+            kernels[k] = self.last_kernels
         feed = {spec.name: x[:1].reshape(spec.shape)}
         try:
             lat = measure_interleaved({k: (r, feed) for k, r in runners.items()}, warmup_s=0.3,
@@ -73,7 +83,7 @@ class Bench:
             res: dict[str, dict[str, Any]] = {}
             for k, r in runners.items():
                 out = run_batched(r, spec.name, x, spec.shape)
-                res[k] = {"p50": lat[k].p50_ms * 1000, "p90": lat[k].p90_ms * 1000, "out": out,
+                res[k] = {"p50": lat[k].p50_ms * 1000, "p90": lat[k].p90_ms * 1000, "out": out, "kernels": kernels[k],
                           "acc": float((out.argmax(1) == y[:len(out)]).mean() * 100) if y is not None else None}
         finally:
             for r in runners.values():
@@ -85,8 +95,8 @@ def fmt_acc(a: float | None) -> str:
     return "-" if a is None else f"{a:.2f}"
 
 
-def row(model: str, pas: str, r: dict[str, Any], base: dict[str, Any], extra: str) -> str:
-    return (f"| {model} | {pas} | {TARGET} | {PROFILE} | {r['p50']:.1f} | {r['p90']:.1f} | {base['p50']:.1f} | "
+def row(model: str, pas: str, r: dict[str, Any], base: dict[str, Any], extra: str, target: str = TARGET) -> str:
+    return (f"| {model} | {pas} | {target} | {PROFILE} | {r['p50']:.1f} | {r['p90']:.1f} | {base['p50']:.1f} | "
             f"**{base['p50'] / r['p50']:.2f}x** | {fmt_acc(base['acc'])} -> {fmt_acc(r['acc'])} | {extra} |")
 
 
@@ -94,11 +104,59 @@ HEAD = ("| model | pass | target | profile | p50 (us) | p90 (us) | baseline p50 
         "accuracy % before -> after | notes |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
+def kernel_summary(kernels: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for k in kernels:
+        key = k.get("kernel") or k.get("origin", "?")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "-"
+
+
+def modular_tvm(b: Bench, mods: list[tuple[str, Any]], x: np.ndarray, y: np.ndarray,
+                checks: list[str]) -> list[str]:
+    """Modular lowering on TVM vs the same network as dense masked matrices on TVM. Baseline: the dense
+    masked network with the packed GEMV kernel and grouped GEMV off (TVM's fast dense path). Also timed:
+    the dense masked network with the default kernels (the grouped GEMV may pick a sparse layer by itself)."""
+    from kernels.tvm.harness import with_kernels
+    from toolchain import api
+
+    packed = with_kernels(b.profile, use_grouped_matmul=False)
+    out = ["### Modular lowering on TVM (`modular`, target tvm) vs the same network as dense masked matrices on TVM", "",
+           ("Baseline = the dense masked network on TVM with the packed GEMV kernel (grouped GEMV off): every layer a "
+           "dense GEMV over the zeros. `dense masked, default kernels` = the same dense network with the profile's "
+           "kernels (the grouped GEMV takes a layer whose zero pattern is contiguous in output blocks). Batch 1, "
+           "interleaved; max rel err vs the baseline's outputs on 1000 real test images."), "",
+           HEAD.replace("accuracy % before -> after", "accuracy % dense -> modular"), ]
+    for label, art in mods:
+        o, rep = api.optimize(art, ["modular"], b.cache, b.profile, target="tvm")
+        res = b.compare({"dense": art, "dense-default": art, "modular": o}, x, y, "tvm",
+                        {"dense": packed, "dense-default": b.profile})
+        ref = res["dense"]["out"]
+        errs = {k: float(np.abs(res[k]["out"] - ref).max() / np.abs(ref).max()) for k in ("dense-default", "modular")}
+        short = "g2gnet (zoo)" if "zoo" in label else "the synthetic G2GNet-shaped stack"
+        out.append(row(label, "- (dense masked, default kernels)", res["dense-default"], res["dense"],
+                       f"{kernel_summary(res['dense-default']['kernels'])}; max rel err {errs['dense-default']:.1e}", "tvm"))
+        lowered = [r for r in rep[0]["report"]["layers"] if r["applied"]]
+        out.append(row(label, "`modular` (gather=take)", res["modular"], res["dense"],
+                       f"{kernel_summary(res['modular']['kernels'])}; {len(lowered)} layers lowered; "
+                       f"max rel err {errs['modular']:.1e}", "tvm"))
+        print(out[-2], out[-1], sep="\n", flush=True)
+        ratio = res["dense"]["p50"] / res["modular"]["p50"]
+        vs_default = res["dense-default"]["p50"] / res["modular"]["p50"]
+        ok = ratio >= 2.5 and errs["modular"] <= 1e-5
+        checks.append(f"- `modular` on {short}, target tvm: {ratio:.2f}x vs dense masked with packed GEMV "
+                      f"(target >= 2.5x; {vs_default:.2f}x vs dense masked with default kernels), max rel err "
+                      f"{errs['modular']:.1e} (target <= 1e-5): **{'met' if ok else 'NOT met'}**")
+    return out + [""]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--duration", type=float, default=3.0, help="Seconds of timed runs per model (interleaved).")
     ap.add_argument("--train", action="store_true", help="Train mlp-1m / g2gnet if their weights are not cached.")
     ap.add_argument("--skip-g2g-zoo", action="store_true")
+    ap.add_argument("--skip-int8", action="store_true", help="Modular sections only (for iterating; use with --out).")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "passes.md")
     args = ap.parse_args()
 
     from toolchain import api
@@ -115,17 +173,17 @@ def main() -> int:
     b = Bench(cache, args.duration)
     ds = fashion_mnist()
     lines = ["## Compression passes (`benchmarks/bench_passes.py`)", "",
-             f"Target `{TARGET}` (ONNX Runtime CPU EP, {b.profile.bench.threads} thread, batch 1), profile `{PROFILE}`, "
+             (f"Target `{TARGET}` (ONNX Runtime CPU EP, {b.profile.bench.threads} thread, batch 1), profile `{PROFILE}`, "
              f"CPU {cpu_model()}. Baseline = the same model without the pass, compiled for the same target and "
              "timed interleaved in the same run; ratio = baseline p50 / pass p50. Accuracy: full Fashion-MNIST "
-             "test set (10000), batch 1.", ""]
+             "test set (10000), batch 1."), ""]
 
     # 1. accuracy-controlled int8 per zoo model
     names = [n for n, e in entries().items() if e.dataset == "fashion-mnist" and e.input_shape == (1, 784)]
     lines += ["### INT8, accuracy-controlled (`int8-auto`, max drop 1.0 point)", "", HEAD]
     reports: list[str] = []
     checks: list[str] = []
-    for name in names:
+    for name in ([] if args.skip_int8 else names):
         must = name in ("mlp-1m",) and args.train
         if not must and not trained_in_cache(name, cache, ds):
             print(f"skip {name}: no trained weights in the cache (run with --train or 'edgec zoo train {name}')")
@@ -203,10 +261,12 @@ def main() -> int:
                 per_layer.append(f"- {label} / {lr['layer']} {lr['shape']}: density {lr['density']}, "
                                  + (f"G={lr['groups']} K={lr['k']}{' (outputs regrouped)' if lr.get('output_permuted') else ''}, lowered"
                                     if lr["applied"] else f"left dense ({lr['why']})"))
-    lines += ["", "Per layer:", "", *per_layer, "", "### Targets (issue 4)", "", *checks, "",
-              f"Generated by `nice python benchmarks/bench_passes.py --duration {args.duration}` in "
-              f"{time.monotonic() - t0:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
-    out = HERE / "results" / "passes.md"
+        lines += ["", "Per layer:", "", *per_layer, ""]
+        lines += modular_tvm(b, mods, x, ds.y_test, checks)
+    lines += ["### Targets (issue 4)", "", *checks, "",
+              (f"Generated by `nice python benchmarks/bench_passes.py --duration {args.duration}` in "
+              f"{time.monotonic() - t0:.0f} s on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."), ""]
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
