@@ -12,6 +12,12 @@ The kernel streams only the nonzero rows (the multiply work and the bytes both s
 density), with the same BN-wide vector accumulators as the dense packed GEMV. Exact: rows dropped
 are all-zero within their block. Works on any zero pattern; it pays when groups are contiguous
 runs of outputs (G2GNet's layout, and what the ``modular`` pass produces).
+
+Interleaved groups (G2GNet's "mixer" grouping: output j in group j % G) make every BN-wide block
+span all groups, so no row can be dropped. ``regroup_columns`` then orders the outputs so that each
+block holds outputs sharing inputs; the weight is packed in that order (``perm``) and the kernel
+stores each result back at its original column (a scalar scatter of N values, cheap next to the
+K x N multiply work it saves).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class BlockSparse:
     kptr: np.ndarray  # int32 [NB + 1]
     kidx: np.ndarray  # int32 [nnz_rows]
     wv: np.ndarray  # float32 [nnz_rows, BN]
+    perm: np.ndarray | None = None  # int32 [N]: packed column p is the weight's column perm[p]; None = identity
 
     @property
     def density(self) -> float:
@@ -41,8 +48,36 @@ class BlockSparse:
         return len(self.kidx) / max(1, (len(self.kptr) - 1) * self.k)
 
 
-def pack_block_sparse(w: np.ndarray, block_n: int) -> BlockSparse:
-    """(K, N) -> block-row layout; zero padded to whole blocks."""
+def regroup_columns(w: np.ndarray, block_n: int, max_n: int = 4096) -> np.ndarray | None:
+    """An order of the output columns that puts columns with the same input support into the same
+    BN-wide block (greedy: seed with the first free column, take the BN - 1 free columns sharing the
+    most inputs with it); None when it keeps no more zero rows than the identity order, or N is large."""
+    n = w.shape[1]
+    if n > max_n or n <= block_n:
+        return None
+    f = (w != 0).astype(np.float32)
+    overlap = f.T @ f  # [N, N] inputs shared by two columns
+    free = np.ones(n, dtype=bool)
+    order: list[np.ndarray] = []
+    while free.any():
+        j = int(np.flatnonzero(free)[0])
+        score = np.where(free, overlap[j], -1.0)
+        pick = np.sort(np.argsort(-score, kind="stable")[:min(block_n, int(free.sum()))])
+        free[pick] = False
+        order.append(pick)
+    perm = np.concatenate(order)
+
+    def rows(p: np.ndarray) -> int:
+        return sum(int(np.any(w[:, p[b:b + block_n]] != 0, axis=1).sum()) for b in range(0, n, block_n))
+
+    return perm.astype(np.int32) if rows(perm) < rows(np.arange(n)) else None
+
+
+def pack_block_sparse(w: np.ndarray, block_n: int, perm: np.ndarray | None = None) -> BlockSparse:
+    """(K, N) -> block-row layout; zero padded to whole blocks. With ``perm`` the columns are packed
+    in that order (see ``regroup_columns``) and the kernel scatters results back."""
+    if perm is not None:
+        w = w[:, perm]
     k, n = w.shape
     nb = -(-n // block_n)
     padded = np.zeros((k, nb * block_n), dtype=np.float32)
@@ -59,12 +94,15 @@ def pack_block_sparse(w: np.ndarray, block_n: int) -> BlockSparse:
         vals.append(blocks[rows, b, :])
         kptr.append(kptr[-1] + len(rows))
     return BlockSparse(k, n, block_n, np.asarray(kptr, np.int32), np.concatenate(idx),
-                       np.ascontiguousarray(np.concatenate(vals), dtype=np.float32))
+                       np.ascontiguousarray(np.concatenate(vals), dtype=np.float32),
+                       None if perm is None else np.asarray(perm, np.int32))
 
 
 def grouped_gemv_kernel(bs: BlockSparse, rows: int, bias: bool, relu: bool, x_shape: tuple[int, ...] = (),
                         y_shape: tuple[int, ...] = ()) -> Any:
-    """PrimFunc ``(x[M, K], kptr, kidx, wv, b, y[M, N])`` for the packed weight ``bs``."""
+    """PrimFunc ``(x[M, K], kptr, kidx, wv, b, oidx, y[M, N])`` for the packed weight ``bs``. The bias
+    ``b`` is in packed column order; ``oidx`` (``bs.perm``, or one unused element) maps each packed
+    column to the output column it is stored at."""
     from tvm.script import tirx as T
 
     M, K, N, BN = rows, bs.k, bs.n, bs.block_n
@@ -74,6 +112,13 @@ def grouped_gemv_kernel(bs: BlockSparse, rows: int, bias: bool, relu: bool, x_sh
     NBIAS = N if bias else 1
     HAS_BIAS, RELU = bias, relu
     XS, YS = x_shape or (M, K), y_shape or (M, N)
+    PERM = bs.perm is not None
+    NO = N if PERM else 1
+    # Identity order: vector stores. Regrouped: a scalar scatter to the original columns.
+    store_loop = T.serial if PERM else T.vectorized
+
+    def col(oidx: Any, j: Any) -> Any:
+        return oidx[j] if PERM else j
 
     def act(v: Any, j: Any, b: Any) -> Any:
         if HAS_BIAS:
@@ -89,6 +134,7 @@ def grouped_gemv_kernel(bs: BlockSparse, rows: int, bias: bool, relu: bool, x_sh
         kidx: T.Buffer((NNZ,), "int32"),
         wv: T.Buffer((NNZ, BN), "float32"),
         b: T.Buffer((NBIAS,), "float32"),
+        oidx: T.Buffer((NO,), "int32"),
         yg: T.Buffer(YS, "float32"),
     ):
         T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True})
@@ -105,14 +151,14 @@ def grouped_gemv_kernel(bs: BlockSparse, rows: int, bias: bool, relu: bool, x_sh
                         acc[m, i] = acc[m, i] + x[m, kidx[r]] * wv[r, i]
             if nb < FULL:
                 for m in range(M):
-                    for i in T.vectorized(BN):
-                        y[m, nb * BN + i] = act(acc[m, i], nb * BN + i, b)
+                    for i in store_loop(BN):
+                        y[m, col(oidx, nb * BN + i)] = act(acc[m, i], nb * BN + i, b)
             else:
                 for m in range(M):
-                    for i in T.vectorized(TAIL if TAIL > 0 else 1):
-                        y[m, FULL * BN + i] = act(acc[m, i], FULL * BN + i, b)
+                    for i in store_loop(TAIL if TAIL > 0 else 1):
+                        y[m, col(oidx, FULL * BN + i)] = act(acc[m, i], FULL * BN + i, b)
 
     return grouped_gemv
 
 
-__all__ = ["KERNEL_NAME", "BlockSparse", "grouped_gemv_kernel", "pack_block_sparse"]
+__all__ = ["KERNEL_NAME", "BlockSparse", "grouped_gemv_kernel", "pack_block_sparse", "regroup_columns"]

@@ -19,7 +19,7 @@ import numpy as np
 
 from kernels.tvm import kan, lif
 from kernels.tvm.block_sparse import KERNEL_NAME as GROUPED_NAME
-from kernels.tvm.block_sparse import grouped_gemv_kernel, pack_block_sparse
+from kernels.tvm.block_sparse import grouped_gemv_kernel, pack_block_sparse, regroup_columns
 from kernels.tvm.gemv import KERNEL_NAME_INT8 as GEMV_I8_NAME
 from kernels.tvm.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
 
@@ -381,11 +381,18 @@ def substitute_kernels(mod: Any, cfg: KernelConfig) -> tuple[Any, SubstitutionRe
             out_dtype = "float32"
             sparse_ok = cfg.grouped and w.dtype == np.float32 and np.mean(w == 0) > 0.3
             bs = pack_block_sparse(w, bn) if sparse_ok else None
+            if bs is not None and bs.density > MAX_GROUPED_DENSITY:
+                # Interleaved groups (G2GNet's mixer grouping) fill every block: pack the outputs regrouped.
+                perm = regroup_columns(w, bn)
+                bs = pack_block_sparse(w, bn, perm) if perm is not None else bs
             if bs is not None and bs.density <= MAX_GROUPED_DENSITY and mrows <= 8:  # M x BN accumulators
                 name = f"edgec_grouped_gemv_{self.count}"
                 func = grouped_gemv_kernel(bs, mrows, b is not None, relu, xshape, yshape)
-                args = [relax.const(bs.kptr), relax.const(bs.kidx), relax.const(bs.wv), bc]
-                kname, extra = GROUPED_NAME, {"density": round(bs.density, 4)}
+                bp = b if b is None or bs.perm is None else b[bs.perm]  # the kernel adds bias in packed order
+                oidx = bs.perm if bs.perm is not None else np.zeros((1,), np.int32)
+                args = [relax.const(bs.kptr), relax.const(bs.kidx), relax.const(bs.wv),
+                        relax.const(bp if bp is not None else np.zeros((1,), np.float32)), relax.const(oidx)]
+                kname, extra = GROUPED_NAME, {"density": round(bs.density, 4), "regrouped": bs.perm is not None}
             elif w.dtype == np.int8:
                 name = f"edgec_gemv_i8_{self.count}"
                 p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=False, relu=False,
