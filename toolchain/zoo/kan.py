@@ -1,7 +1,8 @@
-"""KAN families on Fashion-MNIST: B-spline KAN, FastKAN, ChebyKAN, S-KAN and a Conv-KAN.
+"""KAN families on Fashion-MNIST: B-spline KAN, FastKAN, ChebyKAN and a Conv-KAN.
 
-Layers live in ``kan_bases`` (single-basis), ``skan`` (basis selection) and ``convkan``; this module
-holds the networks, the training recipes and the zoo entries.
+Layers live in ``kan_bases`` (single-basis) and ``convkan``; this module holds the networks, the
+training recipes and the zoo entries. S-KAN (basis selection) is its own family module, ``skan``, so
+editing it does not change these entries' training-code digest (and retrain them).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from toolchain.zoo import TrainContext, ZooEntry
 from toolchain.zoo.convkan import ConvKANNet
 from toolchain.zoo.g2gnet import limited_context, single_thread
 from toolchain.zoo.kan_bases import BSplineKANLayer, ChebyKANLayer, FastKANLayer
-from toolchain.zoo.skan import SKANNet
-from toolchain.zoo.training import evaluate, train_classifier
+from toolchain.zoo.training import train_classifier
 
 
 class KANNet(nn.Module):
@@ -48,10 +48,6 @@ def build_kan(recipe: Mapping[str, Any]) -> nn.Module:
     return KANNet(recipe["kind"], [784, *recipe["hidden"], 10], recipe["num_basis"])
 
 
-def build_skan(recipe: Mapping[str, Any]) -> nn.Module:
-    return SKANNet([784, *recipe["hidden"], 10], recipe["num_basis"], tuple(recipe["pool"]))
-
-
 def build_convkan(recipe: Mapping[str, Any]) -> nn.Module:
     return ConvKANNet(tuple(recipe["channels"]), tuple(recipe["centers"]))
 
@@ -69,62 +65,22 @@ def train_kan(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]) ->
     return metrics
 
 
-def train_skan(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]) -> dict[str, Any]:
-    """Full training with every basis, then per-node selection, then fine-tuning of the pruned net."""
-    assert isinstance(model, SKANNet)
-    if recipe.get("selection", "taylor-centred") != "taylor-centred":
-        raise ValueError("S-KAN selection must be 'taylor-centred' (see toolchain.zoo.skan)")
-    ctx = limited_context(ctx, recipe)
-    common = {"lr": recipe["lr"], "batch": recipe["batch"]}
-    with single_thread():
-        full = train_classifier(model, ctx, epochs=recipe["epochs_full"], desc="skan full", **common)
-        n = recipe["select_samples"]
-        model.select(torch.from_numpy(ctx.data.x_train[:n]), torch.from_numpy(ctx.data.y_train[:n]))
-        selected_acc = evaluate(model, ctx.data.x_test, ctx.data.y_test)
-        tuned = train_classifier(model, ctx, epochs=recipe["epochs_prune"], desc="skan pruned", **common)
-    pruned_params = sum(int(layer.node_mask().sum()) * layer.out_features for layer in model.layers) + sum(
-        p.numel() for n, p in model.named_parameters() if not n.endswith("coeff"))
-    return {
-        "test_accuracy": tuned["test_accuracy"],
-        "full_pool_accuracy": full["test_accuracy"],
-        "selected_untuned_accuracy": selected_acc,
-        "epochs": recipe["epochs_full"] + recipe["epochs_prune"],
-        "steps": full["steps"] + tuned["steps"],
-        "train_seconds": round(full["train_seconds"] + tuned["train_seconds"], 1),
-        "stopped_early": full["stopped_early"] or tuned["stopped_early"],
-        "choices": [layer.choice_counts() for layer in model.layers],
-        "params": pruned_params,
-        "params_full_pool": _params(model),
-    }
-
-
-def _skan_export(module: nn.Module, form: str) -> nn.Module:
-    return module.frozen() if isinstance(module, SKANNet) else module
-
-
 KAN_COMMON = {"hidden": [64], "num_basis": 8, "epochs": 6, "lr": 2e-3, "batch": 128}
 
 
-def _kan_entry(name: str, kind: str, summary: str) -> ZooEntry:
+def _kan_entry(name: str, kind: str, summary: str, epochs: int = KAN_COMMON["epochs"]) -> ZooEntry:
     return ZooEntry(name=name, family="kan", summary=summary, dataset="fashion-mnist", input_shape=(1, 784),
-                    recipe={**KAN_COMMON, "kind": kind}, build=build_kan, train=train_kan, tags=("kan",))
-
-
-def _skan_entry(name: str, pool: tuple[str, ...]) -> ZooEntry:
-    return ZooEntry(name=name, family="kan",
-                    summary=f"S-KAN 784-64-10: per-node basis chosen from {{{', '.join(pool)}}}, pruned, frozen",
-                    dataset="fashion-mnist", input_shape=(1, 784),
-                    recipe={"hidden": [64], "num_basis": 8, "pool": list(pool), "epochs_full": 4, "epochs_prune": 8,
-                            "select_samples": 4096, "selection": "taylor-centred", "lr": 2e-3, "batch": 128},
-                    build=build_skan, train=train_skan, export_module=_skan_export, tags=("kan",))
+                    recipe={**KAN_COMMON, "kind": kind, "epochs": epochs}, build=build_kan, train=train_kan,
+                    tags=("kan",))
 
 
 ENTRIES = (
     _kan_entry("kan-bspline", "bspline", "B-spline KAN 784-64-10 (efficient-kan: SiLU base + G=5, k=3 spline)"),
     _kan_entry("kan-fast", "rbf", "FastKAN 784-64-10 (8 Gaussian RBFs on LayerNorm + SiLU base)"),
     _kan_entry("kan-cheby", "cheby", "ChebyKAN 784-64-10 (degree 7 by recurrence on tanh)"),
-    _skan_entry("skan", ("bspline", "rbf", "cheby")),
-    _skan_entry("skan-local", ("bspline", "rbf")),
+    # Same net as kan-fast with S-KAN's total epoch budget (full pool + pruned fine-tuning): the fair
+    # equal-training comparison for S-KAN (scripts/zoo_g2g_kan.py checks the budgets match).
+    _kan_entry("kan-fast-long", "rbf", "FastKAN 784-64-10 trained 12 epochs (S-KAN's budget)", epochs=12),
     ZooEntry(name="convkan", family="kan", summary="Conv-KAN: RBF expansion per channel + Conv2d, 1x28x28 input",
              dataset="fashion-mnist", input_shape=(1, 1, 28, 28),
              recipe={"channels": [8, 16], "centers": [8, 4], "epochs": 3, "lr": 2e-3, "batch": 128},

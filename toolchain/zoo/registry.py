@@ -8,7 +8,7 @@ from toolchain.errors import UsageError
 from toolchain.zoo import ZooEntry
 
 # Family modules, each exporting ENTRIES: tuple[ZooEntry, ...]. Imported lazily (they import torch).
-FAMILY_MODULES = ("toolchain.zoo.mlp", "toolchain.zoo.g2gnet", "toolchain.zoo.kan",
+FAMILY_MODULES = ("toolchain.zoo.mlp", "toolchain.zoo.g2gnet", "toolchain.zoo.kan", "toolchain.zoo.skan",
                   "toolchain.zoo.gnn_mlp", "toolchain.zoo.spiking", "toolchain.zoo.nnfactory")
 
 
