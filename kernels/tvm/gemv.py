@@ -3,11 +3,16 @@
 ``y[m, n] = act(sum_k x[m, k] * W[k, n] + b[n])`` for a constant ``W`` of shape (K, N) and a small
 row count M (1 for batch-1 inference, T for the stateless part of a spiking layer).
 
-Packed layout: ``Wp[nb, k, i] = W[k, nb * BN + i]`` with N padded up to a multiple of BN. For one
-block of BN output columns the kernel then streams ``K * BN`` contiguous floats, keeping BN
-accumulators (BN / lanes vector registers) live while it walks k. Every batch-1 dense layer is
-bandwidth bound, so one contiguous stream per block with no reloads of partial sums is what wins.
-The tail block (N % BN columns) reads the first columns of the padded last block.
+Packed layout (one flat constant): the full blocks ``Wf[nb, k, i] = W[k, nb * BN + i]`` followed by
+the tail block ``Wt[k, i] = W[k, FULL * BN + i]``, ``i < TBN`` with TBN the tail width rounded up to
+``TAIL_ALIGN`` (or, past 16 columns, ``TAIL_CHUNK``) columns. For one block of BN output columns the kernel then streams ``K * BN``
+contiguous floats, keeping BN accumulators (BN / lanes vector registers) live while it walks k.
+Every batch-1 dense layer is bandwidth bound, so one contiguous stream per block with no reloads of
+partial sums is what wins. The tail is packed narrow (not padded to a whole BN block) because the
+zero padding is streamed like real weights: a 784x71 layer with BN=64 padded to 128 columns read 80 %
+more bytes than it needs (784x71 kernel: 1.5 vs 3.0 us). A narrow tail keeps few accumulators, so its
+k loop is split into independent partial sums (``TAIL_CHAINS``, summed at the end): one FMA chain per
+vector would wait on the FMA latency instead of the memory (784x10: 0.43 vs 0.78 us).
 
 Vector width and block sizes come from the device profile's ``[kernels]`` table: BN must be a
 multiple of the profile's fp32 lanes (AVX-512: 16, NEON: 4).
@@ -23,6 +28,29 @@ import numpy as np
 KERNEL_NAME = "gemv-packed-f32"
 KERNEL_NAME_INT8 = "gemv-packed-i8"
 MAX_ROW_BLOCK = 4  # rows sharing one pass over a weight block (4 x 64 accumulators = 16 AVX-512 registers)
+# A tail of up to TAIL_CHUNK columns is padded to a multiple of TAIL_ALIGN (the narrowest fp32 vector
+# of any profile, NEON's 4 lanes), a wider one to a multiple of TAIL_CHUNK, and the tail loops work in
+# chunks of at most TAIL_CHUNK: LLVM kept odd-width vectors such as <48 x float> with partial sums on
+# the stack (3x slower), while 4/8/16-wide pieces stay in registers on every profile.
+TAIL_ALIGN = 4
+TAIL_CHUNK = 16
+# Independent FMA chains wanted per block (partial sums over k x vector chunks x rows). Measured on
+# Zen 4 (kernel alone, interleaved): a k split in a narrow tail pays (784x10: 0.43 vs 0.78 us), in a
+# full 64-wide block (4 vectors, so 4 chains already) it measured no faster (784x256, 1024x1024) and
+# would spill on 16-register ISAs: full blocks keep one partial sum.
+FULL_CHAINS = 1
+TAIL_CHAINS = 8
+
+
+def tail_width(tail: int) -> int:
+    """Packed width of a tail block of ``tail`` columns (0 when there is no tail)."""
+    step = TAIL_ALIGN if tail <= TAIL_CHUNK else TAIL_CHUNK
+    return -(-tail // step) * step
+
+
+def tail_chunk(width: int) -> int:
+    """Vector width of the tail loops: the largest of TAIL_CHUNK, 8, TAIL_ALIGN dividing ``width``."""
+    return next(v for v in (TAIL_CHUNK, 8, TAIL_ALIGN, 1) if width % v == 0)
 
 
 @dataclass(frozen=True)
@@ -57,6 +85,11 @@ class GemvParams:
     def tail(self) -> int:
         return self.n % self.block_n
 
+    @property
+    def packed_size(self) -> int:
+        """Elements of the flat packed weight ``pack_weight`` returns."""
+        return self.k * (self.full_blocks * self.block_n + tail_width(self.tail))
+
 
 def choose_block_n(n: int, block_n: int, lanes: int) -> int:
     """The profile's block width, shrunk (in whole vectors) for layers narrower than one block."""
@@ -68,21 +101,25 @@ def choose_block_n(n: int, block_n: int, lanes: int) -> int:
 
 
 def pack_weight(w: np.ndarray, block_n: int) -> np.ndarray:
-    """(K, N) -> (ceil(N / BN), K, BN), zero padded: the layout ``gemv_kernel`` reads."""
+    """(K, N) -> flat [full blocks (N // BN, K, BN), then the tail (K, tail_width(N % BN))], zero
+    padded: the layout ``gemv_kernel`` reads."""
     k, n = w.shape
-    blocks = -(-n // block_n)
-    padded = np.zeros((k, blocks * block_n), dtype=w.dtype)
-    padded[:, :n] = w
-    return np.ascontiguousarray(padded.reshape(k, blocks, block_n).transpose(1, 0, 2))
+    full, tail = n // block_n, n % block_n
+    head = w[:, : full * block_n].reshape(k, full, block_n).transpose(1, 0, 2).reshape(-1)
+    tw = np.zeros((k, tail_width(tail)), dtype=w.dtype)
+    tw[:, :tail] = w[:, full * block_n :]
+    return np.ascontiguousarray(np.concatenate([head, tw.reshape(-1)]))
 
 
 def gemv_kernel(p: GemvParams) -> Any:
-    """The PrimFunc ``(x[M, K], wp[NB, K, BN], b[N], y[M, N])`` for ``p``, marked hand-written."""
+    """The PrimFunc ``(x[M, K], wp[packed], b[N], y[M, N])`` for ``p``, marked hand-written."""
     from tvm.script import tirx as T
 
     M, K, N, BN, U = p.m, p.k, p.n, p.block_n, max(1, p.unroll)
-    NB, FULL, TAIL = p.blocks, p.full_blocks, p.tail
-    KO, KR = K // U, K % U
+    FULL, TAIL = p.full_blocks, p.tail
+    TBN = max(1, tail_width(TAIL))
+    TOFF = FULL * K * BN  # where the tail block starts in the flat weight
+    WSIZE = max(1, p.packed_size)
     HAS_BIAS, RELU = p.bias, p.relu
 
     def act(v: Any, j: Any, b: Any) -> Any:
@@ -106,53 +143,77 @@ def gemv_kernel(p: GemvParams) -> Any:
             return acc_v + xv * wv
         return acc_v + T.Cast(AT, xv) * T.Cast(AT, wv)
 
-    # Rows are processed RB at a time (RB x BN accumulators live); the weight block is re-read per row
-    # block, from cache. RB is the largest divisor of M up to MAX_ROW_BLOCK.
+    # Rows are processed RB at a time (RB x width accumulators live); the weight block is re-read per
+    # row block, from cache. RB is the largest divisor of M up to MAX_ROW_BLOCK.
     RB = max(d for d in range(1, min(M, MAX_ROW_BLOCK) + 1) if M % d == 0)
     MO = M // RB
+
+    VCF, VCT = BN, tail_chunk(TBN)  # full blocks: one BN-wide vector op (a whole number of registers)
+    SF = max(1, FULL_CHAINS // (RB * (BN // VCF)))
+    ST = max(1, TAIL_CHAINS // (RB * (TBN // VCT)))
+
+    # TVMScript macros see Python ints as constants, but an assignment inside one makes a TIR variable
+    # (and an unrollable loop bound stops being constant): every derived size is a macro argument.
+    @T.macro
+    def block(x: Any, wp: Any, b: Any, y: Any, woff: Any, col0: Any, W: int, VC: int, S: int, NOUT: int,
+              KMAIN: int, OC: int, acc: Any) -> None:
+        """Columns [col0, col0 + NOUT) from the (K, W) packed block at ``woff``, W / VC vector chunks:
+        S partial sums over k (k = (ko * U + ku) * S + s, up to KMAIN, then the rest into sum 0) so that
+        S x rows x chunks independent FMA chains hide the FMA latency. OC = whole output chunks."""
+        for mo in range(MO):
+            for s in T.unroll(S):
+                for m in range(RB):
+                    for c in T.unroll(W // VC):
+                        for i in T.vectorized(VC):
+                            acc[s, m, c * VC + i] = ZERO
+            for ko in range(KMAIN // (S * U)):
+                for ku in T.unroll(U):
+                    for s in T.unroll(S):
+                        for m in range(RB):
+                            for c in T.unroll(W // VC):
+                                for i in T.vectorized(VC):
+                                    acc[s, m, c * VC + i] = mac(
+                                        acc[s, m, c * VC + i], x[mo * RB + m, (ko * U + ku) * S + s],
+                                        wp[woff + ((ko * U + ku) * S + s) * W + c * VC + i])
+            for kr in range(K - KMAIN):
+                for m in range(RB):
+                    for c in T.unroll(W // VC):
+                        for i in T.vectorized(VC):
+                            acc[0, m, c * VC + i] = mac(acc[0, m, c * VC + i], x[mo * RB + m, KMAIN + kr],
+                                                        wp[woff + (KMAIN + kr) * W + c * VC + i])
+            for s in T.unroll(S - 1):
+                for m in range(RB):
+                    for c in T.unroll(W // VC):
+                        for i in T.vectorized(VC):
+                            acc[0, m, c * VC + i] = acc[0, m, c * VC + i] + acc[s + 1, m, c * VC + i]
+            for m in range(RB):
+                for c in T.unroll(OC):
+                    for i in T.vectorized(VC):
+                        y[mo * RB + m, col0 + c * VC + i] = act(acc[0, m, c * VC + i], col0 + c * VC + i, b)
+                for i in range(NOUT - OC * VC):  # the last, partial chunk of a tail: scalar stores
+                    y[mo * RB + m, col0 + OC * VC + i] = act(acc[0, m, OC * VC + i], col0 + OC * VC + i, b)
+
+    KMF, KMT = K // (SF * U) * SF * U, K // (ST * U) * ST * U
 
     @T.prim_func
     def gemv(
         xg: T.Buffer(XS, XT),
-        wp: T.Buffer((NB, K, BN), WT),
+        wp: T.Buffer((WSIZE,), WT),
         b: T.Buffer((NBIAS,), AT),
         yg: T.Buffer(YS, AT),
     ):
         T.func_attr({"tirx.noalias": True, "edgec.kernel": KNAME, "tirx.is_scheduled": True})
         x = T.decl_buffer((M, K), XT, data=xg.data)  # flat 2-D views of the graph's tensors
         y = T.decl_buffer((M, N), AT, data=yg.data)
-        acc = T.alloc_buffer((RB, BN), AT, scope="local")
+        acc = T.alloc_buffer((SF, RB, BN), AT, scope="local")
+        acc_t = T.alloc_buffer((ST, RB, TBN), AT, scope="local")
         for nb in range(FULL):
-            for mo in range(MO):
-                for m in range(RB):
-                    for i in T.vectorized(BN):
-                        acc[m, i] = ZERO
-                for ko in range(KO):
-                    for ku in T.unroll(U):
-                        for m in range(RB):
-                            for i in T.vectorized(BN):
-                                acc[m, i] = mac(acc[m, i], x[mo * RB + m, ko * U + ku], wp[nb, ko * U + ku, i])
-                for kr in range(KR):
-                    for m in range(RB):
-                        for i in T.vectorized(BN):
-                            acc[m, i] = mac(acc[m, i], x[mo * RB + m, KO * U + kr], wp[nb, KO * U + kr, i])
-                for m in range(RB):
-                    for i in T.vectorized(BN):
-                        y[mo * RB + m, nb * BN + i] = act(acc[m, i], nb * BN + i, b)
+            block(x, wp, b, y, nb * K * BN, nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
         for _t in range(1 if TAIL > 0 else 0):
-            for mo in range(MO):
-                for m in range(RB):
-                    for i in T.vectorized(BN):
-                        acc[m, i] = ZERO
-                for k in range(K):
-                    for m in range(RB):
-                        for i in T.vectorized(BN):
-                            acc[m, i] = mac(acc[m, i], x[mo * RB + m, k], wp[FULL, k, i])
-                for m in range(RB):
-                    for i in T.vectorized(TAIL if TAIL > 0 else 1):
-                        y[mo * RB + m, FULL * BN + i] = act(acc[m, i], FULL * BN + i, b)
+            block(x, wp, b, y, TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
 
     return gemv
 
 
-__all__ = ["KERNEL_NAME", "GemvParams", "choose_block_n", "gemv_kernel", "pack_weight"]
+__all__ = ["KERNEL_NAME", "TAIL_ALIGN", "GemvParams", "choose_block_n", "gemv_kernel", "pack_weight", "tail_chunk",
+           "tail_width"]

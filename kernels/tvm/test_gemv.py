@@ -15,9 +15,13 @@ from toolchain.profile import load_profile
 def test_pack_weight_layout() -> None:
     w = np.arange(5 * 20, dtype=np.float32).reshape(5, 20)
     p = pack_weight(w, 8)
-    assert p.shape == (3, 5, 8)
-    assert p[1, 2, 3] == w[2, 11]
-    assert np.all(p[2, :, 4:] == 0)  # padding of the tail block
+    assert p.shape == (2 * 5 * 8 + 5 * 4,)  # two full blocks, then the 4-column tail: no padding to 8
+    full = p[:80].reshape(2, 5, 8)
+    assert full[1, 2, 3] == w[2, 11]
+    np.testing.assert_array_equal(p[80:].reshape(5, 4), w[:, 16:])
+    t = pack_weight(w[:, :19], 8)[80:].reshape(5, 4)  # a 3-column tail is padded to TAIL_ALIGN
+    np.testing.assert_array_equal(t[:, :3], w[:, 16:19])
+    assert np.all(t[:, 3] == 0)
 
 
 def test_choose_block_n_whole_vectors() -> None:
