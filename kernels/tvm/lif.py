@@ -13,7 +13,19 @@ inputs are row slices of ONE tensor C and scalar constants; the LIF shape is not
     for each chunk of L neurons (L = the profile's vector lanes):
         u, s for t = 0..T-1 computed from C[t, chunk] in registers; store S[t, chunk]
 
-The stateless matmul for all T steps stays one GEMV-shaped kernel (M = T*B rows) before it.
+Where C is ``S @ W [+ b]`` with a constant W (the zoo's layers: every layer's input S is spikes or the
+rate-coded image), ``fused_layer_kernel`` does the whole layer in one kernel instead, event-driven:
+
+    compact the input columns k where some step has S[t, k] != 0 (index list + a transposed copy)
+    for each block of BN output neurons (T x BN accumulators in registers):
+        for each active k:  acc[t, :] += S[t, k] * W[k, block]   (the weight row read once for all T)
+        the recurrence over t on acc + b, in registers; store the spikes
+
+Rows of W whose input never spikes are not read at all (skipping an exact zero term changes no sum),
+so the cost follows the spike count, and in the dense worst case it is still one pass over W for all
+T steps. The sum over k runs in the same order as the generic lowering's matmul, so results are
+bit-identical to it. Otherwise (C not a constant-weight matmul) the stateless matmul stays one
+GEMV-shaped kernel (M = T*B rows) before ``fused_recurrence_kernel``.
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ import numpy as np
 from kernels.tvm.relax_match import NoMatch, const_ints, static_shape
 
 KERNEL_NAME = "lif-fused-f32"
+LAYER_KERNEL_NAME = "lif-layer-f32"
+MAX_ACC_VECTORS = 16  # T x BN accumulators kept in vector registers (AVX-512 has 32)
 
 UNARY = ("negative", "floor", "exp", "tanh", "sigmoid", "abs")
 BINARY = ("add", "subtract", "multiply", "divide", "greater", "greater_equal", "less", "less_equal",
@@ -109,16 +123,12 @@ def extract_recurrence(concat: Any, lookup: Any, const_of: Any) -> Recurrence:
     return g
 
 
-def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
-    """PrimFunc ``(c[T, N], s[T, N])``: every output step of the recurrence for all neurons."""
+def _ops() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """TIR builders for the recurrence's unary, comparison and binary ops."""
     import tvm
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
     from tvm.tirx import FloatImm, Select
 
-    f32 = "float32"
-    t_out = len(g.outputs)
-    one, zero = FloatImm(f32, 1.0), FloatImm(f32, 0.0)
+    one, zero = FloatImm("float32", 1.0), FloatImm("float32", 0.0)
     un = {"negative": lambda a: -a, "floor": tvm.tirx.floor, "exp": tvm.tirx.exp, "tanh": tvm.tirx.tanh,
           "sigmoid": tvm.tirx.sigmoid, "abs": tvm.tirx.abs, "to_bool": lambda a: Select(a != zero, one, zero)}
     cmp = {"greater": lambda a, b: a > b, "greater_equal": lambda a, b: a >= b, "less": lambda a, b: a < b,
@@ -126,26 +136,122 @@ def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
     bi = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply": lambda a, b: a * b,
           "divide": lambda a, b: a / b, "maximum": tvm.tirx.max, "minimum": tvm.tirx.min,
           "logical_and": lambda a, b: a * b, "logical_or": tvm.tirx.max}
+    return un, cmp, bi
+
+
+def _emit_recurrence(g: Recurrence, row: Any, scratch: Any, out: Any, l: Any, col: Any) -> None:
+    """Store every output step of ``g`` for one lane: ``row(r)`` gives C[r] for this lane, every node
+    goes through a register-resident scratch row (shared subexpressions computed once)."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import FloatImm, Select
+
+    un, cmp, bi = _ops()
+    one, zero = FloatImm("float32", 1.0), FloatImm("float32", 0.0)
+    val: dict[int, Any] = {}
+    for i, nd in enumerate(g.nodes):
+        if nd[0] == "const":
+            val[i] = FloatImm("float32", nd[1])
+            continue
+        if nd[0] == "row":
+            e = row(nd[1])
+        elif nd[0] == "unary":
+            e = un[nd[1]](val[nd[2]])
+        elif nd[1] in cmp:
+            e = Select(cmp[nd[1]](val[nd[2]], val[nd[3]]), one, zero)
+        else:
+            e = bi[nd[1]](val[nd[2]], val[nd[3]])
+        T.buffer_store(scratch, e, [i, l])
+        val[i] = scratch[i, l]
+    for t, o in enumerate(g.outputs):
+        T.buffer_store(out, val[o], [t, col])
+
+
+def layer_block_n(rows: int, lanes: int) -> int:
+    """Output neurons per block: as many vectors as keep rows x BN accumulators within the registers."""
+    return lanes * max(1, min(4, MAX_ACC_VECTORS // max(1, rows)))
+
+
+def pack_layer(w: np.ndarray, b: np.ndarray | None, block_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N) weight -> (NB, K, BN) blocks (zero padded); bias -> (NB * BN,) (zeros without bias)."""
+    k, n = w.shape
+    nb = -(-n // block_n)
+    wp = np.zeros((k, nb * block_n), np.float32)
+    wp[:, :n] = w
+    bp = np.zeros(nb * block_n, np.float32)
+    if b is not None:
+        bp[:n] = b.reshape(n)
+    return np.ascontiguousarray(wp.reshape(k, nb, block_n).transpose(1, 0, 2)), bp
+
+
+def fused_layer_kernel(g: Recurrence, k: int, n: int, block_n: int, has_bias: bool,
+                       s_shape: tuple[int, ...]) -> Any:
+    """PrimFunc ``(s[R, K], wp[NB, K, BN], b[NB*BN], out[T, N])``: the event-driven matmul over all R = T*B
+    input rows and the recurrence, one block of BN neurons at a time."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast, FloatImm, Select
+
+    f32, rows, t_out, bn = "float32", g.rows, len(g.outputs), block_n
+    nb_total, tail = -(-n // bn), n % bn
+    zero = FloatImm(f32, 0.0)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("lif_layer")
+        T.func_attr({"tirx.noalias": True, "edgec.kernel": LAYER_KERNEL_NAME, "tirx.is_scheduled": True,
+                     "op_pattern": 8})
+        sg = T.arg("s", T.buffer(s_shape, f32))
+        wp = T.arg("wp", T.buffer((nb_total, k, bn), f32))
+        bp = T.arg("b", T.buffer((nb_total * bn,), f32))
+        out = T.arg("out", T.buffer((t_out, n), f32))
+        s = T.decl_buffer((rows, k), f32, data=sg.data)
+        idx = T.alloc_buffer((k,), "int32")
+        sc = T.alloc_buffer((k, rows), f32)  # active columns of s, transposed: one row per active input
+        cnt = T.alloc_buffer((1,), "int32", scope="local")
+        acc = T.alloc_buffer((rows, bn), f32, scope="local")
+        scratch = T.alloc_buffer((len(g.nodes), bn), f32, scope="local")
+        T.buffer_store(cnt, 0, [0])
+        with T.serial(0, k) as kk:
+            active = s[0, kk] != zero
+            for r in range(1, rows):
+                active = active | (s[r, kk] != zero)
+            # Branch-free compaction: always write at the cursor, advance it only for an active column.
+            with T.serial(0, rows) as r:
+                T.buffer_store(sc, s[r, kk], [cnt[0], r])
+            T.buffer_store(idx, kk, [cnt[0]])
+            T.buffer_store(cnt, cnt[0] + Cast("int32", Select(active, 1, 0)), [0])
+        with T.serial(0, nb_total) as nb:
+            for r in range(rows):
+                with T.vectorized(0, bn) as i:
+                    T.buffer_store(acc, zero, [r, i])
+            with T.serial(0, cnt[0]) as j:
+                for r in range(rows):
+                    with T.vectorized(0, bn) as i:
+                        T.buffer_store(acc, acc[r, i] + sc[j, r] * wp[nb, idx[j], i], [r, i])
+
+            def recurrence(width: int, nb: Any = nb) -> None:
+                with T.vectorized(0, width) as i:
+                    _emit_recurrence(g, lambda r: acc[r, i] + bp[nb * bn + i] if has_bias else acc[r, i],
+                                     scratch, out, i, nb * bn + i)
+
+            if tail:  # the last block writes only its first N % BN neurons
+                with T.If(nb < nb_total - 1):
+                    with T.Then():
+                        recurrence(bn)
+                    with T.Else():
+                        recurrence(tail)
+            else:
+                recurrence(bn)
+    return ib.get()
+
+
+def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
+    """PrimFunc ``(c[T, N], s[T, N])``: every output step of the recurrence for all neurons."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    f32 = "float32"
 
     def body(c: Any, s: Any, scratch: Any, j0: Any, l: Any, width: int) -> None:
-        val: dict[int, Any] = {}
-        for i, nd in enumerate(g.nodes):
-            if nd[0] == "const":
-                val[i] = FloatImm(f32, nd[1])
-                continue
-            if nd[0] == "row":
-                e = c[nd[1], j0 + l]
-            elif nd[0] == "unary":
-                e = un[nd[1]](val[nd[2]])
-            elif nd[1] in cmp:
-                e = Select(cmp[nd[1]](val[nd[2]], val[nd[3]]), one, zero)
-            else:
-                e = bi[nd[1]](val[nd[2]], val[nd[3]])
-            # every node through a register-resident scratch row: shared subexpressions computed once
-            T.buffer_store(scratch, e, [i, l])
-            val[i] = scratch[i, l]
-        for t, o in enumerate(g.outputs):
-            T.buffer_store(s, val[o], [t, j0 + l])
+        _emit_recurrence(g, lambda r: c[r, j0 + l], scratch, s, l, j0 + l)
 
     chunks, rem = n // lanes, n % lanes
     with IRBuilder() as ib, T.prim_func():
@@ -155,7 +261,7 @@ def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
         T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True,
                      "op_pattern": 8})
         c = T.arg("c", T.buffer((g.rows, n), f32))
-        s = T.arg("s", T.buffer((t_out, n), f32))
+        s = T.arg("s", T.buffer((len(g.outputs), n), f32))
         scratch = T.alloc_buffer((len(g.nodes), lanes), f32, scope="local")
         if chunks:
             with T.serial(0, chunks) as ci, T.vectorized(0, lanes) as l:
@@ -166,4 +272,5 @@ def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
     return ib.get()
 
 
-__all__ = ["KERNEL_NAME", "NoMatch", "Recurrence", "extract_recurrence", "fused_recurrence_kernel"]
+__all__ = ["KERNEL_NAME", "LAYER_KERNEL_NAME", "NoMatch", "Recurrence", "extract_recurrence", "fused_layer_kernel",
+           "fused_recurrence_kernel", "layer_block_n", "pack_layer"]

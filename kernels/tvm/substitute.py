@@ -218,12 +218,15 @@ def fuse_kan(mod: Any, cfg: KernelConfig, report: SubstitutionReport) -> Any:
 
 def fuse_lif(mod: Any, cfg: KernelConfig, report: SubstitutionReport) -> Any:
     """Replace an unrolled spiking recurrence (``concat`` over T steps of elementwise ops on row slices
-    of one current matrix) by one fused kernel; see ``kernels.tvm.lif``."""
+    of one current matrix C) by one fused kernel; where C is a constant-weight matmul [+ bias], by one
+    event-driven kernel for the whole layer (matmul included); see ``kernels.tvm.lif``."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     op_concat = tvm.ir.Op.get("relax.concat")
+    op_add, op_matmul = tvm.ir.Op.get("relax.add"), tvm.ir.Op.get("relax.matmul")
+    op_permute = tvm.ir.Op.get("relax.permute_dims")
     counter = [0]
 
     @mutator
@@ -246,12 +249,52 @@ def fuse_lif(mod: Any, cfg: KernelConfig, report: SubstitutionReport) -> Any:
             t, n = _static_shape(v)  # type: ignore[misc]
             name = f"edgec_lif_{counter[0]}"
             counter[0] += 1
-            func = lif.fused_recurrence_kernel(g, n, cfg.lanes)
+            layer = self._layer(g.source, n)
+            if layer is not None:  # C = S @ W [+ b]: matmul and recurrence in one event-driven kernel
+                s_in, w, b = layer
+                bn = lif.layer_block_n(g.rows, cfg.lanes)
+                wp, bp = lif.pack_layer(w, b, bn)
+                func = lif.fused_layer_kernel(g, w.shape[0], n, bn, b is not None, _static_shape(s_in))
+                args = [self.visit_expr(s_in), relax.const(wp), relax.const(bp)]
+                info = {"kernel": lif.LAYER_KERNEL_NAME, "in": int(w.shape[0]), "block_n": bn}
+            else:
+                func = lif.fused_recurrence_kernel(g, n, cfg.lanes)
+                args = [self.visit_expr(g.source)]
+                info = {"kernel": lif.KERNEL_NAME}
             gv = self.builder_.add_func(func.with_attr("global_symbol", name), name)
-            call = relax.call_tir(gv, [self.visit_expr(g.source)], relax.TensorType((t, n), "float32"))
+            call = relax.call_tir(gv, args, relax.TensorType((t, n), "float32"))
             self.set_var_remap(binding.var, self.builder_.emit(call, "lif"))
-            report.replaced.append({"kernel": lif.KERNEL_NAME, "func": name, "steps": t, "neurons": n,
-                                    "nodes": len(g.nodes)})
+            report.replaced.append({**info, "func": name, "steps": t, "neurons": n, "nodes": len(g.nodes)})
+
+        def _layer(self, c: Any, n: int) -> tuple[Any, np.ndarray, np.ndarray | None] | None:
+            """(S, W, b) when ``c`` is ``matmul(S, W) [+ b]`` with W a constant (K, N) (or ONNX Gemm's
+            ``permute_dims`` of one) and S float32 (R, K); None otherwise."""
+            v = self._val(c)
+            b = None
+            if isinstance(v, relax.Call) and v.op == op_add:
+                for mm_e, b_e in ((v.args[0], v.args[1]), (v.args[1], v.args[0])):
+                    cb = _const_array(b_e)
+                    if cb is not None and cb.size == n and cb.dtype == np.float32 and cb.shape[-1] == n:
+                        b, v = cb.reshape(n), self._val(mm_e)
+                        break
+                else:
+                    return None
+            if not (isinstance(v, relax.Call) and v.op == op_matmul):
+                return None
+            s_in, w_e = v.args
+            w = _const_array(w_e)
+            if w is None:
+                pd = self._val(w_e)
+                if isinstance(pd, relax.Call) and pd.op == op_permute:
+                    wt = _const_array(pd.args[0])
+                    axes = pd.attrs.axes
+                    if wt is not None and wt.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
+                        w = np.ascontiguousarray(wt.T)
+            ss = _static_shape(s_in)
+            if (w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[1] != n or ss is None or len(ss) != 2
+                    or ss[1] != w.shape[0] or str(s_in.ty.dtype) != "float32"):
+                return None
+            return s_in, w, b
 
     rw = _Lif(mod)
     for gv, func in list(mod.functions.items()):
