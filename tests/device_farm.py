@@ -31,9 +31,12 @@ class Farm:
     def tracker(self) -> str:
         return f"127.0.0.1:{self.tracker_port}"
 
-    def add_device(self, token: str = TOKEN) -> str:
+    def add_device(self, token: str = TOKEN, log: Path | None = None) -> str:
+        """Start a device server; with ``log``, it appends a JSON line per upload/module load there."""
         port = free_port()
         env = {**os.environ, "EDGEC_DEVICE_TOKEN": token}
+        if log is not None:
+            env["EDGEC_DEVICE_LOG"] = str(log)
         p = subprocess.Popen([str(BIN / "edgec"), "device", "serve", "--tracker", self.tracker, "--key", self.key,
                               "--port", str(port), "--port-end", str(port + 1)], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -67,7 +70,7 @@ class Farm:
             self.kill(addr)
 
 
-def start_farm(key: str, devices: int) -> Farm:
+def start_farm(key: str, devices: int, log: Path | None = None) -> Farm:
     port = free_port()
     tr = subprocess.Popen([str(BIN / "python"), "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
                            str(port), "--port-end", str(port + 1), "--silent"], start_new_session=True,
@@ -75,7 +78,7 @@ def start_farm(key: str, devices: int) -> Farm:
     farm = Farm(port, key, {"tracker": tr})
     try:
         for _ in range(devices):
-            farm.add_device()
+            farm.add_device(log=log)
         farm.wait_devices(devices)
     except BaseException:
         farm.close()

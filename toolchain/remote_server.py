@@ -31,6 +31,9 @@ import numpy as np
 from toolchain.errors import UsageError
 
 TOKEN_ENV = "EDGEC_DEVICE_TOKEN"
+# When set, every authenticated file/module call (upload, load_module, ...) appends one JSON line here:
+# what a device actually received and ran (tuning candidates, benchmarks), readable by its operator.
+LOG_ENV = "EDGEC_DEVICE_LOG"
 GUARDED = ("tvm.rpc.server.upload", "tvm.rpc.server.download", "tvm.rpc.server.remove",
            "tvm.rpc.server.listdir", "tvm.rpc.server.load_module", "tvm.rpc.server.download_linked_module",
            "tvm.rpc.server.workpath")
@@ -66,9 +69,23 @@ def _auth(client_mac: str) -> str:
     return "ok"
 
 
-def _guard(fn: Any) -> Any:
+def _log(name: str, args: tuple[Any, ...]) -> None:
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        return
+    import time
+
+    first = args[0] if args and isinstance(args[0], str) else None
+    line = json.dumps({"call": name.rsplit(".", 1)[-1], "file": Path(first).name if first else None,
+                       "pid": os.getpid(), "time": time.time()})
+    with open(path, "a", encoding="utf-8") as f:  # one short O_APPEND write: sessions do not interleave
+        f.write(line + "\n")
+
+
+def _guard(fn: Any, name: str = "") -> Any:
     def guarded(*args: Any) -> Any:
         _require_auth()
+        _log(name, args)
         return fn(*args)
 
     return guarded
@@ -123,7 +140,7 @@ def _register_session_functions(workdir: str | None) -> None:
     for name in GUARDED:
         orig = tvm_ffi.get_global_func(name, allow_missing=True)
         if orig is not None:
-            tvm_ffi.register_global_func(name, _guard(orig), override=True)
+            tvm_ffi.register_global_func(name, _guard(orig, name), override=True)
     tvm_ffi.register_global_func("edgec.challenge", _challenge, override=True)
     tvm_ffi.register_global_func("edgec.auth", _auth, override=True)
 

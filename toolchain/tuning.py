@@ -12,24 +12,30 @@
 - Builder timeouts: a busy machine made the default 30 s LocalBuilder time out and store every trial as
   a 1e10 record. The builder timeout is raised, failed records are counted and reported, and after the
   database is applied every PrimFunc is checked for ``tirx.is_scheduled`` (see ``naive_kernels``).
-- Remote profiles measure on the device through TVM RPC (MetaSchedule's RPCRunner via the tracker),
-  never on the build host.
+- Remote profiles measure on the device through TVM RPC, never on the build host: the builder links
+  every candidate into a shared library on the host (the profile's cross compiler for ARM), and
+  MetaSchedule's RPCRunner asks the tracker for a device under ``--key``, does edgec's token handshake
+  (``f_create_session``), uploads the library, and times it there. A preflight session (in the parent,
+  before the child starts) checks the tracker, key and token, so a wrong token fails in seconds.
+  The token travels to the child and the runner workers in ``$EDGEC_DEVICE_TOKEN``, never on a
+  command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import InfraError, UsageError
+from toolchain.errors import EdgecError, GateFailure, InfraError, SdkMissing, UsageError
 
 FAILED_LATENCY_S = 1e9  # MetaSchedule stores failed candidates with run_secs of 1e10
 
@@ -45,12 +51,33 @@ class TuneConfig:
     runner_timeout_s: float = 60.0
     tracker: str | None = None  # "host:port" of a TVM RPC tracker: measure on the device
     device_key: str | None = None
+    # Device token for remote tuning (default $EDGEC_DEVICE_TOKEN); kept out of repr, JSON and cache keys.
+    token: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.trials < 0:
             raise UsageError(f"--tune-trials must be >= 0, got {self.trials}")
+        if self.trials_per_batch < 1:
+            raise UsageError(f"--batch must be >= 1, got {self.trials_per_batch}")
         if (self.tracker is None) != (self.device_key is None):
             raise UsageError("remote tuning needs both --tracker HOST:PORT and --key KEY")
+
+    def public(self) -> dict[str, Any]:
+        """The config without the token: what goes on a command line, into JSON and into reports."""
+        return {k: v for k, v in asdict(self).items() if k != "token"}
+
+    def remote_spec(self) -> Any:
+        """The toolchain.remote.RemoteSpec of the device to measure on (None: measure locally)."""
+        if self.tracker is None or self.device_key is None:
+            return None
+        from toolchain.remote import RemoteSpec
+        from toolchain.remote_server import TOKEN_ENV
+
+        token = self.token or os.environ.get(TOKEN_ENV)
+        if not token:
+            raise UsageError(f"remote tuning needs the device token; pass --token or set {TOKEN_ENV}")
+        return RemoteSpec.parse(self.tracker, self.device_key, token, request_timeout_s=self.runner_timeout_s,
+                                session_timeout_s=self.runner_timeout_s)
 
 
 def database_dir(cache_root: Path, profile_id: str) -> Path:
@@ -129,7 +156,8 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
     budget = max(0, cfg.trials - done_before)
     _emit({"event": "start", "tasks": len(extracted), "to_tune": len(todo), "budget": budget,
            "resumed_trials": done_before})
-    stats = {"measured": 0, "failed": 0}
+    stats: dict[str, Any] = {"measured": 0, "failed": 0, "first_error": None}
+    spec = cfg.remote_spec()  # the parent checked tracker, key and token (see tune)
     if todo and budget > 0:
         work = db_dir / "work"
         ctxs, w = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, str(work))
@@ -143,15 +171,18 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
                     stats["measured"] += 1
                     if b.error_msg or r.error_msg:
                         stats["failed"] += 1
+                        if stats["first_error"] is None:
+                            stats["first_error"] = _last_line(str(b.error_msg or r.error_msg))
                 _emit({"event": "progress", "done": stats["measured"], "total": budget,
                        "failed": stats["failed"], "task": todo[task_id].task_name})
 
         runner: Any
-        if cfg.tracker:
-            host, port = cfg.tracker.rsplit(":", 1)
+        if spec is not None:
             runner = ms.runner.RPCRunner(
-                rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=cfg.device_key,
-                                               session_timeout_sec=int(cfg.runner_timeout_s)))
+                rpc_config=ms.runner.RPCConfig(tracker_host=spec.tracker_host, tracker_port=spec.tracker_port,
+                                               tracker_key=spec.key, session_timeout_sec=int(cfg.runner_timeout_s)),
+                # By reference (this file runs as __main__ in the child): the worker imports toolchain.tuning.
+                f_create_session=importlib.import_module("toolchain.tuning")._create_session)
         else:
             runner = ms.runner.LocalRunner(timeout_sec=cfg.runner_timeout_s)
         ms.tune.tune_tasks(
@@ -160,24 +191,66 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
             builder=_builder(profile, cfg), runner=runner,
             database=db, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _Progress()],
         )
+    if stats["measured"] and stats["failed"] == stats["measured"]:
+        where = f"on device {cfg.device_key!r}" if spec is not None else "on this machine"
+        raise InfraError(f"all {stats['measured']} tuning candidates failed {where}: {stats['first_error']}; "
+                         f"fix that and rerun to resume from {db_dir}")
     applied = apply_database(mod, target, db_dir)
     naive = naive_kernels(applied)
     result = {"event": "done", "tasks": len(extracted), "tuned_tasks": len(todo), "measured": stats["measured"],
-              "failed": stats["failed"], "resumed_trials": done_before, "naive": naive,
-              "database": str(db_dir), "config": asdict(cfg)}
+              "failed": stats["failed"], "first_error": stats["first_error"], "resumed_trials": done_before,
+              "naive": naive, "database": str(db_dir), "remote": spec is not None, "config": cfg.public()}
     _emit(result)
     del tvm
     return result
 
 
+def _preflight(spec: Any) -> str:
+    """Open one authenticated session before building anything: a wrong tracker, key or token fails
+    now with edgec's one-line error instead of as N failed candidates. Returns the device address."""
+    from toolchain.remote import DeviceLost, open_session
+
+    try:
+        sess, addr = open_session(spec)
+    except DeviceLost as e:
+        raise InfraError(f"the device for key {spec.key!r} dropped the connection ({str(e)[:120]}); "
+                         "check 'edgec device serve' there and rerun") from None
+    del sess  # closes the session; the device goes back to the tracker's pool
+    return addr
+
+
+def _create_session(rpc_config: Any) -> Any:
+    """RPCRunner's ``f_create_session``: a tracker session on an edgec device, token handshake done.
+    Runs in MetaSchedule's runner worker process, which inherits $EDGEC_DEVICE_TOKEN from the tuning child."""
+    from toolchain.remote import RemoteSpec, open_session
+    from toolchain.remote_server import TOKEN_ENV
+
+    timeout = float(rpc_config.session_timeout_sec or 60)
+    spec = RemoteSpec(rpc_config.tracker_host, int(rpc_config.tracker_port), rpc_config.tracker_key,
+                      os.environ.get(TOKEN_ENV, ""), request_timeout_s=timeout, session_timeout_s=timeout)
+    return open_session(spec)[0]
+
+
+def _last_line(msg: str) -> str:
+    lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "no message")[:200]
+
+
 def _builder(profile: Any, cfg: TuneConfig) -> Any:
-    """LocalBuilder with a long timeout; for a cross profile it links with the profile's cross compiler
-    so the RPC device can load the candidate."""
+    """LocalBuilder with a long timeout. For a remote device (a tracker) or a cross profile, every
+    candidate is linked into a shared library HERE (with the profile's cross compiler for ARM) so the
+    device loads it without a compiler; MetaSchedule's default exports a .tar the loader must link."""
     from tvm.s_tir import meta_schedule as ms
 
-    if not profile.cpu.cross_cc:
+    if not profile.cpu.cross_cc and cfg.tracker is None:
         return ms.builder.LocalBuilder(timeout_sec=cfg.builder_timeout_s, max_workers=1)
-    cross_cc = profile.cpu.cross_cc
+    return ms.builder.LocalBuilder(timeout_sec=cfg.builder_timeout_s, max_workers=1,
+                                   f_export=candidate_exporter(profile.cpu.cross_cc))
+
+
+def candidate_exporter(cross_cc: str | None) -> Callable[[Any], str]:
+    """The builder's export step for a device: link the candidate into ``edgec-ms-*.so`` with
+    ``cross_cc`` (None: the host compiler). Runs in the builder's worker process (pickled by value)."""
 
     def export(mod: Any) -> str:
         import os
@@ -185,11 +258,12 @@ def _builder(profile: Any, cfg: TuneConfig) -> Any:
 
         from tvm.support import cc
 
-        path = os.path.join(tempfile.mkdtemp(prefix="edgec-ms-"), "candidate.so")
-        mod.export_library(path, fcompile=cc.cross_compiler(cross_cc))
+        d = tempfile.mkdtemp(prefix="edgec-ms-")
+        path = os.path.join(d, os.path.basename(d) + ".so")  # a unique name: the device logs it
+        mod.export_library(path, fcompile=cc.cross_compiler(cross_cc) if cross_cc else cc.create_shared)
         return path
 
-    return ms.builder.LocalBuilder(timeout_sec=cfg.builder_timeout_s, max_workers=1, f_export=export)
+    return export
 
 
 def _is_hand_written(mod: Any) -> bool:
@@ -229,13 +303,22 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
     """Run tuning in a child process (no torch there) with a progress bar; returns its summary."""
     if cfg.trials == 0:
         return {"event": "done", "measured": 0, "failed": 0, "naive": [], "database": str(db_dir)}
+    from toolchain.remote_server import TOKEN_ENV
+
+    spec = cfg.remote_spec()  # bad --tracker / missing token: a UsageError before anything starts
+    device = _preflight(spec) if spec is not None else None  # wrong key/token: fails in seconds, not N trials
     cmd = [sys.executable, "-m", "toolchain.tuning", "--model", str(model_path), "--profile", profile_id,
-           "--db", str(db_dir), "--config", json.dumps(asdict(cfg))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+           "--db", str(db_dir), "--config", json.dumps(cfg.public())]
+    root = str(Path(__file__).resolve().parent.parent)
+    # The runner workers import toolchain.tuning (f_create_session): the repo root must be importable.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    if spec is not None:
+        env[TOKEN_ENV] = spec.token
     bar = None
     result: dict[str, Any] | None = None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=str(Path(__file__).resolve().parent.parent))
+    failure: dict[str, Any] | None = None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -254,6 +337,8 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
                 bar.refresh()
             elif ev.get("event") == "done":
                 result = ev
+            elif ev.get("event") == "error":
+                failure = ev
         err = proc.stderr.read() if proc.stderr else ""
         rc = proc.wait()
     except BaseException:
@@ -263,15 +348,23 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
     finally:
         if bar is not None:
             bar.close()
+    if failure is not None:  # an edgec error in the child: the same class and one-line message here
+        raise _ERRORS.get(str(failure.get("type")), InfraError)(str(failure["message"]))
     if rc != 0 or result is None:
         tail = (err.strip().splitlines() or ["no output"])[-1][:200]
         raise InfraError(f"tuning process failed (exit {rc}): {tail}; rerun to resume from {db_dir}")
+    if device is not None:
+        result["device"] = f"rpc://{device} (key {cfg.device_key})"
     return result
+
+
+_ERRORS: dict[str, type[EdgecError]] = {c.__name__: c for c in (UsageError, GateFailure, InfraError, SdkMissing)}
 
 
 @contextmanager
 def tuning_scope(trials: int, progress: bool = True, tracker: str | None = None,
-                 device_key: str | None = None) -> Iterator[None]:
+                 device_key: str | None = None, token: str | None = None,
+                 trials_per_batch: int = 16) -> Iterator[None]:
     """TVM compiles inside this block tune with ``trials`` (no-op for 0 and no tracker)."""
     if trials <= 0:
         if trials < 0:
@@ -280,7 +373,9 @@ def tuning_scope(trials: int, progress: bool = True, tracker: str | None = None,
         return
     from targets.tvm import tuning_budget
 
-    with tuning_budget(TuneConfig(trials=trials, tracker=tracker, device_key=device_key), progress):
+    cfg = TuneConfig(trials=trials, tracker=tracker, device_key=device_key, token=token,
+                     trials_per_batch=trials_per_batch)
+    with tuning_budget(cfg, progress):
         yield
 
 
@@ -293,8 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db", type=Path, required=True)
     ap.add_argument("--config", required=True)
     a = ap.parse_args(argv)
-    cfg = TuneConfig(**json.loads(a.config))
-    run_tuning(a.model, load_profile(a.profile), cfg, a.db)
+    try:
+        cfg = TuneConfig(**json.loads(a.config))
+        run_tuning(a.model, load_profile(a.profile), cfg, a.db)
+    except EdgecError as e:  # the parent re-raises it with the same class and message
+        _emit({"event": "error", "type": type(e).__name__, "message": str(e)})
+        return e.exit_code
     return 0
 
 

@@ -17,14 +17,19 @@ def register(app: typer.Typer) -> None:
         model: Annotated[Path, typer.Argument(help="Input ONNX file.")],
         profile: ProfileOpt,
         trials: Annotated[int, typer.Option("--trials", help="Trial budget for this model (about 1-2 s per trial here).")] = 64,
-        tracker: Annotated[str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker: measure on the device.")] = None,
-        key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker (e.g. the profile id).")] = None,
+        batch: Annotated[int, typer.Option("--batch", help="Candidates measured per batch; an interrupt loses at most one batch.")] = 16,
+        tracker: Annotated[str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker: build candidates here, "
+                                                    "upload and time each one on a device registered under --key.")] = None,
+        key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker (the --key of 'edgec device serve').")] = None,
+        token: Annotated[str | None, typer.Option("--token", help="Device token (default $EDGEC_DEVICE_TOKEN).")] = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Tune MODEL's kernels (those without a hand-written kernel) and build the tuned artifact.
 
         Records go to <cache>/tuning/<profile>/ and are reused by every model with the same layers;
-        an interrupted run keeps every finished batch: run the same command again to resume."""
+        an interrupted run keeps every finished batch: run the same command again to resume.
+        Profiles this machine cannot run (e.g. rpi5) tune on the device: run 'edgec device serve --key K
+        --tracker HOST:PORT' there and pass --tracker HOST:PORT --key K --token T here."""
         from toolchain import api
         from toolchain.export import import_onnx_file
         from toolchain.profile import load_profile
@@ -33,7 +38,8 @@ def register(app: typer.Typer) -> None:
         cache = get_cache()
         prof = load_profile(profile)
         art, _ = import_onnx_file(model, cache)
-        with tuning_scope(trials, progress=not as_json, tracker=tracker, device_key=key):
+        with tuning_scope(trials, progress=not as_json, tracker=tracker, device_key=key, token=token,
+                          trials_per_batch=batch):
             out, hit = api.compile(art, prof, "tvm", cache)
         meta = out.meta
         data = {"artifact": out.key, "cache_hit": hit, "profile": prof.id, "tuning": meta.get("tuning"),
@@ -43,7 +49,8 @@ def register(app: typer.Typer) -> None:
             t = meta.get("tuning") or {}
             naive = data["naive_after_tuning"]
             lines = [f"tuned tvm artifact {out.key} ({'cache hit' if hit else 'built'})",
-                     f"trials measured {t.get('measured')}, failed {t.get('failed_trials')}; database {t.get('database')}"]
+                     f"trials measured {t.get('measured')}, failed {t.get('failed_trials')}"
+                     f"{' on the device' if t.get('remote') else ''}; database {t.get('database')}"]
             lines.append("every kernel is scheduled" if not naive else
                          f"WARNING: {len(naive)} kernel(s) stayed naive (no valid tuning record): {', '.join(naive)}; "
                          "rerun with more --trials")
