@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from toolchain.export import export_module, torch_to_onnx
-from toolchain.zoo import ZooEntry
-from toolchain.zoo import kan, skan
+from toolchain.zoo import ZooEntry, kan, skan
 from toolchain.zoo.kan_bases import BSplineBasis, ChebyBasis, RBFBasis, kernel_annotations
 from toolchain.zoo.registry import get_entry
 from toolchain.zoo.skan import SKANNet
@@ -111,7 +110,7 @@ def test_skan_selection_prunes_and_export_has_only_chosen_bases(fashion: Any) ->
     net = _skan_trained(fashion)
     with pytest.raises(ValueError, match="selection"):
         net.frozen()
-    net.select(torch.from_numpy(fashion.x_train[:512]), torch.from_numpy(fashion.y_train[:512]))
+    net.select(torch.from_numpy(fashion.x_train[:512]))
     for layer in net.layers:
         assert layer.selected
         keep = layer.node_mask()
@@ -130,30 +129,32 @@ def test_skan_selection_prunes_and_export_has_only_chosen_bases(fashion: Any) ->
         assert layer.coeff.numel() not in sizes
 
 
-def test_skan_ablation_loss_equals_the_loss_of_the_pruned_net(fashion: Any) -> None:
-    """The batched per-node ablation is the real thing: node j keeping only basis b, measured directly."""
+def test_skan_selection_keeps_the_gated_function(fashion: Any) -> None:
+    """Selection = gate argmax, gate value folded into the coefficients, pruned bases' mean into the bias:
+    with converged (near one-hot) gates the pruned net computes what the gated net computed."""
     net = _skan_trained(fashion).eval()
-    x, y = torch.from_numpy(fashion.x_train[-256:]), torch.from_numpy(fashion.y_train[-256:])
-    layer = net.layers[0]
-    losses = net._ablation_losses(0, x, y)
-    assert losses.shape == (3, 784) and bool(torch.isfinite(losses).all())
-    for j, b in ((300, 0), (300, 2), (406, 1)):  # central pixels, different bases
-        direct = _copy_of(net)
-        lay = direct.layers[0]
-        with torch.no_grad():
-            c = lay.contributions(x, slice(j, j + 1))[:, :, 0]  # (pool, N, out)
-            for other in range(3):
-                if other != b:
-                    lay.coeff.view(3, 784, 8, -1)[other, j] = 0
-                    lay.base.bias += c[other].mean(0)  # the pruned basis's mean stays as a bias
-            want = torch.nn.functional.cross_entropy(direct(x), y)
-        assert torch.allclose(losses[b, j], want, rtol=1e-4), (j, b)
-    # pruning with data keeps the layer's mean output (the dropped bases' means moved into the bias)
+    x = torch.from_numpy(fashion.x_train[-512:])
     with torch.no_grad():
-        before = layer(x).mean(0)
-        layer.apply_choice(-losses, x=x)
-        assert torch.allclose(layer(x).mean(0), before, atol=1e-4)
-    assert layer.choice.tolist() == losses.argmin(0).tolist()
+        for layer in net.layers:
+            pick = torch.randint(0, 3, (layer.in_features,), generator=torch.Generator().manual_seed(1))
+            layer.gate.copy_(torch.nn.functional.one_hot(pick, 3) * 0.5)
+    net.set_temperature(0.01)  # the end of annealing: every node uses one basis
+    assert net.gate_confidence() > 0.9999
+    want_choice = [layer.gate.argmax(1) for layer in net.layers]
+    with torch.no_grad():
+        before = net(x)
+        net.select(x)
+        after = net(x)
+    assert [layer.choice.tolist() for layer in net.layers] == [c.tolist() for c in want_choice]
+    assert torch.allclose(after, before, atol=1e-4)
+    # soft gates (start of training): selection changes the function but keeps the layer's mean output
+    soft = _copy_of(_skan_trained(fashion, 512))
+    last = soft.layers[-1]
+    h = soft.layers[0](x).detach()
+    with torch.no_grad():
+        mean_before = last(h).mean(0)
+        last.select(h)
+        assert torch.allclose(last(h).mean(0), mean_before, atol=1e-4)
 
 
 def _copy_of(net: SKANNet) -> SKANNet:
