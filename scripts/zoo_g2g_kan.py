@@ -59,7 +59,8 @@ def run_entry(name: str, cache: Cache) -> dict[str, Any]:
         "full_test_max_rel": full.max_rel, "full_test_argmax": full.argmax_agreement, "full_test_samples": full.samples,
         "extra": {k: metrics[k] for k in ("full_pool_accuracy", "selected_untuned_accuracy", "choices",
                                           "params_full_pool", "rewired_connections", "holdout_accuracy_full_pool",
-                                          "holdout_accuracy_selected", "select_seconds") if k in metrics},
+                                          "holdout_accuracy_selected", "select_seconds", "gate_confidence")
+                                         if k in metrics},
         "recipe": dict(entry.recipe),
     }
 
@@ -171,6 +172,9 @@ def write(rows: dict[str, dict[str, Any]], seeds: dict[str, dict[str, float]], o
     for name in (n for n in SKANS if n in rows):
         x = rows[name]["extra"]
         lines += ["", f"## {name} phases (pool {', '.join(rows[name]['recipe']['pool'])})", "",
+                  (f"- gate temperature {rows[name]['recipe'].get('tau_start')} -> "
+                   f"{rows[name]['recipe'].get('tau_end')} over the full-pool phase; mean largest gate at its end: "
+                   f"{fmt(x.get('gate_confidence'), '.4f')}"),
                   (f"- full pool (all {len(rows[name]['recipe']['pool'])} bases, {fmt(x.get('params_full_pool'), ',')} params): "
                   f"{fmt(x.get('full_pool_accuracy'), '.4f')}"),
                   (f"- after selection ({rows[name]['recipe'].get('selection')}, "
