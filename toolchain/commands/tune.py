@@ -26,10 +26,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Tune MODEL's kernels (those without a hand-written kernel) and build the tuned artifact.
 
-        Records go to <cache>/tuning/<profile>/ and are reused by every model with the same layers;
-        an interrupted run keeps every finished batch: run the same command again to resume.
-        Profiles this machine cannot run (e.g. rpi5) tune on the device: run 'edgec device serve --key K
-        --tracker HOST:PORT' there and pass --tracker HOST:PORT --key K --token T here."""
+        Records go to <cache>/tuning/<profile>/ and are reused by every model with the same layers.
+        An interrupted run keeps every finished batch: run the same command again to resume.
+
+        Remote device (e.g. --profile rpi5): run 'edgec device serve --tracker HOST:PORT --key K' there,
+        then pass --tracker HOST:PORT --key K --token T here. Candidates are built here and timed there."""
         from toolchain import api
         from toolchain.export import import_onnx_file
         from toolchain.profile import load_profile
@@ -49,8 +50,8 @@ def register(app: typer.Typer) -> None:
             t = meta.get("tuning") or {}
             naive = data["naive_after_tuning"]
             lines = [f"tuned tvm artifact {out.key} ({'cache hit' if hit else 'built'})",
-                     f"trials measured {t.get('measured')}, failed {t.get('failed_trials')}"
-                     f"{' on the device' if t.get('remote') else ''}; database {t.get('database')}"]
+                     (f"trials measured {t.get('measured')}, failed {t.get('failed_trials')}"
+                      f"{' on the device' if t.get('remote') else ''}; database {t.get('database')}")]
             lines.append("every kernel is scheduled" if not naive else
                          f"WARNING: {len(naive)} kernel(s) stayed naive (no valid tuning record): {', '.join(naive)}; "
                          "rerun with more --trials")
