@@ -43,7 +43,7 @@ def tuning_budget(cfg: Any, progress: bool = True) -> Iterator[None]:
         TUNING.reset(tok)
         TUNING_PROGRESS.reset(tok2)
 
-COMPILE_CONFIG_VERSION = 2  # 2: hand-written kernel substitution
+COMPILE_CONFIG_VERSION = 3  # 2: hand-written kernel substitution; 3: dense chains fused
 
 
 def _import_tvm():  # -> module
@@ -95,6 +95,11 @@ def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...
 
         return substitute_kernels(mod, KernelConfig.from_profile(profile))[0]
 
+    def chain(mod: Any) -> Any:
+        from kernels.tvm.chain import fuse_gemv_chains
+
+        return fuse_gemv_chains(mod, profile.kernels.gemv_chain_max_kb)[0]
+
     def apply_db(mod: Any) -> Any:
         from toolchain.tuning import apply_database
 
@@ -104,6 +109,8 @@ def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...
     return (
         # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
         ("substitute-kernels", substitute),
+        # Then a tiny MLP's dense layers become one kernel: one VM call instead of four per layer.
+        ("fuse-gemv-chains", chain),
         ("decompose", seq([relax.transform.DecomposeOpsForInference()])),
         ("library-dispatch", seq(cpu.library_dispatch_passes(target))),
         ("legalize-and-fuse", seq(cpu.legalize_passes(target))),
@@ -238,23 +245,47 @@ class TvmRunner(SimpleRunner):
         import tvm_ffi
 
         self._from_dlpack = tvm_ffi.from_dlpack
-        self._staging: dict[str, tuple[np.ndarray, Any]] = {}
+        # Per input (name, staging array); None until the first call fixes the input shapes.
+        self._stage: list[tuple[str, np.ndarray]] | None = None
+        self._call: Any = None  # main with the staging tensors bound (VirtualMachine.save_function)
+        self._single = True
 
     def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        # tvm.runtime.tensor(ndarray) costs ~10 us per call, as much as a whole small model: copy into
-        # a 64-byte aligned staging array (its DLPack view made once) and read outputs through DLPack.
-        args = []
+        # Per-call cost matters as much as the kernels for a ~5 us model, so the hot path is: copy each
+        # input into its 64-byte aligned staging array (tvm.runtime.tensor(ndarray) would cost ~10 us),
+        # call main with those tensors pre-bound (no argument conversion), read outputs through DLPack.
+        # Every call still reads the caller's current input and returns fresh arrays (the .copy(): a
+        # graph output may alias a constant or an input, which a later call would overwrite).
+        stage = self._stage
+        if stage is None:
+            return self._bind(feed)
+        for name, arr in stage:
+            v = feed[name]
+            if v.shape != arr.shape or v.dtype != arr.dtype:
+                return self._bind(feed)
+            np.copyto(arr, v)
+        out = self._call()
+        if self._single:
+            return [np.from_dlpack(out).copy()]
+        return [np.from_dlpack(o).copy() for o in out]
+
+    def _bind(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """(Re)create the staging arrays for the shapes in ``feed``, bind them to main, run once."""
+        stage, tensors = [], []
         for n in self.input_names:
-            v = feed[n]
-            st = self._staging.get(n)
-            if st is None or st[0].shape != v.shape or st[0].dtype != v.dtype:
-                arr = _aligned_empty(v.shape, v.dtype)
-                st = (arr, self._from_dlpack(arr))
-                self._staging[n] = st
-            np.copyto(st[0], v)
-            args.append(st[1])
-        out = self.main(*args)
-        outs = [out] if hasattr(out, "shape") else list(out)
+            v = np.asarray(feed[n])
+            arr = _aligned_empty(v.shape, v.dtype)
+            stage.append((n, arr))
+            tensors.append(self._from_dlpack(arr))
+        self.vm.save_function("main", "edgec_bound_main", *tensors)
+        self._call = self.vm["edgec_bound_main"]
+        self._stage = stage
+        self._single = True
+        for n, arr in stage:
+            np.copyto(arr, feed[n])
+        out = self._call()
+        self._single = hasattr(out, "shape")
+        outs = [out] if self._single else list(out)
         return [np.from_dlpack(o).copy() for o in outs]
 
 

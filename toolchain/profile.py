@@ -50,7 +50,9 @@ class KernelSpec:
     gemv_variant: str = "generic"  # e.g. "avx512-packed", "avx2-packed", "neon-packed"
     vector_lanes: int = 4  # fp32 lanes per vector register
     gemv_block_n: int = 32  # output rows per packed block
-    gemv_block_k: int = 64  # reduction tile
+    # A run of dense layers whose packed weights total at most this many KB becomes one kernel
+    # (kernels/tvm/chain.py: saves the per-layer VM dispatch of tiny MLPs); 0 turns it off.
+    gemv_chain_max_kb: int = 1024
     unroll: int = 4
     use_fused_kan: bool = True
     use_fused_lif: bool = True

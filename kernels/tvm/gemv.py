@@ -111,16 +111,19 @@ def pack_weight(w: np.ndarray, block_n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([head, tw.reshape(-1)]))
 
 
-def gemv_kernel(p: GemvParams) -> Any:
-    """The PrimFunc ``(x[M, K], wp[packed], b[N], y[M, N])`` for ``p``, marked hand-written."""
+def layer_macro(p: GemvParams) -> Any:
+    """A TVMScript macro ``layer(x, wp, woff, b, boff, y)`` emitting the whole dense layer ``p``:
+    ``y = act(x @ W + b)`` with x / y 2-D (M, K) / (M, N) buffers, W packed at ``wp[woff:]`` and the bias
+    at ``b[boff:]``. ``gemv_kernel`` wraps one in a PrimFunc; ``kernels.tvm.chain`` chains several."""
     from tvm.script import tirx as T
 
     M, K, N, BN, U = p.m, p.k, p.n, p.block_n, max(1, p.unroll)
     FULL, TAIL = p.full_blocks, p.tail
     TBN = max(1, tail_width(TAIL))
-    TOFF = FULL * K * BN  # where the tail block starts in the flat weight
-    WSIZE = max(1, p.packed_size)
+    TOFF = FULL * K * BN  # where the tail block starts in the packed weight
     HAS_BIAS, RELU = p.bias, p.relu
+    AT = p.acc_dtype
+    ZERO = T.float32(0) if AT == "float32" else T.int32(0)
 
     def act(v: Any, j: Any, b: Any) -> Any:
         if HAS_BIAS:
@@ -128,15 +131,6 @@ def gemv_kernel(p: GemvParams) -> Any:
         if RELU:
             v = T.max(v, ZERO)
         return v
-
-    # The bias buffer is always a parameter (a 1-element dummy without bias) so the call
-    # signature does not depend on the pattern.
-    NBIAS = N if HAS_BIAS else 1
-    KNAME = KERNEL_NAME if p.acc_dtype == "float32" else KERNEL_NAME_INT8
-    XS = p.x_shape or (M, K)
-    YS = p.y_shape or (M, N)
-    XT, WT, AT = p.x_dtype, p.w_dtype, p.acc_dtype
-    ZERO = T.float32(0) if AT == "float32" else T.int32(0)
 
     def mac(acc_v: Any, xv: Any, wv: Any) -> Any:
         if AT == "float32":
@@ -147,10 +141,10 @@ def gemv_kernel(p: GemvParams) -> Any:
     # row block, from cache. RB is the largest divisor of M up to MAX_ROW_BLOCK.
     RB = max(d for d in range(1, min(M, MAX_ROW_BLOCK) + 1) if M % d == 0)
     MO = M // RB
-
     VCF, VCT = BN, tail_chunk(TBN)  # full blocks: one BN-wide vector op (a whole number of registers)
     SF = max(1, FULL_CHAINS // (RB * (BN // VCF)))
     ST = max(1, TAIL_CHAINS // (RB * (TBN // VCT)))
+    KMF, KMT = K // (SF * U) * SF * U, K // (ST * U) * ST * U
 
     # TVMScript macros see Python ints as constants, but an assignment inside one makes a TIR variable
     # (and an unrollable loop bound stops being constant): every derived size is a macro argument.
@@ -159,7 +153,8 @@ def gemv_kernel(p: GemvParams) -> Any:
               KMAIN: int, OC: int, acc: Any) -> None:
         """Columns [col0, col0 + NOUT) from the (K, W) packed block at ``woff``, W / VC vector chunks:
         S partial sums over k (k = (ko * U + ku) * S + s, up to KMAIN, then the rest into sum 0) so that
-        S x rows x chunks independent FMA chains hide the FMA latency. OC = whole output chunks."""
+        S x rows x chunks independent FMA chains hide the FMA latency. OC = whole output chunks; the
+        bias of output column j is ``b[j]`` (b is the bias buffer offset by the caller)."""
         for mo in range(MO):
             for s in T.unroll(S):
                 for m in range(RB):
@@ -193,7 +188,32 @@ def gemv_kernel(p: GemvParams) -> Any:
                 for i in range(NOUT - OC * VC):  # the last, partial chunk of a tail: scalar stores
                     y[mo * RB + m, col0 + OC * VC + i] = act(acc[0, m, OC * VC + i], col0 + OC * VC + i, b)
 
-    KMF, KMT = K // (SF * U) * SF * U, K // (ST * U) * ST * U
+    @T.macro
+    def layer(x: Any, wp: Any, woff: Any, b: Any, boff: Any, y: Any) -> None:
+        acc = T.alloc_buffer((SF, RB, BN), AT, scope="local")
+        acc_t = T.alloc_buffer((ST, RB, TBN), AT, scope="local")
+        bv = T.decl_buffer((b.shape[0] - boff,), AT, data=b.data, elem_offset=boff)
+        for nb in range(FULL):
+            block(x, wp, bv, y, woff + nb * K * BN, nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
+        for _t in range(1 if TAIL > 0 else 0):
+            block(x, wp, bv, y, woff + TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
+
+    return layer
+
+
+def gemv_kernel(p: GemvParams) -> Any:
+    """The PrimFunc ``(x[M, K], wp[packed], b[N], y[M, N])`` for ``p``, marked hand-written."""
+    from tvm.script import tirx as T
+
+    # The bias buffer is always a parameter (a 1-element dummy without bias) so the call
+    # signature does not depend on the pattern.
+    NBIAS = p.n if p.bias else 1
+    KNAME = KERNEL_NAME if p.acc_dtype == "float32" else KERNEL_NAME_INT8
+    M, K, N = p.m, p.k, p.n
+    XS, YS = p.x_shape or (M, K), p.y_shape or (M, N)
+    XT, WT, AT = p.x_dtype, p.w_dtype, p.acc_dtype
+    WSIZE = max(1, p.packed_size)
+    layer = layer_macro(p)
 
     @T.prim_func
     def gemv(
@@ -205,15 +225,12 @@ def gemv_kernel(p: GemvParams) -> Any:
         T.func_attr({"tirx.noalias": True, "edgec.kernel": KNAME, "tirx.is_scheduled": True})
         x = T.decl_buffer((M, K), XT, data=xg.data)  # flat 2-D views of the graph's tensors
         y = T.decl_buffer((M, N), AT, data=yg.data)
-        acc = T.alloc_buffer((SF, RB, BN), AT, scope="local")
-        acc_t = T.alloc_buffer((ST, RB, TBN), AT, scope="local")
-        for nb in range(FULL):
-            block(x, wp, b, y, nb * K * BN, nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
-        for _t in range(1 if TAIL > 0 else 0):
-            block(x, wp, b, y, TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
+        layer(x, wp, 0, b, 0, y)
 
-    return gemv
+    # The layer's parameters ride along, so later passes (kernels.tvm.chain) can rebuild it.
+    return gemv.with_attr("edgec.gemv", {"m": M, "k": K, "n": N, "block_n": p.block_n, "unroll": p.unroll,
+                                         "bias": p.bias, "relu": p.relu, "dtype": AT})
 
 
-__all__ = ["KERNEL_NAME", "TAIL_ALIGN", "GemvParams", "choose_block_n", "gemv_kernel", "pack_weight", "tail_chunk",
+__all__ = ["KERNEL_NAME", "TAIL_ALIGN", "GemvParams", "choose_block_n", "gemv_kernel", "layer_macro", "pack_weight", "tail_chunk",
            "tail_width"]

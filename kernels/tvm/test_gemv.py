@@ -40,7 +40,7 @@ def test_gemv_matches_generic(profile_id: str, gemm: bool) -> None:
     if not gemm:
         bs[1] = None  # a layer without bias: matmul + relu only
     model = dense_onnx(ws, bs, relu=True, gemm=gemm)
-    prof = load_profile(profile_id)
+    prof = with_kernels(load_profile(profile_id), gemv_chain_max_kb=0)  # per-layer kernels (test_chain: fused)
     fast, table = build_vm(model, prof)
     generic, gtable = build_vm(model, prof, substitute=False)
     assert [r["kernel"] for r in table] == ["gemv-packed-f32"] * 3
