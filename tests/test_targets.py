@@ -46,6 +46,27 @@ def test_tvm_records_kernels_and_triple(tmp_path: Path, cache: Cache) -> None:
     assert out.meta["kernels"] and all(k["origin"] in ("generic", "tuned", "hand-written") for k in out.meta["kernels"])
 
 
+def test_tvm_runner_reads_current_input_and_returns_fresh_outputs(tmp_path: Path, cache: Cache) -> None:
+    """The runner's per-call shortcuts (staging copy, main pre-bound to the staging tensors) must keep
+    ONNX Runtime's semantics: every call reads the caller's input as it is now and returns new arrays."""
+    f = tmp_path / "m.onnx"
+    onnx.save_model(small_mlp(), f)
+    art, _ = import_onnx_file(f, cache)
+    out, _ = api.compile(art, load_profile("x86-avx512"), "tvm", cache)
+    x = np.random.default_rng(2).standard_normal((1, 784)).astype(np.float32)
+    with get_target("tvm").load(out) as runner:
+        a = runner.infer({"x": x})[0]
+        a_copy = a.copy()
+        x *= -2.0  # the same array, changed in place
+        b = runner.infer({"x": x})[0]
+        assert not np.shares_memory(a, b)
+        np.testing.assert_array_equal(a, a_copy)  # the second call did not overwrite the first result
+        assert not np.allclose(a, b)
+        b[...] = 0.0  # a caller scribbling on a result must not affect the next call
+        c = runner.infer({"x": np.asfortranarray(x)})[0]
+        np.testing.assert_allclose(c, run_ort(f, [{"x": x}])[0][0], rtol=1e-4, atol=1e-5)
+
+
 def test_coverage_reports_unsupported_ops() -> None:
     m = small_mlp()
     m.graph.node.append(onnx.helper.make_node("FrobnicateOp", ["y"], ["z"], domain="com.example"))
