@@ -124,7 +124,7 @@ def modular_tvm(b: Bench, mods: list[tuple[str, Any]], x: np.ndarray, y: np.ndar
     out = ["### Modular lowering on TVM (`modular`, target tvm) vs the same network as dense masked matrices on TVM", "",
            ("Baseline = the dense masked network on TVM with the packed GEMV kernel (grouped GEMV off): every layer a "
            "dense GEMV over the zeros. `dense masked, default kernels` = the same dense network with the profile's "
-           "kernels (the grouped GEMV takes a layer whose zero pattern is contiguous in output blocks). Batch 1, "
+           "kernels (the grouped GEMV takes every layer whose zero rows it can skip, regrouping interleaved outputs itself). Batch 1, "
            "interleaved; max rel err vs the baseline's outputs on 1000 real test images."), "",
            HEAD.replace("accuracy % before -> after", "accuracy % dense -> modular"), ]
     for label, art in mods:
