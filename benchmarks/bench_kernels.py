@@ -1,6 +1,6 @@
 """Fused KAN / fused LIF kernels against a STRONG generic baseline -> benchmarks/results/kernels.md.
 
-    nice python benchmarks/bench_kernels.py [--trials 16] [--duration 1.0] [--only NAME ...]
+    nice python benchmarks/bench_kernels.py [--trials 8] [--duration 1.0] [--only NAME ...]
 
 For snn-mlp-zero (T=8), snn-mlp (T=16), kan-fast, kan-bspline and kan-cheby, timed interleaved in one
 torch-free process (export runs in a child process through ``bench_tvm.py --export``):
@@ -36,7 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_tvm import PROFILE, fmt_row, kernel_summary, tvm_runner  # noqa: E402
+from bench_tvm import PROFILE, fmt_row, kernel_summary, tvm_runner
 
 MODELS = ("snn-mlp-zero", "snn-mlp", "kan-fast", "kan-bspline", "kan-cheby")
 HEADER = ["model", "pass", "target", "profile", "p50 (us)", "p90 (us)", "baseline", "ratio vs baseline", "notes"]
@@ -70,13 +70,13 @@ def tune_generic(path: Path, prof: Any, trials: int, db: Path) -> dict[str, Any]
     t0 = time.monotonic()
     target = tvm_target(prof)
     mod = tuning.tunable_module(path, prof)
-    dbo = tuning._open_db(db)  # noqa: SLF001 -- the same JSON database toolchain.tuning writes
+    dbo = tuning._open_db(db)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     # Only the tasks with a reduction (the matmuls, ~all of the generic runtime). MetaSchedule on the
     # fused elementwise chains (the unrolled LIF steps, the KAN bases) spent > 7 min sampling the first
     # population of ONE task on this machine; they keep TVM's default lowering.
     heavy = [t for t in tasks if "matmul" in t.task_name]
-    todo = [t for t in heavy if tuning._valid_records(dbo, t.dispatched[0]) < trials]  # noqa: SLF001
+    todo = [t for t in heavy if tuning._valid_records(dbo, t.dispatched[0]) < trials]
     if todo:
         work = db / "work"
         ctxs, w = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, str(work))
@@ -84,7 +84,23 @@ def tune_generic(path: Path, prof: Any, trials: int, db: Path) -> dict[str, Any]
                            max_trials_per_task=trials, num_trials_per_iter=8,
                            builder=ms.builder.LocalBuilder(timeout_sec=300, max_workers=1),
                            runner=ms.runner.LocalRunner(timeout_sec=60), database=dbo)
-    return {"tasks": len(tasks), "heavy": len(heavy), "tuned_now": len(todo), "wall_s": time.monotonic() - t0}
+    dbo = tuning._open_db(db)
+    records = [tuning._valid_records(dbo, t.dispatched[0]) for t in heavy]
+    return {"tasks": len(tasks), "heavy": len(heavy), "tuned_now": len(todo), "records": records,
+            "wall_s": time.monotonic() - t0}
+
+
+def tune_in_child(path: Path, trials: int, db: Path) -> dict[str, Any]:
+    """``tune_generic`` in a child process: building and loading libraries in the process that just ran
+    MetaSchedule's workers died without a traceback here (twice); toolchain.tuning isolates it the same way."""
+    import json
+
+    r = subprocess.run([sys.executable, __file__, "--tune-child", str(path), "--trials", str(trials), "--db", str(db)],
+                       cwd=ROOT, capture_output=True, text=True, check=False)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode or not lines:
+        raise RuntimeError(f"tuning {path.stem} failed (exit {r.returncode}): {r.stderr.strip()[-300:]}")
+    return json.loads(lines[-1])
 
 
 def tuned_runner(path: Path, prof: Any, work: Path, db: Path) -> tuple[Any, list[dict[str, Any]], list[str]]:
@@ -109,7 +125,7 @@ def bench_model(path: Path, work: Path, args: argparse.Namespace, db: Path, imag
     prof = load_profile(PROFILE)
     gprof = with_kernels(prof, **GENERIC)
     label, change = OFF[fam]
-    tres = tune_generic(path, gprof, args.trials, db)
+    tres = tune_in_child(path, args.trials, db)
     runners: dict[str, tuple[Any, list[dict[str, Any]]]] = {
         "edgec": tvm_runner(path, prof, work, "edgec"),
         "generic": tvm_runner(path, gprof, work, "generic"),
@@ -119,7 +135,8 @@ def bench_model(path: Path, work: Path, args: argparse.Namespace, db: Path, imag
     naive_mm = [k for k in naive if "matmul" in k]
     runners["tuned"] = (tuned, tkern)
     tuned_note = (f"{tres['heavy']} matmul tasks of {tres['tasks']} tuned ({tres['tuned_now']} now, the rest from "
-                  f"the database), tune wall {tres['wall_s']:.0f} s; {kernel_summary(tkern)}"
+                  f"the database), valid records per matmul task {'/'.join(map(str, tres['records']))}, tune wall "
+                  f"{tres['wall_s']:.0f} s; {kernel_summary(tkern)}"
                   + f"; {len(naive) - len(naive_mm)} elementwise kernels on the default lowering"
                   + (f"; {len(naive_mm)} MATMULS LEFT NAIVE (tuning failed)" if naive_mm else ""))
     rows: list[list[str]] = []
@@ -234,17 +251,27 @@ def write(rows: list[list[str]], notes: list[str], args: argparse.Namespace) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--trials", type=int, default=16, help="MetaSchedule trials per matmul task for the tuned baseline")
+    ap.add_argument("--trials", type=int, default=8, help="MetaSchedule trials per matmul task for the tuned baseline")
     ap.add_argument("--duration", type=float, default=1.0)
     ap.add_argument("--only", nargs="*", default=list(MODELS))
     ap.add_argument("--db", type=Path, default=None, help="tuning database (default <cache>/tuning/bench-kernels-generic)")
     ap.add_argument("--zoo", type=Path, default=None, help="reuse models exported earlier (bench_tvm.py --export DIR)")
+    ap.add_argument("--tune-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tune_child:
+        import json
+
+        from kernels.tvm.harness import with_kernels
+        from toolchain.profile import load_profile
+
+        gprof = with_kernels(load_profile(PROFILE), **GENERIC)
+        print(json.dumps(tune_generic(args.tune_child, gprof, args.trials, args.db)), flush=True)
+        return 0
 
     from toolchain.cache import default_cache_root
     from toolchain.zoo.datasets import fashion_mnist
 
-    db = args.db or default_cache_root() / "tuning" / "bench-kernels-generic"
+    db = args.db = args.db or default_cache_root() / "tuning" / "bench-kernels-generic"
     test0 = fashion_mnist().x_test[0]
     images = {"test image 0": test0, "dense worst case": np.ones(784, np.float32)}
     rows: list[list[str]] = []
