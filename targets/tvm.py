@@ -280,7 +280,6 @@ class TvmRunner(SimpleRunner):
         self.vm.save_function("main", "edgec_bound_main", *tensors)
         self._call = self.vm["edgec_bound_main"]
         self._stage = stage
-        self._single = True
         for n, arr in stage:
             np.copyto(arr, feed[n])
         out = self._call()
