@@ -51,12 +51,19 @@ class BlockSparse:
 def regroup_columns(w: np.ndarray, block_n: int, max_n: int = 4096) -> np.ndarray | None:
     """An order of the output columns that puts columns with the same input support into the same
     BN-wide block (greedy: seed with the first free column, take the BN - 1 free columns sharing the
-    most inputs with it); None when it keeps no more zero rows than the identity order, or N is large."""
-    n = w.shape[1]
+    most inputs with it); None when it keeps no more zero rows than the identity order, when the columns
+    have no shared-support groups, or N is large."""
+    k, n = w.shape
     if n > max_n or n <= block_n:
         return None
-    f = (w != 0).astype(np.float32)
-    overlap = f.T @ f  # [N, N] inputs shared by two columns
+    # Group structure means few distinct column supports (G2GNet: one per group). Unstructured sparsity
+    # has ~N of them and nothing to regroup; bail out before the quadratic work.
+    uniq, inv = np.unique(np.packbits(w != 0, axis=0).T, axis=0, return_inverse=True)
+    if len(uniq) > n // 4:
+        return None
+    fu = np.unpackbits(uniq, axis=1)[:, :k].astype(np.float32)  # [U, K] distinct supports
+    inv = inv.reshape(-1)
+    overlap = (fu @ fu.T)[inv][:, inv]  # [N, N] inputs shared by two columns
     free = np.ones(n, dtype=bool)
     order: list[np.ndarray] = []
     while free.any():
