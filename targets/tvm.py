@@ -68,7 +68,7 @@ def import_onnx(model: onnx.ModelProto):  # -> IRModule
     dtypes = {s.name: s.dtype for s in input_specs(model)}
     try:
         return from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
-    except Exception as e:  # the frontend raises bare exceptions for unsupported ops
+    except Exception as e:  # noqa: BLE001 -- the frontend raises bare exceptions for unsupported ops
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise UsageError(f"TVM's ONNX importer rejected the model: {first}; try --target ort") from None
 

@@ -163,11 +163,7 @@ def fuse_gemv_chains(mod: Any, max_kb: int) -> tuple[Any, list[dict[str, Any]]]:
             continue
         gemvs: dict[Any, tuple[Any, ChainLayer]] = {}
         uses: dict[Any, int] = {}
-
-        def count(e: Any) -> None:
-            if isinstance(e, relax.Var):
-                uses[e] = uses.get(e, 0) + 1
-
+        count = _counter(uses)
         for blk in func.body.blocks:
             for bnd in blk.bindings:
                 if isinstance(bnd, relax.VarBinding):
@@ -194,6 +190,17 @@ def fuse_gemv_chains(mod: Any, max_kb: int) -> tuple[Any, list[dict[str, Any]]]:
     return (_drop_unused_gemvs(out) if report else out), report
 
 
+def _counter(uses: dict[Any, int]) -> Any:
+    """A post_order_visit callback counting each Relax variable's uses into ``uses``."""
+    from tvm import relax
+
+    def count(e: Any) -> None:
+        if isinstance(e, relax.Var):
+            uses[e] = uses.get(e, 0) + 1
+
+    return count
+
+
 def _drop_unused_gemvs(mod: Any) -> Any:
     """Remove per-layer GEMV PrimFuncs no Relax function calls any more (fused into a chain): they
     would still be compiled into the library and listed as kernels."""
@@ -206,7 +213,7 @@ def _drop_unused_gemvs(mod: Any) -> Any:
         if isinstance(e, tvm.ir.GlobalVar):
             used.add(e.name_hint)
 
-    for _, func in mod.functions.items():
+    for func in mod.functions.values():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func.body, visit)
     dead = [gv for gv, f in mod.functions.items()

@@ -117,7 +117,7 @@ def layer_macro(p: GemvParams) -> Any:
     at ``b[boff:]``. ``gemv_kernel`` wraps one in a PrimFunc; ``kernels.tvm.chain`` chains several."""
     from tvm.script import tirx as T
 
-    M, K, N, BN, U = p.m, p.k, p.n, p.block_n, max(1, p.unroll)
+    M, K, BN, U = p.m, p.k, p.block_n, max(1, p.unroll)
     FULL, TAIL = p.full_blocks, p.tail
     TBN = max(1, tail_width(TAIL))
     TOFF = FULL * K * BN  # where the tail block starts in the packed weight

@@ -28,8 +28,7 @@ def _numpy(x: np.ndarray, ws: list, bs: list) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
-@pytest.mark.parametrize("gemm", [False, True])
+@pytest.mark.parametrize(("profile_id", "gemm"), [("x86-avx512", False), ("x86-avx2", True)])
 def test_chain_matches_per_layer_kernels(profile_id: str, gemm: bool) -> None:
     dims = [97, 70, 33, 45, 10]  # odd sizes: tails in K (unroll / partial sums) and N (narrow tail blocks)
     model, ws, bs = _mlp(dims, gemm)
@@ -75,5 +74,5 @@ def test_shared_intermediate_is_not_fused() -> None:
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    fused, table = build_vm(model, load_profile("x86-avx512"))
+    _, table = build_vm(model, load_profile("x86-avx512"))
     assert [r["kernel"] for r in table] == ["gemv-packed-f32"] * 2
