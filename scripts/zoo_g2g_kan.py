@@ -181,7 +181,8 @@ def write(rows: dict[str, dict[str, Any]], seeds: dict[str, dict[str, float]], o
                    f"{fmt(x.get('select_seconds'), '.1f')} s), before fine-tuning: "
                    f"{fmt(x.get('selected_untuned_accuracy'), '.4f')} (held-out training slice: "
                    f"{fmt(x.get('holdout_accuracy_full_pool'), '.4f')} full pool -> "
-                   f"{fmt(x.get('holdout_accuracy_selected'), '.4f')} selected)"),
+                   f"{fmt(x.get('holdout_accuracy_selected'), '.4f')} selected; the gates learned on this slice, so "
+                   "it shows what selection lost, not an unbiased accuracy)"),
                   f"- after pruning + fine-tuning (deployed): {rows[name]['test_accuracy']:.4f}",
                   f"- chosen bases per layer: {x.get('choices')}",
                   (f"- epochs: {rows[name]['epochs']} (full pool + pruned fine-tuning) vs "
