@@ -32,6 +32,23 @@ PROFILE = "x86-avx512"
 HEADER = ["model", "pass", "target", "profile", "p50 (us)", "p90 (us)", "baseline", "ratio vs baseline", "kernels"]
 
 
+def _module_for_export(e: Any) -> Any:
+    """The untrained module (latency does not depend on weight values), or, for an entry whose export
+    needs a training-time decision (S-KAN's frozen basis choice), its trained weights from the cache."""
+    from toolchain.cache import Cache, MissingArtifact, ReadOnlyCache
+    from toolchain.zoo.trained import load_trained
+
+    module = e.build(e.recipe).eval()
+    try:
+        return e.export_module(module, e.forms[0]) if e.export_module is not None else module
+    except ValueError as untrained_error:
+        try:
+            module = load_trained(e, ReadOnlyCache(Cache().root), progress=False)[0]
+        except MissingArtifact:
+            raise ValueError(f"{untrained_error} (and no trained weights in the cache: edgec zoo train {e.name})") from None
+        return e.export_module(module, e.forms[0])
+
+
 def export_all(out: Path, names: list[str]) -> None:
     """Child-process entry: export zoo entries to ``out/<name>.onnx`` (cleanup pass applied)."""
     import onnx
@@ -48,9 +65,7 @@ def export_all(out: Path, names: list[str]) -> None:
         if names and name not in names:
             continue
         try:
-            module = e.build(e.recipe).eval()
-            if e.export_module is not None:
-                module = e.export_module(module, e.forms[0])
+            module = _module_for_export(e)
             x = torch.randn(*e.input_shape)  # input_shape already has the batch dim
             example = e.example_inputs(module, e.forms[0], x) if e.example_inputs else (x,)
             model = cleanup(torch_to_onnx(module, example, dynamic_batch=False), CleanupConfig()).model

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.cache import Cache, StepKey
+from toolchain.cache import Cache, MissingArtifact, ReadOnlyCache, StepKey
 
 
 def _writer(text: str):
@@ -61,3 +61,14 @@ def test_find_by_prefix(cache: Cache) -> None:
     art, _ = cache.get_or_build(StepKey("s", (), {"z": 1}), "text", _writer("abc"))
     assert cache.find(art.key[:10]).key == art.key
     assert cache.find(art.key[:3]) is None
+
+
+def test_read_only_cache_answers_hits_and_never_builds(cache: Cache) -> None:
+    sk = StepKey("s", (), {"a": 1})
+    ro = ReadOnlyCache(cache.root)
+    with pytest.raises(MissingArtifact):
+        ro.get_or_build(sk, "k", _writer("x"))
+    assert not cache.root.exists() or not any(cache.root.rglob("manifest.json"))
+    built, _ = cache.get_or_build(sk, "k", _writer("x"))
+    found, hit = ro.get_or_build(sk, "k", _writer("never called"))
+    assert hit and found.key == built.key and found.payload.read_text() == "x"

@@ -180,3 +180,19 @@ class Cache:
             for m in self.root.glob("*/*/" + MANIFEST):
                 out.append(Artifact(key=m.parent.name, dir=m.parent, manifest=json.loads(m.read_text())))
         return out
+
+
+class MissingArtifact(LookupError):
+    """A ReadOnlyCache was asked for a step it does not hold."""
+
+
+class ReadOnlyCache(Cache):
+    """A cache that answers from what is stored and never runs a step: ``get_or_build`` raises
+    MissingArtifact on a miss. Lets a caller ask "is this already trained/compiled?" through the
+    same code path that would build it, so the key is never re-derived by hand."""
+
+    def get_or_build(self, sk: StepKey, kind: str, write: Writer) -> tuple[Artifact, bool]:
+        found = self.get(sk.digest())
+        if found is None:
+            raise MissingArtifact(f"{sk.step} not in the cache at {self.root}")
+        return found, True
