@@ -36,7 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_tvm import PROFILE, fmt_row, kernel_summary, tvm_runner
+from bench_tvm import PROFILE, fmt_row, kernel_summary, same_size_mlp, tvm_runner, write_results
 
 MODELS = ("snn-mlp-zero", "snn-mlp", "kan-fast", "kan-bspline", "kan-cheby")
 HEADER = ["model", "pass", "target", "profile", "p50 (us)", "p90 (us)", "baseline", "ratio vs baseline", "notes"]
@@ -179,21 +179,12 @@ def speed_words(ratio: float) -> str:
 
 def bench_kan_mlp(path: Path, work: Path, duration: float, pixels: np.ndarray) -> tuple[list[list[str]], float]:
     """edgec KAN vs a 784-h-10 MLP with the same parameter count, both edgec TVM builds, interleaved."""
-    import onnx
-    from onnx import numpy_helper
 
-    from kernels.tvm.harness import dense_onnx
     from toolchain.bench import measure_interleaved
     from toolchain.profile import load_profile
 
     prof = load_profile(PROFILE)
-    params = sum(numpy_helper.to_array(t).size for t in onnx.load(str(path)).graph.initializer)
-    h = max(1, round((params - 10) / 795))  # 784*h + h + 10*h + 10 parameters
-    rng = np.random.default_rng(0)
-    mlp_path = work / f"mlp-like-{path.stem}.onnx"
-    onnx.save(dense_onnx([rng.standard_normal((784, h)).astype(np.float32) * 0.03,
-                          rng.standard_normal((h, 10)).astype(np.float32) * 0.03],
-                         [np.zeros(h, np.float32), np.zeros(10, np.float32)]), mlp_path)
+    mlp_path, h, params = same_size_mlp(path, work)
     kan_run, _ = tvm_runner(path, prof, work, "edgec-mlpcmp")
     mlp_run, mkern = tvm_runner(mlp_path, prof, work, "edgec")
     st = measure_interleaved({"kan": (kan_run, image_feed(path, pixels)),
@@ -256,17 +247,10 @@ LEGEND = [
 
 
 def write(rows: list[list[str]], notes: list[str], args: argparse.Namespace) -> Path:
-    out = HERE / "results" / "kernels.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["## Fused KAN / fused LIF vs a tuned generic lowering (issue 5)", "",
-             (f"`nice python benchmarks/bench_kernels.py --trials {args.trials} --duration {args.duration}`, "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, profile {PROFILE}. Batch 1, 1 thread, fp32, "
-              "all variants of a model interleaved in one process."),
-             "", "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", *notes, "", *LEGEND, ""]
-    out.write_text("\n".join(lines))
-    return out
+    return write_results("kernels.md", "## Fused KAN / fused LIF vs a tuned generic lowering (issue 5)",
+                         f"nice python benchmarks/bench_kernels.py --trials {args.trials} --duration {args.duration}",
+                         f"Profile {PROFILE}. Batch 1, 1 thread, fp32, all variants of a model interleaved in one process.",
+                         HEADER, rows, notes, LEGEND)
 
 
 def main() -> int:

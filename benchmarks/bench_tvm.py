@@ -75,6 +75,23 @@ def export_all(out: Path, names: list[str]) -> None:
             print(f"SKIP {name}: export failed: {type(ex).__name__}: {str(ex)[:160]}", flush=True)
 
 
+def same_size_mlp(path: Path, work: Path) -> tuple[Path, int, int]:
+    """A 784-h-10 MLP with as many parameters as the model at ``path`` (random weights): (path, h, params)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from kernels.tvm.harness import dense_onnx
+
+    params = sum(numpy_helper.to_array(t).size for t in onnx.load(str(path)).graph.initializer)
+    h = max(1, round((params - 10) / 795))  # 784*h + h + 10*h + 10 parameters
+    rng = np.random.default_rng(0)
+    mlp_path = work / f"mlp-like-{path.stem}.onnx"
+    onnx.save(dense_onnx([rng.standard_normal((784, h)).astype(np.float32) * 0.03,
+                          rng.standard_normal((h, 10)).astype(np.float32) * 0.03],
+                         [np.zeros(h, np.float32), np.zeros(10, np.float32)]), mlp_path)
+    return mlp_path, h, params
+
+
 def tvm_runner(model_path: Path, profile: Any, out_dir: Path, tag: str) -> tuple[Any, list[dict[str, Any]]]:
     import onnx
 
@@ -209,10 +226,7 @@ def bench_variants(zoo_dir: Path, work: Path, duration: float) -> list[list[str]
 
 def bench_kan_vs_mlp(zoo_dir: Path, work: Path, duration: float) -> list[list[str]]:
     """Each KAN model vs a 784-h-10 MLP with the same parameter count, both through TVM (0 trials)."""
-    import onnx
-    from onnx import numpy_helper
 
-    from kernels.tvm.harness import dense_onnx
     from targets.ort import OrtRunner
     from toolchain.bench import measure_interleaved
     from toolchain.profile import load_profile
@@ -223,13 +237,7 @@ def bench_kan_vs_mlp(zoo_dir: Path, work: Path, duration: float) -> list[list[st
         path = zoo_dir / f"{name}.onnx"
         if not path.is_file():
             continue
-        params = sum(numpy_helper.to_array(t).size for t in onnx.load(str(path)).graph.initializer)
-        h = max(1, round((params - 10) / 795))  # 784*h + h + 10*h + 10 parameters
-        rng = np.random.default_rng(0)
-        mlp_path = work / f"mlp-like-{name}.onnx"
-        onnx.save(dense_onnx([rng.standard_normal((784, h)).astype(np.float32) * 0.03,
-                              rng.standard_normal((h, 10)).astype(np.float32) * 0.03],
-                             [np.zeros(h, np.float32), np.zeros(10, np.float32)]), mlp_path)
+        mlp_path, h, params = same_size_mlp(path, work)
         kan_run, _ = tvm_runner(path, prof, work, "hand3")
         mlp_run, mkern = tvm_runner(mlp_path, prof, work, "hand")
         mlp_ort = OrtRunner(mlp_path, prof.bench.threads)
@@ -291,17 +299,23 @@ LEGEND = [
 ]
 
 
-def write(rows: list[list[str]], notes: list[str]) -> Path:
-    out = HERE / "results" / "tvm.md"
+def write_results(name: str, title: str, command: str, setup: str, header: list[str], rows: list[list[str]],
+                  notes: list[str], legend: list[str]) -> Path:
+    """benchmarks/results/<name>: title, the command and time, one table, notes, legend (shared by bench_kernels)."""
+    out = HERE / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["## TVM lowering (issue 5)", "",
-             (f"`nice python benchmarks/bench_tvm.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-              "Batch 1, 1 thread, fp32, interleaved in one process; ratio = p50 / baseline p50 (< 1 is faster)."),
-             "", "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    lines = [title, "", f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {setup}",
+             "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", *notes, "", *LEGEND, ""]
+    lines += ["", *notes, "", *legend, ""]
     out.write_text("\n".join(lines))
     return out
+
+
+def write(rows: list[list[str]], notes: list[str]) -> Path:
+    return write_results("tvm.md", "## TVM lowering (issue 5)", "nice python benchmarks/bench_tvm.py",
+                         "Batch 1, 1 thread, fp32, interleaved in one process; ratio = p50 / baseline p50 (< 1 is faster).",
+                         HEADER, rows, notes, LEGEND)
 
 
 def main() -> int:
