@@ -31,6 +31,7 @@ app.add_typer(zoo_app, name="zoo")
 from toolchain.cli_support import STATE, DataDirOpt, JsonOpt, ProfileOpt, emit, handled
 from toolchain.cli_support import get_cache as _cache
 
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
@@ -98,13 +99,19 @@ def optimize(
          lambda: "\n".join([f"{r['pass']}: {r['report']}" for r in reports] + [f"wrote {output}"]))
 
 
+TuneTrialsOpt = Annotated[int | None, typer.Option(
+    help="TVM: MetaSchedule trials. Default: auto -- the profile's tuning.auto_trials (96) when a layer of "
+         ">= tuning.auto_min_mflops has no hand-written kernel (e.g. a convolution), 0 otherwise. "
+         "0 = hand-written kernels only.", show_default=False)]
+
+
 @app.command("compile")
 @handled
 def compile_cmd(
     model: Annotated[Path, typer.Argument(help="Input ONNX file.")],
     profile: ProfileOpt,
     target: Annotated[str | None, typer.Option("--target", "-t", help="ort | tvm | tensorrt (default: profile's first available).")] = None,
-    tune_trials: Annotated[int, typer.Option(help="TVM: MetaSchedule trials (0 = hand-written kernels only).")] = 0,
+    tune_trials: TuneTrialsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compile an ONNX model for a device profile; prints the artifact key to bench."""
@@ -182,7 +189,7 @@ def build(
     samples: Annotated[int, typer.Option(help="Test samples for accuracy (0 = all).")] = 1000,
     duration: Annotated[float | None, typer.Option(help="Seconds of timed runs per target.")] = None,
     report_dir: Annotated[Path | None, typer.Option(help="Also write <name>.json and <name>.md here.")] = None,
-    tune_trials: Annotated[int, typer.Option(help="TVM: MetaSchedule trials (0 = hand-written kernels only).")] = 0,
+    tune_trials: TuneTrialsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export, optimize, compile and benchmark in one go; one report."""
@@ -223,7 +230,7 @@ def inspect(
         lines = [f"artifact {info['artifact']} ({info['kind']}) step {m['step']} profile {m.get('profile')}",
                  f"payload {info['dir']}/{m['payload']}  verified: {info['verified']}"]
         if info.get("kernels"):
-            share = lambda k: f"{k['time_share']:.1%} ({k['us_per_run']} us)" if "time_share" in k else ""  # noqa: E731
+            share = lambda k: f"{k['time_share']:.1%} ({k['us_per_run']} us)" if "time_share" in k else ""
             lines += ["", table(["kernel", "origin", "detail", "time share"],
                                 [[k["name"], k["origin"], k.get("kernel", ""), share(k)] for k in info["kernels"]])]
         return "\n".join(lines)

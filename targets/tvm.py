@@ -8,6 +8,7 @@ MetaSchedule tuning) plug in as further named steps.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import os
 import platform
 import subprocess
@@ -43,7 +44,7 @@ def tuning_budget(cfg: Any, progress: bool = True) -> Iterator[None]:
         TUNING.reset(tok)
         TUNING_PROGRESS.reset(tok2)
 
-COMPILE_CONFIG_VERSION = 3  # 2: hand-written kernel substitution; 3: dense chains fused
+COMPILE_CONFIG_VERSION = 4  # 2: hand-written kernel substitution; 3: dense chains fused; 4: pinned-batch folding
 
 
 def _import_tvm():  # -> module
@@ -63,7 +64,16 @@ def tvm_target(profile: Profile):  # -> tvm.target.Target
 def import_onnx(model: onnx.ModelProto):  # -> IRModule
     from tvm.relax.frontend.onnx import from_onnx
 
-    model = fix_batch(model, 1)
+    pinned = fix_batch(model, 1)
+    if pinned != model:
+        # A dynamic-batch export computes shapes at run time (Shape -> Gather -> Concat -> Reshape), which
+        # TVM's importer turns into PrimValues its Reshape rejects (spiking nets). With the batch pinned,
+        # constant folding makes those shapes static, as a static-batch export would have them.
+        from toolchain.passes.cleanup import Config as CleanupConfig
+        from toolchain.passes.cleanup import run as cleanup
+
+        pinned = cleanup(pinned, CleanupConfig()).model
+    model = pinned
     shapes = {s.name: list(s.shape) for s in input_specs(model)}
     dtypes = {s.name: s.dtype for s in input_specs(model)}
     try:
@@ -331,6 +341,9 @@ class TvmTarget:
         tuning = None
         db = None
         tune_summary: dict[str, Any] = {}
+        auto: dict[str, Any] | None = None
+        if tcfg is not None and tcfg.auto:
+            tcfg, auto = self._auto_budget(tcfg, art.payload, profile)
         if tcfg is not None and tcfg.trials > 0:
             if not profile.is_host_native and tcfg.tracker is None:
                 raise UsageError(
@@ -351,10 +364,25 @@ class TvmTarget:
             if tuning is not None:
                 meta["tuning"] = {**tuning, "measured": tune_summary.get("measured"),
                                   "failed_trials": tune_summary.get("failed"), "database": str(db)}
+            if auto is not None:
+                meta["auto_tuning"] = auto
             return "model.so", meta
 
         sk = StepKey("compile:tvm", (art.key,), cfg, COMPILE_CONFIG_VERSION, profile.id)
         return cache.get_or_build(sk, "tvm-lib", write)
+
+    @staticmethod
+    def _auto_budget(tcfg: Any, model_path: Path, profile: Profile) -> tuple[Any, dict[str, Any]]:
+        """Resolve "auto" tuning: the profile's trials where heavy layers run naive, else none. A cross
+        profile without a device to measure on is not tuned (its heavy layers are reported instead)."""
+        from toolchain.tuning import auto_trials
+
+        trials, heavy = auto_trials(model_path, profile)
+        info: dict[str, Any] = {"trials": trials, "heavy_naive": [[n, round(m, 2)] for n, m in heavy]}
+        if trials and not profile.is_host_native and tcfg.tracker is None:
+            info.update(trials=0, skipped="no device to measure on: pass --tracker HOST:PORT --key KEY")
+            return None, info
+        return (dataclasses.replace(tcfg, trials=trials, auto=False) if trials else None), info
 
     def load(self, art: Artifact) -> TvmRunner:
         machine = art.meta.get("elf_machine")

@@ -84,3 +84,71 @@ def test_tuning_schedules_every_kernel_and_resumes(tmp_path: Path) -> None:
     again = tune(model, "x86-avx512", cfg, db, progress=False)  # budget already met: resumes, measures nothing
     assert again["resumed_trials"] >= 1
     assert again["measured"] <= first["measured"]
+
+
+def _conv_model(tmp_path: Path) -> Path:
+    """Conv(1->8) + Conv(8->16) on 28x28: no hand-written kernel covers conv; the second is ~1.5 MFLOP."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((8, 1, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((16, 8, 3, 3)) * 0.1).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "w2"], ["y"], kernel_shape=[3, 3])],
+        "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 26, 26])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "convs.onnx"
+    onnx.save(m, path)
+    return path
+
+
+def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> None:
+    from tests.models import small_mlp
+    from toolchain.tuning import auto_trials
+
+    prof = load_profile("x86-avx512")
+    trials, heavy = auto_trials(_conv_model(tmp_path), prof)
+    assert trials == prof.tuning.auto_trials > 0
+    assert heavy and all(m >= prof.tuning.auto_min_mflops for _, m in heavy)
+    assert any("conv" in name for name, _ in heavy)
+    mlp = tmp_path / "mlp.onnx"
+    onnx.save(small_mlp(), mlp)
+    assert auto_trials(mlp, prof) == (0, [])  # hand-written GEMV covers every layer: 0 minutes of tuning
+    assert auto_trials(_layernorm_model(tmp_path), prof) == (0, [])  # naive, but too little work to be worth it
+
+
+def test_auto_budget_is_recorded_and_skips_cross_profiles_without_a_device(tmp_path: Path, cache: object) -> None:
+    from targets.tvm import TvmTarget
+    from tests.models import small_mlp
+    from toolchain.export import import_onnx_file
+    from toolchain.tuning import tuning_scope
+
+    mlp = tmp_path / "mlp.onnx"
+    onnx.save(small_mlp(), mlp)
+    art, _ = import_onnx_file(mlp, cache)  # type: ignore[arg-type]
+    with tuning_scope(None, progress=False):
+        out, _ = TvmTarget().compile(art, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
+    assert out.meta["auto_tuning"] == {"trials": 0, "heavy_naive": []} and "tuning" not in out.meta
+    conv, _ = import_onnx_file(_conv_model(tmp_path), cache)  # type: ignore[arg-type]
+    with tuning_scope(None, progress=False):  # rpi5 needs the device to measure: reported, not tuned here
+        out, _ = TvmTarget().compile(conv, load_profile("rpi5"), cache)  # type: ignore[arg-type]
+    assert out.meta["auto_tuning"]["trials"] == 0 and "--tracker" in out.meta["auto_tuning"]["skipped"]
+    assert out.meta["auto_tuning"]["heavy_naive"]
+
+
+@pytest.mark.slow
+def test_cli_default_auto_tunes_a_conv_model_until_no_kernel_is_naive(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    r = subprocess.run([str(bin_dir / "edgec"), "compile", str(_conv_model(tmp_path)), "--profile", "x86-avx512",
+                        "--target", "tvm", "--json"], capture_output=True, text=True, timeout=1800,
+                       env={**__import__("os").environ, "EDGEC_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads(r.stdout)["meta"]
+    assert meta["auto_tuning"]["trials"] == load_profile("x86-avx512").tuning.auto_trials
+    assert meta["tuning"]["trials"] == meta["auto_tuning"]["trials"] and not meta["naive_after_tuning"]

@@ -69,6 +69,15 @@ def test_both_forms_export_with_identical_spikes(name: str, fashion: Dataset, ca
             ref = exp_mod(*[torch.from_numpy(f) for f in feeds])
         ref = ref if isinstance(ref, tuple) else (ref,)
         np.testing.assert_array_equal(got[0], ref[0].numpy())  # identical spike counts / spikes
+        if form == "unrolled":  # the dynamic-batch export compiles for TVM (batch pinned, shapes folded)
+            from targets.tvm import TvmTarget
+            from toolchain.profile import load_profile
+
+            tvm_art, _ = TvmTarget().compile(exp, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
+            runner = TvmTarget().load(tvm_art)
+            for i in range(20):
+                out = runner.infer({names[0]: feeds[0][i:i + 1]})[0]
+                np.testing.assert_array_equal(out, got[0][i:i + 1])
         if form == "step":
             np.testing.assert_array_equal(got[1], ref[1].numpy())  # identical membrane state
             assert ref[0].sum() > 0  # the chosen state really spikes

@@ -60,6 +60,14 @@ class KernelSpec:
 
 
 @dataclass(frozen=True)
+class TuningSpec:
+    """The default ("auto") tuning budget: MetaSchedule runs only where a heavy layer has no hand-written kernel."""
+
+    auto_trials: int = 96  # trials when auto tuning triggers (convkan reaches ORT parity with 96; ~1-7 min here)
+    auto_min_mflops: float = 0.5  # a naive kernel below this much work is not worth tuning (elementwise, norms)
+
+
+@dataclass(frozen=True)
 class BenchSpec:
     threads: int = 1
     warmup_s: float = 0.2
@@ -78,6 +86,7 @@ class Profile:
     gpu: GpuSpec | None = None
     kernels: KernelSpec = field(default_factory=KernelSpec)
     bench: BenchSpec = field(default_factory=BenchSpec)
+    tuning: TuningSpec = field(default_factory=TuningSpec)
 
     @property
     def is_host_native(self) -> bool:

@@ -53,6 +53,9 @@ class TuneConfig:
     device_key: str | None = None
     # Device token for remote tuning (default $EDGEC_DEVICE_TOKEN); kept out of repr, JSON and cache keys.
     token: str | None = field(default=None, repr=False, compare=False)
+    # "auto" (the CLI default): the compile decides -- the profile's tuning.auto_trials where a heavy layer has
+    # no hand-written kernel (see heavy_naive_kernels), nothing otherwise. ``trials`` is ignored then.
+    auto: bool = False
 
     def __post_init__(self) -> None:
         if self.trials < 0:
@@ -116,6 +119,36 @@ def tunable_module(model_path: Path, profile: Any) -> Any:
         if name == "legalize-and-fuse":
             return mod
     raise InfraError("internal: the TVM pipeline has no legalize-and-fuse step")
+
+
+def heavy_naive_kernels(mod: Any, min_mflops: float) -> list[tuple[str, float]]:
+    """(name, MFLOP) of the PrimFuncs with no hand-written kernel and no schedule whose estimated work is at
+    least ``min_mflops``: the layers that run as naive loops AND matter (a conv, an uncovered matmul).
+    Elementwise ops and norms fall below the bar; tuning them costs minutes and gains microseconds."""
+    import tvm
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    out = []
+    for gv, f in mod.functions.items():
+        if not isinstance(f, tvm.tirx.PrimFunc):
+            continue
+        attrs = f.attrs or {}
+        if "edgec.kernel" in attrs or bool(attrs.get("tirx.is_scheduled", False)):
+            continue
+        try:
+            mflops = float(estimate_tir_flops(tvm.IRModule({"main": f}))) / 1e6
+        except Exception:  # noqa: BLE001 -- a loop nest the estimator cannot read: count it as heavy
+            mflops = float("inf")
+        if mflops >= min_mflops:
+            out.append((gv.name_hint, mflops))
+    return sorted(out, key=lambda t: -t[1])
+
+
+def auto_trials(model_path: Path, profile: Any) -> tuple[int, list[tuple[str, float]]]:
+    """The default tuning budget for this model on this profile: (trials, the heavy naive kernels that
+    call for them). 0 trials where hand-written kernels cover every heavy layer."""
+    heavy = heavy_naive_kernels(tunable_module(model_path, profile), profile.tuning.auto_min_mflops)
+    return (profile.tuning.auto_trials if heavy else 0), heavy
 
 
 def _valid_records(db: Any, mod: Any) -> int:
@@ -362,10 +395,19 @@ _ERRORS: dict[str, type[EdgecError]] = {c.__name__: c for c in (UsageError, Gate
 
 
 @contextmanager
-def tuning_scope(trials: int, progress: bool = True, tracker: str | None = None,
+def tuning_scope(trials: int | None, progress: bool = True, tracker: str | None = None,
                  device_key: str | None = None, token: str | None = None,
                  trials_per_batch: int = 16) -> Iterator[None]:
-    """TVM compiles inside this block tune with ``trials`` (no-op for 0 and no tracker)."""
+    """TVM compiles inside this block tune with ``trials`` (no-op for 0 and no tracker); ``None`` is
+    "auto": each compile tunes with the profile's budget only where a heavy layer has no hand-written kernel."""
+    if trials is None:
+        from targets.tvm import tuning_budget
+
+        cfg = TuneConfig(trials=0, tracker=tracker, device_key=device_key, token=token,
+                         trials_per_batch=trials_per_batch, auto=True)
+        with tuning_budget(cfg, progress):
+            yield
+        return
     if trials <= 0:
         if trials < 0:
             raise UsageError(f"--tune-trials must be >= 0, got {trials}")
