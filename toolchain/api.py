@@ -230,6 +230,7 @@ def build(model: str, profile_id: str, targets: list[str] | None, passes: list[s
             tgt = get_target(t)
             if hasattr(tgt, "kernels"):
                 res["kernels"] = tgt.kernels(art)
+            res.update({k: art.meta[k] for k in ("tuning", "auto_tuning") if k in art.meta})  # what was tuned, why
             results[t] = res
     finally:
         for r in runners.values():
