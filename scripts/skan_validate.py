@@ -20,11 +20,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from toolchain.zoo import TrainContext  # noqa: E402
-from toolchain.zoo.datasets import load_dataset  # noqa: E402
-from toolchain.zoo.registry import get_entry  # noqa: E402
+from toolchain.zoo import TrainContext
+from toolchain.zoo.datasets import load_dataset
+from toolchain.zoo.registry import get_entry
 
 VAL = 10_000
 
