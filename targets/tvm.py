@@ -382,7 +382,9 @@ class TvmTarget:
         if trials and not profile.is_host_native and tcfg.tracker is None:
             info.update(trials=0, skipped="no device to measure on: pass --tracker HOST:PORT --key KEY")
             return None, info
-        return (dataclasses.replace(tcfg, trials=trials, auto=False) if trials else None), info
+        if not trials:
+            return None, info
+        return dataclasses.replace(tcfg, trials=trials, auto=False, min_mflops=profile.tuning.auto_min_mflops), info
 
     def load(self, art: Artifact) -> TvmRunner:
         machine = art.meta.get("elf_machine")

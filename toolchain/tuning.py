@@ -56,6 +56,9 @@ class TuneConfig:
     # "auto" (the CLI default): the compile decides -- the profile's tuning.auto_trials where a heavy layer has
     # no hand-written kernel (see heavy_naive_kernels), nothing otherwise. ``trials`` is ignored then.
     auto: bool = False
+    # Tune only tasks of at least this much work (auto mode: the profile's tuning.auto_min_mflops), so the whole
+    # budget goes to the heavy layers that called for it instead of being spread over elementwise kernels.
+    min_mflops: float = 0.0
 
     def __post_init__(self) -> None:
         if self.trials < 0:
@@ -121,12 +124,21 @@ def tunable_module(model_path: Path, profile: Any) -> Any:
     raise InfraError("internal: the TVM pipeline has no legalize-and-fuse step")
 
 
+def _mflops(mod: Any) -> float:
+    """TVM's FLOP estimate of a one-function IRModule, in MFLOP (inf where the estimator cannot read it)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(mod)) / 1e6
+    except Exception:  # noqa: BLE001 -- a loop nest the estimator cannot read: count it as heavy
+        return float("inf")
+
+
 def heavy_naive_kernels(mod: Any, min_mflops: float) -> list[tuple[str, float]]:
     """(name, MFLOP) of the PrimFuncs with no hand-written kernel and no schedule whose estimated work is at
     least ``min_mflops``: the layers that run as naive loops AND matter (a conv, an uncovered matmul).
     Elementwise ops and norms fall below the bar; tuning them costs minutes and gains microseconds."""
     import tvm
-    from tvm.s_tir.analysis import estimate_tir_flops
 
     out = []
     for gv, f in mod.functions.items():
@@ -135,10 +147,7 @@ def heavy_naive_kernels(mod: Any, min_mflops: float) -> list[tuple[str, float]]:
         attrs = f.attrs or {}
         if "edgec.kernel" in attrs or bool(attrs.get("tirx.is_scheduled", False)):
             continue
-        try:
-            mflops = float(estimate_tir_flops(tvm.IRModule({"main": f}))) / 1e6
-        except Exception:  # noqa: BLE001 -- a loop nest the estimator cannot read: count it as heavy
-            mflops = float("inf")
+        mflops = _mflops(tvm.IRModule({"main": f}))
         if mflops >= min_mflops:
             out.append((gv.name_hint, mflops))
     return sorted(out, key=lambda t: -t[1])
@@ -177,7 +186,8 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
     mod = tunable_module(model_path, profile)
     db = _open_db(db_dir)
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
-                 if not _is_hand_written(t.dispatched[0])]
+                 if not _is_hand_written(t.dispatched[0])
+                 and (cfg.min_mflops <= 0 or _mflops(t.dispatched[0]) >= cfg.min_mflops)]
     per_task = cfg.max_trials_per_task or cfg.trials
     todo, weights, done_before = [], [], 0
     for t in extracted:
