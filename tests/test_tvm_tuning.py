@@ -18,15 +18,18 @@ from toolchain.profile import load_profile
 def _layernorm_model(tmp_path: Path) -> Path:
     """One LayerNorm + Sigmoid: kernels no hand-written kernel covers (they stay generic untuned)."""
     n = 64
-    g = helper.make_graph(
-        [helper.make_node("LayerNormalization", ["x", "s", "b"], ["l"], axis=-1),
-         helper.make_node("Sigmoid", ["l"], ["y"])],
-        "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-        [numpy_helper.from_array(np.ones(n, np.float32), "s"), numpy_helper.from_array(np.zeros(n, np.float32), "b")])
+    return _save(tmp_path / "ln.onnx",
+                 [helper.make_node("LayerNormalization", ["x", "s", "b"], ["l"], axis=-1),
+                  helper.make_node("Sigmoid", ["l"], ["y"])],
+                 [1, n], [1, n], {"s": np.ones(n, np.float32), "b": np.zeros(n, np.float32)})
+
+
+def _save(path: Path, nodes: list, x_shape: list[int], y_shape: list[int], inits: dict[str, np.ndarray]) -> Path:
+    g = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                          [numpy_helper.from_array(a, k) for k, a in inits.items()])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    path = tmp_path / "ln.onnx"
     onnx.save(m, path)
     return path
 
@@ -91,18 +94,11 @@ def _conv_model(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     w1 = (rng.standard_normal((8, 1, 3, 3)) * 0.3).astype(np.float32)
     w2 = (rng.standard_normal((16, 8, 3, 3)) * 0.1).astype(np.float32)
-    g = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c1"], ["r1"]),
-         helper.make_node("Conv", ["r1", "w2"], ["y"], kernel_shape=[3, 3])],
-        "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 28, 28])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 26, 26])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    path = tmp_path / "convs.onnx"
-    onnx.save(m, path)
-    return path
+    return _save(tmp_path / "convs.onnx",
+                 [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["c1"], ["r1"]),
+                  helper.make_node("Conv", ["r1", "w2"], ["y"], kernel_shape=[3, 3])],
+                 [1, 1, 28, 28], [1, 16, 26, 26], {"w1": w1, "w2": w2})
 
 
 def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> None:
