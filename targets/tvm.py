@@ -250,7 +250,6 @@ class TvmRunner(SimpleRunner):
         self._tvm = tvm
         self.lib = tvm.runtime.load_module(str(lib_path))
         self.vm = relax.VirtualMachine(self.lib, tvm.cpu())
-        self.main = self.vm["main"]
         self.input_names = input_names
         import tvm_ffi
 
@@ -343,7 +342,7 @@ class TvmTarget:
         tune_summary: dict[str, Any] = {}
         auto: dict[str, Any] | None = None
         if tcfg is not None and tcfg.auto:
-            tcfg, auto = self._auto_budget(tcfg, art.payload, profile)
+            tcfg, auto = self._auto_budget(tcfg, art, profile, cache)
         if tcfg is not None and tcfg.trials > 0:
             if not profile.is_host_native and tcfg.tracker is None:
                 raise UsageError(
@@ -372,13 +371,27 @@ class TvmTarget:
         return cache.get_or_build(sk, "tvm-lib", write)
 
     @staticmethod
-    def _auto_budget(tcfg: Any, model_path: Path, profile: Profile) -> tuple[Any, dict[str, Any]]:
+    def _auto_budget(tcfg: Any, art: Artifact, profile: Profile, cache: Cache) -> tuple[Any, dict[str, Any]]:
         """Resolve "auto" tuning: the profile's trials where heavy layers run naive, else none. A cross
-        profile without a device to measure on is not tuned (its heavy layers are reported instead)."""
+        profile without a device to measure on is not tuned (its heavy layers are reported instead).
+        The decision needs the model imported and lowered to fused kernels (seconds), and the compile's
+        cache key depends on it, so it is a cached step of its own: a repeated build stays all cache hits."""
+        import json
+
         from toolchain.tuning import auto_trials
 
-        trials, heavy = auto_trials(model_path, profile)
-        info: dict[str, Any] = {"trials": trials, "heavy_naive": [[n, round(m, 2)] for n, m in heavy]}
+        def write(d: Path) -> tuple[str, dict[str, Any]]:
+            trials, heavy = auto_trials(art.payload, profile)
+            plan = {"trials": trials, "heavy_naive": [[n, round(m, 2)] for n, m in heavy]}
+            (d / "plan.json").write_text(json.dumps(plan))
+            return "plan.json", plan
+
+        sk = StepKey("tvm-auto-tuning-plan", (art.key,), {"tuning": profile.tuning.__dict__,
+                     "kernels": profile.kernels.__dict__, "kernel_sources": kernel_sources_digest()},
+                     COMPILE_CONFIG_VERSION, profile.id)
+        plan_art, _ = cache.get_or_build(sk, "json", write)
+        info: dict[str, Any] = json.loads(plan_art.payload.read_text())
+        trials = int(info["trials"])
         if trials and not profile.is_host_native and tcfg.tracker is None:
             info.update(trials=0, skipped="no device to measure on: pass --tracker HOST:PORT --key KEY")
             return None, info

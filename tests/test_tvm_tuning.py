@@ -128,6 +128,9 @@ def test_auto_budget_is_recorded_and_skips_cross_profiles_without_a_device(tmp_p
     with tuning_scope(None, progress=False):
         out, _ = TvmTarget().compile(art, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
     assert out.meta["auto_tuning"] == {"trials": 0, "heavy_naive": []} and "tuning" not in out.meta
+    with tuning_scope(None, progress=False):  # the auto decision is cached too: a repeat is one cache hit
+        again, hit = TvmTarget().compile(art, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
+    assert hit and again.key == out.key
     conv, _ = import_onnx_file(_conv_model(tmp_path), cache)  # type: ignore[arg-type]
     with tuning_scope(None, progress=False):  # rpi5 needs the device to measure: reported, not tuned here
         out, _ = TvmTarget().compile(conv, load_profile("rpi5"), cache)  # type: ignore[arg-type]

@@ -140,20 +140,12 @@ def _mflops(mod: Any) -> float:
 def heavy_naive_kernels(mod: Any, min_mflops: float) -> list[tuple[str, float]]:
     """(name, MFLOP) of the PrimFuncs with no hand-written kernel and no schedule whose estimated work is at
     least ``min_mflops``: the layers that run as naive loops AND matter (a conv, an uncovered matmul).
-    Elementwise ops and norms fall below the bar; tuning them costs minutes and gains microseconds."""
+    Elementwise ops and norms fall below the bar; tuning them costs minutes and gains microseconds.
+    (Hand-written kernels are marked scheduled, so ``naive_kernels`` already leaves them out.)"""
     import tvm
 
-    out = []
-    for gv, f in mod.functions.items():
-        if not isinstance(f, tvm.tirx.PrimFunc):
-            continue
-        attrs = f.attrs or {}
-        if "edgec.kernel" in attrs or bool(attrs.get("tirx.is_scheduled", False)):
-            continue
-        mflops = _mflops(tvm.IRModule({"main": f}))
-        if mflops >= min_mflops:
-            out.append((gv.name_hint, mflops))
-    return sorted(out, key=lambda t: -t[1])
+    work = [(name, _mflops(tvm.IRModule({"main": mod[name]}))) for name in naive_kernels(mod)]
+    return sorted([(n, m) for n, m in work if m >= min_mflops], key=lambda t: -t[1])
 
 
 def auto_trials(model_path: Path, profile: Any) -> tuple[int, list[tuple[str, float]]]:
