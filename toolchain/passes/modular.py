@@ -35,7 +35,7 @@ from toolchain.passes._graph import (
     DenseLayer, consumers, copy_model, get_weight, initializers, remove_initializer, require_layers, select,
     set_initializer, set_weight,
 )
-from toolchain.passes._speed import MIN_GAIN, check_target, single_layer_model, threads_of, time_pair
+from toolchain.passes._speed import check_target, measure_into, single_layer_model
 
 
 @dataclass(frozen=True)
@@ -243,11 +243,9 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
         if b is not None:
             row.update(groups=b.groups, k=b.k, padded_density=round(b.k * w.shape[1] / w.size, 4),
                        output_permuted=b.perm is not None)
-        if why is None and (cfg.measure or cfg.only_if_faster):
-            t = time_pair(*timing_models(w, b, form), "x", w.shape[0], threads_of(ctx))
-            row.update(measured_on=ctx.target, **t.to_json())
-            if cfg.only_if_faster and t.speedup < MIN_GAIN:
-                why = f"lowered form not faster on {ctx.target} (ratio {row['speedup']})"
+        if why is None and (cfg.measure or cfg.only_if_faster) and measure_into(row, *timing_models(w, b, form),
+                                                                                 w.shape[0], cfg, ctx):
+            why = f"lowered form not faster on {ctx.target} (ratio {row['speedup']})"
         if why is None:
             plans.append((ly, b))
             rows.append({**row, "applied": True})
