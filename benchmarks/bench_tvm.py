@@ -144,7 +144,8 @@ def bench_models(zoo_dir: Path, work: Path, duration: float, generic_for: set[st
         runs: dict[str, tuple[Any, dict[str, np.ndarray]]] = {"ort": (ort, feed), "tvm": (tvm, feed)}
         if name in generic_for:
             gen, gkern = tvm_runner(path, with_kernels(prof, gemv_variant="generic", use_grouped_matmul=False,
-                                                       use_fused_kan=False, use_fused_lif=False), work, "generic")
+                                                       use_fused_kan=False, use_fused_lif=False, fast_exp=False,
+                                                       vector_rule=False), work, "generic")
             runs["generic"] = (gen, feed)
         err = float(np.max(np.abs(ort.infer(feed)[0] - tvm.infer(feed)[0])))
         st = measure_interleaved(runs, duration_s=duration, threads=prof.bench.threads)

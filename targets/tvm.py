@@ -44,7 +44,8 @@ def tuning_budget(cfg: Any, progress: bool = True) -> Iterator[None]:
         TUNING.reset(tok)
         TUNING_PROGRESS.reset(tok2)
 
-COMPILE_CONFIG_VERSION = 4  # 2: hand-written kernel substitution; 3: dense chains fused; 4: pinned-batch folding
+COMPILE_CONFIG_VERSION = 5  # 2: hand-written kernel substitution; 3: dense chains fused; 4: pinned-batch folding;
+# 5: fast exp + vector rule for kernels nothing else schedules
 
 
 def _import_tvm():  # -> module
@@ -116,15 +117,30 @@ def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...
         assert tuning_db is not None
         return apply_database(mod, target, tuning_db)
 
+    def fast_exp(mod: Any) -> Any:
+        from kernels.tvm.fast_math import rewrite_exp
+
+        return rewrite_exp(mod)[0]
+
+    def vector_rule(mod: Any) -> Any:
+        from kernels.tvm.vector_rule import schedule_naive
+
+        return schedule_naive(mod, profile.kernels.vector_lanes)[0]
+
+    k = profile.kernels
     return (
         # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
         ("substitute-kernels", substitute),
         # Then a tiny MLP's dense layers become one kernel: one VM call instead of four per layer.
         ("fuse-gemv-chains", chain),
         ("decompose", seq([relax.transform.DecomposeOpsForInference()])),
+        # exp / sigmoid as vectorizable arithmetic instead of one libm call per element.
+        *((("fast-exp", fast_exp),) if k.fast_exp else ()),
         ("library-dispatch", seq(cpu.library_dispatch_passes(target))),
         ("legalize-and-fuse", seq(cpu.legalize_passes(target))),
         *((("apply-tuning-db", apply_db),) if tuning_db is not None else ()),
+        # Whatever no hand-written kernel and no tuning record covers: inlined + vectorized by rule.
+        *((("vector-rule", vector_rule),) if k.vector_rule else ()),
         ("dataflow-lower", seq(_dataflow_lower(cpu, target))),
         ("finalize", seq(cpu.finalize_passes(target))),
     )
@@ -163,7 +179,8 @@ def kernel_sources_digest() -> str:
 
 
 def kernel_table(mod: Any) -> list[dict[str, Any]]:
-    """Every PrimFunc with its origin: hand-written (edgec.kernel attr), tuned (scheduled) or generic."""
+    """Every PrimFunc with its origin: hand-written (edgec.kernel attr), rule (edgec.rule attr: the vector
+    rule of kernels/tvm/vector_rule.py), tuned (scheduled otherwise) or generic (naive loops)."""
     import tvm
 
     rows = []
@@ -173,6 +190,8 @@ def kernel_table(mod: Any) -> list[dict[str, Any]]:
         attrs = func.attrs or {}
         if "edgec.kernel" in attrs:
             origin = "hand-written"
+        elif "edgec.rule" in attrs:
+            origin = "rule"
         elif bool(attrs.get("tirx.is_scheduled", False)):
             origin = "tuned"
         else:
@@ -184,6 +203,8 @@ def kernel_table(mod: Any) -> list[dict[str, Any]]:
 def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
                   tuning_db: Path | None = None) -> dict[str, Any]:
     """Import, lower and link ``model`` for ``profile`` into the shared library ``out``."""
+    from toolchain.tuning import naive_kernels
+
     tvm = _import_tvm()
     mod = import_onnx(model)
     steps = pipeline(profile, tuning_db)
@@ -191,9 +212,7 @@ def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
     for name, step in steps:
         mod = step(mod)
         if name == "apply-tuning-db":
-            from toolchain.tuning import naive_kernels
-
-            naive = naive_kernels(mod)  # checked right after applying: later passes add no kernels
+            naive = naive_kernels(mod)  # checked right after applying, before the vector rule
     kernels = kernel_table(mod)
     target = tvm_target(profile)
     ex = tvm.compile(mod, target, relax_pipeline=None)
@@ -205,7 +224,10 @@ def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
         "kernels": kernels,
         "inputs": [s.to_json() for s in input_specs(fix_batch(model, 1))],
         "elf_machine": elf_machine(out),
+        # Kernels the tuning database had no record for (the rule may still have scheduled them) ...
         "naive_after_tuning": naive,
+        # ... and those that run as naive loops in this library (neither hand-written, tuned nor rule).
+        "naive": naive_kernels(mod),
     }
 
 

@@ -57,6 +57,12 @@ class KernelSpec:
     use_fused_kan: bool = True
     use_fused_lif: bool = True
     use_grouped_matmul: bool = True
+    # exp / sigmoid lowered as TOPI's fast_exp (vectorizable, rel. error < 5e-7) instead of libm expf per element.
+    fast_exp: bool = True
+    # Kernels that no hand-written kernel and no tuning record covers get a rule-based schedule
+    # (inline + vectorize, kernels/tvm/vector_rule.py) instead of naive loops; "auto" tuning then skips the
+    # light ones (elementwise, norms, pooling) and spends its budget on the heavy layers only.
+    vector_rule: bool = True
 
 
 @dataclass(frozen=True)

@@ -57,10 +57,10 @@ class TuneConfig:
     # no hand-written kernel (see heavy_naive_kernels), nothing otherwise. ``trials`` is ignored then.
     auto: bool = False
     # With min_mflops > 0 (auto mode: the profile's tuning.auto_min_mflops), ``trials`` is the budget of the heavy
-    # tasks and every lighter naive task (elementwise, norms) gets one batch on top (trials_per_batch): enough to
-    # vectorize it, while the heavy layers that called for tuning keep the whole budget. Measured on convkan:
-    # 96 trials over all 10 tasks left some untuned (1.11x ORT); on the 2 convs only, the 8 naive elementwise
-    # kernels cost more than tuning saved (1.23x).
+    # tasks. The lighter ones (elementwise, norms, pooling) are not tuned where the profile's vector rule schedules
+    # them (kernels.vector_rule); without the rule each gets one batch on top (trials_per_batch). Measured on
+    # convkan: 96 trials over all 10 tasks left some untuned (1.11x ORT); the 2 convs only, with the 8 light
+    # kernels naive: 1.23x; with one batch per light kernel: 0.93x but 12 min; convs only + rule: see BENCHMARKS.md.
     min_mflops: float = 0.0
 
     def __post_init__(self) -> None:
@@ -183,6 +183,8 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
                  if not _is_hand_written(t.dispatched[0])]
     light = [t for t in extracted if cfg.min_mflops > 0 and _mflops(t.dispatched[0]) < cfg.min_mflops]
+    if light and profile.kernels.vector_rule:  # the vector rule schedules them: the budget is the heavy layers'
+        extracted, light = [t for t in extracted if t not in light], []
     total = cfg.trials + cfg.trials_per_batch * len(light)
     per_task = cfg.max_trials_per_task or total
     todo, weights, done_before = [], [], 0
@@ -236,6 +238,10 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
         raise InfraError(f"all {stats['measured']} tuning candidates failed {where}: {stats['first_error']}; "
                          f"fix that and rerun to resume from {db_dir}")
     applied = apply_database(mod, target, db_dir)
+    if profile.kernels.vector_rule:  # as the compile does: what tuning left, the rule schedules
+        from kernels.tvm.vector_rule import schedule_naive
+
+        applied = schedule_naive(applied, profile.kernels.vector_lanes)[0]
     naive = naive_kernels(applied)
     result = {"event": "done", "tasks": len(extracted), "tuned_tasks": len(todo), "measured": stats["measured"],
               "failed": stats["failed"], "first_error": stats["first_error"], "resumed_trials": done_before,

@@ -59,6 +59,8 @@ def test_generic_variant_is_not_substituted() -> None:
     rng = np.random.default_rng(2)
     model = dense_onnx([rng.standard_normal((16, 8)).astype(np.float32)], [None])
     _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), gemv_variant="generic"))
+    assert [r["origin"] for r in table] == ["rule"]  # no hand-written kernel: the vector rule schedules it
+    _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), gemv_variant="generic", vector_rule=False))
     assert [r["origin"] for r in table] == ["generic"]
 
 

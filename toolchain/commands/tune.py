@@ -44,17 +44,23 @@ def register(app: typer.Typer) -> None:
             out, hit = api.compile(art, prof, "tvm", cache)
         meta = out.meta
         data = {"artifact": out.key, "cache_hit": hit, "profile": prof.id, "tuning": meta.get("tuning"),
-                "naive_after_tuning": meta.get("naive_after_tuning", []), "kernels": meta.get("kernels", [])}
+                "naive_after_tuning": meta.get("naive_after_tuning", []), "naive": meta.get("naive", []),
+                "kernels": meta.get("kernels", [])}
 
         def human() -> str:
             t = meta.get("tuning") or {}
-            naive = data["naive_after_tuning"]
+            untuned, naive = data["naive_after_tuning"], data["naive"]
             lines = [f"tuned tvm artifact {out.key} ({'cache hit' if hit else 'built'})",
                      (f"trials measured {t.get('measured')}, failed {t.get('failed_trials')}"
                       f"{' on the device' if t.get('remote') else ''}; database {t.get('database')}")]
-            lines.append("every kernel is scheduled" if not naive else
-                         f"WARNING: {len(naive)} kernel(s) stayed naive (no valid tuning record): {', '.join(naive)}; "
-                         "rerun with more --trials")
+            if naive:
+                lines.append(f"WARNING: {len(naive)} kernel(s) stayed naive (no valid tuning record): "
+                             f"{', '.join(naive)}; rerun with more --trials")
+            elif untuned:
+                lines.append(f"every kernel is scheduled; {len(untuned)} without a tuning record run the vector rule: "
+                             f"{', '.join(untuned)} (more --trials may tune them)")
+            else:
+                lines.append("every kernel is scheduled")
             return "\n".join(lines)
 
         emit(data, as_json, human)
