@@ -176,6 +176,41 @@ def test_skan_forced_single_choice_exports_only_that_basis(fashion: Any) -> None
     assert "Tanh" in ops and not ops & {"Exp", "Less", "GreaterOrEqual"}
 
 
+def test_skan_rbf_variant_pool_freezes_to_described_rbfs_and_fuses_on_tvm(fashion: Any) -> None:
+    """A pool of RBF variants (skan.RBF_VARIANTS): each chosen group exports as Exp-only RBFs whose kernel
+    description carries that variant's own centers and width, and TVM's fused KAN kernel computes it."""
+    from kernels.tvm.harness import build_vm
+    from toolchain.profile import load_profile
+
+    pool = ("rbf", "rbf_smooth", "rbf_high")
+    torch.manual_seed(0)
+    net = SKANNet([784, 16, 10], 8, pool)
+    x = torch.from_numpy(fashion.x_test[:256])
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.coeff.mul_(20)  # large coefficients: a wrong center or width would show
+        net.layers[0].gate.copy_(torch.nn.functional.one_hot(torch.arange(784) % 3, 3) * 5.0)
+        net.layers[1].gate[:, 1] = 5.0  # the hidden layer: every node takes rbf_smooth
+    net.set_temperature(0.01)
+    net.select(x)
+    assert net.layers[0].choice_counts() == {"rbf": 262, "rbf_smooth": 261, "rbf_high": 261}
+    frozen = net.eval().frozen()
+    with torch.no_grad():
+        assert torch.allclose(frozen(x), net(x), atol=1e-4)
+    groups = frozen[0].edgec_kernel_params()["bases"]
+    for name, g in zip(pool, groups, strict=True):
+        want = skan.skan_basis(name, 8)
+        assert g["basis"] == "rbf" and g["centers"] == want.centers.tolist() and g["inv_width"] == want.inv_width
+    assert len({(tuple(g["centers"]), g["inv_width"]) for g in groups}) == 3
+    model = torch_to_onnx(frozen, (x[:1],), dynamic_batch=False)
+    assert "Exp" in _ops(model) and not _ops(model) & {"Tanh", "Less", "GreaterOrEqual"}
+    fused, table = build_vm(model, load_profile("x86-avx512"))
+    assert "kan-fused-f32" in [r["kernel"] for r in table]  # at least the single-variant hidden layer
+    for i in range(4):
+        np.testing.assert_allclose(fused(x[i:i + 1].numpy()), frozen(x[i:i + 1]).detach().numpy(),
+                                   rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", [e.name for e in ENTRIES])
 def test_entry_trains_and_exports_with_parity_on_real_test_set(name: str, fashion: Any, session_cache: Any) -> None:
     entry = _tiny(name)

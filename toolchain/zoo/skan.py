@@ -46,10 +46,36 @@ from torch.nn import functional as F
 
 from toolchain.zoo import TrainContext, ZooEntry
 from toolchain.zoo.g2gnet import limited_context, single_thread
-from toolchain.zoo.kan_bases import expand, make_basis
+from toolchain.zoo.kan_bases import RBFBasis, expand, make_basis
 from toolchain.zoo.training import evaluate, train_classifier
 
 POOL = ("bspline", "rbf", "cheby")
+
+# Gaussian-RBF variants for a pool whose members are each competitive with FastKAN's RBF: the same
+# 8 Gaussians, on another interval of the LayerNorm-ed input (centers evenly spaced over it) and/or
+# with another width (FastKAN: width = center spacing; factor > 1: smoother, overlapping bumps).
+# Defined here, not in kan_bases (that would retrain every KAN family). Each describes itself as an
+# "rbf" basis (centers + inv_width), the form the fused TVM KAN kernel reads.
+RBF_VARIANTS: dict[str, tuple[tuple[float, float], float]] = {  # name: (grid range, width factor)
+    "rbf": ((-2.0, 2.0), 1.0),  # FastKAN's
+    "rbf_narrow": ((-1.5, 1.5), 1.0),
+    "rbf_wide": ((-3.0, 3.0), 1.0),
+    "rbf_low": ((-2.5, 1.5), 1.0),
+    "rbf_high": ((-1.5, 2.5), 1.0),
+    "rbf_smooth": ((-2.0, 2.0), 1.5),
+    "rbf_xsmooth": ((-2.0, 2.0), 2.0),
+    "rbf_sharp": ((-2.0, 2.0), 0.67),
+}
+
+
+def skan_basis(name: str, num_basis: int) -> nn.Module:
+    """A pool member: ``make_basis``'s bases plus the RBF variants of ``RBF_VARIANTS``."""
+    if name in RBF_VARIANTS:
+        grid_range, width = RBF_VARIANTS[name]
+        basis = RBFBasis(num_centers=num_basis, grid_range=grid_range)
+        basis.inv_width /= width  # a plain attribute: forward() and describe() both read it
+        return basis
+    return make_basis(name, num_basis)
 
 
 class SKANLayer(nn.Module):
@@ -63,7 +89,7 @@ class SKANLayer(nn.Module):
         self.in_features, self.out_features, self.pool, self.num_basis = in_features, out_features, pool, num_basis
         # One input domain for the whole pool: LayerNorm puts nodes where every basis is expressive.
         self.norm = nn.LayerNorm(in_features)
-        self.bases = nn.ModuleList(make_basis(b, num_basis) for b in pool)
+        self.bases = nn.ModuleList(skan_basis(b, num_basis) for b in pool)
         # Equalise the bases' feature scale (RMS on N(0,1) input, i.e. LayerNorm-ed nodes): unscaled,
         # Chebyshev terms (RMS ~0.75) out-learned the local RBF / B-spline bumps (~0.3) under Adam.
         # Constants, folded into the weights by frozen().
@@ -165,7 +191,7 @@ class FrozenSKANLayer(nn.Module):
                 continue  # basis chosen by no node: absent from the graph
             self.kinds.append(name)
             self.register_buffer(f"idx_{name}", idx.clone())
-            bases.append(make_basis(name, k))
+            bases.append(skan_basis(name, k))
             w = layer.coeff[b].detach().view(layer.in_features, k, layer.out_features)[idx] * layer.feature_scale[b]
             weights.append(w.reshape(-1, layer.out_features))
         self.bases = nn.ModuleList(bases)
