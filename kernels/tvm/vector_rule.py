@@ -24,6 +24,13 @@ from __future__ import annotations
 from typing import Any
 
 RULE_NAME = "vector-inline"
+# Inlining a producer read at n places copies its expression n times. A chain of such producers (an
+# unrolled recurrence: u_t read twice by step t+1) grows exponentially: T=16 LIF steps made a function
+# LLVM did not finish compiling in 10 minutes. A producer is inlined only while the copies it adds stay
+# within this many expression nodes; the others keep their own loop nest (vectorized too).
+MAX_DUPLICATED_NODES = 32
+# Beyond this many blocks a function is not a light kernel; the rule leaves it alone.
+MAX_BLOCKS = 64
 
 
 def _vectorize_inner(sch: Any, loop: Any, lanes: int) -> None:
@@ -37,17 +44,84 @@ def _vectorize_inner(sch: Any, loop: Any, lanes: int) -> None:
     sch.vectorize(loop)
 
 
+def _count(node: Any, kind: type, match: Any = None) -> int:
+    import tvm_ffi
+
+    n = [0]
+
+    def visit(x: Any) -> None:
+        if match is None or match(x):
+            n[0] += 1
+
+    tvm_ffi.structural_walk(node, [(kind, visit)], order="post")
+    return n[0]
+
+
+def _store(sch: Any, block_rv: Any) -> Any | None:
+    from tvm import tirx
+
+    body = sch.get(block_rv).body
+    return body if isinstance(body, tirx.BufferStore) else None
+
+
+def _loads(stmt: Any, buf: Any) -> int:
+    import tvm
+
+    # TVM 0.27: tirx.BufferLoad is a factory; the loads it makes are ir.expr.TensorLoad, buffer in ``source``.
+    return _count(stmt, tvm.ir.expr.TensorLoad, lambda x: x.source.same_as(buf))
+
+
+def _copies_cost(sch: Any, producer_rv: Any, consumer_rvs: list) -> int:
+    """Expression nodes duplicated when the producer's value replaces its loads in the consumers:
+    (loads - 1) x the producer's expression size. Both inlining directions substitute the same way."""
+    store = _store(sch, producer_rv)
+    if store is None:
+        return 0  # not a plain store: TVM refuses to inline it anyway
+    reads = sum(_loads(sch.get(c).body, store.buffer) for c in consumer_rvs)
+    return max(reads - 1, 0) * _count(store.value, object)
+
+
+def _inline(sch: Any, infos: list) -> list:
+    """dlight's try_inline, except that a step whose copies would exceed MAX_DUPLICATED_NODES is skipped."""
+
+    def compute_cost(rv: Any) -> int:
+        return _copies_cost(sch, rv, list(sch.get_consumers(rv)))
+
+    def reverse_cost(rv: Any) -> int:
+        return sum(_copies_cost(sch, p, [rv]) for p in sch.get_producers(rv))
+
+    def attempt(prim: Any, cost: Any) -> int | None:
+        for i, info in enumerate(infos):
+            if cost(info.block_rv) > MAX_DUPLICATED_NODES:
+                continue
+            try:
+                prim(info.block_rv)
+            except Exception:  # noqa: BLE001, S112 -- TVM refuses: not inlinable here, try the next block
+                continue
+            return i
+        return None
+
+    while True:
+        i = attempt(sch.compute_inline, compute_cost)
+        if i is None:
+            i = attempt(sch.reverse_compute_inline, reverse_cost)
+        if i is None:
+            return infos
+        infos.pop(i)
+
+
 def schedule_func(func: Any, lanes: int) -> Any | None:
     """The scheduled ``func`` (marked scheduled), or None when the rule does not apply."""
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base import try_inline
 
+    if _count(func.body, s_tir.SBlock) > MAX_BLOCKS:
+        return None
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
-    infos = try_inline(sch, infos)
+    infos = _inline(sch, infos)
     for info in infos:
         kinds = info.dom_kind()
         if "O" in kinds:
@@ -66,6 +140,18 @@ def schedule_func(func: Any, lanes: int) -> Any | None:
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("edgec.rule", RULE_NAME)
 
 
+def _lowers(func: Any) -> bool:
+    """Whether TVM's TIR lowering accepts the scheduled function (compiled alone, host target: the passes
+    that can reject a schedule run before code generation, and a small function compiles in ~0.1 s)."""
+    import tvm
+
+    try:
+        tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tvm.target.Target("llvm"))
+    except Exception:  # noqa: BLE001 -- any lowering failure: keep the naive function
+        return False
+    return True
+
+
 def schedule_naive(mod: Any, lanes: int) -> tuple[Any, list[str]]:
     """``mod`` with the rule applied to every PrimFunc still unscheduled; returns (mod, names scheduled)."""
     import tvm
@@ -79,7 +165,9 @@ def schedule_naive(mod: Any, lanes: int) -> tuple[Any, list[str]]:
             new = schedule_func(func, lanes)
         except ScheduleError:
             new = None  # a schedule primitive refused this loop nest: it stays naive (and reported)
-        if new is not None:
+        # Schedules this rule makes have failed TIR lowering (a recurrence of 16 unrolled steps, partly
+        # inlined); such a function stays naive rather than breaking the build.
+        if new is not None and _lowers(new):
             mod[gv] = new
             done.append(gv.name_hint)
     return mod, sorted(done)
