@@ -50,7 +50,8 @@ def test_build_library_records_naive_after_tuning(tmp_path: Path) -> None:
     meta = build_library(onnx.load(str(_layernorm_model(tmp_path))), load_profile("x86-avx512"),
                          tmp_path / "m.so", tuning_db=tmp_path / "db")
     assert "apply-tuning-db" in meta["pipeline"]
-    assert meta["naive_after_tuning"]
+    assert meta["naive_after_tuning"]  # no tuning record: reported ...
+    assert meta["naive"] == [] and {k["origin"] for k in meta["kernels"]} == {"rule"}  # ... and the rule took them
 
 
 def test_remote_profile_refuses_to_tune_on_the_host(tmp_path: Path, cache: object) -> None:
@@ -154,3 +155,5 @@ def test_cli_default_auto_tunes_a_conv_model_until_no_kernel_is_naive(tmp_path: 
     assert meta["tuning"]["trials"] == meta["auto_tuning"]["trials"]
     heavy = {name for name, _ in meta["auto_tuning"]["heavy_naive"]}
     assert heavy and not heavy & set(meta["naive_after_tuning"])  # the whole budget went to the heavy layers
+    assert meta["naive"] == []  # whatever tuning did not cover (light kernels) took the vector rule
+    assert {k["origin"] for k in meta["kernels"]} <= {"tuned", "rule"}

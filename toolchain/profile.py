@@ -56,6 +56,10 @@ class KernelSpec:
     unroll: int = 4
     use_fused_kan: bool = True
     use_fused_lif: bool = True
+    # A spiking layer with at most this many T*B rows runs as one event-driven kernel (matmul + recurrence);
+    # a longer one as the packed GEMV plus the fused recurrence. Measured (x86-avx512, a real test image):
+    # T=8 the layer kernel is 1.08x faster than GEMV + recurrence, T=16 it is 1.33x slower.
+    lif_layer_max_rows: int = 8
     use_grouped_matmul: bool = True
     # exp / sigmoid lowered as TOPI's fast_exp (vectorizable, rel. error < 5e-7) instead of libm expf per element.
     fast_exp: bool = True
@@ -69,7 +73,9 @@ class KernelSpec:
 class TuningSpec:
     """The default ("auto") tuning budget: MetaSchedule runs only where a heavy layer has no hand-written kernel."""
 
-    auto_trials: int = 96  # trials when auto tuning triggers (convkan reaches ORT parity with 96; ~1-7 min here)
+    # Trials when auto tuning triggers, all on the heavy layers (convkan: 0.54x ORT with 96 on its two convs, 8 min
+    # from an empty database on this 2-core machine while another job ran; benchmarks/bench_tvm_tuned.py --cold).
+    auto_trials: int = 96
     auto_min_mflops: float = 0.5  # a naive kernel below this much work is not worth tuning (elementwise, norms)
 
 

@@ -39,6 +39,7 @@ class KernelConfig:
     grouped: bool
     kan: bool
     lif: bool
+    lif_layer_max_rows: int
     lanes: int
     block_n: int
     unroll: int
@@ -47,6 +48,7 @@ class KernelConfig:
     def from_profile(profile: Any) -> KernelConfig:
         k = profile.kernels
         return KernelConfig(gemv=k.gemv_variant != "generic", grouped=k.use_grouped_matmul, kan=k.use_fused_kan, lif=k.use_fused_lif,
+                            lif_layer_max_rows=k.lif_layer_max_rows,
                             lanes=k.vector_lanes, block_n=k.gemv_block_n,
                             unroll=k.unroll)
 
@@ -249,7 +251,9 @@ def fuse_lif(mod: Any, cfg: KernelConfig, report: SubstitutionReport) -> Any:
             t, n = _static_shape(v)  # type: ignore[misc]
             name = f"edgec_lif_{counter[0]}"
             counter[0] += 1
-            layer = self._layer(g.source, n)
+            # Up to lif_layer_max_rows (T*B) rows the whole layer is one event-driven kernel; beyond, the
+            # matmul is left to the packed GEMV and only the recurrence is fused (see KernelSpec).
+            layer = self._layer(g.source, n) if g.rows <= cfg.lif_layer_max_rows else None
             if layer is not None:  # C = S @ W [+ b]: matmul and recurrence in one event-driven kernel
                 s_in, w, b = layer
                 bn = lif.layer_block_n(g.rows, cfg.lanes)

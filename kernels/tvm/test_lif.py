@@ -33,18 +33,23 @@ def test_fused_lif_layer_matches_generic_and_ort(reset: str, steps: int) -> None
         for fc in net.fcs:
             fc.weight.mul_(4.0)
     model = torch_to_onnx(net, (torch.rand(1, 784),), dynamic_batch=False)
-    prof = load_profile("x86-avx512")
-    fused, table = build_vm(model, prof)
-    generic, gtable = build_vm(model, prof, substitute=False)
-    assert [r["kernel"] for r in table].count("lif-layer-f32") == 2
+    base = load_profile("x86-avx512")
+    generic, gtable = build_vm(model, base, substitute=False)
     assert all(r["origin"] == "generic" for r in gtable)
-    total = 0.0
-    for x in _inputs(np.random.default_rng(1)):
-        want = run_ort(model, [{model.graph.input[0].name: x}])[0][0]
-        np.testing.assert_array_equal(fused(x), generic(x))
-        np.testing.assert_array_equal(fused(x), want)
-        total += float(want.sum())
-    assert total > 0  # spikes reached the output: the comparison saw real recurrences
+    # The layer kernel at any T, and the profile's default (above lif_layer_max_rows: GEMV + fused recurrence).
+    for prof, kernels in ((with_kernels(base, lif_layer_max_rows=steps), {"lif-layer-f32": 2}),
+                          (base, {"lif-layer-f32": 2} if steps <= base.kernels.lif_layer_max_rows
+                           else {"lif-fused-f32": 2, "gemv-packed-f32": 2})):
+        fused, table = build_vm(model, prof)
+        names = [r["kernel"] for r in table]
+        assert {k: names.count(k) for k in kernels} == kernels, names
+        total = 0.0
+        for x in _inputs(np.random.default_rng(1)):
+            want = run_ort(model, [{model.graph.input[0].name: x}])[0][0]
+            np.testing.assert_array_equal(fused(x), generic(x))
+            np.testing.assert_array_equal(fused(x), want)
+            total += float(want.sum())
+        assert total > 0  # spikes reached the output: the comparison saw real recurrences
 
 
 class _Recurrence(torch.nn.Module):
