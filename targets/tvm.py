@@ -44,8 +44,8 @@ def tuning_budget(cfg: Any, progress: bool = True) -> Iterator[None]:
         TUNING.reset(tok)
         TUNING_PROGRESS.reset(tok2)
 
-COMPILE_CONFIG_VERSION = 5  # 2: hand-written kernel substitution; 3: dense chains fused; 4: pinned-batch folding;
-# 5: fast exp + vector rule for kernels nothing else schedules
+COMPILE_CONFIG_VERSION = 6  # 2: hand-written kernel substitution; 3: dense chains fused; 4: pinned-batch folding;
+# 5: fast exp + vector rule for kernels nothing else schedules; 6: auto tuning skips what the rule covers
 
 
 def _import_tvm():  # -> module
@@ -355,7 +355,7 @@ class TvmTarget:
         return Coverage(self.name, sup, unsup, notes)
 
     def compile(self, art: Artifact, profile: Profile, cache: Cache) -> tuple[Artifact, bool]:
-        from toolchain.tuning import TuneConfig, database_digest, database_dir, tune
+        from toolchain.tuning import TuneConfig, database_digest, database_dir
 
         model = load_onnx(art.payload, check=False)
         tcfg: TuneConfig | None = TUNING.get()
@@ -372,7 +372,7 @@ class TvmTarget:
                     "and pass --tracker HOST:PORT --key KEY (or tune with --tune-trials 0)"
                 )
             db = database_dir(cache.root, profile.id)
-            tune_summary = tune(art.payload, profile.id, tcfg, db, progress=TUNING_PROGRESS.get())
+            tune_summary = self._tune_once(art, profile, tcfg, db, cache)
             # Trials and the database content key the tuned build: a longer tune is a new artifact.
             tuning = {"trials": tcfg.trials, "remote": tcfg.tracker is not None, "db": database_digest(db)}
         cfg = {"target": profile.tvm_target(), "kernels": profile.kernels.__dict__, "tuning": tuning,
@@ -391,6 +391,36 @@ class TvmTarget:
 
         sk = StepKey("compile:tvm", (art.key,), cfg, COMPILE_CONFIG_VERSION, profile.id)
         return cache.get_or_build(sk, "tvm-lib", write)
+
+    @staticmethod
+    def _tune_once(art: Artifact, profile: Profile, tcfg: Any, db: Path, cache: Cache) -> dict[str, Any]:
+        """Tune, unless this model already ran this budget to completion against this database. The
+        database only grows, so a finished run stays finished; a cached marker records it, with the size of
+        the records file then (a deleted or truncated database tunes again). Without the marker every
+        compile of a tuned model started the tuning process just to find nothing left to do."""
+        import json
+        import shutil
+
+        from toolchain.tuning import tune
+
+        records = db / "database_tuning_record.json"
+        size = records.stat().st_size if records.is_file() else 0
+        run_cfg = {k: v for k, v in tcfg.public().items() if k not in ("builder_timeout_s", "runner_timeout_s")}
+        sk = StepKey("tvm-tuning-run", (art.key,), run_cfg, 1, profile.id)
+        done = cache.get(sk.digest())
+        if done is not None and size >= int(done.meta.get("records_bytes", size + 1)):
+            return {**done.meta["summary"], "measured": 0, "skipped": "this budget already ran for this model"}
+        if done is not None:
+            shutil.rmtree(done.dir, ignore_errors=True)  # stale: the database lost records since
+        summary = tune(art.payload, profile.id, tcfg, db, progress=TUNING_PROGRESS.get())
+
+        def write(d: Path) -> tuple[str, dict[str, Any]]:
+            (d / "summary.json").write_text(json.dumps(summary, default=str))
+            return "summary.json", {"summary": summary,
+                                    "records_bytes": records.stat().st_size if records.is_file() else 0}
+
+        cache.get_or_build(sk, "tvm-tuning-run", write)
+        return summary
 
     @staticmethod
     def _auto_budget(tcfg: Any, art: Artifact, profile: Profile, cache: Cache) -> tuple[Any, dict[str, Any]]:

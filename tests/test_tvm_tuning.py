@@ -103,6 +103,7 @@ def _conv_model(tmp_path: Path) -> Path:
 
 
 def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> None:
+    from kernels.tvm.harness import with_kernels
     from tests.models import small_mlp
     from toolchain.tuning import auto_trials
 
@@ -115,6 +116,15 @@ def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> 
     onnx.save(small_mlp(), mlp)
     assert auto_trials(mlp, prof) == (0, [])  # hand-written GEMV covers every layer: 0 minutes of tuning
     assert auto_trials(_layernorm_model(tmp_path), prof) == (0, [])  # naive, but too little work to be worth it
+    # Heavy but elementwise (an RBF-like expansion of a large tensor): the vector rule is all it needs ...
+    n = 1 << 17
+    wide = _save(tmp_path / "wide.onnx", [helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("Neg", ["sq"], ["n"]),
+                                           helper.make_node("Exp", ["n"], ["e"]), helper.make_node("Mul", ["e", "x"], ["y"])],
+                 [1, n], [1, n], {})
+    assert auto_trials(wide, prof) == (0, [])
+    # ... while without the rule it runs naive and is worth tuning.
+    trials, heavy = auto_trials(wide, with_kernels(prof, vector_rule=False))
+    assert trials > 0 and heavy
 
 
 def test_auto_budget_is_recorded_and_skips_cross_profiles_without_a_device(tmp_path: Path, cache: object) -> None:
@@ -157,3 +167,21 @@ def test_cli_default_auto_tunes_a_conv_model_until_no_kernel_is_naive(tmp_path: 
     assert heavy and not heavy & set(meta["naive_after_tuning"])  # the whole budget went to the heavy layers
     assert meta["naive"] == []  # whatever tuning did not cover (light kernels) took the vector rule
     assert {k["origin"] for k in meta["kernels"]} <= {"tuned", "rule"}
+    # A finished budget is not run again: the marker makes the next compile skip the tuning process ...
+    from targets.tvm import TvmTarget
+    from toolchain.cache import Cache
+    from toolchain.export import import_onnx_file
+    from toolchain.tuning import TuneConfig, database_dir
+
+    cache = Cache(tmp_path / "cache")
+    art, hit = import_onnx_file(_conv_model(tmp_path), cache)
+    assert hit
+    prof = load_profile("x86-avx512")
+    cfg = TuneConfig(trials=meta["tuning"]["trials"], min_mflops=prof.tuning.auto_min_mflops)
+    db = database_dir(cache.root, prof.id)
+    assert "skipped" in TvmTarget._tune_once(art, prof, cfg, db, cache)
+    # ... unless the database lost records since: then it tunes again (resuming from what is left).
+    records = db / "database_tuning_record.json"
+    records.write_text(records.read_text().splitlines()[0] + "\n")
+    again = TvmTarget._tune_once(art, prof, cfg, db, cache)
+    assert "skipped" not in again and again["measured"] > 0

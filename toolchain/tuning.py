@@ -137,21 +137,40 @@ def _mflops(mod: Any) -> float:
         return float("inf")
 
 
-def heavy_naive_kernels(mod: Any, min_mflops: float) -> list[tuple[str, float]]:
-    """(name, MFLOP) of the PrimFuncs with no hand-written kernel and no schedule whose estimated work is at
-    least ``min_mflops``: the layers that run as naive loops AND matter (a conv, an uncovered matmul).
-    Elementwise ops and norms fall below the bar; tuning them costs minutes and gains microseconds.
-    (Hand-written kernels are marked scheduled, so ``naive_kernels`` already leaves them out.)"""
+def worth_tuning(func: Any, min_mflops: float, rule_lanes: int | None) -> tuple[bool, float]:
+    """(whether tuning ``func`` pays, its MFLOP): at least ``min_mflops`` of work, and (with the vector rule
+    on, ``rule_lanes``) not a purely elementwise kernel the rule schedules as well as tuning would.
+    Elementwise ops and norms below the bar cost minutes of tuning to gain microseconds."""
     import tvm
 
-    work = [(name, _mflops(tvm.IRModule({"main": mod[name]}))) for name in naive_kernels(mod)]
-    return sorted([(n, m) for n, m in work if m >= min_mflops], key=lambda t: -t[1])
+    mflops = _mflops(tvm.IRModule({"main": func}))
+    if mflops < min_mflops:
+        return False, mflops
+    if rule_lanes is not None:
+        from kernels.tvm.vector_rule import covers_fully
+
+        if covers_fully(func, rule_lanes):
+            return False, mflops
+    return True, mflops
+
+
+def _rule_lanes(profile: Any) -> int | None:
+    return profile.kernels.vector_lanes if profile.kernels.vector_rule else None
+
+
+def heavy_naive_kernels(mod: Any, min_mflops: float, rule_lanes: int | None = None) -> list[tuple[str, float]]:
+    """(name, MFLOP) of the PrimFuncs with no hand-written kernel and no schedule that are worth tuning (see
+    ``worth_tuning``): the layers that run as naive loops AND matter (a conv, an uncovered matmul).
+    (Hand-written kernels are marked scheduled, so ``naive_kernels`` already leaves them out.)"""
+    work = [(name, worth_tuning(mod[name], min_mflops, rule_lanes)) for name in naive_kernels(mod)]
+    return sorted([(n, m) for n, (worth, m) in work if worth], key=lambda t: -t[1])
 
 
 def auto_trials(model_path: Path, profile: Any) -> tuple[int, list[tuple[str, float]]]:
     """The default tuning budget for this model on this profile: (trials, the heavy naive kernels that
-    call for them). 0 trials where hand-written kernels cover every heavy layer."""
-    heavy = heavy_naive_kernels(tunable_module(model_path, profile), profile.tuning.auto_min_mflops)
+    call for them). 0 trials where hand-written kernels (and the vector rule) cover every heavy layer."""
+    heavy = heavy_naive_kernels(tunable_module(model_path, profile), profile.tuning.auto_min_mflops,
+                                _rule_lanes(profile))
     return (profile.tuning.auto_trials if heavy else 0), heavy
 
 
@@ -183,8 +202,11 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
                  if not _is_hand_written(t.dispatched[0])]
     light = [t for t in extracted if cfg.min_mflops > 0 and _mflops(t.dispatched[0]) < cfg.min_mflops]
-    if light and profile.kernels.vector_rule:  # the vector rule schedules them: the budget is the heavy layers'
-        extracted, light = [t for t in extracted if t not in light], []
+    if cfg.min_mflops > 0 and profile.kernels.vector_rule:
+        # The vector rule schedules the light and the elementwise tasks: the budget is the heavy layers'.
+        extracted = [t for t in extracted
+                     if worth_tuning(t.dispatched[0]["main"], cfg.min_mflops, _rule_lanes(profile))[0]]
+        light = []
     total = cfg.trials + cfg.trials_per_batch * len(light)
     per_task = cfg.max_trials_per_task or total
     todo, weights, done_before = [], [], 0

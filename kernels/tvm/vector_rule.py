@@ -30,7 +30,7 @@ RULE_NAME = "vector-inline"
 # within this many expression nodes; the others keep their own loop nest (vectorized too).
 MAX_DUPLICATED_NODES = 32
 # Beyond this many blocks a function is not a light kernel; the rule leaves it alone.
-MAX_BLOCKS = 64
+MAX_BLOCKS = 128
 
 
 def _vectorize_inner(sch: Any, loop: Any, lanes: int) -> None:
@@ -110,8 +110,9 @@ def _inline(sch: Any, infos: list) -> list:
         infos.pop(i)
 
 
-def schedule_func(func: Any, lanes: int) -> Any | None:
-    """The scheduled ``func`` (marked scheduled), or None when the rule does not apply."""
+def schedule_func(func: Any, lanes: int, inline: bool = True) -> Any | None:
+    """The scheduled ``func`` (marked scheduled), or None when the rule does not apply. ``inline=False``
+    only vectorizes each block where it stands (the fallback when an inlined schedule does not lower)."""
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
@@ -121,7 +122,8 @@ def schedule_func(func: Any, lanes: int) -> Any | None:
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
-    infos = _inline(sch, infos)
+    if inline:
+        infos = _inline(sch, infos)
     for info in infos:
         kinds = info.dom_kind()
         if "O" in kinds:
@@ -140,6 +142,21 @@ def schedule_func(func: Any, lanes: int) -> Any | None:
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("edgec.rule", RULE_NAME)
 
 
+def covers_fully(func: Any, lanes: int) -> bool:
+    """Whether the rule alone serves ``func`` as well as tuning would: it schedules it and every block is
+    elementwise (no reduction: vectorizing is all such a kernel needs; a convolution or matmul also needs
+    the tiling MetaSchedule searches for, so the rule is only its fallback)."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    if _count(func.body, s_tir.SBlock) > MAX_BLOCKS:
+        return False
+    infos = normalize_prim_func(s_tir.Schedule(func))
+    if infos is None or any("R" in info.dom_kind() for info in infos):
+        return False
+    return _scheduled(func, lanes) is not None
+
+
 def _lowers(func: Any) -> bool:
     """Whether TVM's TIR lowering accepts the scheduled function (compiled alone, host target: the passes
     that can reject a schedule run before code generation, and a small function compiles in ~0.1 s)."""
@@ -155,19 +172,32 @@ def _lowers(func: Any) -> bool:
 def schedule_naive(mod: Any, lanes: int) -> tuple[Any, list[str]]:
     """``mod`` with the rule applied to every PrimFunc still unscheduled; returns (mod, names scheduled)."""
     import tvm
-    from tvm.s_tir.schedule import ScheduleError
 
     done: list[str] = []
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or bool((func.attrs or {}).get("tirx.is_scheduled", False)):
             continue
-        try:
-            new = schedule_func(func, lanes)
-        except ScheduleError:
-            new = None  # a schedule primitive refused this loop nest: it stays naive (and reported)
-        # Schedules this rule makes have failed TIR lowering (a recurrence of 16 unrolled steps, partly
-        # inlined); such a function stays naive rather than breaking the build.
-        if new is not None and _lowers(new):
+        new = _scheduled(func, lanes)
+        if new is not None:
             mod[gv] = new
             done.append(gv.name_hint)
     return mod, sorted(done)
+
+
+def _scheduled(func: Any, lanes: int) -> Any | None:
+    """The rule's schedule that TIR lowering accepts: inlined, else vectorized block by block, else None.
+    A partly inlined schedule (the duplication guard stopped some inlines) has failed lowering with
+    "buffer used before its definition" (S-KAN's B-spline expansion, 65 blocks); such a function then
+    keeps its blocks, each vectorized, and one that still fails stays naive rather than break the build."""
+    from tvm.s_tir.schedule import ScheduleError
+
+    for inline in (True, False):
+        try:
+            new = schedule_func(func, lanes, inline)
+        except ScheduleError:
+            new = None  # a schedule primitive refused this loop nest
+        if new is None:
+            return None
+        if _lowers(new):
+            return new
+    return None
