@@ -1,6 +1,6 @@
 """TVM with MetaSchedule tuning for the layers no hand-written kernel covers -> benchmarks/results/tvm_tuned.md.
 
-    nice python benchmarks/bench_tvm_tuned.py [--models convkan kan-fast snn-mlp] [--trials auto|N]
+    nice python benchmarks/bench_tvm_tuned.py [--models convkan skan kan-fast snn-mlp] [--trials auto|N] [--cold]
 
 For each model: `edgec build MODEL --target ort --target tvm [--tune-trials N]` -- by default the CLI's own
 default budget, "auto": the profile's tuning.auto_trials where a heavy layer has no hand-written kernel, 0
@@ -53,7 +53,7 @@ def cold_cache(models: list[str], root: Path) -> Any:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", nargs="*", default=["convkan", "kan-fast", "snn-mlp"])
+    ap.add_argument("--models", nargs="*", default=["convkan", "skan", "kan-fast", "snn-mlp"])
     ap.add_argument("--trials", default="auto", help="auto (the CLI default) or a number of trials")
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--cold", action="store_true",
