@@ -408,7 +408,7 @@ class TvmTarget:
         run_cfg = {k: v for k, v in tcfg.public().items() if k not in ("builder_timeout_s", "runner_timeout_s")}
         sk = StepKey("tvm-tuning-run", (art.key,), run_cfg, 1, profile.id)
         done = cache.get(sk.digest())
-        if done is not None and size >= int(done.meta.get("records_bytes", size + 1)):
+        if done is not None and size >= int(done.meta["records_bytes"]):
             return {**done.meta["summary"], "measured": 0, "skipped": "this budget already ran for this model"}
         if done is not None:
             shutil.rmtree(done.dir, ignore_errors=True)  # stale: the database lost records since

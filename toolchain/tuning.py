@@ -201,12 +201,13 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
     db = _open_db(db_dir)
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
                  if not _is_hand_written(t.dispatched[0])]
-    light = [t for t in extracted if cfg.min_mflops > 0 and _mflops(t.dispatched[0]) < cfg.min_mflops]
+    light: list[Any] = []
     if cfg.min_mflops > 0 and profile.kernels.vector_rule:
         # The vector rule schedules the light and the elementwise tasks: the budget is the heavy layers'.
         extracted = [t for t in extracted
                      if worth_tuning(t.dispatched[0]["main"], cfg.min_mflops, _rule_lanes(profile))[0]]
-        light = []
+    elif cfg.min_mflops > 0:
+        light = [t for t in extracted if _mflops(t.dispatched[0]) < cfg.min_mflops]
     total = cfg.trials + cfg.trials_per_batch * len(light)
     per_task = cfg.max_trials_per_task or total
     todo, weights, done_before = [], [], 0

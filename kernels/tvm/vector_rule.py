@@ -149,8 +149,6 @@ def covers_fully(func: Any, lanes: int) -> bool:
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-    if _count(func.body, s_tir.SBlock) > MAX_BLOCKS:
-        return False
     infos = normalize_prim_func(s_tir.Schedule(func))
     if infos is None or any("R" in info.dom_kind() for info in infos):
         return False
