@@ -41,7 +41,7 @@ from bench_tvm import PROFILE, fmt_row, kernel_summary, same_size_mlp, tvm_runne
 MODELS = ("snn-mlp-zero", "snn-mlp", "kan-fast", "kan-bspline", "kan-cheby")
 HEADER = ["model", "pass", "target", "profile", "p50 (us)", "p90 (us)", "baseline", "ratio vs baseline", "notes"]
 OFF = {"kan": ("fused KAN off", {"use_fused_kan": False}), "snn": ("fused LIF off", {"use_fused_lif": False})}
-GENERIC = {"gemv_variant": "generic", "use_grouped_matmul": False, "use_fused_kan": False, "use_fused_lif": False,
+GENERIC = {"use_gemv": False, "use_grouped_matmul": False, "use_fused_kan": False, "use_fused_lif": False,
            "fast_exp": False, "vector_rule": False}  # TVM's own generic lowering: none of edgec's kernels or rules
 TARGETS = {"kan": 3.0, "snn": 2.0}  # issue 5: fused KAN >= 3x, fused LIF >= 2x vs the generic lowering
 # The zoo recipes' time steps: issue 5's LIF target is stated at T=8; other T are reported for information.
@@ -56,7 +56,7 @@ def image_feed(path: Path, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """The model's single input filled with one 784-pixel image in [0, 1]."""
     import onnx
 
-    from toolchain.onnx_io import input_specs
+    from toolchain.core.onnx_io import input_specs
 
     (spec,) = input_specs(onnx.load(str(path)))
     return {spec.name: pixels.reshape(spec.shape).astype(spec.dtype)}
@@ -95,7 +95,7 @@ def tune_generic(path: Path, prof: Any, trials: int, db: Path) -> dict[str, Any]
 
 def tune_in_child(path: Path, trials: int, db: Path) -> dict[str, Any]:
     """``tune_generic`` in a child process: building and loading libraries in the process that just ran
-    MetaSchedule's workers died without a traceback here (twice); toolchain.tuning isolates it the same way."""
+    MetaSchedule's workers died without a traceback here (twice); targets.tvm.tuning isolates it the same way."""
     import json
 
     r = subprocess.run([sys.executable, __file__, "--tune-child", str(path), "--trials", str(trials), "--db", str(db)],
@@ -122,7 +122,7 @@ def bench_model(path: Path, work: Path, args: argparse.Namespace, db: Path, imag
     """Rows for one model and its speedups {baseline: baseline p50 / edgec p50} on the first image."""
     from kernels.tvm.harness import with_kernels
     from toolchain.bench import measure_interleaved
-    from toolchain.profile import load_profile
+    from toolchain.core.profile import load_profile
 
     name, fam = path.stem, family(path.stem)
     prof = load_profile(PROFILE)
@@ -182,7 +182,7 @@ def bench_kan_mlp(path: Path, work: Path, duration: float, pixels: np.ndarray) -
     """edgec KAN vs a 784-h-10 MLP with the same parameter count, both edgec TVM builds, interleaved."""
 
     from toolchain.bench import measure_interleaved
-    from toolchain.profile import load_profile
+    from toolchain.core.profile import load_profile
 
     prof = load_profile(PROFILE)
     mlp_path, h, params = same_size_mlp(path, work)
@@ -267,13 +267,13 @@ def main() -> int:
         import json
 
         from kernels.tvm.harness import with_kernels
-        from toolchain.profile import load_profile
+        from toolchain.core.profile import load_profile
 
         gprof = with_kernels(load_profile(PROFILE), **GENERIC)
         print(json.dumps(tune_generic(args.tune_child, gprof, args.trials, args.db)), flush=True)
         return 0
 
-    from toolchain.cache import default_cache_root
+    from toolchain.core.cache import default_cache_root
     from toolchain.zoo.datasets import fashion_mnist
 
     db = args.db = args.db or default_cache_root() / "tuning" / "bench-kernels-generic"

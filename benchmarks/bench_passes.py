@@ -39,7 +39,7 @@ TARGET = "ort"
 
 def trained_in_cache(name: str, cache: Any, data: Any) -> bool:
     """Asks load_trained itself (the one place that knows the weights' key), with a cache that never trains."""
-    from toolchain.cache import MissingArtifact, ReadOnlyCache
+    from toolchain.core.cache import MissingArtifact, ReadOnlyCache
     from toolchain.zoo.registry import get_entry
     from toolchain.zoo.trained import load_trained
 
@@ -52,7 +52,7 @@ def trained_in_cache(name: str, cache: Any, data: Any) -> bool:
 
 class Bench:
     def __init__(self, cache: Any, duration: float) -> None:
-        from toolchain.profile import load_profile
+        from toolchain.core.profile import load_profile
 
         self.cache, self.duration = cache, duration
         self.profile = load_profile(PROFILE)
@@ -71,7 +71,7 @@ class Bench:
         """Latency (interleaved, batch 1) and, per model, outputs / accuracy on x at batch 1. ``profiles``
         overrides the profile per key (e.g. a TVM baseline with one kernel switched off)."""
         from toolchain.bench import measure_interleaved, run_batched
-        from toolchain.onnx_io import fix_batch, input_specs, load_onnx
+        from toolchain.core.onnx_io import fix_batch, input_specs, load_onnx
 
         spec = input_specs(fix_batch(load_onnx(next(iter(arts.values())).payload, check=False), 1))[0]
         runners: dict[str, Any] = {}
@@ -164,11 +164,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from toolchain import api
-    from toolchain.cache import Cache
+    from toolchain.core.cache import Cache
     from toolchain.export import import_onnx_file
-    from toolchain.onnx_io import load_onnx, param_count
+    from toolchain.core.onnx_io import load_onnx, param_count
     from toolchain.passes.synthetic import g2g_masked_mlp
-    from toolchain.versions import cpu_model
+    from toolchain.core.versions import cpu_model
     from toolchain.zoo.datasets import fashion_mnist
     from toolchain.zoo.registry import entries
 
@@ -239,7 +239,7 @@ def main() -> int:
         syn, _ = import_onnx_file(p, cache)
         mods.append(("SYNTHETIC G2GNet-shaped 784-1024-1024-10 (8 groups, 75 % column-structured)", syn))
         per_layer: list[str] = []
-        from toolchain.onnx_io import fix_batch
+        from toolchain.core.onnx_io import fix_batch
 
         variants = []
         for label, art in mods:

@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from toolchain import api
-from toolchain.cache import Cache
-from toolchain.profile import load_profile
-from toolchain.report import markdown_table, write_atomic
-from toolchain.stats import ci_overlap, require_comparable
+from toolchain.core.cache import Cache
+from toolchain.core.profile import load_profile
+from toolchain.core.text import markdown_table, write_atomic
+from toolchain.measure.stats import ci_overlap, require_comparable
 from toolchain.zoo.registry import entries
 
 

@@ -35,7 +35,7 @@ HEADER = ["model", "pass", "target", "profile", "p50 (us)", "p90 (us)", "baselin
 def _module_for_export(e: Any) -> Any:
     """The untrained module (latency does not depend on weight values), or, for an entry whose export
     needs a training-time decision (S-KAN's frozen basis choice), its trained weights from the cache."""
-    from toolchain.cache import Cache, MissingArtifact, ReadOnlyCache
+    from toolchain.core.cache import Cache, MissingArtifact, ReadOnlyCache
     from toolchain.zoo.trained import load_trained
 
     module = e.build(e.recipe).eval()
@@ -114,7 +114,7 @@ def kernel_summary(kernels: list[dict[str, Any]]) -> str:
 def feed_for(path: Path) -> dict[str, np.ndarray]:
     import onnx
 
-    from toolchain.onnx_io import input_specs
+    from toolchain.core.onnx_io import input_specs
 
     rng = np.random.default_rng(0)
     return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in input_specs(onnx.load(str(path)))}
@@ -128,7 +128,7 @@ def bench_models(zoo_dir: Path, work: Path, duration: float, generic_for: set[st
     from kernels.tvm.harness import with_kernels
     from targets.ort import OrtRunner
     from toolchain.bench import measure_interleaved
-    from toolchain.profile import load_profile
+    from toolchain.core.profile import load_profile
 
     prof = load_profile(PROFILE)
     rows: list[list[str]] = []
@@ -143,7 +143,7 @@ def bench_models(zoo_dir: Path, work: Path, duration: float, generic_for: set[st
             continue
         runs: dict[str, tuple[Any, dict[str, np.ndarray]]] = {"ort": (ort, feed), "tvm": (tvm, feed)}
         if name in generic_for:
-            gen, gkern = tvm_runner(path, with_kernels(prof, gemv_variant="generic", use_grouped_matmul=False,
+            gen, gkern = tvm_runner(path, with_kernels(prof, use_gemv=False, use_grouped_matmul=False,
                                                        use_fused_kan=False, use_fused_lif=False, fast_exp=False,
                                                        vector_rule=False), work, "generic")
             runs["generic"] = (gen, feed)
@@ -168,7 +168,7 @@ def bench_grouped(work: Path, duration: float) -> list[list[str]]:
 
     from kernels.tvm.harness import block_diagonal, dense_onnx, with_kernels
     from toolchain.bench import measure_interleaved
-    from toolchain.profile import load_profile
+    from toolchain.core.profile import load_profile
 
     prof = load_profile(PROFILE)
     rows = []
@@ -206,7 +206,7 @@ VARIANTS = {
 def bench_variants(zoo_dir: Path, work: Path, duration: float) -> list[list[str]]:
     from kernels.tvm.harness import with_kernels
     from toolchain.bench import measure_interleaved
-    from toolchain.profile import load_profile
+    from toolchain.core.profile import load_profile
 
     prof = load_profile(PROFILE)
     rows = []
@@ -230,7 +230,7 @@ def bench_kan_vs_mlp(zoo_dir: Path, work: Path, duration: float) -> list[list[st
 
     from targets.ort import OrtRunner
     from toolchain.bench import measure_interleaved
-    from toolchain.profile import load_profile
+    from toolchain.core.profile import load_profile
 
     prof = load_profile(PROFILE)
     rows = []
@@ -261,7 +261,7 @@ def bench_int8(zoo_dir: Path, work: Path, duration: float) -> list[list[str]]:
     from targets.ort import OrtRunner
     from toolchain.bench import measure_interleaved
     from toolchain.passes.int8 import Config, run
-    from toolchain.profile import load_profile
+    from toolchain.core.profile import load_profile
 
     prof = load_profile(PROFILE)
     rows = []

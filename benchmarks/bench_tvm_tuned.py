@@ -37,7 +37,7 @@ def cold_cache(models: list[str], root: Path) -> Any:
     nothing retrains): every compile and every tuning record is made from scratch."""
     import shutil
 
-    from toolchain.cache import Cache, MissingArtifact, ReadOnlyCache
+    from toolchain.core.cache import Cache, MissingArtifact, ReadOnlyCache
     from toolchain.zoo.registry import get_entry
     from toolchain.zoo.trained import load_trained
 
@@ -61,8 +61,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from toolchain import api
-    from toolchain.cache import Cache
-    from toolchain.tuning import tuning_scope
+    from toolchain.core.cache import Cache
+    from targets.tvm.tuning import tuning_scope
 
     trials = None if args.trials == "auto" else int(args.trials)
     tmp = tempfile.TemporaryDirectory(prefix="edgec-cold-") if args.cold else None

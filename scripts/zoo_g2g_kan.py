@@ -24,7 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from toolchain.cache import Cache, default_cache_root
+from toolchain.core.cache import Cache, default_cache_root
 from toolchain.export import export_model
 from toolchain.zoo.registry import get_entry
 from toolchain.zoo.trained import load_trained

@@ -172,8 +172,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "results" / "zoo_gnn_snn_factory")
     ap.add_argument("--skip", nargs="*", default=[], choices=["gnn", "snn", "factory", "build"])
     args = ap.parse_args()
-    from toolchain.cache import Cache
-    from toolchain.cli_support import STATE
+    from toolchain.core.cache import Cache
+    from toolchain.cli import STATE
 
     STATE["cache_dir"] = args.cache_dir  # students / generated models find their teacher / supernet here
     cache = Cache(args.cache_dir)

@@ -1,132 +1,57 @@
-"""Backends behind one contract: ``supports`` -> Coverage, ``compile`` -> Artifact, ``load`` -> Runner.
+"""The backends and the one table that routes artifact kinds to them.
 
-Vendor SDKs are imported lazily inside each target module so ``import targets`` works where an SDK
-is missing; ``available()`` says why a target cannot run here.
+``get_target(name)`` gives a backend (``targets.base.Target``); ``load_runner(kind, path, ...)`` loads a
+compiled payload by its artifact kind, for the local bench and the device server alike. Backends are
+imported on demand: each pulls in its SDK, and ``import targets`` must work without them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+import importlib
+from pathlib import Path
 
-import numpy as np
+from targets.base import Runner, Target
+from toolchain.core.cache import Artifact
+from toolchain.core.errors import UsageError
 
-from toolchain.errors import UsageError
+# target name -> (module, Target class, Runner class)
+REGISTRY: dict[str, tuple[str, str, str]] = {
+    "ort": ("targets.ort", "OrtTarget", "OrtRunner"),
+    "tvm": ("targets.tvm", "TvmTarget", "TvmRunner"),
+    "tensorrt": ("targets.tensorrt", "TensorRTTarget", "TensorRTRunner"),
+}
 
-if TYPE_CHECKING:
-    import onnx
-
-    from toolchain.cache import Artifact, Cache
-    from toolchain.profile import Profile
-
-
-@dataclass(frozen=True)
-class Coverage:
-    """Which nodes a target takes and which it cannot, with the reason for each refusal."""
-
-    target: str
-    supported_ops: dict[str, int]  # op type -> node count
-    unsupported: dict[str, str]  # op type -> why
-    notes: tuple[str, ...] = ()
-
-    @property
-    def complete(self) -> bool:
-        return not self.unsupported
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "complete": self.complete,
-            "supported_ops": self.supported_ops,
-            "unsupported": self.unsupported,
-            "notes": list(self.notes),
-        }
-
-
-@dataclass
-class KernelInfo:
-    """One compiled kernel: what it is and where it came from (generic, tuned, hand-written)."""
-
-    name: str
-    origin: str  # "generic" | "tuned" | "hand-written" | "vendor"
-    ops: list[str] = field(default_factory=list)
-
-
-class Runner(Protocol):
-    """A loaded artifact, ready to run. Use as a context manager."""
-
-    input_names: list[str]
-
-    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]: ...
-
-    def __enter__(self) -> Runner: ...
-
-    def __exit__(self, *exc: object) -> None: ...
-
-
-class Target(Protocol):
-    name: str
-
-    def available(self) -> str | None:
-        """None when the target can build here, else a one-line reason with the fix."""
-
-    def supports(self, model: onnx.ModelProto, profile: Profile) -> Coverage: ...
-
-    def compile(self, art: Artifact, profile: Profile, cache: Cache) -> tuple[Artifact, bool]: ...
-
-    def load(self, art: Artifact) -> Runner: ...
-
-
-def _ort() -> Target:
-    from targets.ort import OrtTarget
-
-    return OrtTarget()
-
-
-def _tvm() -> Target:
-    from targets.tvm import TvmTarget
-
-    return TvmTarget()
-
-
-def _trt() -> Target:
-    from targets.tensorrt import TensorRTTarget
-
-    return TensorRTTarget()
-
-
-REGISTRY: dict[str, Callable[[], Target]] = {"ort": _ort, "tvm": _tvm, "tensorrt": _trt}
-
-# The artifact kind each target's compile step produces, so load() can be routed from a manifest.
+# The artifact kind each target's compile step produces, so a payload can be routed to its runner.
 KIND_TO_TARGET = {"ort-model": "ort", "tvm-lib": "tvm", "trt-engine": "tensorrt"}
 
 
 def get_target(name: str) -> Target:
     if name not in REGISTRY:
         raise UsageError(f"unknown target {name!r}; choose one of {', '.join(REGISTRY)}")
-    return REGISTRY[name]()
+    module, cls, _ = REGISTRY[name]
+    target: Target = getattr(importlib.import_module(module), cls)()
+    return target
+
+
+def target_name_for_kind(kind: str, key: str = "") -> str:
+    name = KIND_TO_TARGET.get(kind)
+    if name is None:
+        raise UsageError(f"artifact {key[:12]} is a {kind!r}, not a compiled model; run 'edgec compile' first")
+    return name
 
 
 def target_for_artifact(art: Artifact) -> Target:
-    name = KIND_TO_TARGET.get(art.kind)
-    if name is None:
-        raise UsageError(
-            f"artifact {art.key[:12]} is a {art.kind!r}, not a compiled model; run 'edgec compile' first"
-        )
-    return get_target(name)
+    return get_target(target_name_for_kind(art.kind, art.key))
 
 
-class SimpleRunner:
-    """Shared context-manager plumbing for runners."""
-
-    input_names: list[str]
-
-    def __enter__(self) -> SimpleRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        pass
+def load_runner(kind: str, path: Path, input_names: list[str], threads: int) -> Runner:
+    """A runner for a compiled payload of ``kind`` (no manifest needed: the device server has only the file)."""
+    module, _, cls = REGISTRY[target_name_for_kind(kind)]
+    runner_cls = getattr(importlib.import_module(module), cls)
+    if kind == "tvm-lib":
+        runner: Runner = runner_cls(path, input_names, threads)
+    elif kind == "ort-model":
+        runner = runner_cls(path, threads)
+    else:
+        runner = runner_cls(path)
+    return runner

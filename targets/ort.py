@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from targets import Coverage, SimpleRunner
-from toolchain.cache import Artifact, Cache, StepKey
-from toolchain.onnx_io import load_onnx
-from toolchain.profile import Profile
+from targets.base import CompileOptions, Coverage, SimpleRunner
+from toolchain.core.cache import Artifact, Cache, StepKey
+from toolchain.core.onnx_io import load_onnx, ort_session
+from toolchain.core.profile import Profile
 
 
 def _cpu_kernel_ops() -> set[tuple[str, str]]:
@@ -19,24 +19,9 @@ def _cpu_kernel_ops() -> set[tuple[str, str]]:
     return {(d.domain or "", d.op_name) for d in st.get_all_opkernel_def() if d.provider == "CPUExecutionProvider"}
 
 
-def session(path: Path | str, threads: int, optimized_out: Path | None = None):  # -> ort.InferenceSession
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if optimized_out is not None:
-        # Extended (not ALL) keeps the saved graph free of machine-specific layout ops.
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = str(optimized_out)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 class OrtRunner(SimpleRunner):
     def __init__(self, path: Path, threads: int) -> None:
-        self.sess = session(path, threads)
+        self.sess = ort_session(path, threads)
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.output_names = [o.name for o in self.sess.get_outputs()]
 
@@ -67,12 +52,13 @@ class OrtTarget:
                 unsup[n.op_type] = f"no CPUExecutionProvider kernel for {key[0] or 'ai.onnx'}::{key[1]}"
         return Coverage(self.name, sup, unsup)
 
-    def compile(self, art: Artifact, profile: Profile, cache: Cache) -> tuple[Artifact, bool]:
+    def compile(self, art: Artifact, profile: Profile, cache: Cache,
+                options: CompileOptions = CompileOptions()) -> tuple[Artifact, bool]:
         """Save ONNX Runtime's offline-optimized graph; the runner loads it with the profile's threads."""
         threads = profile.bench.threads
 
         def write(d: Path) -> tuple[str, dict]:
-            session(art.payload, threads, optimized_out=d / "model.ort.onnx")
+            ort_session(art.payload, threads, optimized_out=d / "model.ort.onnx")
             m = load_onnx(d / "model.ort.onnx", check=False)
             return "model.ort.onnx", {"threads": threads, "nodes": len(m.graph.node), "source": art.key}
 

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from targets import Coverage, SimpleRunner
-from toolchain.cache import Artifact, Cache, StepKey
-from toolchain.errors import SdkMissing
-from toolchain.profile import Profile
+from targets.base import CompileOptions, Coverage, SimpleRunner
+from toolchain.core.cache import Artifact, Cache, StepKey
+from toolchain.core.errors import SdkMissing
+from toolchain.core.profile import Profile
 
 NEEDS = "the tensorrt target needs an NVIDIA GPU and the tensorrt package (pip install edgec[tensorrt])"
 
@@ -65,6 +65,16 @@ class TensorRTRunner(SimpleRunner):
         return [bufs[n].cpu().numpy() for n in self.output_names]
 
 
+def engine_config(profile: Profile, trt_version: str) -> dict[str, Any]:
+    """What keys an engine: engines are specific to the GPU (compute capability) and the TensorRT version,
+    and the builder's workspace is bounded by the profile's GPU memory (a quarter of it)."""
+    gpu = profile.gpu
+    if gpu is None:
+        raise SdkMissing(f"profile {profile.id} has no [gpu] table; the tensorrt target needs one")
+    return {"fp16": gpu.fp16, "sparse": gpu.sparse_tensor_cores, "sm": gpu.sm, "tensorrt": trt_version,
+            "workspace_bytes": gpu.memory_mb * 1024 * 1024 // 4}
+
+
 class TensorRTTarget:
     name = "tensorrt"
 
@@ -98,10 +108,10 @@ class TensorRTTarget:
                 sup[n.op_type] = sup.get(n.op_type, 0) + 1
         return Coverage(self.name, sup, unsup)
 
-    def compile(self, art: Artifact, profile: Profile, cache: Cache) -> tuple[Artifact, bool]:
+    def compile(self, art: Artifact, profile: Profile, cache: Cache,
+                options: CompileOptions = CompileOptions()) -> tuple[Artifact, bool]:
         trt = _import_trt()
-        gpu = profile.gpu
-        cfg: dict[str, Any] = {"fp16": bool(gpu and gpu.fp16), "sparse": bool(gpu and gpu.sparse_tensor_cores)}
+        cfg = engine_config(profile, trt.__version__)
 
         def write(d: Path) -> tuple[str, dict[str, Any]]:
             logger = trt.Logger(trt.Logger.WARNING)
@@ -112,6 +122,7 @@ class TensorRTTarget:
                 errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
                 raise SdkMissing(f"TensorRT could not parse the model: {errs}")
             config = builder.create_builder_config()
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg["workspace_bytes"])
             if cfg["fp16"]:
                 config.set_flag(trt.BuilderFlag.FP16)
             if cfg["sparse"]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.cache import Cache
+from toolchain.core.cache import Cache
 
 REPO = Path(__file__).resolve().parents[1]
 PLANETOID = REPO.parent / "shared" / "data" / "planetoid"

@@ -51,7 +51,7 @@ class Farm:
             p.wait()
 
     def wait_devices(self, n: int, timeout: float = 90.0) -> list[str]:
-        from toolchain.remote import RemoteSpec, devices
+        from toolchain.device.farm import RemoteSpec, devices
 
         spec = RemoteSpec("127.0.0.1", self.tracker_port, self.key, TOKEN)
         t_end = time.monotonic() + timeout

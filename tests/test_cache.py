@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.cache import Cache, MissingArtifact, ReadOnlyCache, StepKey
+from toolchain.core.cache import Cache, MissingArtifact, ReadOnlyCache, StepKey
 
 
 def _writer(text: str):

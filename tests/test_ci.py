@@ -11,7 +11,7 @@ from device_models import fit_linear, save
 from typer.testing import CliRunner
 
 from cli import app
-from toolchain.ci import run_ci
+from toolchain.ci.run import run_ci
 
 PROJECT = """
 [project]
@@ -122,7 +122,7 @@ def test_bad_config_exits_2(tmp_path: Path, text: str, needle: str) -> None:
 def test_device_stopped_mid_run_exits_3(models_dir: Path, tmp_path: Path) -> None:
     from device_farm import TOKEN, start_farm
 
-    from toolchain.cache import Cache
+    from toolchain.core.cache import Cache
 
     farm = start_farm("ci-dev", devices=1)
     try:
@@ -148,7 +148,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ci" / "edge.toml"
 
 
 def test_shipped_example_project_is_valid() -> None:
-    from toolchain.ci_config import load_project
+    from toolchain.ci.config import load_project
 
     proj = load_project(EXAMPLE)
     assert [m.name for m in proj.models] == ["mlp-small", "mlp-small-int8"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from toolchain import api
-from toolchain.cache import Cache
-from toolchain.errors import UsageError
+from toolchain.core.cache import Cache
+from toolchain.core.errors import UsageError
 from toolchain.export import export_model, run_ort
-from toolchain.onnx_io import load_onnx
+from toolchain.core.onnx_io import load_onnx
 
 
 def test_factory_with_weights_only_checkpoint(tmp_path: Path, cache: Cache) -> None:

@@ -8,8 +8,8 @@ import pytest
 from onnx import numpy_helper
 
 from tests.models import small_mlp
-from toolchain.errors import UsageError
-from toolchain.onnx_io import fix_batch, input_specs, load_onnx
+from toolchain.core.errors import UsageError
+from toolchain.core.onnx_io import fix_batch, input_specs, load_onnx
 
 
 def test_truncated_file_is_a_usage_error(tmp_path: Path) -> None:

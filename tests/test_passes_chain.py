@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from toolchain import api
-from toolchain.cache import Cache
+from toolchain.core.cache import Cache
 from toolchain.export import import_onnx_file
 from toolchain.passes.synthetic import g2g_masked_mlp
 

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 from toolchain.passes import PassContext, parse_pass
 from toolchain.passes.synthetic import random_mlp
 

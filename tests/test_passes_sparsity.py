@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from toolchain.errors import GateFailure, UsageError
+from toolchain.core.errors import GateFailure, UsageError
 from toolchain.passes import PassContext, parse_pass
 from toolchain.passes._graph import dense_layers, get_weight
 from toolchain.passes._speed import MIN_GAIN

@@ -81,9 +81,9 @@ def test_pick_rejects_bad_metric(tmp_path: Path) -> None:
 
 def test_zoo_sweep_compares_one_task_only() -> None:
     """Accuracies of different tasks (Cora, a 3-class Fashion-MNIST subset) must not compete."""
-    from toolchain.errors import UsageError
+    from toolchain.core.errors import UsageError
     from toolchain.pick import zoo_candidates
-    from toolchain.profile import load_profile
+    from toolchain.core.profile import load_profile
     from toolchain.zoo.registry import entries
 
     prof = load_profile("x86-avx512")

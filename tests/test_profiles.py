@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.errors import UsageError
-from toolchain.profile import PROFILE_DIR, all_profiles, load_profile, profile_ids
+from toolchain.core.errors import UsageError
+from toolchain.core.profile import PROFILE_DIR, all_profiles, load_profile, profile_ids
 
 REQUIRED = {"x86-avx512", "x86-avx2", "phone-arm64", "rpi5", "jetson-orin-nano", "jetson-agx-orin"}
 

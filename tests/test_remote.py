@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from cli import app
 from toolchain import api
 from toolchain.bench import prepare_job
-from toolchain.cache import Cache
-from toolchain.errors import UsageError
+from toolchain.core.cache import Cache
+from toolchain.core.errors import UsageError
 from toolchain.export import import_onnx_file
-from toolchain.profile import load_profile
-from toolchain.remote import RemoteSpec, bench_many
+from toolchain.core.profile import load_profile
+from toolchain.device.farm import RemoteSpec, bench_many
 
 pytestmark = pytest.mark.rpc
 KEY = "edgec-test"

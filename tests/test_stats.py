@@ -10,8 +10,8 @@ from device_models import fit_linear, random_mlp, save
 
 from targets.ort import OrtRunner
 from toolchain.bench import MeasureConfig, measure_honest, warmup_until_steady
-from toolchain.errors import UsageError
-from toolchain.stats import StatsConfig, bootstrap_ci, require_comparable, summarize
+from toolchain.core.errors import UsageError
+from toolchain.measure.stats import StatsConfig, bootstrap_ci, require_comparable, summarize
 
 
 def test_bootstrap_ci_covers_the_true_median_about_95_percent() -> None:

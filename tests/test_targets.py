@@ -11,10 +11,10 @@ import pytest
 from targets import get_target
 from tests.models import small_cnn, small_mlp
 from toolchain import api
-from toolchain.cache import Cache
-from toolchain.errors import SdkMissing, UsageError
+from toolchain.core.cache import Cache
+from toolchain.core.errors import SdkMissing, UsageError
 from toolchain.export import import_onnx_file, run_ort
-from toolchain.profile import load_profile
+from toolchain.core.profile import load_profile
 
 
 @pytest.mark.parametrize("make", [small_cnn, small_mlp], ids=["cnn", "mlp"])

@@ -15,7 +15,7 @@ from test_tvm_tuning import _layernorm_model
 from typer.testing import CliRunner
 
 from cli import app
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 
 pytestmark = pytest.mark.rpc
 KEY = "edgec-tune-test"
@@ -53,7 +53,7 @@ def test_wrong_token_fails_in_one_line_before_any_candidate(farm: Farm, tmp_path
 
 
 def test_remote_tuning_needs_a_token(farm: Farm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from toolchain.tuning import TuneConfig, tune
+    from targets.tvm.tuning import TuneConfig, tune
 
     monkeypatch.delenv("EDGEC_DEVICE_TOKEN", raising=False)
     with pytest.raises(UsageError, match="--token"):
@@ -98,8 +98,8 @@ def test_cross_profile_candidates_are_aarch64_libraries() -> None:
     """For an ARM profile each candidate is cross-linked with the profile's compiler: what the device loads."""
     import shutil
 
-    from toolchain.profile import load_profile
-    from toolchain.tuning import candidate_exporter
+    from toolchain.core.profile import load_profile
+    from targets.tvm.tuning import candidate_exporter
 
     prof = load_profile("rpi5")
     if not shutil.which(prof.cpu.cross_cc or ""):

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from kernels.tvm.harness import dense_onnx
-from toolchain.profile import load_profile
+from toolchain.core.profile import load_profile
 
 needs_cross = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
                                  reason="aarch64-linux-gnu-gcc missing: apt-get install gcc-aarch64-linux-gnu")
@@ -44,7 +44,7 @@ def test_aarch64_artifact_refuses_to_load_here(tmp_path: Path, cache: object) ->
     import platform
 
     from targets.tvm import TvmTarget
-    from toolchain.errors import UsageError
+    from toolchain.core.errors import UsageError
     from toolchain.export import import_onnx_file
 
     if platform.machine() == "aarch64":

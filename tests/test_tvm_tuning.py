@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from toolchain.errors import UsageError
-from toolchain.profile import load_profile
+from toolchain.core.errors import UsageError
+from toolchain.core.profile import load_profile
 
 
 def _layernorm_model(tmp_path: Path) -> Path:
@@ -36,7 +36,7 @@ def _save(path: Path, nodes: list, x_shape: list[int], y_shape: list[int], inits
 
 def test_empty_database_leaves_kernels_naive_and_says_so(tmp_path: Path) -> None:
     from targets.tvm import tvm_target
-    from toolchain.tuning import apply_database, naive_kernels, tunable_module
+    from targets.tvm.tuning import apply_database, naive_kernels, tunable_module
 
     prof = load_profile("x86-avx512")
     mod = tunable_module(_layernorm_model(tmp_path), prof)
@@ -57,7 +57,7 @@ def test_build_library_records_naive_after_tuning(tmp_path: Path) -> None:
 def test_remote_profile_refuses_to_tune_on_the_host(tmp_path: Path, cache: object) -> None:
     from targets.tvm import TvmTarget
     from toolchain.export import import_onnx_file
-    from toolchain.tuning import tuning_scope
+    from targets.tvm.tuning import tuning_scope
 
     art, _ = import_onnx_file(_layernorm_model(tmp_path), cache)  # type: ignore[arg-type]
     with tuning_scope(8, progress=False), pytest.raises(UsageError, match="on the device"):
@@ -65,7 +65,7 @@ def test_remote_profile_refuses_to_tune_on_the_host(tmp_path: Path, cache: objec
 
 
 def test_tune_config_validation() -> None:
-    from toolchain.tuning import TuneConfig
+    from targets.tvm.tuning import TuneConfig
 
     with pytest.raises(UsageError):
         TuneConfig(trials=-1)
@@ -75,7 +75,7 @@ def test_tune_config_validation() -> None:
 
 @pytest.mark.slow
 def test_tuning_schedules_every_kernel_and_resumes(tmp_path: Path) -> None:
-    from toolchain.tuning import TuneConfig, tune
+    from targets.tvm.tuning import TuneConfig, tune
 
     model = _layernorm_model(tmp_path)
     db = tmp_path / "db"
@@ -105,7 +105,7 @@ def _conv_model(tmp_path: Path) -> Path:
 def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> None:
     from kernels.tvm.harness import with_kernels
     from tests.models import small_mlp
-    from toolchain.tuning import auto_trials
+    from targets.tvm.tuning import auto_trials
 
     prof = load_profile("x86-avx512")
     trials, heavy = auto_trials(_conv_model(tmp_path), prof)
@@ -131,7 +131,7 @@ def test_auto_budget_is_recorded_and_skips_cross_profiles_without_a_device(tmp_p
     from targets.tvm import TvmTarget
     from tests.models import small_mlp
     from toolchain.export import import_onnx_file
-    from toolchain.tuning import tuning_scope
+    from targets.tvm.tuning import tuning_scope
 
     mlp = tmp_path / "mlp.onnx"
     onnx.save(small_mlp(), mlp)
@@ -169,9 +169,9 @@ def test_cli_default_auto_tunes_a_conv_model_until_no_kernel_is_naive(tmp_path: 
     assert {k["origin"] for k in meta["kernels"]} <= {"tuned", "rule"}
     # A finished budget is not run again: the marker makes the next compile skip the tuning process ...
     from targets.tvm import TvmTarget
-    from toolchain.cache import Cache
+    from toolchain.core.cache import Cache
     from toolchain.export import import_onnx_file
-    from toolchain.tuning import TuneConfig, database_dir
+    from targets.tvm.tuning import TuneConfig, database_dir
 
     cache = Cache(tmp_path / "cache")
     art, hit = import_onnx_file(_conv_model(tmp_path), cache)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 from toolchain.export import export_module
 from toolchain.zoo import planetoid
 from toolchain.zoo.gnn_mlp import ENTRIES, TEACHERS, normalized_adjacency

@@ -180,7 +180,7 @@ def test_skan_rbf_variant_pool_freezes_to_described_rbfs_and_fuses_on_tvm(fashio
     """A pool of RBF variants (skan.RBF_VARIANTS): each chosen group exports as Exp-only RBFs whose kernel
     description carries that variant's own centers and width, and TVM's fused KAN kernel computes it."""
     from kernels.tvm.harness import build_vm
-    from toolchain.profile import load_profile
+    from toolchain.core.profile import load_profile
 
     pool = ("rbf", "rbf_smooth", "rbf_high")
     torch.manual_seed(0)

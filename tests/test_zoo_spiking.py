@@ -71,7 +71,7 @@ def test_both_forms_export_with_identical_spikes(name: str, fashion: Dataset, ca
         np.testing.assert_array_equal(got[0], ref[0].numpy())  # identical spike counts / spikes
         if form == "unrolled":  # the dynamic-batch export compiles for TVM (batch pinned, shapes folded)
             from targets.tvm import TvmTarget
-            from toolchain.profile import load_profile
+            from toolchain.core.profile import load_profile
 
             tvm_art, _ = TvmTarget().compile(exp, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
             runner = TvmTarget().load(tvm_art)

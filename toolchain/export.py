@@ -8,52 +8,21 @@ from __future__ import annotations
 import importlib
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from toolchain.cache import Artifact, Cache, StepKey, sha256_file
-from toolchain.errors import GateFailure, UsageError
-from toolchain.onnx_io import load_onnx
+from toolchain.core.cache import Artifact, Cache, StepKey, sha256_file
+from toolchain.core.errors import GateFailure, UsageError
+from toolchain.core.onnx_io import load_onnx, ort_session
+from toolchain.measure.compare import PARITY_RTOL, Parity, compare
+from toolchain.zoo.datasets import load_dataset
+from toolchain.zoo.registry import get_entry
+from toolchain.zoo.trained import load_state_dict_safely, load_trained
 
 EXPORT_VERSION = 1
-PARITY_RTOL = 1e-4
-
-
-@dataclass(frozen=True)
-class Parity:
-    max_abs: float
-    max_rel: float  # max |a - b| / max |b|, per output
-    argmax_agreement: float
-    samples: int
-
-    def ok(self, rtol: float = PARITY_RTOL) -> bool:
-        return self.max_rel <= rtol and self.argmax_agreement == 1.0
-
-    def to_json(self) -> dict[str, float]:
-        return {"max_abs": self.max_abs, "max_rel": self.max_rel,
-                "argmax_agreement": self.argmax_agreement, "samples": self.samples}
-
-
-def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> Parity:
-    """Max abs / relative error and argmax agreement over all outputs (relative to the output's scale)."""
-    if len(ref) != len(got):
-        raise GateFailure(f"output count differs: reference {len(ref)}, candidate {len(got)}")
-    max_abs = max_rel = 0.0
-    agree, n = 1.0, 0
-    for r, g in zip(ref, got, strict=True):
-        r64, g64 = np.asarray(r, np.float64), np.asarray(g, np.float64).reshape(np.shape(r))
-        diff = float(np.max(np.abs(r64 - g64))) if r64.size else 0.0
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / max(float(np.max(np.abs(r64))) if r64.size else 0.0, 1e-12))
-        if r64.ndim >= 2 and r64.shape[-1] > 1:
-            a = (r64.reshape(-1, r64.shape[-1]).argmax(-1) == g64.reshape(-1, g64.shape[-1]).argmax(-1))
-            agree = min(agree, float(a.mean()))
-        n = max(n, r64.shape[0] if r64.ndim else 1)
-    return Parity(max_abs, max_rel, agree, n)
 
 
 def torch_to_onnx(module: Any, example: tuple[Any, ...], dynamic_batch: bool = True) -> onnx.ModelProto:
@@ -84,12 +53,7 @@ def torch_to_onnx(module: Any, example: tuple[Any, ...], dynamic_batch: bool = T
 
 
 def run_ort(model: onnx.ModelProto | Path, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    import onnxruntime as ort
-
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model)
     return [sess.run(None, f) for f in feeds]
 
 
@@ -194,7 +158,6 @@ def export_model(
 
         module = load_factory(spec)
         if weights is not None:
-            from toolchain.zoo.trained import load_state_dict_safely
 
             module.load_state_dict(load_state_dict_safely(weights))
         shape = parse_shape(input_shape)
@@ -205,12 +168,9 @@ def export_model(
 
         key = hashlib.sha256(spec.encode() + digest.encode() + state).hexdigest()
         return export_module(module, shape, cache, key)
-    from toolchain.zoo.registry import get_entry
-    from toolchain.zoo.trained import load_trained
 
     entry = get_entry(spec)
     module, _metrics, wart, _ = load_trained(entry, cache, data_dir, progress=progress)
-    from toolchain.zoo.datasets import load_dataset
 
     data = load_dataset(entry.dataset, data_dir)
     form = form or entry.forms[0]

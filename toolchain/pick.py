@@ -16,9 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolchain.cache import Artifact, Cache, StepKey
-from toolchain.errors import EdgecError, UsageError
-from toolchain.profile import Profile, load_profile
+from toolchain.bench import device_for, prepare_job
+from toolchain.core.cache import Artifact, Cache, StepKey
+from toolchain.core.errors import EdgecError, UsageError
+from toolchain.core.profile import Profile, load_profile
+from toolchain.core.text import markdown_table, write_atomic
+from toolchain.device.protocol import RemoteSpec
+from toolchain.passes import REGISTRY as PASSES
+from toolchain.pipeline import build_artifact
+from toolchain.zoo.registry import entries
 
 METRICS = ("p50", "p90", "p99")
 # The default zoo sweep: every zoo entry (families x sizes) x these pass chains x these targets.
@@ -52,7 +58,7 @@ class PickConfig:
     duration_s: float | None = None
     data_dir: Path | None = None
     samples: int = 1000
-    remote: Any = None  # toolchain.remote.RemoteSpec
+    remote: RemoteSpec | None = None  # measure on the devices there instead of here
     # Accuracy is only comparable on one task: the zoo sweep keeps entries trained for this dataset.
     task: str = "fashion-mnist"
 
@@ -60,10 +66,7 @@ class PickConfig:
 def zoo_candidates(profile: Profile, task: str = "fashion-mnist") -> list[Candidate]:
     """Every zoo entry for ``task`` x the default pass chains x targets. Entries of other tasks (Cora, a
     Fashion-MNIST class subset) are left out: their accuracies are not comparable with this task's."""
-    from toolchain.passes import REGISTRY
-    from toolchain.zoo.registry import entries
-
-    chains = [c for c in DEFAULT_PASS_CHAINS if all(p.split("=")[0] in REGISTRY for p in c)]
+    chains = [c for c in DEFAULT_PASS_CHAINS if all(p.split("=")[0] in PASSES for p in c)]
     targets = [t for t in DEFAULT_TARGETS if t in profile.targets]
     if not targets:
         raise UsageError(f"profile {profile.id} lists none of the default pick targets {DEFAULT_TARGETS}; "
@@ -101,17 +104,17 @@ def file_candidates(path: Path, profile: Profile) -> list[Candidate]:
 
 def cached_bench(comp: Artifact, cache: Cache, profile: Profile, reference: Artifact, data: str | None,
                  data_dir: Path | None, samples: int, duration_s: float | None,
-                 remote: Any = None) -> tuple[dict[str, Any], bool]:
+                 remote: RemoteSpec | None = None) -> tuple[dict[str, Any], bool]:
     """A bench result stored as an artifact keyed by the compiled artifact + bench config + device key."""
-    from toolchain import api
-
     cfg = {"data": data, "samples": samples, "duration_s": duration_s or profile.bench.duration_s,
            "threads": profile.bench.threads, "reference": reference.key,
            "device": f"rpc:{remote.key}" if remote is not None else "local"}
     sk = StepKey("bench", (comp.key,), cfg, BENCH_CONFIG_VERSION, profile.id)
 
     def write(d: Path) -> tuple[str, dict[str, Any]]:
-        res = api.bench(comp, cache, profile, data, data_dir, samples, duration_s, reference, remote=remote)
+        job = prepare_job(comp, cache, profile=profile, data=data, data_dir=data_dir, samples=samples,
+                          duration_s=duration_s, reference=reference)
+        res = device_for(remote).run([job])[comp.key]
         (d / "result.json").write_text(json.dumps(res, default=str))
         return "result.json", {"artifact": comp.key}
 
@@ -120,12 +123,8 @@ def cached_bench(comp: Artifact, cache: Cache, profile: Profile, reference: Arti
 
 
 def measure_candidate(c: Candidate, profile: Profile, cache: Cache, cfg: PickConfig) -> dict[str, Any]:
-    from toolchain import api
-
-    onnx_art, _ = api.export(c.model, cache, data_dir=cfg.data_dir, progress=False)
-    final, _ = api.optimize(onnx_art, list(c.passes), cache, profile, cfg.data_dir, target=c.target,
-                            data_name=c.data) if c.passes else (onnx_art, [])
-    comp, _ = api.compile(final, profile, c.target, cache)
+    comp, onnx_art = build_artifact(c.model, profile, c.target, cache, passes=list(c.passes), data=c.data,
+                                    data_dir=cfg.data_dir)
     res, hit = cached_bench(comp, cache, profile, onnx_art, c.data, cfg.data_dir, cfg.samples, cfg.duration_s,
                             cfg.remote)
     return {"result": res, "bench_cache_hit": hit, "artifact": comp.key}
@@ -217,17 +216,11 @@ def plot(rows: list[dict[str, Any]], front: list[str], budget_ms: float, metric:
 
 def verify_choice(row: dict[str, Any], cache: Cache, profile: Profile, cfg: PickConfig) -> dict[str, Any]:
     """Re-measure the chosen artifact ``cfg.verify`` times (fresh load each time)."""
-    from toolchain.bench import prepare_job, run_local
-
     art = cache.get(row["artifact"])
     assert art is not None
-    job = prepare_job(art, cache, profile, samples=64, duration_s=cfg.duration_s)
-    if cfg.remote is not None:
-        from toolchain.remote import bench_many
-
-        vals = [bench_many([job], cfg.remote)[art.key]["latency"][f"{cfg.metric}_ms"] for _ in range(cfg.verify)]
-    else:
-        vals = [run_local(job)["latency"][f"{cfg.metric}_ms"] for _ in range(cfg.verify)]
+    job = prepare_job(art, cache, profile=profile, samples=64, duration_s=cfg.duration_s)
+    device = device_for(cfg.remote)
+    vals = [device.run([job])[art.key]["latency"][f"{cfg.metric}_ms"] for _ in range(cfg.verify)]
     return {"runs": len(vals), "within_budget": sum(v <= cfg.budget_ms for v in vals),
             f"{cfg.metric}_ms": [round(v, 6) for v in vals]}
 
@@ -235,7 +228,6 @@ def verify_choice(row: dict[str, Any], cache: Cache, profile: Profile, cfg: Pick
 def run_pick(cfg: PickConfig, cache: Cache, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from toolchain.report import write_atomic
 
     if cfg.metric not in METRICS:
         raise UsageError(f"--metric {cfg.metric!r} must be one of {', '.join(METRICS)}")
@@ -270,7 +262,6 @@ def run_pick(cfg: PickConfig, cache: Cache, progress: bool = True) -> dict[str, 
 
 
 def render_markdown(rep: dict[str, Any]) -> str:
-    from toolchain.report import markdown_table
 
     m = rep["metric"]
     lines = [f"# edgec pick: {rep['profile']}, budget {rep['budget_ms']:g} ms at {m}"

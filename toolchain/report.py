@@ -1,63 +1,26 @@
-"""Human-readable tables and markdown / JSON reports, written atomically."""
+"""The build report: one table per build, as text for the terminal and as markdown + JSON files."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temp file in dst's folder: a reader never sees half a file."""
-    import shutil
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join([line, sep, *body])
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+from toolchain.core.text import markdown_table, table, write_atomic
 
 
 def _us(ms: float) -> str:
     return f"{ms * 1000:.1f} us" if ms < 1 else f"{ms:.3f} ms"
 
 
+def _ci(lat: dict[str, Any]) -> str:
+    lo, hi = lat["ci"]["p50_ms"]
+    return f"{_us(lo)} - {_us(hi)}"
+
+
 def build_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    headers = ["target", "p50", "p90", "p99", "runs", "max rel err", "argmax agree", "accuracy", "ref acc",
-               "size", "kernels", "cached"]
+    headers = ["target", "p50", "p50 95% CI", "p90", "p99", "runs", "stable", "max rel err", "argmax agree",
+               "accuracy", "ref acc", "size", "kernels", "cached"]
     rows = []
     for t, r in report["targets"].items():
         lat, ag, acc = r["latency"], r["agreement"], r.get("accuracy")
@@ -66,7 +29,8 @@ def build_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         for k in kernels:
             origins[k["origin"]] = origins.get(k["origin"], 0) + 1
         rows.append([
-            t, _us(lat["p50_ms"]), _us(lat["p90_ms"]), _us(lat["p99_ms"]), lat["runs"],
+            t, _us(lat["p50_ms"]), _ci(lat), _us(lat["p90_ms"]), _us(lat["p99_ms"]), lat["runs"],
+            "yes" if lat.get("stable") else "NO",
             f"{ag['max_rel']:.1e}", f"{ag['argmax_agreement'] * 100:.1f}%",
             f"{acc['task_accuracy'] * 100:.2f}%" if acc else "-",
             f"{acc['reference_accuracy'] * 100:.2f}%" if acc else "-",
@@ -83,8 +47,11 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     names = next((", ".join(p["pass"] for p in ps) for ps in report["passes"].values() if ps), "")
     if names:
         lines.append(f"passes: {names}")
-    if "tvm_vs_ort_p50_ratio" in report:
-        lines.append(f"TVM / ORT p50 ratio: {report['tvm_vs_ort_p50_ratio']:.2f}x")
+    lats = {t: r["latency"]["p50_ms"] for t, r in report["targets"].items()}
+    if len(lats) > 1:
+        base = "ort" if "ort" in lats else next(iter(lats))
+        lines.append("p50 vs " + base + ": " + ", ".join(f"{t} {v / lats[base]:.2f}x" for t, v in lats.items()
+                                                          if t != base))
     return lines
 
 
@@ -109,3 +76,43 @@ def write_build_reports(report: dict[str, Any], out_dir: Path, stem: str) -> tup
     write_atomic(j, json.dumps(report, indent=2, default=str))
     write_atomic(m, render_build_markdown(report))
     return j, m
+
+
+def render_bench(res: dict[str, Any]) -> str:
+    """``edgec bench`` for a terminal."""
+    lat, ag = res["latency"], res["agreement"]
+    lo, hi = lat["ci"]["p50_ms"]
+    s = (f"{res['target']} on {res['profile']} ({res.get('device', 'local')}): p50 {lat['p50_ms'] * 1000:.1f} us "
+         f"[95% CI {lo * 1000:.1f}-{hi * 1000:.1f}]  p90 {lat['p90_ms'] * 1000:.1f} us  "
+         f"p99 {lat['p99_ms'] * 1000:.1f} us  ({lat['runs']} runs, {lat['threads']} thread, "
+         f"{'stable' if lat.get('stable') else 'UNSTABLE'})\n"
+         f"vs ONNX Runtime reference: max rel err {ag['max_rel']:.1e}, argmax agreement {ag['argmax_agreement']:.2%}")
+    if "accuracy" in res:
+        a = res["accuracy"]
+        s += (f"\naccuracy on {a['dataset']} ({a['samples']}): {a['task_accuracy']:.2%} "
+              f"(reference {a['reference_accuracy']:.2%})")
+    if "memory" in res:
+        s += (f"\nsize on disk {res['size_bytes'] / 1024:.0f} KiB, runner memory "
+              f"+{res['memory']['runner_rss_delta_mb']:.1f} MB (peak RSS {res['memory']['rss_peak_mb']:.0f} MB)")
+    return s
+
+
+def render_inspect(info: dict[str, Any]) -> str:
+    """``edgec inspect`` for a terminal: an ONNX file's coverage, or an artifact's manifest and kernels."""
+    if "file" in info:
+        lines = [f"{info['file']}: {info['params']:,} params, inputs {info['inputs']}",
+                 "ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items())]
+        for t, c in info["coverage"].items():
+            lines.append(f"{t}: " + (c.get("unavailable") or ("all ops supported" if c["complete"]
+                                     else f"cannot take {', '.join(c['unsupported'])}")))
+        return "\n".join(lines)
+    m = info["manifest"]
+    lines = [f"artifact {info['artifact']} ({info['kind']}) step {m['step']} profile {m.get('profile')}",
+             f"payload {info['dir']}/{m['payload']}  verified: {info['verified']}"]
+    if info.get("kernels"):
+        def share(k: dict[str, Any]) -> str:
+            return f"{k['time_share']:.1%} ({k['us_per_run']} us)" if "time_share" in k else ""
+
+        lines += ["", table(["kernel", "origin", "detail", "time share"],
+                            [[k["name"], k["origin"], k.get("kernel", ""), share(k)] for k in info["kernels"]])]
+    return "\n".join(lines)

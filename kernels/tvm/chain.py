@@ -21,6 +21,7 @@ import numpy as np
 
 from kernels.tvm.gemv import KERNEL_NAME as GEMV_NAME
 from kernels.tvm.gemv import GemvParams, layer_macro
+from kernels.tvm.substitute import _const_array, _static_shape
 
 KERNEL_NAME = "gemv-chain-f32"
 MAX_CHAIN = 8  # layers one chain kernel takes (the PrimFunc below spells out each position)
@@ -109,7 +110,6 @@ def fuse_gemv_chains(mod: Any, max_kb: int) -> tuple[Any, list[dict[str, Any]]]:
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    from kernels.tvm.substitute import _const_array, _static_shape
 
     report: list[dict[str, Any]] = []
     if max_kb <= 0:

@@ -10,7 +10,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from toolchain.profile import Profile
+from targets.tvm.frontend import import_onnx, tvm_target
+from targets.tvm.inspect import kernel_table
+from targets.tvm.pipeline import pipeline
+from toolchain.core.profile import Profile
 
 
 def dense_onnx(weights: list[np.ndarray], biases: list[np.ndarray | None], relu: bool = True,
@@ -64,7 +67,6 @@ def build_vm(model: onnx.ModelProto, profile: Profile, substitute: bool = True) 
     import tvm
     from tvm import relax
 
-    from targets.tvm import import_onnx, kernel_table, pipeline, tvm_target
 
     mod = import_onnx(model)
     for name, step in pipeline(profile):

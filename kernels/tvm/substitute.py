@@ -47,7 +47,7 @@ class KernelConfig:
     @staticmethod
     def from_profile(profile: Any) -> KernelConfig:
         k = profile.kernels
-        return KernelConfig(gemv=k.gemv_variant != "generic", grouped=k.use_grouped_matmul, kan=k.use_fused_kan, lif=k.use_fused_lif,
+        return KernelConfig(gemv=k.use_gemv, grouped=k.use_grouped_matmul, kan=k.use_fused_kan, lif=k.use_fused_lif,
                             lif_layer_max_rows=k.lif_layer_max_rows,
                             lanes=k.vector_lanes, block_n=k.gemv_block_n,
                             unroll=k.unroll)

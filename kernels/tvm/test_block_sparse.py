@@ -8,7 +8,7 @@ import pytest
 
 from kernels.tvm.block_sparse import pack_block_sparse
 from kernels.tvm.harness import block_diagonal, build_vm, dense_onnx, with_kernels
-from toolchain.profile import load_profile
+from toolchain.core.profile import load_profile
 
 
 def test_pack_keeps_only_nonzero_rows() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels.tvm.harness import build_vm, dense_onnx, with_kernels
-from toolchain.profile import load_profile
+from toolchain.core.profile import load_profile
 
 
 def _mlp(dims: list[int], gemm: bool, seed: int = 0, rows: int = 1) -> tuple:

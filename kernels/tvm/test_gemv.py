@@ -9,7 +9,7 @@ import pytest
 
 from kernels.tvm.gemv import choose_block_n, pack_weight
 from kernels.tvm.harness import build_vm, dense_onnx, with_kernels
-from toolchain.profile import load_profile
+from toolchain.core.profile import load_profile
 
 
 def test_pack_weight_layout() -> None:
@@ -58,9 +58,9 @@ def test_gemv_matches_generic(profile_id: str, gemm: bool) -> None:
 def test_generic_variant_is_not_substituted() -> None:
     rng = np.random.default_rng(2)
     model = dense_onnx([rng.standard_normal((16, 8)).astype(np.float32)], [None])
-    _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), gemv_variant="generic"))
+    _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), use_gemv=False))
     assert [r["origin"] for r in table] == ["rule"]  # no hand-written kernel: the vector rule schedules it
-    _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), gemv_variant="generic", vector_rule=False))
+    _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), use_gemv=False, vector_rule=False))
     assert [r["origin"] for r in table] == ["generic"]
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kernels.tvm.harness import build_vm, with_kernels
-from toolchain.profile import load_profile
+from toolchain.core.profile import load_profile
 
 torch = pytest.importorskip("torch")
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from kernels.tvm.harness import build_vm, with_kernels
-from toolchain.profile import load_profile
+from toolchain.core.profile import load_profile
 
 
 def _conv_kan_block(seed: int = 0) -> onnx.ModelProto:

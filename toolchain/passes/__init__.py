@@ -10,11 +10,16 @@ import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 import onnx
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from toolchain.core.cache import Cache
+    from toolchain.core.profile import Profile
+    from toolchain.zoo.datasets import Dataset
 
 
 @dataclass
@@ -28,10 +33,10 @@ class PassResult:
 class PassContext:
     """What a pass may need beyond the model: the profile, calibration data, the cache."""
 
-    profile: Any = None  # toolchain.profile.Profile
-    cache: Any = None  # toolchain.cache.Cache
-    data: Any = None  # toolchain.zoo.datasets.Dataset (labelled, for calibration / accuracy control)
-    target: str = "ort"
+    profile: Profile | None = None
+    cache: Cache | None = None
+    data: Dataset | None = None  # labelled, for calibration / accuracy control
+    target: str = "ort"  # passes may choose forms for, or measure speed on, this target
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,11 @@ class PassSpec:
     module: str  # module defining CONFIG (dataclass type) and run(model, cfg, ctx) -> PassResult
     summary: str
     version: int = 1
+    measurable: bool = False  # its Config has ``only_if_faster``: keep a rewrite only where measured faster
+
+    def needs_data(self, cfg: Any) -> bool:
+        """Whether this configuration calibrates or controls accuracy on a labelled set."""
+        return bool(getattr(cfg, "needs_data", False))
 
     def config_class(self) -> type:
         return importlib.import_module(self.module).Config
@@ -52,12 +62,15 @@ REGISTRY: dict[str, PassSpec] = {
     "cleanup": PassSpec("cleanup", "toolchain.passes.cleanup",
                         "constant folding, dead-node removal, shape inference, fusion-friendly rewrites"),
     "prune": PassSpec("prune", "toolchain.passes.prune",
-                      "unstructured magnitude pruning to a density (global or per layer); no speed-up on ort"),
-    "nm": PassSpec("nm", "toolchain.passes.nm", "N:M (default 2:4) sparsity along the reduction dim, verified"),
+                      "unstructured magnitude pruning to a density (global or per layer); no speed-up on ort",
+                      measurable=True),
+    "nm": PassSpec("nm", "toolchain.passes.nm", "N:M (default 2:4) sparsity along the reduction dim, verified",
+                   measurable=True),
     "structured": PassSpec("structured", "toolchain.passes.structured",
-                           "neuron pruning that slices consecutive MatMul/Gemm weights (smaller, faster)"),
+                           "neuron pruning that slices consecutive MatMul/Gemm weights (smaller, faster)",
+                           measurable=True),
     "modular": PassSpec("modular", "toolchain.passes.modular",
-                        "lower block-sparse (G2GNet) MatMuls to gather + grouped matmul"),
+                        "lower block-sparse (G2GNet) MatMuls to gather + grouped matmul", measurable=True),
     "int8": PassSpec("int8", "toolchain.passes.int8",
                      "INT8 dynamic or static QDQ (per-channel, calibrated on real data) via onnxruntime.quantization"),
     "int8-auto": PassSpec("int8-auto", "toolchain.passes.int8_auto",

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from toolchain.errors import UsageError
-from toolchain.passes._graph import copy_model, dense_layers, get_weight, remove_initializer, set_initializer
+from toolchain.core.cache import Cache, StepKey
+from toolchain.core.errors import UsageError
+from toolchain.core.onnx_io import graph_inputs, input_specs, ort_session
+from toolchain.passes._graph import (
+    copy_model,
+    dense_layers,
+    get_weight,
+    remove_initializer,
+    set_initializer,
+)
 
 # Node names / metadata that mark family math that must stay fp32 by default: KAN basis evaluation,
 # spiking membrane / threshold. Only weight matmuls are ever quantized; this also spares weight matmuls
@@ -97,7 +105,6 @@ def gemm_to_matmul(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def input_feed_shape(model: onnx.ModelProto) -> tuple[str, tuple[int, ...]]:
-    from toolchain.onnx_io import input_specs
 
     specs = input_specs(model)
     if len(specs) != 1:
@@ -106,7 +113,6 @@ def input_feed_shape(model: onnx.ModelProto) -> tuple[str, tuple[int, ...]]:
 
 
 def dynamic_batch(model: onnx.ModelProto) -> bool:
-    from toolchain.onnx_io import graph_inputs
 
     d = graph_inputs(model)[0].type.tensor_type.shape.dim
     return bool(d) and not (d[0].HasField("dim_value") and d[0].dim_value > 0)
@@ -119,19 +125,10 @@ def batches(model: onnx.ModelProto, x: np.ndarray, bs: int = 256) -> list[dict[s
     return [{name: x[i:i + step]} for i in range(0, len(x) - len(x) % step or len(x), step)]
 
 
-def session(model: onnx.ModelProto, threads: int = 1) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def predict(model: onnx.ModelProto, x: np.ndarray, threads: int = 1, batch: int = 1) -> np.ndarray:
     """Logits for x, run ``batch`` samples at a time (default 1: dynamic int8 scales activations per call,
     so batch-1 evaluation is what a batch-1 deployment sees)."""
-    s = session(model, threads)
+    s = ort_session(model, threads)
     out = s.get_outputs()[0].name
     return np.concatenate([s.run([out], f)[0].reshape(len(next(iter(f.values()))), -1)
                            for f in batches(model, x, bs=batch)])
@@ -149,7 +146,6 @@ def calibration_ranges(model: onnx.ModelProto, data: Any, cache: Any, samples: i
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    from toolchain.cache import Cache, StepKey
 
     meth = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile}[method]

@@ -14,7 +14,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
+from toolchain.core.onnx_io import ort_session
+from toolchain.measure.timing import MeasureConfig, measure_interleaved
 
 # A sparse form must beat dense by this margin to be kept under only_if_faster: per-layer timings on a
 # shared machine wobble by a few percent, and a tie is not worth the accuracy risk.
@@ -50,15 +52,17 @@ def single_layer_model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto
 
 
 class _Sess:
-    def __init__(self, model: onnx.ModelProto, threads: int) -> None:
-        import onnxruntime as ort
+    """A single-layer model on ONNX Runtime, as a runner (a context manager with ``infer``)."""
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        self.sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    def __init__(self, model: onnx.ModelProto, threads: int) -> None:
+        self.sess = ort_session(model, threads)
         self.outs = [o.name for o in self.sess.get_outputs()]
+
+    def __enter__(self) -> _Sess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
     def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sess.run(self.outs, feed)
@@ -67,12 +71,12 @@ class _Sess:
 def time_pair(dense: onnx.ModelProto, sparse: onnx.ModelProto, in_name: str, in_dim: int, threads: int = 1,
               duration_s: float = 0.4) -> Timing:
     """p50 of both single-layer models at batch 1, interleaved so machine noise hits both alike."""
-    from toolchain.bench import measure_interleaved
 
     feed = {in_name: np.random.default_rng(0).standard_normal((1, in_dim)).astype(np.float32)}
-    runs: dict[str, tuple[Any, dict[str, np.ndarray]]] = {"dense": (_Sess(dense, threads), feed),
-                                                          "sparse": (_Sess(sparse, threads), feed)}
-    st = measure_interleaved(runs, warmup_s=0.05, duration_s=duration_s, min_runs=100, rounds=6, threads=threads)
+    sessions = {"dense": _Sess(dense, threads), "sparse": _Sess(sparse, threads)}
+    cfg = MeasureConfig(duration_s=duration_s, min_runs=100, rounds=6, round_gap_s=0.0, warmup_max_s=0.3,
+                        threads=threads, rerun_unstable=False)
+    st = measure_interleaved({k: (lambda s=s: s, feed) for k, s in sessions.items()}, cfg)
     return Timing(st["dense"].p50_ms * 1000, st["sparse"].p50_ms * 1000)
 
 

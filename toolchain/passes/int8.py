@@ -19,10 +19,16 @@ from typing import Any
 import onnx
 
 from toolchain.passes import PassContext, PassResult
-from toolchain.passes._quant import (
-    calibration_ranges, candidates, check_weight_ops, gemm_to_matmul, name_nodes, require_data, weight_bits_report,
-)
 from toolchain.passes._graph import copy_model
+from toolchain.passes._quant import (
+    calibration_ranges,
+    candidates,
+    check_weight_ops,
+    gemm_to_matmul,
+    name_nodes,
+    require_data,
+    weight_bits_report,
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ def _quiet() -> Iterator[None]:
 def reduce_range_for(ctx: PassContext) -> bool:
     prof = ctx.profile
     return bool(prof is not None and getattr(prof.cpu, "arch", "") == "x86_64"
-                and getattr(prof.cpu, "int8_dot", "") not in ("vnni", "amx"))
+                and prof.cpu.int8_dot != "vnni")
 
 
 def prepare(model: onnx.ModelProto, mode: str, nodes: list[str]) -> onnx.ModelProto:
@@ -71,7 +77,13 @@ def prepare(model: onnx.ModelProto, mode: str, nodes: list[str]) -> onnx.ModelPr
 def quantize(model: onnx.ModelProto, mode: str, nodes: list[str], per_channel: bool, reduce_range: bool,
              calib: Path | None = None, calib_method: str = "minmax") -> onnx.ModelProto:
     """The model with exactly ``nodes`` quantized (``model`` already went through ``prepare``)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     if not nodes:  # ORT reads an empty selection as "everything"
         return copy_model(model)

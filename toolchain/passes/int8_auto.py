@@ -18,7 +18,13 @@ import onnx
 from toolchain.passes import PassContext, PassResult
 from toolchain.passes._graph import copy_model
 from toolchain.passes._quant import (
-    accuracy, calibration_ranges, candidates, check_weight_ops, name_nodes, require_data, weight_bits_report,
+    accuracy,
+    calibration_ranges,
+    candidates,
+    check_weight_ops,
+    name_nodes,
+    require_data,
+    weight_bits_report,
 )
 from toolchain.passes.int8 import prepare, quantize, reduce_range_for
 

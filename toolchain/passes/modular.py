@@ -29,13 +29,22 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from toolchain.onnx_io import fix_batch
+from toolchain.core.onnx_io import fix_batch
 from toolchain.passes import PassContext, PassResult
 from toolchain.passes._graph import (
-    DenseLayer, consumers, copy_model, get_weight, initializers, remove_initializer, require_layers, select,
-    set_initializer, set_weight,
+    DenseLayer,
+    consumers,
+    copy_model,
+    get_weight,
+    initializers,
+    remove_initializer,
+    require_layers,
+    select,
+    set_initializer,
+    set_weight,
 )
 from toolchain.passes._speed import check_target, measure_into, single_layer_model
+from toolchain.passes.structured import find_chains
 
 
 @dataclass(frozen=True)
@@ -196,7 +205,6 @@ def _fold_permutations(model: onnx.ModelProto, plans: list[tuple[DenseLayer, Blo
     """Where a regrouped layer feeds (bias, elementwise activations) exactly one next dense layer, leave
     its outputs in group order and permute the bias and the next layer's inputs instead: no un-permute
     Gather at run time. Edits ``model``'s initializers in place."""
-    from toolchain.passes.structured import find_chains
 
     chains = {c.a.node.output[0]: c for c in find_chains(model)}
     uses = consumers(model)

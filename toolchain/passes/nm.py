@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from toolchain.errors import GateFailure
+from toolchain.core.errors import GateFailure
 from toolchain.passes import PassContext, PassResult
 from toolchain.passes._graph import copy_model, get_weight, require_layers, select, set_weight
 from toolchain.passes._speed import check_target, measure_into

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 from toolchain.passes import PassContext, PassResult
 from toolchain.passes._graph import copy_model, get_weight, require_layers, select, set_weight
 from toolchain.passes._speed import check_target, measure_into, single_layer_model

@@ -17,10 +17,23 @@ from onnx import helper, numpy_helper
 
 from toolchain.passes import PassContext, PassResult
 from toolchain.passes._graph import (
-    DenseLayer, consumers, copy_model, dense_layers, get_weight, initializers, require_layers, set_initializer,
+    DenseLayer,
+    consumers,
+    copy_model,
+    dense_layers,
+    get_weight,
+    initializers,
+    require_layers,
+    set_initializer,
     set_weight,
 )
-from toolchain.passes._speed import MIN_GAIN, check_target, single_layer_model, threads_of, time_pair
+from toolchain.passes._speed import (
+    MIN_GAIN,
+    check_target,
+    single_layer_model,
+    threads_of,
+    time_pair,
+)
 
 # Per-neuron ops: slicing neurons before them is the same as slicing after.
 ELEMENTWISE = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Gelu", "Elu", "Selu", "Softplus", "HardSigmoid",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import InfraError, UsageError
+from toolchain.core.errors import InfraError, UsageError
 
 FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_CLASSES = (

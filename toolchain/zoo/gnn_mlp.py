@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 from toolchain.zoo import TrainContext, ZooEntry
 
 NUM_FEATURES = {"cora": 1433, "citeseer": 3703}
@@ -171,7 +171,7 @@ def train_teacher(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]
 
 def teacher_logits(recipe: Mapping[str, Any], ctx: TrainContext) -> tuple[torch.Tensor, dict[str, Any]]:
     """The cached teacher's logits on every node (trains it once into the active cache if needed)."""
-    from toolchain.cli_support import get_cache
+    from toolchain.cli import get_cache
     from toolchain.zoo.trained import load_trained
 
     # The student's recipe carries the teacher's, so it alone keys both cached weights.

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 from toolchain.zoo import TrainContext, ZooEntry
 from toolchain.zoo.training import evaluate, seed_everything
 
@@ -162,7 +162,7 @@ def assemble(task_classes: Sequence[int], sparsity: float, net: Supernet | None 
     Uses the cached default supernet (trained once into the active cache) unless ``net`` is given."""
     if net is None:
         if "default" not in _SUPERNET:
-            from toolchain.cli_support import get_cache
+            from toolchain.cli import get_cache
             from toolchain.zoo.trained import load_trained
 
             sn, *_ = load_trained(SUPERNET_ENTRY, get_cache(), progress=False)
@@ -209,7 +209,7 @@ def _generated_entry(task_name: str, sparsity: float) -> ZooEntry:
 
     def train(model: nn.Module, ctx: TrainContext, r: Mapping[str, Any]) -> dict[str, Any]:
         # No training: materialise from the cached supernet and copy the weights in.
-        from toolchain.cli_support import get_cache
+        from toolchain.cli import get_cache
         from toolchain.zoo.trained import load_trained
 
         sn, *_ = load_trained(SUPERNET_ENTRY, get_cache(), seed=ctx.seed, progress=ctx.progress)

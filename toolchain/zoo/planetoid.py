@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 from toolchain.zoo.datasets import Dataset
 
 PARTS = ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")

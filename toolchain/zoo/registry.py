@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 from toolchain.zoo import ZooEntry
 
 # Family modules, each exporting ENTRIES: tuple[ZooEntry, ...]. Imported lazily (they import torch).

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from toolchain.cache import Artifact, Cache, StepKey
+from toolchain.core.cache import Artifact, Cache, StepKey
 from toolchain.zoo import TrainContext, ZooEntry
 from toolchain.zoo.datasets import Dataset, load_dataset
 
@@ -18,7 +18,7 @@ def load_state_dict_safely(path: Path) -> dict[str, Any]:
     """Weights only: never unpickle arbitrary objects from a checkpoint."""
     import torch
 
-    from toolchain.errors import UsageError
+    from toolchain.core.errors import UsageError
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from toolchain.report import markdown_table, write_atomic
+from toolchain.core.text import markdown_table, write_atomic
 
 
 def junit(rep: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""Shared CLI plumbing: error handling, JSON/human output, common options. Used by cli.py and
-every command module in toolchain/commands/."""
+"""Shared CLI plumbing: error handling, JSON/human output, common options. Used by cli.py and every verb
+group in toolchain/cli/."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from toolchain.errors import EdgecError
+from toolchain.core.cache import Cache
+from toolchain.core.errors import EdgecError
 
 STATE: dict[str, Any] = {"verbose": False, "cache_dir": None}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -23,9 +24,13 @@ DataDirOpt = Annotated[
 ]
 
 
-def get_cache():  # -> Cache
-    from toolchain.cache import Cache
+TokenOpt = Annotated[str | None, typer.Option("--token", help="Device token (default $EDGEC_DEVICE_TOKEN).")]
+TrackerOpt = Annotated[str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker: run on a device.")]
+KeyOpt = Annotated[str | None, typer.Option("--key", help="Device key at the tracker (with --tracker).")]
 
+
+def get_cache() -> Cache:
+    """The cache of this invocation: --cache-dir, else $EDGEC_CACHE, else ~/.cache/edgec."""
     return Cache(STATE["cache_dir"])
 
 

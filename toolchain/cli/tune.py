@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from toolchain.cli_support import JsonOpt, ProfileOpt, emit, get_cache, handled
+from targets.base import CompileOptions, TuneOptions
+from toolchain import api
+from toolchain.cli.common import (
+    JsonOpt,
+    ProfileOpt,
+    emit,
+    get_cache,
+    handled,
+)
+from toolchain.core.profile import load_profile
 
 
 def register(app: typer.Typer) -> None:
@@ -31,17 +40,13 @@ def register(app: typer.Typer) -> None:
 
         Remote device (e.g. --profile rpi5): run 'edgec device serve --tracker HOST:PORT --key K' there,
         then pass --tracker HOST:PORT --key K --token T here. Candidates are built here and timed there."""
-        from toolchain import api
-        from toolchain.export import import_onnx_file
-        from toolchain.profile import load_profile
-        from toolchain.tuning import tuning_scope
 
         cache = get_cache()
         prof = load_profile(profile)
-        art, _ = import_onnx_file(model, cache)
-        with tuning_scope(trials, progress=not as_json, tracker=tracker, device_key=key, token=token,
-                          trials_per_batch=batch):
-            out, hit = api.compile(art, prof, "tvm", cache)
+        art, _ = api.import_onnx(model, cache=cache)
+        tune = TuneOptions(trials=trials, trials_per_batch=batch, tracker=tracker, device_key=key, token=token,
+                           progress=not as_json)
+        out, hit = api.compile(art, profile=prof, target="tvm", cache=cache, options=CompileOptions(tune=tune))
         meta = out.meta
         data = {"artifact": out.key, "cache_hit": hit, "profile": prof.id, "tuning": meta.get("tuning"),
                 "naive_after_tuning": meta.get("naive_after_tuning", []), "naive": meta.get("naive", []),

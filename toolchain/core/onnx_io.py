@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 
 _NP_TYPES = {
     TensorProto.FLOAT: np.float32,
@@ -75,13 +76,6 @@ def load_onnx(path: Path | str, check: bool = True) -> onnx.ModelProto:
     return model
 
 
-def model_from_bytes(data: bytes, where: str) -> onnx.ModelProto:
-    try:
-        return onnx.load_from_string(data)
-    except Exception as e:
-        raise UsageError(f"{where} is not a valid ONNX model ({type(e).__name__})") from None
-
-
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inits = {i.name for i in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in inits]
@@ -109,24 +103,6 @@ def input_specs(model: onnx.ModelProto, batch: int = 1) -> list[TensorSpec]:
     return specs
 
 
-def output_names(model: onnx.ModelProto) -> list[str]:
-    return [o.name for o in model.graph.output]
-
-
-def random_feed(specs: list[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for s in specs:
-        dt = np.dtype(s.dtype)
-        if np.issubdtype(dt, np.floating):
-            feed[s.name] = rng.standard_normal(s.shape).astype(dt)
-        elif dt == np.bool_:
-            feed[s.name] = rng.integers(0, 2, s.shape).astype(bool)
-        else:
-            feed[s.name] = rng.integers(0, 10, s.shape).astype(dt)
-    return feed
-
-
 def fix_batch(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
     """A copy whose dynamic leading input dims are pinned to ``batch`` (edge targets want static shapes)."""
     m = onnx.ModelProto()
@@ -148,3 +124,22 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     for n in model.graph.node:
         hist[n.op_type] = hist.get(n.op_type, 0) + 1
     return dict(sorted(hist.items(), key=lambda kv: -kv[1]))
+
+
+def ort_session(model: onnx.ModelProto | Path | str | bytes, threads: int = 1, *,
+                optimized_out: Path | None = None) -> Any:
+    """The one way edgec opens an ONNX Runtime CPU session: quiet logs, ``threads`` intra-op threads, one
+    inter-op thread, every graph optimization. ``model``: a ModelProto, serialized bytes, or a path. With
+    ``optimized_out`` the optimized graph is saved there (extended level: free of machine-specific layout ops)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_out is not None:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(optimized_out)
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(src if isinstance(src, bytes) else str(src), so, providers=["CPUExecutionProvider"])

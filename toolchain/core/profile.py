@@ -6,13 +6,14 @@ falls back to a default.
 
 from __future__ import annotations
 
+import platform
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import profiles as _profiles_pkg
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 
 PROFILE_DIR = Path(_profiles_pkg.__file__).parent
 
@@ -26,7 +27,7 @@ class CpuSpec:
     mcpu: str  # LLVM CPU name, e.g. "znver4", "cortex-a76"
     mattr: tuple[str, ...] = ()
     num_cores: int = 1
-    vector_bits: int = 128  # SIMD register width: 512 AVX-512, 256 AVX2, 128 NEON
+    vector_bits: int = 128  # SIMD register width: 512 AVX-512, 256 AVX2, 128 NEON (bounds kernels.vector_lanes)
     int8_dot: str = "none"  # "vnni" | "sdot" | "none": the int8 dot-product instruction, if any
     cross_cc: str | None = None  # C compiler that links a shared library for this CPU, when not the host's
 
@@ -36,10 +37,9 @@ class GpuSpec:
     """An NVIDIA GPU reached through TensorRT."""
 
     name: str
-    sm: int  # compute capability, e.g. 87 for Orin
-    memory_mb: int
+    sm: int  # compute capability, e.g. 87 for Orin: part of a TensorRT engine's key (engines are per GPU)
+    memory_mb: int  # bounds TensorRT's builder workspace (a quarter of it)
     fp16: bool = True
-    int8: bool = True
     sparse_tensor_cores: bool = False
 
 
@@ -47,8 +47,8 @@ class GpuSpec:
 class KernelSpec:
     """Which hand-tuned kernel variants suit this device, and their tile/vector parameters."""
 
-    gemv_variant: str = "generic"  # e.g. "avx512-packed", "avx2-packed", "neon-packed"
-    vector_lanes: int = 4  # fp32 lanes per vector register
+    use_gemv: bool = True  # batch-1 dense layers as the packed GEMV (kernels/tvm/gemv.py)
+    vector_lanes: int = 4  # fp32 lanes per vector register: a power of two, at most cpu.vector_bits / 32
     gemv_block_n: int = 32  # output rows per packed block
     # A run of dense layers whose packed weights total at most this many KB becomes one kernel
     # (kernels/tvm/chain.py: saves the per-layer VM dispatch of tiny MLPs); 0 turns it off.
@@ -103,8 +103,6 @@ class Profile:
     @property
     def is_host_native(self) -> bool:
         """True when code built for this profile can run on this machine."""
-        import platform
-
         return self.cpu.arch == platform.machine() and self.cpu.cross_cc is None
 
     def tvm_target(self) -> dict[str, Any]:
@@ -198,6 +196,13 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         raise UsageError(f"{where}: target 'tensorrt' needs a [gpu] table")
     if prof.cpu.num_cores < 1 or prof.bench.threads < 1:
         raise UsageError(f"{where}: 'cpu.num_cores' and 'bench.threads' must be at least 1")
+    lanes, max_lanes = prof.kernels.vector_lanes, prof.cpu.vector_bits // 32
+    if lanes < 1 or lanes & (lanes - 1) or lanes > max_lanes:
+        raise UsageError(f"{where}: 'kernels.vector_lanes' = {lanes} must be a power of two of at most "
+                         f"cpu.vector_bits / 32 = {max_lanes}")
+    if (prof.os == "android") != ("android" in prof.cpu.mtriple):
+        raise UsageError(f"{where}: 'os' = {prof.os!r} does not match 'cpu.mtriple' = {prof.cpu.mtriple!r}; "
+                         "Android profiles use an *-linux-android triple and os = \"android\"")
     return prof
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
 
 QUANTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0}
 

@@ -8,117 +8,27 @@ only the first successful result per artifact is kept, so none is lost or duplic
 
 from __future__ import annotations
 
+import base64
 import json
 import queue
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from toolchain.errors import InfraError, UsageError
-from toolchain.remote_server import KIND_FUNCS, mac
+from toolchain.core.errors import InfraError, UsageError
+from toolchain.device.protocol import KIND_FUNCS, DeviceLost, RemoteSpec
+from toolchain.device.session import devices, open_session
+from toolchain.measure.job import BenchJob, assemble
 
 Event = Callable[[str, str, str], None]  # (event, artifact key, device address)
 
 
-@dataclass(frozen=True)
-class RemoteSpec:
-    """Where the devices are and how long to wait for them."""
-
-    tracker_host: str
-    tracker_port: int
-    key: str
-    token: str
-    request_timeout_s: float = 120.0  # waiting for a free device (all busy or all gone)
-    session_timeout_s: float = 0.0  # 0: the device never kills a session on its own
-    max_attempts: int = 3  # per artifact, across devices
-
-    @staticmethod
-    def parse(tracker: str, key: str, token: str | None, **kw: Any) -> RemoteSpec:
-        host, _, port = tracker.rpartition(":")
-        if not host or not port.isdigit():
-            raise UsageError(f"--tracker {tracker!r} must be HOST:PORT, e.g. 127.0.0.1:9190")
-        if not token:
-            raise UsageError("remote bench needs the device token; pass --token or set EDGEC_DEVICE_TOKEN")
-        return RemoteSpec(host, int(port), key, token, **kw)
-
-
-class DeviceLost(Exception):
-    """The connection to a device broke (it stopped, crashed or the network dropped)."""
-
-
-def _tracker_call(spec: RemoteSpec, msg: list[Any], timeout: float) -> Any:
-    from tvm.rpc import base
-
-    try:
-        sock = socket.create_connection((spec.tracker_host, spec.tracker_port), timeout=min(timeout, 10.0))
-    except OSError as e:
-        raise InfraError(f"cannot reach the RPC tracker at {spec.tracker_host}:{spec.tracker_port} ({e}); "
-                         "start it with 'python -m tvm.exec.rpc_tracker' or fix --tracker") from None
-    try:
-        sock.settimeout(timeout)
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
-            raise InfraError(f"{spec.tracker_host}:{spec.tracker_port} is not a TVM RPC tracker; fix --tracker")
-        base.sendjson(sock, msg)
-        return base.recvjson(sock)
-    except TimeoutError:
-        raise InfraError(f"no device with key {spec.key!r} became free within {timeout:.0f} s; "
-                         "start one with 'edgec device serve' or raise the timeout") from None
-    finally:
-        sock.close()
-
-
-def devices(spec: RemoteSpec) -> list[str]:
-    """Addresses of the servers registered under ``spec.key``."""
-    from tvm.rpc import base
-
-    info = _tracker_call(spec, [base.TrackerCode.SUMMARY], 10.0)
-    servers = info[1]["server_info"] if isinstance(info, list) else info.get("server_info", [])
-    return [f"{s['addr'][0]}:{s['addr'][1]}" for s in servers if s.get("key") == "server:" + spec.key]
-
-
-def open_session(spec: RemoteSpec) -> tuple[Any, str]:
-    """(authenticated RPC session, device address). Raises InfraError when no device comes, UsageError
-    when the device refuses the token."""
-    from tvm import rpc
-    from tvm.rpc import base
-
-    value = _tracker_call(spec, [base.TrackerCode.REQUEST, spec.key, "", 1], spec.request_timeout_s)
-    if value[0] != base.TrackerCode.SUCCESS:
-        raise InfraError(f"tracker refused the request for key {spec.key!r}: {value}")
-    host, port, matchkey = value[1]
-    addr = f"{host}:{port}"
-    try:
-        sess = rpc.connect(host, port, matchkey, spec.session_timeout_s)
-    except Exception as e:
-        raise DeviceLost(f"{addr}: {e}") from None
-    authenticate(sess, spec.token, addr)
-    return sess, addr
-
-
-def authenticate(sess: Any, token: str, addr: str = "device") -> None:
-    try:
-        nonce = sess.get_function("edgec.challenge")()
-    except Exception as e:
-        raise UsageError(f"{addr} is not an edgec device server (no edgec.challenge: {str(e)[:120]}); "
-                         "start it with 'edgec device serve'") from None
-    try:
-        sess.get_function("edgec.auth")(mac(token, str(nonce)))
-    except Exception:
-        raise UsageError(f"device {addr} refused the token; pass the token it was started with "
-                         "(--token or EDGEC_DEVICE_TOKEN)") from None
-
-
-def run_job(sess: Any, job: Any) -> dict[str, Any]:
+def run_job(sess: Any, job: BenchJob) -> dict[str, Any]:
     """Upload the job's artifact, run the device's bench function, decode the result."""
-    import base64
-
     kind = job.art.kind
     fname = KIND_FUNCS.get(kind)
     if fname is None:
@@ -147,17 +57,15 @@ def run_job(sess: Any, job: Any) -> dict[str, Any]:
     return dev
 
 
-def bench_many(jobs: list[Any], spec: RemoteSpec, on_event: Event | None = None) -> dict[str, dict[str, Any]]:
+def bench_many(jobs: list[BenchJob], spec: RemoteSpec, on_event: Event | None = None) -> dict[str, dict[str, Any]]:
     """Benchmark every job on the devices registered under ``spec.key``; {artifact key: result}."""
-    from toolchain.bench import assemble
-
     if not jobs:
         return {}
     n_dev = len(devices(spec))
     if n_dev == 0:
         raise InfraError(f"no device registered with key {spec.key!r} at tracker "
                          f"{spec.tracker_host}:{spec.tracker_port}; start one with 'edgec device serve'")
-    work: queue.Queue[tuple[Any, int]] = queue.Queue()
+    work: queue.Queue[tuple[BenchJob, int]] = queue.Queue()
     for j in jobs:
         work.put((j, 0))
     results: dict[str, dict[str, Any]] = {}

@@ -1,12 +1,10 @@
 """MetaSchedule tuning for the TVM target: a persistent database per profile, resumable, in its own process.
 
-- Database: ``<cache>/tuning/<profile>/database_{workload,tuning_record}.json`` (MetaSchedule's
-  JSONDatabase). Records are keyed by workload (the fused PrimFunc's structure), so a layer tuned for
-  one model is reused by every model with the same layer shape.
+- Database: one per profile (``targets.tvm.database``), shared by every model with the same layers.
 - Resumable: MetaSchedule appends each measured batch (``num_trials_per_iter`` candidates) to the JSON
   files as it is committed; a killed run loses at most the batch in flight. A rerun counts the valid
   records already there per task and only tunes what is still short of its budget.
-- Isolation: ``tune`` runs ``python -m toolchain.tuning`` in a child process that never imports torch
+- Isolation: ``tune`` runs ``python -m targets.tvm.tuning`` in a child process that never imports torch
   (tuning spawns builder workers; torch's thread pools and signal handlers do not mix with them) and
   reads its JSON progress lines into a progress bar.
 - Builder timeouts: a busy machine made the default 30 s LocalBuilder time out and store every trial as
@@ -24,18 +22,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import EdgecError, GateFailure, InfraError, SdkMissing, UsageError
+import onnx
+
+from kernels.tvm.vector_rule import covers_fully, schedule_naive
+from targets.base import TuneOptions
+from targets.tvm.database import apply_database, naive_kernels, open_database
+from targets.tvm.frontend import import_onnx, tvm_target
+from targets.tvm.pipeline import pipeline
+from toolchain.core.cache import Artifact, Cache, StepKey
+from toolchain.core.errors import EdgecError, GateFailure, InfraError, SdkMissing, UsageError
+from toolchain.core.profile import Profile, load_profile
+from toolchain.device.protocol import TOKEN_ENV, DeviceLost, RemoteSpec, token_from_env
+from toolchain.device.session import open_session
 
 FAILED_LATENCY_S = 1e9  # MetaSchedule stores failed candidates with run_secs of 1e10
 
@@ -75,50 +85,29 @@ class TuneConfig:
         """The config without the token: what goes on a command line, into JSON and into reports."""
         return {k: v for k, v in asdict(self).items() if k != "token"}
 
-    def remote_spec(self) -> Any:
-        """The toolchain.remote.RemoteSpec of the device to measure on (None: measure locally)."""
+    @staticmethod
+    def from_options(opts: TuneOptions) -> TuneConfig | None:
+        """The tuning a compile's options ask for (None: no tuning at all)."""
+        if opts.trials is not None and opts.trials < 0:
+            raise UsageError(f"--tune-trials must be >= 0, got {opts.trials}")
+        if opts.trials == 0:
+            return None
+        return TuneConfig(trials=opts.trials or 0, tracker=opts.tracker, device_key=opts.device_key,
+                          token=opts.token, trials_per_batch=opts.trials_per_batch, auto=opts.trials is None)
+
+    def remote_spec(self) -> RemoteSpec | None:
+        """The device to measure on (None: measure locally)."""
         if self.tracker is None or self.device_key is None:
             return None
-        from toolchain.remote import RemoteSpec
-        from toolchain.remote_server import TOKEN_ENV
-
-        token = self.token or os.environ.get(TOKEN_ENV)
+        token = token_from_env(self.token)
         if not token:
             raise UsageError(f"remote tuning needs the device token; pass --token or set {TOKEN_ENV}")
         return RemoteSpec.parse(self.tracker, self.device_key, token, request_timeout_s=self.runner_timeout_s,
                                 session_timeout_s=self.runner_timeout_s)
 
 
-def database_dir(cache_root: Path, profile_id: str) -> Path:
-    return Path(cache_root) / "tuning" / profile_id
-
-
-def database_digest(db_dir: Path) -> str:
-    """Content hash of a database: a tuned build's cache key changes when the database does."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in ("database_workload.json", "database_tuning_record.json"):
-        p = db_dir / name
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _open_db(db_dir: Path) -> Any:
-    from tvm.s_tir import meta_schedule as ms
-
-    db_dir.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(str(db_dir / "database_workload.json"),
-                                    str(db_dir / "database_tuning_record.json"), allow_missing=True)
-
-
-def tunable_module(model_path: Path, profile: Any) -> Any:
+def tunable_module(model_path: Path, profile: Profile) -> Any:
     """The module tuning sees: the TVM pipeline up to fusion (hand-written kernels already in place)."""
-    import onnx
-
-    from targets.tvm import import_onnx, pipeline
-
     mod = import_onnx(onnx.load(str(model_path)))
     for name, step in pipeline(profile):
         mod = step(mod)
@@ -147,14 +136,12 @@ def worth_tuning(func: Any, min_mflops: float, rule_lanes: int | None) -> tuple[
     if mflops < min_mflops:
         return False, mflops
     if rule_lanes is not None:
-        from kernels.tvm.vector_rule import covers_fully
-
         if covers_fully(func, rule_lanes):
             return False, mflops
     return True, mflops
 
 
-def _rule_lanes(profile: Any) -> int | None:
+def _rule_lanes(profile: Profile) -> int | None:
     return profile.kernels.vector_lanes if profile.kernels.vector_rule else None
 
 
@@ -166,7 +153,7 @@ def heavy_naive_kernels(mod: Any, min_mflops: float, rule_lanes: int | None = No
     return sorted([(n, m) for n, (worth, m) in work if worth], key=lambda t: -t[1])
 
 
-def auto_trials(model_path: Path, profile: Any) -> tuple[int, list[tuple[str, float]]]:
+def auto_trials(model_path: Path, profile: Profile) -> tuple[int, list[tuple[str, float]]]:
     """The default tuning budget for this model on this profile: (trials, the heavy naive kernels that
     call for them). 0 trials where hand-written kernels (and the vector rule) cover every heavy layer."""
     heavy = heavy_naive_kernels(tunable_module(model_path, profile), profile.tuning.auto_min_mflops,
@@ -189,16 +176,14 @@ def _valid_records(db: Any, mod: Any) -> int:
     return ok
 
 
-def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) -> dict[str, Any]:
+def run_tuning(model_path: Path, profile: Profile, cfg: TuneConfig, db_dir: Path) -> dict[str, Any]:
     """Tune in THIS process (the child); prints JSON progress lines to stdout."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from targets.tvm import tvm_target
-
     target = tvm_target(profile)
     mod = tunable_module(model_path, profile)
-    db = _open_db(db_dir)
+    db = open_database(db_dir)
     extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
                  if not _is_hand_written(t.dispatched[0])]
     light: list[Any] = []
@@ -247,7 +232,7 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
                 rpc_config=ms.runner.RPCConfig(tracker_host=spec.tracker_host, tracker_port=spec.tracker_port,
                                                tracker_key=spec.key, session_timeout_sec=int(cfg.runner_timeout_s)),
                 # By reference (this file runs as __main__ in the child): the worker imports toolchain.tuning.
-                f_create_session=importlib.import_module("toolchain.tuning")._create_session)
+                f_create_session=importlib.import_module("targets.tvm.tuning")._create_session)
         else:
             runner = ms.runner.LocalRunner(timeout_sec=cfg.runner_timeout_s)
         ms.tune.tune_tasks(
@@ -262,8 +247,6 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
                          f"fix that and rerun to resume from {db_dir}")
     applied = apply_database(mod, target, db_dir)
     if profile.kernels.vector_rule:  # as the compile does: what tuning left, the rule schedules
-        from kernels.tvm.vector_rule import schedule_naive
-
         applied = schedule_naive(applied, profile.kernels.vector_lanes)[0]
     naive = naive_kernels(applied)
     result = {"event": "done", "tasks": len(extracted), "tuned_tasks": len(todo), "measured": stats["measured"],
@@ -274,11 +257,9 @@ def run_tuning(model_path: Path, profile: Any, cfg: TuneConfig, db_dir: Path) ->
     return result
 
 
-def _preflight(spec: Any) -> str:
+def _preflight(spec: RemoteSpec) -> str:
     """Open one authenticated session before building anything: a wrong tracker, key or token fails
     now with edgec's one-line error instead of as N failed candidates. Returns the device address."""
-    from toolchain.remote import DeviceLost, open_session
-
     try:
         sess, addr = open_session(spec)
     except DeviceLost as e:
@@ -291,9 +272,6 @@ def _preflight(spec: Any) -> str:
 def _create_session(rpc_config: Any) -> Any:
     """RPCRunner's ``f_create_session``: a tracker session on an edgec device, token handshake done.
     Runs in MetaSchedule's runner worker process, which inherits $EDGEC_DEVICE_TOKEN from the tuning child."""
-    from toolchain.remote import RemoteSpec, open_session
-    from toolchain.remote_server import TOKEN_ENV
-
     timeout = float(rpc_config.session_timeout_sec or 60)
     spec = RemoteSpec(rpc_config.tracker_host, int(rpc_config.tracker_port), rpc_config.tracker_key,
                       os.environ.get(TOKEN_ENV, ""), request_timeout_s=timeout, session_timeout_s=timeout)
@@ -305,7 +283,7 @@ def _last_line(msg: str) -> str:
     return (lines[-1] if lines else "no message")[:200]
 
 
-def _builder(profile: Any, cfg: TuneConfig) -> Any:
+def _builder(profile: Profile, cfg: TuneConfig) -> Any:
     """LocalBuilder with a long timeout. For a remote device (a tracker) or a cross profile, every
     candidate is linked into a shared library HERE (with the profile's cross compiler for ARM) so the
     device loads it without a compiler; MetaSchedule's default exports a .tar the loader must link."""
@@ -342,28 +320,6 @@ def _is_hand_written(mod: Any) -> bool:
                for f in mod.functions.values())
 
 
-def apply_database(mod: Any, target: Any, db_dir: Path) -> Any:
-    """``mod`` with every PrimFunc the database has a schedule for replaced by its best schedule."""
-    from tvm import relax
-
-    db = _open_db(db_dir)
-    with target, db:
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-
-
-def naive_kernels(mod: Any) -> list[str]:
-    """PrimFuncs left unscheduled (no hand-written kernel, no tuned schedule): they run naive loops."""
-    import tvm
-
-    out = []
-    for gv, f in mod.functions.items():
-        if isinstance(f, tvm.tirx.PrimFunc):
-            attrs = f.attrs or {}
-            if not bool(attrs.get("tirx.is_scheduled", False)):
-                out.append(gv.name_hint)
-    return sorted(out)
-
-
 def _emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, default=str), flush=True)
 
@@ -372,14 +328,12 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
     """Run tuning in a child process (no torch there) with a progress bar; returns its summary."""
     if cfg.trials == 0:
         return {"event": "done", "measured": 0, "failed": 0, "naive": [], "database": str(db_dir)}
-    from toolchain.remote_server import TOKEN_ENV
-
     spec = cfg.remote_spec()  # bad --tracker / missing token: a UsageError before anything starts
     device = _preflight(spec) if spec is not None else None  # wrong key/token: fails in seconds, not N trials
-    cmd = [sys.executable, "-m", "toolchain.tuning", "--model", str(model_path), "--profile", profile_id,
+    cmd = [sys.executable, "-m", "targets.tvm.tuning", "--model", str(model_path), "--profile", profile_id,
            "--db", str(db_dir), "--config", json.dumps(cfg.public())]
-    root = str(Path(__file__).resolve().parent.parent)
-    # The runner workers import toolchain.tuning (f_create_session): the repo root must be importable.
+    root = str(Path(__file__).resolve().parents[2])
+    # The runner workers import targets.tvm.tuning (f_create_session): the repo root must be importable.
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     if spec is not None:
@@ -427,40 +381,66 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
     return result
 
 
+
+def tune_once(art: Artifact, profile: Profile, tcfg: TuneConfig, db: Path, cache: Cache,
+              progress: bool = True) -> dict[str, Any]:
+    """Tune, unless this model already ran this budget to completion against this database. The
+    database only grows, so a finished run stays finished; a cached marker records it, with the size of
+    the records file then (a deleted or truncated database tunes again). Without the marker every
+    compile of a tuned model started the tuning process just to find nothing left to do."""
+    records = db / "database_tuning_record.json"
+    size = records.stat().st_size if records.is_file() else 0
+    run_cfg = {k: v for k, v in tcfg.public().items() if k not in ("builder_timeout_s", "runner_timeout_s")}
+    sk = StepKey("tvm-tuning-run", (art.key,), run_cfg, 1, profile.id)
+    done = cache.get(sk.digest())
+    if done is not None and size >= int(done.meta["records_bytes"]):
+        return {**done.meta["summary"], "measured": 0, "skipped": "this budget already ran for this model"}
+    if done is not None:
+        shutil.rmtree(done.dir, ignore_errors=True)  # stale: the database lost records since
+    summary = tune(art.payload, profile.id, tcfg, db, progress=progress)
+
+    def write(d: Path) -> tuple[str, dict[str, Any]]:
+        (d / "summary.json").write_text(json.dumps(summary, default=str))
+        return "summary.json", {"summary": summary,
+                                "records_bytes": records.stat().st_size if records.is_file() else 0}
+
+    cache.get_or_build(sk, "tvm-tuning-run", write)
+    return summary
+
+
+def plan_auto_tuning(tcfg: TuneConfig, art: Artifact, profile: Profile, cache: Cache,
+                     compile_key: dict[str, Any]) -> tuple[TuneConfig | None, dict[str, Any]]:
+    """Resolve "auto" tuning: the profile's trials where heavy layers run naive, else none. A cross
+    profile without a device to measure on is not tuned (its heavy layers are reported instead).
+    The decision needs the model imported and lowered to fused kernels (seconds), and the compile's
+    cache key depends on it, so it is a cached step of its own: a repeated build stays all cache hits.
+    ``compile_key``: what else decides the lowering (kernel sources, compile config version)."""
+
+    def write(d: Path) -> tuple[str, dict[str, Any]]:
+        trials, heavy = auto_trials(art.payload, profile)
+        plan = {"trials": trials, "heavy_naive": [[n, round(m, 2)] for n, m in heavy]}
+        (d / "plan.json").write_text(json.dumps(plan))
+        return "plan.json", plan
+
+    sk = StepKey("tvm-auto-tuning-plan", (art.key,), {"tuning": profile.tuning.__dict__,
+                 "kernels": profile.kernels.__dict__, "kernel_sources": compile_key["kernel_sources"]},
+                 int(compile_key["version"]), profile.id)
+    plan_art, _ = cache.get_or_build(sk, "json", write)
+    info: dict[str, Any] = json.loads(plan_art.payload.read_text())
+    trials = int(info["trials"])
+    if trials and not profile.is_host_native and tcfg.tracker is None:
+        info.update(trials=0, skipped="no device to measure on: pass --tracker HOST:PORT --key KEY")
+        return None, info
+    if not trials:
+        return None, info
+    return dataclasses.replace(tcfg, trials=trials, auto=False, min_mflops=profile.tuning.auto_min_mflops), info
+
+
 _ERRORS: dict[str, type[EdgecError]] = {c.__name__: c for c in (UsageError, GateFailure, InfraError, SdkMissing)}
 
 
-@contextmanager
-def tuning_scope(trials: int | None, progress: bool = True, tracker: str | None = None,
-                 device_key: str | None = None, token: str | None = None,
-                 trials_per_batch: int = 16) -> Iterator[None]:
-    """TVM compiles inside this block tune with ``trials`` (no-op for 0 and no tracker); ``None`` is
-    "auto": each compile tunes with the profile's budget only where a heavy layer has no hand-written kernel."""
-    if trials is None:
-        from targets.tvm import tuning_budget
-
-        cfg = TuneConfig(trials=0, tracker=tracker, device_key=device_key, token=token,
-                         trials_per_batch=trials_per_batch, auto=True)
-        with tuning_budget(cfg, progress):
-            yield
-        return
-    if trials <= 0:
-        if trials < 0:
-            raise UsageError(f"--tune-trials must be >= 0, got {trials}")
-        yield
-        return
-    from targets.tvm import tuning_budget
-
-    cfg = TuneConfig(trials=trials, tracker=tracker, device_key=device_key, token=token,
-                     trials_per_batch=trials_per_batch)
-    with tuning_budget(cfg, progress):
-        yield
-
-
 def main(argv: list[str] | None = None) -> int:
-    from toolchain.profile import load_profile
-
-    ap = argparse.ArgumentParser(prog="python -m toolchain.tuning")
+    ap = argparse.ArgumentParser(prog="python -m targets.tvm.tuning")
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--profile", required=True)
     ap.add_argument("--db", type=Path, required=True)

@@ -36,7 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import UsageError
+from toolchain.core.errors import UsageError
+from toolchain.core.profile import load_profile
+from toolchain.passes import parse_pass
 
 _PROJECT_KEYS = {"name", "baseline", "reports", "profile", "duration_s", "samples", "data_dir"}
 _GATE_KEYS = {"alpha", "min_slowdown", "max_accuracy_drop"}
@@ -102,7 +104,6 @@ def _model(where: str, d: dict[str, Any], root: Path, default_profile: str | Non
     profile = d.get("profile", default_profile)
     if not profile:
         raise UsageError(f"{where}: no 'profile' (set it on the model or in [project])")
-    from toolchain.profile import load_profile
 
     prof = load_profile(str(profile))
     target = str(d.get("target", prof.targets[0]))
@@ -114,7 +115,6 @@ def _model(where: str, d: dict[str, Any], root: Path, default_profile: str | Non
     passes = d.get("passes", [])
     if not isinstance(passes, list) or not all(isinstance(p, str) for p in passes):
         raise UsageError(f"{where}: 'passes' must be a list of strings")
-    from toolchain.passes import parse_pass
 
     for p in passes:
         parse_pass(p)

@@ -15,8 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolchain.ci_config import ModelSpec, Project, load_project
-from toolchain.errors import EdgecError, InfraError, UsageError
+import numpy as np
+from scipy.stats import mannwhitneyu
+
+from toolchain.bench import device_for, prepare_job
+from toolchain.ci.config import ModelSpec, Project, load_project
+from toolchain.ci.report import markdown, write_reports
+from toolchain.core.cache import Cache
+from toolchain.core.errors import EdgecError, InfraError, UsageError
+from toolchain.core.profile import load_profile
+from toolchain.core.text import write_atomic
+from toolchain.device.farm import Event
+from toolchain.device.protocol import TOKEN_ENV, RemoteSpec
+from toolchain.measure.stats import differences
+from toolchain.pipeline import build_artifact
 
 
 @dataclass(frozen=True)
@@ -25,44 +37,24 @@ class Outcome:
     report: dict[str, Any]
 
 
-def _build(m: ModelSpec, cache: Any, data_dir: Path | None) -> tuple[Any, Any]:
-    """(compiled artifact, reference ONNX artifact) through the cached pipeline."""
-    from toolchain import api
-    from toolchain.profile import load_profile
-
-    prof = load_profile(m.profile)
-    src, _ = api.export(m.source, cache, data_dir=data_dir, progress=False)
-    final, _ = api.optimize(src, list(m.passes), cache, prof, data_dir, target=m.target) if m.passes else (src, [])
-    comp, _ = api.compile(final, prof, m.target, cache)
-    return comp, src
-
-
-def _measure(proj: Project, cache: Any, token: str | None, on_event: Any) -> dict[str, dict[str, Any]]:
-    from toolchain.bench import assemble, prepare_job, run_local
-    from toolchain.profile import load_profile
-
+def _measure(proj: Project, cache: Cache, token: str | None, on_event: Event | None) -> dict[str, dict[str, Any]]:
+    """Build every model through the cached pipeline, then measure them all on the project's device."""
     jobs = {}
     for m in proj.models:
-        comp, src = _build(m, cache, proj.data_dir)
-        jobs[m.name] = prepare_job(comp, cache, load_profile(m.profile), m.data, proj.data_dir, proj.samples,
-                                   proj.duration_s, src)
-    if proj.remote is None:
-        return {name: assemble(j, run_local(j)) for name, j in jobs.items()}
-    from toolchain.remote import RemoteSpec, bench_many
-
-    r = proj.remote
-    spec = RemoteSpec.parse(r["tracker"], r["key"], token or os.environ.get(r.get("token_env", "EDGEC_DEVICE_TOKEN")),
-                            request_timeout_s=float(r.get("request_timeout_s", 120.0)))
-    by_key = bench_many(list({j.art.key: j for j in jobs.values()}.values()), spec, on_event)
+        prof = load_profile(m.profile)
+        comp, src = build_artifact(m.source, prof, m.target, cache, passes=list(m.passes), data_dir=proj.data_dir)
+        jobs[m.name] = prepare_job(comp, cache, profile=prof, data=m.data, data_dir=proj.data_dir,
+                                   samples=proj.samples, duration_s=proj.duration_s, reference=src)
+    remote = None
+    if proj.remote is not None:
+        r = proj.remote
+        remote = RemoteSpec.parse(r["tracker"], r["key"], token or os.environ.get(r.get("token_env", TOKEN_ENV)),
+                                  request_timeout_s=float(r.get("request_timeout_s", 120.0)))
+    by_key = device_for(remote).run(list({j.art.key: j for j in jobs.values()}.values()), on_event)
     return {name: by_key[j.art.key] for name, j in jobs.items()}
 
 
 def _regression(m: ModelSpec, res: dict[str, Any], base: dict[str, Any] | None, proj: Project) -> list[dict[str, Any]]:
-    import numpy as np
-    from scipy.stats import mannwhitneyu
-
-    from toolchain.stats import differences
-
     if base is None:
         return [{"gate": "regression", "status": "skipped", "message": "no baseline for this model yet "
                  "(run 'edgec ci --update-baseline')"}]
@@ -106,7 +98,6 @@ def gates(m: ModelSpec, res: dict[str, Any], base: dict[str, Any] | None, proj: 
 def run_ci(path: Path, cache: Any, update_baseline: bool = False, token: str | None = None,
            progress: bool = True, on_event: Any = None) -> Outcome:
     """Config errors raise UsageError (exit 2); infrastructure and gate outcomes come back as an Outcome."""
-    from toolchain.ci_report import write_reports
 
     proj = load_project(path)
     t0 = time.monotonic()
@@ -128,7 +119,6 @@ def run_ci(path: Path, cache: Any, update_baseline: bool = False, token: str | N
         slim = {k: v for k, v in res.items() if k != "latency_samples_ms"}
         report["models"][m.name] = {"spec": m.to_json(), "result": slim, "gates": g}
     if update_baseline:
-        from toolchain.report import write_atomic
 
         write_atomic(proj.baseline, json.dumps({"project": proj.name, "models": results}, default=str))
         report["baseline_written"] = str(proj.baseline)
@@ -139,7 +129,6 @@ def run_ci(path: Path, cache: Any, update_baseline: bool = False, token: str | N
 
 
 def render_summary(rep: dict[str, Any]) -> str:
-    from toolchain.ci_report import markdown
 
     return markdown(rep)
 

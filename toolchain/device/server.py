@@ -17,35 +17,29 @@ token as an access check against the wrong client, not as a security boundary.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import os
 import secrets
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from toolchain.errors import UsageError
+from targets import load_runner
+from toolchain.core.errors import UsageError
+from toolchain.core.versions import environment
+from toolchain.device.protocol import KIND_FUNCS, LOG_ENV, TOKEN_ENV, mac
+from toolchain.measure.timing import MeasureConfig, MemoryProbe, bench_loaded
 
-TOKEN_ENV = "EDGEC_DEVICE_TOKEN"
-# When set, every authenticated file/module call (upload, load_module, ...) appends one JSON line here:
-# what a device actually received and ran (tuning candidates, benchmarks), readable by its operator.
-LOG_ENV = "EDGEC_DEVICE_LOG"
 GUARDED = ("tvm.rpc.server.upload", "tvm.rpc.server.download", "tvm.rpc.server.remove",
            "tvm.rpc.server.listdir", "tvm.rpc.server.load_module", "tvm.rpc.server.download_linked_module",
            "tvm.rpc.server.workpath")
-# Artifact kind -> the device function that benchmarks it.
-KIND_FUNCS = {"tvm-lib": "edgec.tvm_bench", "ort-model": "edgec.ort_bench", "trt-engine": "edgec.trt_bench"}
 
 # Per-session state: each RPC session runs in its own forked process, so module globals are per session.
 _STATE: dict[str, Any] = {"token": None, "nonce": None, "authed": False, "workdir": None}
-
-
-def mac(token: str, nonce: str) -> str:
-    return hmac.new(token.encode(), nonce.encode(), hashlib.sha256).hexdigest()
 
 
 def _require_auth() -> None:
@@ -73,8 +67,6 @@ def _log(name: str, args: tuple[Any, ...]) -> None:
     path = os.environ.get(LOG_ENV)
     if not path:
         return
-    import time
-
     first = args[0] if args and isinstance(args[0], str) else None
     line = json.dumps({"call": name.rsplit(".", 1)[-1], "file": Path(first).name if first else None,
                        "pid": os.getpid(), "time": time.time()})
@@ -91,38 +83,18 @@ def _guard(fn: Any, name: str = "") -> Any:
     return guarded
 
 
-def _runner(kind: str, path: Path, cfg: dict[str, Any]) -> Any:
-    if kind == "tvm-lib":
-        from targets.tvm import (
-            TvmRunner,  # loads the library with tvm.runtime.load_module + relax VM
-        )
-
-        return TvmRunner(path, cfg["input_names"], int(cfg["threads"]))
-    if kind == "ort-model":
-        from targets.ort import OrtRunner
-
-        return OrtRunner(path, int(cfg["threads"]))
-    if kind == "trt-engine":
-        from targets.tensorrt import TensorRTRunner
-
-        return TensorRTRunner(path)
-    raise ValueError(f"unknown artifact kind {kind!r}")
-
-
 def device_bench(kind: str, file_name: str, cfg_json: str, x_bytes: bytes) -> str:
     """Benchmark an uploaded artifact on this device. Returns JSON: latency, thinned samples, the
     outputs of every evaluation input (base64 float32), memory, environment; or {"error": ...}."""
     _require_auth()
-    from toolchain.api import environment
-    from toolchain.bench import MeasureConfig, MemoryProbe, bench_loaded
-
     try:
         cfg = json.loads(cfg_json)
         shape = tuple(cfg["shape"])
         x = np.frombuffer(bytes(x_bytes), dtype=np.float32).reshape(-1, *shape[1:])
         path = Path(_STATE["workdir"] or ".") / Path(file_name).name  # never outside the session dir
         mem = MemoryProbe()
-        res = bench_loaded(lambda: _runner(kind, path, cfg), cfg["input_name"], shape, x,
+        res = bench_loaded(lambda: load_runner(kind, path, cfg["input_names"], int(cfg["threads"])),
+                           cfg["input_name"], shape, x,
                            MeasureConfig(**cfg["measure"]), mem)
         out = np.ascontiguousarray(res.pop("outputs"), dtype=np.float32)
         res["outputs_b64"] = base64.b64encode(out.tobytes()).decode()

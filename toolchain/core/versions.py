@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import importlib.metadata as md
 import platform
+import time
+from typing import Any
 
 _PACKAGES = ("edgec", "onnx", "onnxruntime", "onnxscript", "apache-tvm", "torch", "numpy", "tensorrt")
 
@@ -39,3 +41,9 @@ def cpu_governor() -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+def environment() -> dict[str, Any]:
+    """Where and when a measurement was taken: versions, CPU, governor, UTC date."""
+    return {"versions": versions(), "cpu": cpu_model(), "governor": cpu_governor(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import UsageError
-from toolchain.versions import versions
+from toolchain.core.errors import UsageError
+from toolchain.core.versions import versions
 
 MANIFEST = "manifest.json"
 

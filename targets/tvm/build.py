@@ -1,0 +1,80 @@
+"""Build a TVM library: import, run the pipeline, link (cross-linking for ARM), describe what was built."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from shutil import which
+from typing import Any
+
+import onnx
+
+import kernels.tvm as kernels_pkg
+from targets.tvm.database import naive_kernels
+from targets.tvm.frontend import import_onnx, import_tvm, tvm_target
+from targets.tvm.inspect import kernel_table
+from targets.tvm.pipeline import pipeline
+from toolchain.core.errors import SdkMissing
+from toolchain.core.onnx_io import fix_batch, input_specs
+from toolchain.core.profile import Profile
+
+
+def kernel_sources_digest() -> str:
+    """Hash of the hand-written kernel sources: editing a kernel must not reuse stale libraries."""
+    h = hashlib.sha256()
+    for p in sorted(Path(kernels_pkg.__file__).parent.glob("*.py")):
+        if not p.name.startswith("test_"):
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
+                  tuning_db: Path | None = None) -> dict[str, Any]:
+    """Import, lower and link ``model`` for ``profile`` into the shared library ``out``."""
+    tvm = import_tvm()
+    mod = import_onnx(model)
+    steps = pipeline(profile, tuning_db)
+    naive: list[str] = []
+    for name, step in steps:
+        mod = step(mod)
+        if name == "apply-tuning-db":
+            naive = naive_kernels(mod)  # checked right after applying, before the vector rule
+    kernels = kernel_table(mod)
+    target = tvm_target(profile)
+    ex = tvm.compile(mod, target, relax_pipeline=None)
+    _export(ex, profile, out)
+    return {
+        "triple": profile.cpu.mtriple,
+        "mcpu": profile.cpu.mcpu,
+        "pipeline": [n for n, _ in steps],
+        "kernels": kernels,
+        "inputs": [s.to_json() for s in input_specs(fix_batch(model, 1))],
+        "elf_machine": elf_machine(out),
+        # Kernels the tuning database had no record for (the rule may still have scheduled them) ...
+        "naive_after_tuning": naive,
+        # ... and those that run as naive loops in this library (neither hand-written, tuned nor rule).
+        "naive": naive_kernels(mod),
+    }
+
+
+def _export(ex: Any, profile: Profile, out: Path) -> None:
+    from tvm.support import cc
+
+    if profile.cpu.cross_cc:
+        if which(profile.cpu.cross_cc) is None:
+            raise SdkMissing(
+                f"cross compiler {profile.cpu.cross_cc} not found; apt-get install gcc-aarch64-linux-gnu"
+            )
+        ex.export_library(str(out), fcompile=cc.cross_compiler(profile.cpu.cross_cc))
+    else:
+        ex.export_library(str(out))
+
+
+def elf_machine(path: Path) -> str:
+    """The ELF e_machine of a shared library: 'x86_64', 'aarch64' or the raw number."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if head[:4] != b"\x7fELF":
+        return "not-elf"
+    code = int.from_bytes(head[18:20], "little")
+    return {62: "x86_64", 183: "aarch64", 40: "arm"}.get(code, str(code))

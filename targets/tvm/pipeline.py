@@ -1,0 +1,93 @@
+"""The TVM lowering of a profile as an explicit tuple of named steps, readable top to bottom: hand-written
+kernel substitution on the Relax graph, the generic CPU pipeline, the tuning database, the vector rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kernels.tvm.chain import fuse_gemv_chains
+from kernels.tvm.fast_math import rewrite_exp
+from kernels.tvm.substitute import KernelConfig, substitute_kernels
+from kernels.tvm.vector_rule import schedule_naive
+from targets.tvm.database import apply_database
+from targets.tvm.frontend import tvm_target
+from toolchain.core.profile import Profile
+
+Step = tuple[str, Callable[[Any], Any]]
+
+
+def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...]:
+    """The named Relax -> TIR steps for this profile, in order. With ``tuning_db`` (a MetaSchedule
+    database directory, see targets.tvm.tuning) the fused kernels take their tuned schedules."""
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = tvm_target(profile)
+
+    def seq(passes: list) -> Callable[[Any], Any]:
+        import tvm
+
+        def run(mod: Any) -> Any:
+            with target:
+                return tvm.transform.Sequential(passes)(mod)
+
+        return run
+
+    def substitute(mod: Any) -> Any:
+
+        return substitute_kernels(mod, KernelConfig.from_profile(profile))[0]
+
+    def chain(mod: Any) -> Any:
+
+        return fuse_gemv_chains(mod, profile.kernels.gemv_chain_max_kb)[0]
+
+    def apply_db(mod: Any) -> Any:
+        assert tuning_db is not None
+        return apply_database(mod, target, tuning_db)
+
+    def fast_exp(mod: Any) -> Any:
+
+        return rewrite_exp(mod)[0]
+
+    def vector_rule(mod: Any) -> Any:
+
+        return schedule_naive(mod, profile.kernels.vector_lanes)[0]
+
+    k = profile.kernels
+    return (
+        # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
+        ("substitute-kernels", substitute),
+        # Then a tiny MLP's dense layers become one kernel: one VM call instead of four per layer.
+        ("fuse-gemv-chains", chain),
+        ("decompose", seq([relax.transform.DecomposeOpsForInference()])),
+        # exp / sigmoid as vectorizable arithmetic instead of one libm call per element.
+        *((("fast-exp", fast_exp),) if k.fast_exp else ()),
+        ("library-dispatch", seq(cpu.library_dispatch_passes(target))),
+        ("legalize-and-fuse", seq(cpu.legalize_passes(target))),
+        *((("apply-tuning-db", apply_db),) if tuning_db is not None else ()),
+        # Whatever no hand-written kernel and no tuning record covers: inlined + vectorized by rule.
+        *((("vector-rule", vector_rule),) if k.vector_rule else ()),
+        ("dataflow-lower", seq(_dataflow_lower(cpu, target))),
+        ("finalize", seq(cpu.finalize_passes(target))),
+    )
+
+
+def _dataflow_lower(cpu: Any, target: Any) -> list:
+    """The generic dataflow lowering with RewriteDataflowReshape made optional: it asks every
+    elementwise kernel whether it is a reshape and fails on block-free hand-written kernels
+    (kernels/tvm: lif). Where it fails, reshapes stay copies instead of views: slower, still correct."""
+    import tvm
+
+    def guarded(inner: Any) -> Any:
+        @tvm.transform.module_pass(opt_level=0, name="RewriteDataflowReshapeGuarded")
+        def run(mod: Any, _ctx: Any) -> Any:
+            try:
+                return inner(mod)
+            except tvm.error.InternalError:
+                return mod
+
+        return run
+
+    return [guarded(p) if p.info.name == "RewriteDataflowReshape" else p for p in cpu.dataflow_lower_passes(target)]

@@ -1,0 +1,137 @@
+"""export -> optimize -> compile -> measure, as one readable function (``build``), and the compile step
+with its checks. Every stage is a cached, content-addressed artifact."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from targets import get_target
+from targets.base import CompileOptions
+from targets.ort import OrtRunner
+from toolchain.bench import dataset_for, eval_inputs
+from toolchain.core.cache import Artifact, Cache
+from toolchain.core.errors import SdkMissing, UsageError
+from toolchain.core.onnx_io import fix_batch, input_specs, load_onnx, op_histogram, param_count
+from toolchain.core.profile import Profile, load_profile
+from toolchain.core.versions import environment
+from toolchain.export import export_model
+from toolchain.measure.compare import compare, task_accuracy
+from toolchain.measure.timing import MeasureConfig, measure_interleaved, run_batched
+from toolchain.passes.manager import parse_passes, run_passes
+
+
+def compile_artifact(art: Artifact, profile: Profile, target_name: str, cache: Cache,
+                     options: CompileOptions = CompileOptions()) -> tuple[Artifact, bool]:
+    """Compile an ONNX artifact for ``profile`` through ``target_name``, after checking the target is listed
+    by the profile, available here, and takes every op."""
+    if art.kind != "onnx":
+        raise UsageError(f"compile takes an ONNX artifact, got a {art.kind!r}")
+    if target_name not in profile.targets:
+        raise UsageError(f"profile {profile.id} does not list target {target_name!r}; "
+                         f"use one of {', '.join(profile.targets)}")
+    target = get_target(target_name)
+    reason = target.available()
+    if reason:
+        raise SdkMissing(reason)
+    cov = target.supports(load_onnx(art.payload, check=False), profile)
+    if not cov.complete:
+        ops = ", ".join(f"{op} ({why})" for op, why in cov.unsupported.items())
+        raise UsageError(f"target {target_name} cannot take: {ops}; try another --target")
+    return target.compile(art, profile, cache, options)
+
+
+def build(model: str, profile_id: str, cache: Cache, *, targets: list[str] | None = None,
+          passes: list[str] | None = None, input_shape: str | None = None, data: str | None = None,
+          data_dir: Path | None = None, samples: int = 1000, duration_s: float | None = None,
+          options: CompileOptions = CompileOptions(), progress: bool = True) -> dict[str, Any]:
+    """All stages in one go: export -> passes (per target) -> compile per target -> measure the targets
+    interleaved on this machine, each judged against the model before passes on ONNX Runtime; one report."""
+    t0 = time.monotonic()
+    passes = passes or []
+    profile = load_profile(profile_id)
+    targets = targets or [t for t in profile.targets if get_target(t).available() is None]
+    for t in targets:
+        get_target(t)  # unknown names fail before any work
+    parse_passes(passes)
+    stages = ["export", "passes", *[f"compile:{t}" for t in targets], "bench"]
+    bar = tqdm(total=len(stages), desc="build", disable=None if progress else True, unit="stage")
+
+    bar.set_postfix_str("export")
+    onnx_art, export_hit = export_model(model, cache, input_shape, data_dir=data_dir, progress=progress)
+    bar.update(1)
+
+    bar.set_postfix_str("passes")
+    finals: dict[str, Artifact] = {}
+    pass_reports: dict[str, list[dict[str, Any]]] = {}
+    for t in targets:
+        finals[t], pass_reports[t] = run_passes(onnx_art, passes, cache, profile=profile, data_dir=data_dir,
+                                                target=t)
+    bar.update(1)
+
+    compiled: dict[str, tuple[Artifact, bool]] = {}
+    for t in targets:
+        bar.set_postfix_str(f"compile {t}")
+        compiled[t] = compile_artifact(finals[t], profile, t, cache, options)
+        bar.update(1)
+
+    bar.set_postfix_str("bench")
+    results = _measure_targets(compiled, onnx_art, profile, data, data_dir, samples, duration_s)
+    bar.update(1)
+    bar.close()
+
+    m = load_onnx(finals[targets[0]].payload, check=False)
+    report: dict[str, Any] = {
+        "model": model, "profile": profile.id,
+        "onnx": {"artifact": onnx_art.key, "cache_hit": export_hit, "params": param_count(m),
+                 "ops": op_histogram(m), "parity_vs_torch": onnx_art.meta.get("parity")},
+        "passes": pass_reports, "final_onnx": {t: a.key for t, a in finals.items()}, "targets": results,
+        "environment": environment(), "wall_s": round(time.monotonic() - t0, 2),
+        "cache_hits": {"export": export_hit, **{t: h for t, (_, h) in compiled.items()}},
+    }
+    return report
+
+
+def _measure_targets(compiled: dict[str, tuple[Artifact, bool]], reference: Artifact, profile: Profile,
+                     data: str | None, data_dir: Path | None, samples: int,
+                     duration_s: float | None) -> dict[str, dict[str, Any]]:
+    """Latency of every target's artifact, interleaved round by round (``measure.timing``), plus agreement
+    and accuracy against the reference: the same fields ``edgec bench`` reports."""
+    spec = input_specs(fix_batch(load_onnx(reference.payload, check=False), 1))[0]
+    ds = dataset_for(reference, data_dir, data)
+    x = eval_inputs(ds, samples, spec.shape)
+    feed = {spec.name: x[:1].reshape(spec.shape)}
+    cfg = MeasureConfig.from_profile(profile.bench, duration_s)
+    with OrtRunner(reference.payload, profile.bench.threads) as ref:
+        ref_out = run_batched(ref, spec.name, x, spec.shape)
+    targets = {t: get_target(t) for t in compiled}
+    lats = measure_interleaved({t: (lambda t=t: targets[t].load(compiled[t][0]), feed) for t in compiled}, cfg)
+    results: dict[str, dict[str, Any]] = {}
+    for t, (art, hit) in compiled.items():
+        with targets[t].load(art) as runner:
+            got = run_batched(runner, spec.name, x, spec.shape)
+        res: dict[str, Any] = {"artifact": art.key, "cache_hit": hit, "size_bytes": art.payload.stat().st_size,
+                               "latency": lats[t].to_json(), "agreement": compare([ref_out], [got]).to_json()}
+        if ds is not None:
+            res["accuracy"] = {"dataset": ds.name, "samples": int(len(x)),
+                               "task_accuracy": task_accuracy(got, ds.y_test),
+                               "reference_accuracy": task_accuracy(ref_out, ds.y_test)}
+        res["kernels"] = targets[t].kernels(art)
+        res.update({k: art.meta[k] for k in ("tuning", "auto_tuning") if k in art.meta})  # what was tuned, why
+        results[t] = res
+    return results
+
+
+def build_artifact(model: str, profile: Profile, target: str, cache: Cache, *, passes: list[str] | None = None,
+                   data: str | None = None, data_dir: Path | None = None,
+                   options: CompileOptions = CompileOptions()) -> tuple[Artifact, Artifact]:
+    """(compiled artifact, the ONNX it was exported to before passes) through the cached pipeline: the
+    unit ``pick`` and ``ci`` measure."""
+    src, _ = export_model(model, cache, data_dir=data_dir, progress=False)
+    final, _ = run_passes(src, passes or [], cache, profile=profile, data_dir=data_dir, target=target,
+                          data_name=data)
+    comp, _ = compile_artifact(final, profile, target, cache, options)
+    return comp, src
