@@ -59,8 +59,8 @@ def test_pt2_exported_program(tmp_path: Path, cache: Cache) -> None:
 
 def test_zoo_default_model_on_real_data(session_cache: Cache, fashion) -> None:
     """mlp-small trains on Fashion-MNIST, exports with parity on the real test set, builds on both targets."""
-    rep = api.build("mlp-small", "x86-avx512", ["ort", "tvm"], ["cleanup"], session_cache, samples=2000,
-                    duration_s=0.3, progress=False)
+    rep = api.build("mlp-small", profile="x86-avx512", targets=["ort", "tvm"], passes=["cleanup"],
+                    cache=session_cache, samples=2000, duration_s=0.3, progress=False)
     assert rep["onnx"]["parity_vs_torch"]["max_rel"] <= 1e-4
     assert rep["onnx"]["parity_vs_torch"]["argmax_agreement"] == 1.0
     for t in ("ort", "tvm"):
@@ -68,6 +68,12 @@ def test_zoo_default_model_on_real_data(session_cache: Cache, fashion) -> None:
         assert acc["dataset"] == "fashion-mnist" and acc["samples"] == 2000
         assert acc["task_accuracy"] > 0.8
         assert abs(acc["task_accuracy"] - acc["reference_accuracy"]) < 1e-9
-    rep2 = api.build("mlp-small", "x86-avx512", ["ort", "tvm"], ["cleanup"], session_cache, samples=100,
-                     duration_s=0.2, progress=False)
+    rep2 = api.build("mlp-small", profile="x86-avx512", targets=["ort", "tvm"], passes=["cleanup"],
+                     cache=session_cache, samples=100, duration_s=0.2, progress=False)
     assert all(rep2["cache_hits"].values())
+    # build and bench measure through one timing path: the same latency fields, intervals and stability flag
+    art = api.resolve_artifact(rep2["targets"]["tvm"]["artifact"], cache=session_cache)
+    bench = api.bench(art, cache=session_cache, samples=50, duration_s=0.2)
+    assert set(bench["latency"]) == set(rep2["targets"]["tvm"]["latency"])
+    for lat in (bench["latency"], rep2["targets"]["tvm"]["latency"]):
+        assert {"ci", "stable", "rounds", "warmup"} <= set(lat) and lat["ci"]["p50_ms"][0] <= lat["p50_ms"]

@@ -18,7 +18,7 @@ import pytest
 from toolchain import api
 from toolchain.core.cache import Cache
 from toolchain.export import import_onnx_file
-from toolchain.passes.synthetic import g2g_masked_mlp
+from tests.fixtures.synthetic import g2g_masked_mlp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,13 +47,13 @@ X = np.random.default_rng(0).random((16, 784)).astype(np.float32)
 ])
 def test_chains_through_api(chain: list[str], g2g_file: Path, cache: Cache) -> None:
     art, _ = import_onnx_file(g2g_file, cache)
-    out, reports = api.optimize(art, chain, cache)  # api runs onnx.checker full_check on every step
+    out, reports = api.optimize(art, chain, cache=cache)  # api runs onnx.checker full_check on every step
     assert [r["pass"] for r in reports] == [c.split("=")[0] for c in chain]
     got, ref = ort_run(out.payload, X), ort_run(g2g_file, X)
     assert got.shape == ref.shape and np.isfinite(got).all()
     if "prune=density=0.5" not in chain and "structured=keep=0.5" not in chain:  # lossless up to precision
         assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
-    again, rep2 = api.optimize(art, chain, cache)
+    again, rep2 = api.optimize(art, chain, cache=cache)
     assert again.key == out.key and all(r["cache_hit"] for r in rep2)
 
 
@@ -123,7 +123,7 @@ def _acc(path: Path, ds) -> float:
 
 def test_int8_auto_on_trained_mlp_small(mlp_small_1ep, fashion) -> None:
     art, cache = mlp_small_1ep
-    out, reports = api.optimize(art, ["int8-auto"], cache)  # the dataset comes from the artifact's meta
+    out, reports = api.optimize(art, ["int8-auto"], cache=cache)  # the dataset comes from the artifact's meta
     rep = reports[0]["report"]
     assert rep["dataset"] == "fashion-mnist" and rep["eval_samples"] == 10000 and rep["within_bound"]
     base, acc = _acc(art.payload, fashion), _acc(out.payload, fashion)
@@ -155,7 +155,7 @@ def test_int8_auto_finds_and_keeps_an_int8_hostile_layer(mlp_small_1ep, fashion,
     f = tmp_path / "hostile.onnx"
     onnx.save_model(m, f)
     user_art, _ = import_onnx_file(f, cache)
-    _, reports = api.optimize(user_art, ["int8-auto=eval_samples=2000"], cache, data_name="fashion-mnist")
+    _, reports = api.optimize(user_art, ["int8-auto=eval_samples=2000"], cache=cache, data="fashion-mnist")
     rep = reports[0]["report"]
     rows = {r["layer"]: r for r in rep["layers"]}
     assert rep["evaluations"] > 1 and rep["within_bound"] and rep["drop_points"] <= 1.0

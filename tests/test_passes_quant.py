@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from toolchain.core.errors import UsageError
 from toolchain.passes import PassContext, parse_pass
-from toolchain.passes.synthetic import random_mlp
+from tests.fixtures.synthetic import random_mlp
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

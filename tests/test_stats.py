@@ -9,7 +9,7 @@ import pytest
 from device_models import fit_linear, random_mlp, save
 
 from targets.ort import OrtRunner
-from toolchain.bench import MeasureConfig, measure_honest, warmup_until_steady
+from toolchain.measure.timing import MeasureConfig, measure, warmup_until_steady
 from toolchain.core.errors import UsageError
 from toolchain.measure.stats import StatsConfig, bootstrap_ci, require_comparable, summarize
 
@@ -68,13 +68,13 @@ def test_measure_warms_up_until_steady_and_reruns_when_unstable(runner: OrtRunne
     cfg = MeasureConfig(duration_s=0.15, min_runs=50)
     warm = warmup_until_steady(runner, feed, cfg)
     assert warm["windows"] >= 3 and warm["runs"] > 15
-    res = measure_honest(lambda: runner, feed, cfg)
-    assert res["latency"]["runs"] >= 50 and res["latency"]["rerun"] is None or not res["latency"]["stable"]
+    res = measure(lambda: runner, feed, cfg)
+    assert res.runs >= 50 and res.rerun is None or not res.stable
     # An impossible stability threshold forces the one automatic re-run, which is recorded.
-    forced = measure_honest(lambda: runner, feed, cfg, StatsConfig(stable_rel_width=0.0))
-    assert res["latency"]["rounds"] == cfg.rounds
-    assert forced["latency"]["rerun"]["reason"] == "unstable"
-    assert 0 < len(forced["samples_ms"]) <= cfg.keep_samples
+    forced = measure(lambda: runner, feed, cfg, StatsConfig(stable_rel_width=0.0))
+    assert res.rounds == cfg.rounds
+    assert forced.rerun is not None and forced.rerun["reason"] == "unstable"
+    assert 0 < len(forced.samples_ms) <= cfg.keep_samples
 
 
 def test_memory_probe_sees_the_runner_allocate(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_memory_probe_sees_the_runner_allocate(tmp_path: Path) -> None:
     import sys
 
     p = save(random_mlp((784, 4096, 2048, 10)), tmp_path / "big.onnx")  # 46 MB of fp32 weights
-    code = ("import json, numpy as np\nfrom toolchain.bench import MemoryProbe\nfrom targets.ort import OrtRunner\n"
+    code = ("import json, numpy as np\nfrom toolchain.measure.timing import MemoryProbe\nfrom targets.ort import OrtRunner\n"
             "mem = MemoryProbe()\n"
             f"with OrtRunner({str(p)!r}, 1) as r:\n"
             "    r.infer({'x': np.zeros((1, 784), np.float32)})\n    mem.sample()\nprint(json.dumps(mem.to_json()))")

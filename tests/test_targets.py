@@ -24,7 +24,7 @@ def test_compiled_matches_onnxruntime(tmp_path: Path, cache: Cache, make, target
     onnx.save_model(make(), f)
     art, _ = import_onnx_file(f, cache)
     prof = load_profile("x86-avx512")
-    out, hit = api.compile(art, prof, target, cache)
+    out, hit = api.compile(art, profile=prof, target=target, cache=cache)
     assert not hit
     shape = (1, 1, 28, 28) if make is small_cnn else (1, 784)
     xs = np.random.default_rng(1).standard_normal((8, *shape)).astype(np.float32)
@@ -34,14 +34,14 @@ def test_compiled_matches_onnxruntime(tmp_path: Path, cache: Cache, make, target
             got = runner.infer({"x": x})[0]
             rel = np.abs(got - r[0]).max() / np.abs(r[0]).max()
             assert rel <= 1e-4
-    assert api.compile(art, prof, target, cache)[1], "second compile must be a cache hit"
+    assert api.compile(art, profile=prof, target=target, cache=cache)[1], "second compile must be a cache hit"
 
 
 def test_tvm_records_kernels_and_triple(tmp_path: Path, cache: Cache) -> None:
     f = tmp_path / "m.onnx"
     onnx.save_model(small_mlp(), f)
     art, _ = import_onnx_file(f, cache)
-    out, _ = api.compile(art, load_profile("x86-avx512"), "tvm", cache)
+    out, _ = api.compile(art, profile=load_profile("x86-avx512"), target="tvm", cache=cache)
     assert out.meta["triple"] == "x86_64-linux-gnu" and out.meta["elf_machine"] == "x86_64"
     assert out.meta["kernels"] and all(k["origin"] in ("generic", "tuned", "hand-written", "rule") for k in out.meta["kernels"])
 
@@ -52,7 +52,7 @@ def test_tvm_runner_reads_current_input_and_returns_fresh_outputs(tmp_path: Path
     f = tmp_path / "m.onnx"
     onnx.save_model(small_mlp(), f)
     art, _ = import_onnx_file(f, cache)
-    out, _ = api.compile(art, load_profile("x86-avx512"), "tvm", cache)
+    out, _ = api.compile(art, profile=load_profile("x86-avx512"), target="tvm", cache=cache)
     x = np.random.default_rng(2).standard_normal((1, 784)).astype(np.float32)
     with get_target("tvm").load(out) as runner:
         a = runner.infer({"x": x})[0]
@@ -87,7 +87,7 @@ def test_tensorrt_says_what_it_needs(tmp_path: Path, cache: Cache) -> None:
     onnx.save_model(small_mlp(), f)
     art, _ = import_onnx_file(f, cache)
     with pytest.raises(SdkMissing, match="NVIDIA GPU"):
-        api.compile(art, load_profile("jetson-orin-nano"), "tensorrt", cache)
+        api.compile(art, profile=load_profile("jetson-orin-nano"), target="tensorrt", cache=cache)
 
 
 def test_target_not_in_profile(tmp_path: Path, cache: Cache) -> None:
@@ -95,4 +95,4 @@ def test_target_not_in_profile(tmp_path: Path, cache: Cache) -> None:
     onnx.save_model(small_mlp(), f)
     art, _ = import_onnx_file(f, cache)
     with pytest.raises(UsageError, match="does not list target 'tensorrt'"):
-        api.compile(art, load_profile("x86-avx512"), "tensorrt", cache)
+        api.compile(art, profile=load_profile("x86-avx512"), target="tensorrt", cache=cache)

@@ -27,7 +27,7 @@ def _mlp() -> onnx.ModelProto:
 @needs_cross
 @pytest.mark.parametrize("profile_id", ["phone-arm64", "rpi5"])
 def test_arm_profile_builds_aarch64_library(profile_id: str, tmp_path: Path) -> None:
-    from targets.tvm import build_library, elf_machine
+    from targets.tvm.build import build_library, elf_machine
 
     prof = load_profile(profile_id)
     out = tmp_path / "model.so"

@@ -35,8 +35,9 @@ def _save(path: Path, nodes: list, x_shape: list[int], y_shape: list[int], inits
 
 
 def test_empty_database_leaves_kernels_naive_and_says_so(tmp_path: Path) -> None:
-    from targets.tvm import tvm_target
-    from targets.tvm.tuning import apply_database, naive_kernels, tunable_module
+    from targets.tvm.database import apply_database, naive_kernels
+    from targets.tvm.frontend import tvm_target
+    from targets.tvm.tuning import tunable_module
 
     prof = load_profile("x86-avx512")
     mod = tunable_module(_layernorm_model(tmp_path), prof)
@@ -45,7 +46,7 @@ def test_empty_database_leaves_kernels_naive_and_says_so(tmp_path: Path) -> None
 
 
 def test_build_library_records_naive_after_tuning(tmp_path: Path) -> None:
-    from targets.tvm import build_library
+    from targets.tvm.build import build_library
 
     meta = build_library(onnx.load(str(_layernorm_model(tmp_path))), load_profile("x86-avx512"),
                          tmp_path / "m.so", tuning_db=tmp_path / "db")
@@ -55,13 +56,14 @@ def test_build_library_records_naive_after_tuning(tmp_path: Path) -> None:
 
 
 def test_remote_profile_refuses_to_tune_on_the_host(tmp_path: Path, cache: object) -> None:
+    from targets.base import CompileOptions, TuneOptions
     from targets.tvm import TvmTarget
     from toolchain.export import import_onnx_file
-    from targets.tvm.tuning import tuning_scope
 
     art, _ = import_onnx_file(_layernorm_model(tmp_path), cache)  # type: ignore[arg-type]
-    with tuning_scope(8, progress=False), pytest.raises(UsageError, match="on the device"):
-        TvmTarget().compile(art, load_profile("rpi5"), cache)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="on the device"):
+        TvmTarget().compile(art, load_profile("rpi5"), cache,  # type: ignore[arg-type]
+                            CompileOptions(tune=TuneOptions(trials=8, progress=False)))
 
 
 def test_tune_config_validation() -> None:
@@ -131,20 +133,18 @@ def test_auto_budget_is_recorded_and_skips_cross_profiles_without_a_device(tmp_p
     from targets.tvm import TvmTarget
     from tests.models import small_mlp
     from toolchain.export import import_onnx_file
-    from targets.tvm.tuning import tuning_scope
 
     mlp = tmp_path / "mlp.onnx"
     onnx.save(small_mlp(), mlp)
     art, _ = import_onnx_file(mlp, cache)  # type: ignore[arg-type]
-    with tuning_scope(None, progress=False):
-        out, _ = TvmTarget().compile(art, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
+    out, _ = TvmTarget().compile(art, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
     assert out.meta["auto_tuning"] == {"trials": 0, "heavy_naive": []} and "tuning" not in out.meta
-    with tuning_scope(None, progress=False):  # the auto decision is cached too: a repeat is one cache hit
-        again, hit = TvmTarget().compile(art, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
+    # the auto decision (the default options) is cached too: a repeat is one cache hit
+    again, hit = TvmTarget().compile(art, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
     assert hit and again.key == out.key
     conv, _ = import_onnx_file(_conv_model(tmp_path), cache)  # type: ignore[arg-type]
-    with tuning_scope(None, progress=False):  # rpi5 needs the device to measure: reported, not tuned here
-        out, _ = TvmTarget().compile(conv, load_profile("rpi5"), cache)  # type: ignore[arg-type]
+    # rpi5 needs the device to measure: reported, not tuned here
+    out, _ = TvmTarget().compile(conv, load_profile("rpi5"), cache)  # type: ignore[arg-type]
     assert out.meta["auto_tuning"]["trials"] == 0 and "--tracker" in out.meta["auto_tuning"]["skipped"]
     assert out.meta["auto_tuning"]["heavy_naive"]
 
@@ -168,10 +168,10 @@ def test_cli_default_auto_tunes_a_conv_model_until_no_kernel_is_naive(tmp_path: 
     assert meta["naive"] == []  # whatever tuning did not cover (light kernels) took the vector rule
     assert {k["origin"] for k in meta["kernels"]} <= {"tuned", "rule"}
     # A finished budget is not run again: the marker makes the next compile skip the tuning process ...
-    from targets.tvm import TvmTarget
+    from targets.tvm.database import database_dir
+    from targets.tvm.tuning import TuneConfig, tune_once
     from toolchain.core.cache import Cache
     from toolchain.export import import_onnx_file
-    from targets.tvm.tuning import TuneConfig, database_dir
 
     cache = Cache(tmp_path / "cache")
     art, hit = import_onnx_file(_conv_model(tmp_path), cache)
@@ -179,9 +179,9 @@ def test_cli_default_auto_tunes_a_conv_model_until_no_kernel_is_naive(tmp_path: 
     prof = load_profile("x86-avx512")
     cfg = TuneConfig(trials=meta["tuning"]["trials"], min_mflops=prof.tuning.auto_min_mflops)
     db = database_dir(cache.root, prof.id)
-    assert "skipped" in TvmTarget._tune_once(art, prof, cfg, db, cache)
+    assert "skipped" in tune_once(art, prof, cfg, db, cache)
     # ... unless the database lost records since: then it tunes again (resuming from what is left).
     records = db / "database_tuning_record.json"
     records.write_text(records.read_text().splitlines()[0] + "\n")
-    again = TvmTarget._tune_once(art, prof, cfg, db, cache)
+    again = tune_once(art, prof, cfg, db, cache)
     assert "skipped" not in again and again["measured"] > 0

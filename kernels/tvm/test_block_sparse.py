@@ -72,7 +72,7 @@ def _mixer_g2g(seed: int = 4):  # -> onnx.ModelProto
     layer uses the "mixer" grouping: output j belongs to group j % 4 (interleaved, not contiguous)."""
     from onnx import numpy_helper
 
-    from toolchain.passes.synthetic import g2g_masked_mlp
+    from tests.fixtures.synthetic import g2g_masked_mlp
 
     m = g2g_masked_mlp((64, 256, 256, 10), groups=4, density=0.25, seed=seed, gemm=True)
     perm = np.arange(256).reshape(4, 64).T.ravel()  # contiguous groups -> interleaved
