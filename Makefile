@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench setup system-deps clean
+.PHONY: demo test test-slow lint bench setup system-deps clean
 
 $(STAMP): pyproject.toml
 	$(MAKE) system-deps
@@ -31,6 +31,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# ruff (rule set in pyproject.toml), the import-layer contract, and mypy on the typed core layers.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
