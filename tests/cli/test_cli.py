@@ -14,7 +14,7 @@ import pytest
 from tests.models import small_cnn, small_mlp
 
 EDGEC = [sys.executable, "-m", "cli"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(args: list[str], cache: Path, **kw) -> subprocess.CompletedProcess[str]:

@@ -15,12 +15,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from tests.fixtures.synthetic import g2g_masked_mlp
 from toolchain import api
 from toolchain.core.cache import Cache
 from toolchain.export import import_onnx_file
-from tests.fixtures.synthetic import g2g_masked_mlp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def ort_run(path: Path, x: np.ndarray) -> np.ndarray:

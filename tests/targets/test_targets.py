@@ -13,8 +13,8 @@ from tests.models import small_cnn, small_mlp
 from toolchain import api
 from toolchain.core.cache import Cache
 from toolchain.core.errors import SdkMissing, UsageError
-from toolchain.export import import_onnx_file, run_ort
 from toolchain.core.profile import load_profile
+from toolchain.export import import_onnx_file, run_ort
 
 
 @pytest.mark.parametrize("make", [small_cnn, small_mlp], ids=["cnn", "mlp"])

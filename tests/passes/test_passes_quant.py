@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from tests.fixtures.synthetic import random_mlp
 from toolchain.core.errors import UsageError
 from toolchain.passes import PassContext, parse_pass
-from tests.fixtures.synthetic import random_mlp
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

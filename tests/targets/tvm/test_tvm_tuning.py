@@ -106,8 +106,8 @@ def _conv_model(tmp_path: Path) -> Path:
 
 def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> None:
     from kernels.tvm.harness import with_kernels
-    from tests.models import small_mlp
     from targets.tvm.tuning import auto_trials
+    from tests.models import small_mlp
 
     prof = load_profile("x86-avx512")
     trials, heavy = auto_trials(_conv_model(tmp_path), prof)

@@ -8,12 +8,12 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
+from tests.fixtures.synthetic import g2g_masked_mlp, mlp_model, random_mlp
 from toolchain.core.errors import GateFailure, UsageError
 from toolchain.passes import PassContext, parse_pass
 from toolchain.passes._graph import dense_layers, get_weight
 from toolchain.passes._speed import MIN_GAIN
 from toolchain.passes.nm import apply_nm, verify_nm
-from tests.fixtures.synthetic import g2g_masked_mlp, mlp_model, random_mlp
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

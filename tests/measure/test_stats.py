@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from device_models import fit_linear, random_mlp, save
 
 from targets.ort import OrtRunner
-from toolchain.measure.timing import MeasureConfig, measure, warmup_until_steady
+from tests.device_models import fit_linear, random_mlp, save
 from toolchain.core.errors import UsageError
 from toolchain.measure.stats import StatsConfig, bootstrap_ci, require_comparable, summarize
+from toolchain.measure.timing import MeasureConfig, measure, warmup_until_steady
 
 
 def test_bootstrap_ci_covers_the_true_median_about_95_percent() -> None:

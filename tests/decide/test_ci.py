@@ -7,10 +7,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from device_models import fit_linear, save
 from typer.testing import CliRunner
 
 from cli import app
+from tests.device_models import fit_linear, save
 from toolchain.ci.run import run_ci
 
 PROJECT = """
@@ -144,7 +144,7 @@ def test_device_stopped_mid_run_exits_3(models_dir: Path, tmp_path: Path) -> Non
         farm.close()
 
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ci" / "edge.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ci" / "edge.toml"
 
 
 def test_shipped_example_project_is_valid() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from device_models import fit_linear, save
 from typer.testing import CliRunner
 
 from cli import app
+from tests.device_models import fit_linear, save
 from toolchain.pick import decide, pareto
 
 
@@ -82,8 +82,8 @@ def test_pick_rejects_bad_metric(tmp_path: Path) -> None:
 def test_zoo_sweep_compares_one_task_only() -> None:
     """Accuracies of different tasks (Cora, a 3-class Fashion-MNIST subset) must not compete."""
     from toolchain.core.errors import UsageError
-    from toolchain.pick import zoo_candidates
     from toolchain.core.profile import load_profile
+    from toolchain.pick import zoo_candidates
     from toolchain.zoo.registry import entries
 
     prof = load_profile("x86-avx512")
