@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated
 
@@ -35,7 +36,6 @@ def register(app: typer.Typer) -> None:
     @handled
     def profiles_show(name: Annotated[str, typer.Argument(help="Profile id.")], as_json: JsonOpt = False) -> None:
         """Show every field of a profile."""
-        import dataclasses
 
 
         d = dataclasses.asdict(load_profile(name))
@@ -50,7 +50,8 @@ def register(app: typer.Typer) -> None:
         es = list(entries().values())
         emit([{"name": e.name, "family": e.family, "dataset": e.dataset, "summary": e.summary,
                "forms": list(e.forms)} for e in es], as_json,
-             lambda: table(["name", "family", "dataset", "summary"], [[e.name, e.family, e.dataset, e.summary] for e in es]))
+             lambda: table(["name", "family", "dataset", "summary"],
+                           [[e.name, e.family, e.dataset, e.summary] for e in es]))
 
 
     @zoo_app.command("train")
