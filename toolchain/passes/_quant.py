@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 from toolchain.core.cache import Cache, StepKey
 from toolchain.core.errors import UsageError
 from toolchain.core.onnx_io import graph_inputs, input_specs, ort_session
+from toolchain.measure.compare import task_accuracy
 from toolchain.passes._graph import (
     copy_model,
     dense_layers,
@@ -135,9 +136,8 @@ def predict(model: onnx.ModelProto, x: np.ndarray, threads: int = 1, batch: int 
 
 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy in percent on (x, y), at batch 1."""
-    logits = predict(model, x)
-    return float((logits.argmax(-1) == y[: len(logits)]).mean() * 100.0)
+    """Top-1 accuracy (a fraction, as everywhere in edgec) on (x, y), at batch 1."""
+    return task_accuracy(predict(model, x), y)
 
 
 def calibration_ranges(model: onnx.ModelProto, data: Any, cache: Any, samples: int, method: str) -> Path:

@@ -67,7 +67,7 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
 
     def q(sel: list[str]) -> tuple[onnx.ModelProto, float]:
         m = quantize(prep, cfg.mode, sel, cfg.per_channel, rr, calib)
-        return m, base - accuracy(m, x, y)
+        return m, (base - accuracy(m, x, y)) * 100.0  # the bound is in accuracy points
 
     def over_budget() -> bool:
         return time.monotonic() - t0 > cfg.time_budget_s
@@ -114,7 +114,7 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
     layers += [{"layer": k, "precision": "fp32", "why": why} for k, why in kept.items()]
     report = {
         "mode": cfg.mode, "max_drop": cfg.max_drop, "dataset": ds.name, "eval_samples": int(n),
-        "accuracy_fp32": round(base, 3), "accuracy": round(base - drop, 3), "drop_points": round(drop, 3),
+        "accuracy_fp32": round(base, 5), "accuracy": round(base - drop / 100.0, 5), "drop_points": round(drop, 3),
         "within_bound": drop <= cfg.max_drop, "int8_layers": len(sel), "layers": layers, "evaluations": steps,
         "budget_exhausted": over_budget(), "seconds": round(time.monotonic() - t0, 2),
         "weight_bytes": weight_bits_report(out),
