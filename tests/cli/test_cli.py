@@ -95,7 +95,7 @@ def test_missing_sdk_is_exit_3(tmp_path: Path) -> None:
 
 
 def test_build_user_cnn_both_targets_json(tmp_path: Path) -> None:
-    """Done-when of issue 2: a user's ONNX CNN on both targets, within 1e-4 of ONNX Runtime, JSON fields."""
+    """A user's ONNX CNN on both targets, within 1e-4 of ONNX Runtime, JSON fields."""
     f = tmp_path / "cnn.onnx"
     onnx.save_model(small_cnn(), f)
     cache = tmp_path / "cache"

@@ -22,7 +22,7 @@ from toolchain.bench import device_for, prepare_job
 from toolchain.ci.config import ModelSpec, Project, load_project
 from toolchain.ci.report import markdown, write_reports
 from toolchain.core.cache import Cache
-from toolchain.core.errors import EdgecError, InfraError, UsageError
+from toolchain.core.errors import InfraError
 from toolchain.core.profile import load_profile
 from toolchain.core.text import write_atomic
 from toolchain.device.farm import Event
@@ -133,4 +133,3 @@ def render_summary(rep: dict[str, Any]) -> str:
     return markdown(rep)
 
 
-__all__ = ["EdgecError", "Outcome", "UsageError", "gates", "render_summary", "run_ci"]

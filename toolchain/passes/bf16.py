@@ -5,12 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from toolchain.passes import fp16
-from toolchain.passes.fp16 import run
+from toolchain.passes.fp16 import run as run  # the pass function is fp16's, run with this Config
 
 
 @dataclass(frozen=True)
 class Config(fp16.Config):
     dtype: str = "bfloat16"
-
-
-__all__ = ["Config", "run"]
