@@ -25,7 +25,14 @@ from toolchain.core.versions import environment
 from toolchain.device.farm import Event, bench_many
 from toolchain.device.protocol import RemoteSpec
 from toolchain.measure.job import BenchJob, Labels, assemble
-from toolchain.measure.timing import MeasureConfig, MemoryProbe, bench_loaded, run_batched
+from toolchain.measure.timing import (
+    MeasureConfig,
+    MemoryProbe,
+    RunnerFactory,
+    bench_loaded,
+    measure_interleaved,
+    run_batched,
+)
 from toolchain.zoo.datasets import Dataset, load_dataset
 
 
@@ -80,23 +87,55 @@ class Device(Protocol):
 
 
 class LocalDevice:
-    """This process: each job's artifact is loaded by its target and measured here, one after another."""
+    """This process. One job is measured as ``edgec bench`` always has (``bench_loaded``); several jobs are
+    measured interleaved round by round (``measure_interleaved``), so machine noise hits them alike and their
+    latencies can be compared."""
 
     name = "local"
 
     def run(self, jobs: list[BenchJob], on_event: Event | None = None) -> dict[str, dict[str, Any]]:
         emit: Callable[[str, str, str], None] = on_event or (lambda *_: None)
-        out: dict[str, dict[str, Any]] = {}
+        if not jobs:
+            return {}
         for job in jobs:
             emit("start", job.art.key, "local")
-            target = get_target(job.target)
-            dev = bench_loaded(lambda target=target, job=job: target.load(job.art), job.input_name, job.shape,
-                               job.x, job.cfg, MemoryProbe())
-            dev["environment"] = environment()
-            dev["device"] = "local"
-            out[job.art.key] = assemble(job, dev)
+        loaders = {job.art.key: _loader(job) for job in jobs}
+        if len(jobs) == 1:
+            job = jobs[0]
+            raw = {job.art.key: bench_loaded(loaders[job.art.key], job.input_name, job.shape, job.x, job.cfg,
+                                             MemoryProbe())}
+        else:
+            raw = self._interleaved(jobs, loaders)
+        out: dict[str, dict[str, Any]] = {}
+        env = environment()
+        for job in jobs:
+            out[job.art.key] = assemble(job, {**raw[job.art.key], "environment": env, "device": "local"})
             emit("done", job.art.key, "local")
         return out
+
+    @staticmethod
+    def _interleaved(jobs: list[BenchJob], loaders: dict[str, RunnerFactory]) -> dict[str, dict[str, Any]]:
+        cfgs = {job.cfg for job in jobs}
+        if len(cfgs) != 1:
+            raise UsageError("jobs measured together must share one measurement configuration (profile, duration)")
+        cfg = cfgs.pop()
+        lats = measure_interleaved({job.art.key: (loaders[job.art.key], {job.input_name: job.x[:1].reshape(job.shape)})
+                                    for job in jobs}, cfg)
+        raw: dict[str, dict[str, Any]] = {}
+        for job in jobs:
+            memory = MemoryProbe()  # per job: the growth from loading this runner and running every input
+            with loaders[job.art.key]() as runner:
+                outputs = run_batched(runner, job.input_name, job.x, job.shape)
+                memory.sample()
+            lat = lats[job.art.key]
+            raw[job.art.key] = {"latency": lat.to_json(), "samples_ms": lat.samples_ms, "outputs": outputs,
+                                "memory": memory.to_json()}
+        return raw
+
+
+def _loader(job: BenchJob) -> RunnerFactory:
+    target = get_target(job.target)
+    return lambda: target.load(job.art)
 
 
 class RpcFarm:
