@@ -14,7 +14,7 @@ import torch
 
 from toolchain.core.errors import UsageError
 from toolchain.export import export_module
-from toolchain.zoo import planetoid
+from toolchain.zoo.datasets import planetoid
 from toolchain.zoo.gnn_mlp import ENTRIES, TEACHERS, normalized_adjacency
 from toolchain.zoo.trained import load_trained
 

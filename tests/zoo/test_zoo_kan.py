@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from zoo_helpers import full_test_parity
 
 from toolchain.export import export_module, torch_to_onnx
 from toolchain.zoo import ZooEntry, kan, skan
-from toolchain.zoo.kan_bases import BSplineBasis, ChebyBasis, RBFBasis, kernel_annotations
+from toolchain.zoo.convkan import KANConv2d
+from toolchain.zoo.kan_bases import (
+    BSplineBasis,
+    BSplineKANLayer,
+    ChebyBasis,
+    ChebyKANLayer,
+    FastKANLayer,
+    RBFBasis,
+)
 from toolchain.zoo.registry import get_entry
 from toolchain.zoo.skan import SKANNet
 from toolchain.zoo.trained import load_trained
-from tests.zoo_helpers import full_test_parity, one_thread  # noqa: F401 (autouse fixture)
-
 
 TINY = {"epochs": 1, "epochs_full": 1, "epochs_prune": 1, "select_holdout": 512, "train_limit": 2000}
 # kan-fast-long is kan-fast with more epochs: at the tiny recipe it is the same test twice.
@@ -76,20 +82,15 @@ def test_chebykan_onnx_has_no_acos_or_cos() -> None:
     assert "Tanh" in ops and not ops & {"Acos", "Cos", "Einsum"}
 
 
-@pytest.mark.parametrize("name,kernel", [("kan-bspline", "kan-bspline"), ("kan-fast", "kan-rbf"),
-                                         ("kan-cheby", "kan-cheby"), ("convkan", "kan-conv-rbf")])
-def test_layers_name_their_fused_kernel_in_onnx_metadata(name: str, kernel: str) -> None:
+@pytest.mark.parametrize("name,layer", [("kan-bspline", BSplineKANLayer), ("kan-fast", FastKANLayer),
+                                        ("kan-cheby", ChebyKANLayer), ("convkan", KANConv2d)])
+def test_kan_layers_are_recorded_in_onnx_metadata(name: str, layer: type) -> None:
     e = get_entry(name)
     m = e.build(e.recipe).eval()
-    ann = kernel_annotations(m)
-    assert ann and all(a["kernel"] == kernel for a in ann.values())
-    first = next(iter(ann.values()))
-    assert first.get("in_features", first.get("in_channels")) in (784, 1)
-    json.dumps(ann)  # plain data, storable next to the model
+    assert any(isinstance(mod, layer) for mod in m.modules())
     model = torch_to_onnx(m, (torch.zeros(e.input_shape),))
-    cls = type(next(mod for n, mod in m.named_modules() if n in ann)).__name__
     hier = [p.value for n in model.graph.node for p in n.metadata_props if p.key == "pkg.torch.onnx.class_hierarchy"]
-    assert any(cls in h for h in hier), f"{cls} not recorded in ONNX node metadata"
+    assert any(layer.__name__ in h for h in hier), f"{layer.__name__} not recorded in ONNX node metadata"
 
 
 def _skan_trained(fashion: Any, n: int = 2048) -> SKANNet:
@@ -179,7 +180,7 @@ def test_skan_forced_single_choice_exports_only_that_basis(fashion: Any) -> None
 def test_skan_rbf_variant_pool_freezes_to_described_rbfs_and_fuses_on_tvm(fashion: Any) -> None:
     """A pool of RBF variants (skan.RBF_VARIANTS): each chosen group exports as Exp-only RBFs whose kernel
     description carries that variant's own centers and width, and TVM's fused KAN kernel computes it."""
-    from kernels.tvm.harness import build_vm
+    from kernels.tvm.testing import build_vm
     from toolchain.core.profile import load_profile
 
     pool = ("rbf", "rbf_smooth", "rbf_high")
@@ -197,11 +198,13 @@ def test_skan_rbf_variant_pool_freezes_to_described_rbfs_and_fuses_on_tvm(fashio
     frozen = net.eval().frozen()
     with torch.no_grad():
         assert torch.allclose(frozen(x), net(x), atol=1e-4)
-    groups = frozen[0].edgec_kernel_params()["bases"]
-    for name, g in zip(pool, groups, strict=True):
+    layer = frozen[0]
+    assert layer.kinds == list(pool)
+    for name, basis in zip(pool, layer.bases, strict=True):
         want = skan.skan_basis(name, 8)
-        assert g["basis"] == "rbf" and g["centers"] == want.centers.tolist() and g["inv_width"] == want.inv_width
-    assert len({(tuple(g["centers"]), g["inv_width"]) for g in groups}) == 3
+        assert isinstance(basis, RBFBasis) and torch.equal(basis.centers, want.centers)
+        assert basis.inv_width == want.inv_width
+    assert len({(tuple(b.centers.tolist()), b.inv_width) for b in layer.bases}) == 3
     model = torch_to_onnx(frozen, (x[:1],), dynamic_batch=False)
     assert "Exp" in _ops(model) and not _ops(model) & {"Tanh", "Less", "GreaterOrEqual"}
     fused, table = build_vm(model, load_profile("x86-avx512"))

@@ -26,8 +26,6 @@ def test_lif_reset_modes() -> None:
         assert s.item() == 0.0
         s, u = lif(torch.tensor([[0.75]]), u)  # 0.45 + 0.75 = 1.2 > 1: spike, then reset
         assert s.item() == 1.0 and u.item() == pytest.approx(after_spike)
-    assert lif.edgec_kernel == "lif"
-    assert lif.edgec_kernel_params() == {"beta": 0.5, "threshold": 1.0, "reset": "zero", "T": 4}
 
 
 def test_rate_code_is_deterministic_and_counts_floor_tx() -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import onnx
-import pytest
 import torch
 
-from toolchain.export import compare, run_ort
+from toolchain.export import run_ort
+from toolchain.measure.compare import compare
 
 
 def full_test_parity(module: torch.nn.Module, model: onnx.ModelProto, x: np.ndarray) -> Any:
@@ -20,12 +19,3 @@ def full_test_parity(module: torch.nn.Module, model: onnx.ModelProto, x: np.ndar
         ref = np.concatenate([module(torch.from_numpy(c)).numpy() for c in chunks])
     got = np.concatenate([o[0] for o in run_ort(model, [{model.graph.input[0].name: c} for c in chunks])])
     return compare([ref], [got])
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small models on a shared 2-core machine: a second intra-op thread made steps several times slower."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from toolchain.core.cache import Cache
+from toolchain.zoo.datasets import Dataset
 
 if TYPE_CHECKING:
     import torch
-
-    from toolchain.zoo.datasets import Dataset
 
 
 @dataclass(frozen=True)
 class TrainContext:
     data: Dataset
+    # Where weights an entry trains on are loaded from or trained into (a GNN student's teacher, the
+    # NN-Factory supernet): the cache the caller passed to load_trained, never a default one.
+    cache: Cache
+    data_dir: Path | None = None  # the caller's --data-dir, for datasets such nested weights train on
     seed: int = 0
     progress: bool = True
     max_seconds: float | None = None  # a recipe may stop early to honour a time budget

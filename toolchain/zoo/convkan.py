@@ -7,8 +7,6 @@ a learnable univariate function of each input channel: a KAN convolution kernel.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -18,8 +16,6 @@ from toolchain.zoo.kan_bases import RBFBasis
 
 class KANConv2d(nn.Module):
     """RBF expansion per channel + SiLU base channel -> Conv2d."""
-
-    edgec_kernel = "kan-conv-rbf"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, num_centers: int = 6) -> None:
         super().__init__()
@@ -34,11 +30,6 @@ class KANConv2d(nn.Module):
         # (B, C, H, W, K) -> (B, C, K, H, W) -> (B, C*K, H, W): channel-major like the Conv2d weight.
         phi = self.basis(z).permute(0, 1, 4, 2, 3).reshape(b, c * self.basis.num_basis, h, w)
         return self.conv(torch.cat([F.silu(x), phi], 1))
-
-    def edgec_kernel_params(self) -> dict[str, Any]:
-        return {"kind": "conv-rbf", "in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": self.kernel_size, "num_basis": self.basis.num_basis, "batchnorm": True,
-                "base_branch": "silu", **self.basis.describe()}
 
 
 class ConvKANNet(nn.Module):

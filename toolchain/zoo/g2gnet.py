@@ -15,15 +15,18 @@ nothing data-dependent. Rewiring (``G2GRewirer``) runs only between optimizer st
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from toolchain.zoo import TrainContext, ZooEntry
+from toolchain.zoo.mlp import build_mlp
+from toolchain.zoo.training import limited_context, single_thread, train_classifier
 
 GROUPINGS = ("index", "mixer", "random")
 GRANULARITIES = ("column", "weight")
@@ -110,22 +113,13 @@ class G2GLinear(nn.Module):
 class FoldedG2GLinear(nn.Module):
     """Export form of a G2GLinear: mask and scale folded into one constant weight (zeros off-mask)."""
 
-    edgec_kernel = "g2g-modular"
-
     def __init__(self, layer: G2GLinear) -> None:
         super().__init__()
         self.register_buffer("weight", layer.effective_weight().detach().clone())
         self.register_buffer("bias", layer.bias.detach().clone())
-        self._layout = layer.layout()  # plain attribute: not part of the exported graph
-        self._granularity = layer.granularity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-    def edgec_kernel_params(self) -> dict[str, Any]:
-        return {"kind": "g2g-modular", "granularity": self._granularity, "groups": len(self._layout),
-                "in_features": self.weight.shape[1], "out_features": self.weight.shape[0],
-                "rows": [r for r, _ in self._layout], "cols": [c for _, c in self._layout]}
 
 
 class G2GNet(nn.Module):
@@ -277,36 +271,11 @@ def dense_match_hidden(recipe: Mapping[str, Any]) -> int:
 # Zoo entries
 
 
-def limited_context(ctx: Any, recipe: Mapping[str, Any]) -> Any:
-    """Train on the first ``train_limit`` samples when the recipe says so (tests' tiny recipes)."""
-    import dataclasses
-
-    limit = recipe.get("train_limit")
-    if not limit:
-        return ctx
-    d = ctx.data
-    return dataclasses.replace(ctx, data=dataclasses.replace(d, x_train=d.x_train[:limit], y_train=d.y_train[:limit]))
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Train with one intra-op thread: these small batch-128 matmuls gain little from a second
-    thread, and on a shared 2-core machine oversubscription made steps 3-6x slower (measured)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def build_g2gnet(recipe: Mapping[str, Any]) -> nn.Module:
     return G2GNet(recipe)
 
 
-def train_g2gnet(model: nn.Module, ctx: Any, recipe: Mapping[str, Any]) -> dict[str, Any]:
-    from toolchain.zoo.training import train_classifier
-
+def train_g2gnet(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]) -> dict[str, Any]:
     assert isinstance(model, G2GNet)
     ctx = limited_context(ctx, recipe)
     steps = recipe["epochs"] * math.ceil(len(ctx.data.x_train) / recipe["batch"])
@@ -324,14 +293,10 @@ def train_g2gnet(model: nn.Module, ctx: Any, recipe: Mapping[str, Any]) -> dict[
 
 
 def build_dense(recipe: Mapping[str, Any]) -> nn.Module:
-    from toolchain.zoo.mlp import build_mlp
-
     return build_mlp(recipe)
 
 
-def train_dense(model: nn.Module, ctx: Any, recipe: Mapping[str, Any]) -> dict[str, Any]:
-    from toolchain.zoo.training import train_classifier
-
+def train_dense(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]) -> dict[str, Any]:
     with single_thread():
         metrics = train_classifier(model, limited_context(ctx, recipe), epochs=recipe["epochs"], lr=recipe["lr"],
                                    batch=recipe["batch"], desc=f"dense-match {recipe['hidden']}")
@@ -353,17 +318,13 @@ G2G_RECIPE: dict[str, Any] = {
 }
 
 
-def _g2g_entry(name: str, summary: str, **over: Any) -> Any:
-    from toolchain.zoo import ZooEntry
-
+def _g2g_entry(name: str, summary: str, **over: Any) -> ZooEntry:
     return ZooEntry(name=name, family="g2gnet", summary=summary, dataset="fashion-mnist", input_shape=(1, 784),
                     recipe={**G2G_RECIPE, **over}, build=build_g2gnet, train=train_g2gnet,
                     export_module=_export_folded, tags=("sparse", "modular"))
 
 
-def _dense_entry() -> Any:
-    from toolchain.zoo import ZooEntry
-
+def _dense_entry() -> ZooEntry:
     h = dense_match_hidden(G2G_RECIPE)
     recipe = {"hidden": [h] * len(G2G_RECIPE["hidden"]),
               **{k: G2G_RECIPE[k] for k in ("epochs", "lr", "batch")}}

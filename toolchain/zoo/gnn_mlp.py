@@ -22,14 +22,15 @@ from torch.nn import functional as F
 
 from toolchain.core.errors import UsageError
 from toolchain.zoo import TrainContext, ZooEntry
+from toolchain.zoo.datasets import Dataset
+from toolchain.zoo.datasets.planetoid import GraphDataset
+from toolchain.zoo.trained import load_trained
 
 NUM_FEATURES = {"cora": 1433, "citeseer": 3703}
 NUM_CLASSES = {"cora": 7, "citeseer": 6}
 
 
-def _graph(data: Any) -> Any:
-    from toolchain.zoo.planetoid import GraphDataset
-
+def _graph(data: Dataset) -> GraphDataset:
     if not isinstance(data, GraphDataset):
         raise UsageError(f"dataset {data.name!r} has no graph; GNN entries train on cora or citeseer")
     return data
@@ -170,13 +171,10 @@ def train_teacher(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]
 
 
 def teacher_logits(recipe: Mapping[str, Any], ctx: TrainContext) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The cached teacher's logits on every node (trains it once into the active cache if needed)."""
-    from toolchain.cli import get_cache
-    from toolchain.zoo.trained import load_trained
-
+    """The teacher's logits on every node, its weights loaded from the caller's cache (trained into it once)."""
     # The student's recipe carries the teacher's, so it alone keys both cached weights.
     entry = dataclasses.replace(TEACHERS[recipe["teacher"]], recipe=dict(recipe["teacher_recipe"]))
-    teacher, metrics, _art, _hit = load_trained(entry, get_cache(), data=ctx.data, seed=ctx.seed,
+    teacher, metrics, _art, _hit = load_trained(entry, ctx.cache, ctx.data_dir, data=ctx.data, seed=ctx.seed,
                                                 progress=ctx.progress)
     data = _graph(ctx.data)
     with torch.no_grad():

@@ -16,9 +16,8 @@ from torch import nn
 
 from toolchain.zoo import TrainContext, ZooEntry
 from toolchain.zoo.convkan import ConvKANNet
-from toolchain.zoo.g2gnet import limited_context, single_thread
 from toolchain.zoo.kan_bases import BSplineKANLayer, ChebyKANLayer, FastKANLayer
-from toolchain.zoo.training import train_classifier
+from toolchain.zoo.training import limited_context, single_thread, train_classifier
 
 
 class KANNet(nn.Module):

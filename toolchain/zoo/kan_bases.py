@@ -7,15 +7,11 @@ Every basis maps ``x`` of shape (B, n) to (B, n, K) with a static K, so a KAN la
   indicator is a boolean cast to float; the uniform grid is a frozen buffer (never updated).
 - Gaussian RBF (FastKAN): exp(-((x - c) / h)^2) on LayerNorm-ed input.
 - Chebyshev (ChebyKAN): T_n by the recurrence T_n = 2x T_{n-1} - T_{n-2} on tanh(x): no Acos/Cos.
-
-Each layer class names a fused-kernel id in ``edgec_kernel`` and describes itself in
-``edgec_kernel_params()``; torch's exporter records the module class in ONNX node metadata.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -45,9 +41,6 @@ class BSplineBasis(nn.Module):
             bases = left * bases[..., :-1] + right * bases[..., 1:]
         return bases
 
-    def describe(self) -> dict[str, Any]:
-        return {"basis": "bspline", "grid": self.grid.tolist(), "grid_size": self.grid_size, "order": self.order}
-
 
 class RBFBasis(nn.Module):
     """Gaussian radial basis functions at evenly spaced centers (FastKAN)."""
@@ -64,9 +57,6 @@ class RBFBasis(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = (x.unsqueeze(-1) - self.centers) * self.inv_width
         return torch.exp(-(d * d))  # d*d, not Pow: cheaper in every runtime
-
-    def describe(self) -> dict[str, Any]:
-        return {"basis": "rbf", "centers": self.centers.tolist(), "inv_width": self.inv_width}
 
 
 class ChebyBasis(nn.Module):
@@ -86,9 +76,6 @@ class ChebyBasis(nn.Module):
         for _ in range(2, self.degree + 1):
             terms.append(2 * t * terms[-1] - terms[-2])
         return torch.stack(terms[: self.degree + 1], dim=-1)
-
-    def describe(self) -> dict[str, Any]:
-        return {"basis": "cheby", "degree": self.degree, "squash": "tanh", "method": "recurrence"}
 
 
 def make_basis(kind: str, num_basis: int) -> nn.Module:
@@ -110,7 +97,6 @@ def expand(basis: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class KANLayer(nn.Module):
     """Shared shape of the three single-basis KAN layers: spline branch (+ SiLU base branch)."""
 
-    edgec_kernel = "kan"
     kind = ""
 
     def __init__(self, in_features: int, out_features: int, basis: nn.Module, *, base: bool, norm: bool,
@@ -131,16 +117,10 @@ class KANLayer(nn.Module):
             y = y + self.base(F.silu(x))
         return y
 
-    def edgec_kernel_params(self) -> dict[str, Any]:
-        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
-                "num_basis": self.basis.num_basis, "layernorm": self.norm is not None,
-                "base_branch": "silu" if self.base is not None else None, **self.basis.describe()}
-
 
 class BSplineKANLayer(KANLayer):
     """efficient-kan: SiLU base branch + B-spline branch (grid G, order k)."""
 
-    edgec_kernel = "kan-bspline"
     kind = "bspline"
 
     def __init__(self, in_features: int, out_features: int, grid_size: int = 5, order: int = 3) -> None:
@@ -151,7 +131,6 @@ class BSplineKANLayer(KANLayer):
 class FastKANLayer(KANLayer):
     """FastKAN: Gaussian RBFs on LayerNorm-ed input + SiLU base branch."""
 
-    edgec_kernel = "kan-rbf"
     kind = "rbf"
 
     def __init__(self, in_features: int, out_features: int, num_centers: int = 8) -> None:
@@ -162,23 +141,9 @@ class FastKANLayer(KANLayer):
 class ChebyKANLayer(KANLayer):
     """ChebyKAN: Chebyshev coefficients on tanh(x), no base branch (as the reference implementation)."""
 
-    edgec_kernel = "kan-cheby"
     kind = "cheby"
 
     def __init__(self, in_features: int, out_features: int, degree: int = 7) -> None:
         super().__init__(in_features, out_features, ChebyBasis(degree), base=False, norm=False,
                          spline_std=1.0 / math.sqrt(in_features * (degree + 1)))
 
-
-def kernel_annotations(module: nn.Module) -> dict[str, dict[str, Any]]:
-    """{module path: {"kernel": id, **params}} for every submodule that names a fused kernel.
-
-    The paths match the ``pkg.torch.onnx.name_scopes`` the exporter writes into node metadata, so a
-    compiler pass can map exported nodes back to the layer's static description.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for name, sub in module.named_modules():
-        params = getattr(sub, "edgec_kernel_params", None)
-        if callable(params):
-            out[name] = {"kernel": sub.edgec_kernel, **params()}
-    return out

@@ -12,9 +12,11 @@ no gating, no routing, no training, in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from toolchain.core.cache import Cache
 from toolchain.core.errors import UsageError
 from toolchain.zoo import TrainContext, ZooEntry
-from toolchain.zoo.training import evaluate, seed_everything
+from toolchain.zoo.trained import load_trained
+from toolchain.zoo.training import evaluate, limited_context, seed_everything
 
 # Confusable pairs share an expert: tops/shirts, pullover/coat, trouser/dress, sandal/sneaker, bag/boot.
 GROUPS: tuple[tuple[int, ...], ...] = ((0, 6), (2, 4), (1, 3), (5, 7), (8, 9))
@@ -63,6 +67,7 @@ def build_supernet(recipe: Mapping[str, Any]) -> nn.Module:
 def train_supernet(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]) -> dict[str, Any]:
     """Sandwich rule: full width (CE on labels) + narrowest + one random width (CE on the full width's soft labels)."""
     assert isinstance(model, Supernet)
+    ctx = limited_context(ctx, recipe)
     seed_everything(ctx.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matmuls on a shared 2-core machine: one thread is faster
@@ -154,40 +159,10 @@ def assemble_from(net: Supernet, task_classes: Sequence[int], sparsity: float) -
     return model.eval()
 
 
-_SUPERNET: dict[str, Supernet] = {}
-
-
-def assemble(task_classes: Sequence[int], sparsity: float, net: Supernet | None = None) -> nn.Module:
-    """The public assembler: one compact static nn.Module for ``task_classes`` at ``sparsity``.
-    Uses the cached default supernet (trained once into the active cache) unless ``net`` is given."""
-    if net is None:
-        if "default" not in _SUPERNET:
-            from toolchain.cli import get_cache
-            from toolchain.zoo.trained import load_trained
-
-            sn, *_ = load_trained(SUPERNET_ENTRY, get_cache(), progress=False)
-            _SUPERNET["default"] = sn
-        net = _SUPERNET["default"]
+def assemble(task_classes: Sequence[int], sparsity: float, net: Supernet) -> nn.Module:
+    """The public assembler: one compact static nn.Module for ``task_classes`` at ``sparsity``, cut from
+    ``net`` (e.g. ``load_supernet(cache)``)."""
     return assemble_from(net, task_classes, sparsity)
-
-
-def task_dataset(name: str, data_dir: Any = None) -> Any:
-    """``fashion-mnist:0,2,4,6`` -> Fashion-MNIST restricted to those classes, labels renumbered 0..n-1."""
-    import hashlib
-
-    from toolchain.zoo.datasets import Dataset, fashion_mnist
-
-    try:
-        task = sorted({int(c) for c in name.split(":", 1)[1].split(",")})
-    except ValueError:
-        raise UsageError(f"dataset {name!r} must be fashion-mnist:<classes>, e.g. fashion-mnist:0,2,4,6") from None
-    full = fashion_mnist(data_dir)
-    remap = np.full(10, -1, np.int64)
-    remap[task] = np.arange(len(task))
-    mtr, mte = np.isin(full.y_train, task), np.isin(full.y_test, task)
-    sha = hashlib.sha256((full.sha256 + name).encode()).hexdigest()
-    return Dataset(name, full.x_train[mtr], remap[full.y_train[mtr]], full.x_test[mte], remap[full.y_test[mte]],
-                   sha, len(task))
 
 
 SUPERNET_RECIPE = {"stem": 256, "expert": 64, "groups": [list(g) for g in GROUPS], "epochs": 6, "lr": 2e-3,
@@ -199,6 +174,15 @@ SUPERNET_ENTRY = ZooEntry(
 )
 
 
+def load_supernet(cache: Cache, recipe: Mapping[str, Any] = SUPERNET_RECIPE, *, data_dir: Path | None = None,
+                  seed: int = 0, progress: bool = False) -> Supernet:
+    """The supernet of ``recipe``, loaded from ``cache`` (trained into it on the first call)."""
+    entry = dataclasses.replace(SUPERNET_ENTRY, recipe=dict(recipe))
+    net, *_ = load_trained(entry, cache, data_dir, seed=seed, progress=progress)
+    assert isinstance(net, Supernet)
+    return net
+
+
 def _generated_entry(task_name: str, sparsity: float) -> ZooEntry:
     task = TASKS[task_name]
     recipe = {"task": list(task), "sparsity": sparsity, "supernet_recipe": dict(SUPERNET_RECIPE)}
@@ -208,11 +192,9 @@ def _generated_entry(task_name: str, sparsity: float) -> ZooEntry:
         return compact_module(784, k, len(sel) * ke, len(r["task"]))
 
     def train(model: nn.Module, ctx: TrainContext, r: Mapping[str, Any]) -> dict[str, Any]:
-        # No training: materialise from the cached supernet and copy the weights in.
-        from toolchain.cli import get_cache
-        from toolchain.zoo.trained import load_trained
-
-        sn, *_ = load_trained(SUPERNET_ENTRY, get_cache(), seed=ctx.seed, progress=ctx.progress)
+        # No training: materialise from the supernet of the recipe (in the caller's cache) and copy the weights in.
+        sn = load_supernet(ctx.cache, r["supernet_recipe"], data_dir=ctx.data_dir, seed=ctx.seed,
+                           progress=ctx.progress)
         t0 = time.perf_counter()
         gen = assemble_from(sn, r["task"], r["sparsity"])
         seconds = time.perf_counter() - t0

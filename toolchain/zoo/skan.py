@@ -45,9 +45,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from toolchain.zoo import TrainContext, ZooEntry
-from toolchain.zoo.g2gnet import limited_context, single_thread
 from toolchain.zoo.kan_bases import RBFBasis, expand, make_basis
-from toolchain.zoo.training import evaluate, train_classifier
+from toolchain.zoo.training import evaluate, limited_context, single_thread, train_classifier
 
 POOL = ("bspline", "rbf", "cheby")
 
@@ -73,15 +72,13 @@ def skan_basis(name: str, num_basis: int) -> nn.Module:
     if name in RBF_VARIANTS:
         grid_range, width = RBF_VARIANTS[name]
         basis = RBFBasis(num_centers=num_basis, grid_range=grid_range)
-        basis.inv_width /= width  # a plain attribute: forward() and describe() both read it
+        basis.inv_width /= width  # a plain attribute that forward() reads
         return basis
     return make_basis(name, num_basis)
 
 
 class SKANLayer(nn.Module):
     """A KAN layer over a pool of bases, gated per node, with a per-node basis choice (-1 until selection)."""
-
-    edgec_kernel = "kan-select"
 
     def __init__(self, in_features: int, out_features: int, num_basis: int = 8,
                  pool: tuple[str, ...] = POOL) -> None:
@@ -173,8 +170,6 @@ class SKANLayer(nn.Module):
 class FrozenSKANLayer(nn.Module):
     """Export form: constant gathers per chosen basis, one MatMul over the concatenated features."""
 
-    edgec_kernel = "kan-select"
-
     def __init__(self, layer: SKANLayer) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
@@ -202,12 +197,6 @@ class FrozenSKANLayer(nn.Module):
         feats = [expand(basis, z.index_select(1, getattr(self, f"idx_{name}")))
                  for name, basis in zip(self.kinds, self.bases, strict=True)]
         return self.base(F.silu(x)) + torch.cat(feats, 1) @ self.weight
-
-    def edgec_kernel_params(self) -> dict[str, Any]:
-        return {"kind": "select", "in_features": self.in_features, "out_features": self.out_features,
-                "layernorm": True, "base_branch": "silu",
-                "bases": [{"nodes": getattr(self, f"idx_{n}").tolist(), **b.describe()}
-                          for n, b in zip(self.kinds, self.bases, strict=True)]}
 
 
 class SKANNet(nn.Module):

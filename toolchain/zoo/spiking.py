@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from toolchain.zoo import TrainContext, ZooEntry
-from toolchain.zoo.training import train_classifier
+from toolchain.zoo.training import evaluate, train_classifier
 
 GRID = 2.0**-12  # weight grid: sums of up to 2^24 grid steps are exact in float32
 
@@ -50,8 +50,6 @@ class _Spike(torch.autograd.Function):
 class LIF(nn.Module):
     """Leaky integrate-and-fire: u <- beta u + I; s = (u - threshold > 0); reset by subtraction or to zero."""
 
-    edgec_kernel = "lif"
-
     def __init__(self, beta: float, threshold: float, reset: str, steps: int, surrogate: str = "fast_sigmoid",
                  slope: float = 25.0) -> None:
         super().__init__()
@@ -59,10 +57,6 @@ class LIF(nn.Module):
             raise ValueError(f"reset must be 'subtract' or 'zero', not {reset!r}")
         self.beta, self.threshold, self.reset, self.steps = beta, threshold, reset, steps
         self.surrogate, self.slope = surrogate, slope
-
-    def edgec_kernel_params(self) -> dict[str, Any]:
-        """What a fused LIF kernel needs to reproduce this layer exactly."""
-        return {"beta": self.beta, "threshold": self.threshold, "reset": self.reset, "T": self.steps}
 
     def forward(self, current: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step: (input current, membrane) -> (spikes, new membrane)."""
@@ -156,8 +150,6 @@ def train_spiking(model: nn.Module, ctx: TrainContext, recipe: Mapping[str, Any]
     metrics = train_classifier(model, ctx, epochs=recipe["epochs"], lr=recipe["lr"], batch=recipe["batch"],
                                loss_fn=loss_fn, desc=f"snn T={recipe['steps']}")
     snap_to_grid(model)
-    from toolchain.zoo.training import evaluate
-
     metrics["test_accuracy_pre_snap"] = metrics["test_accuracy"]
     metrics["test_accuracy"] = evaluate(model, ctx.data.x_test, ctx.data.y_test)
     torch.set_num_threads(threads)

@@ -1,24 +1,46 @@
-"""Trained weights as cached artifacts, keyed by (model name, recipe, data hash, seed, training code)."""
+"""Trained weights as cached artifacts.
+
+The key of an entry's weights is (model name, recipe, dataset content hash, seed, training-code digest).
+The training-code digest covers what defines the model and how it trains, not where that code lives:
+
+- start from the entry's ``build`` and ``train`` functions;
+- follow every global (and closure variable) those functions use: a function or class defined in the zoo
+  (``toolchain.zoo.*``) is followed in turn (a class with its zoo base classes and every method), a zoo
+  ``ZooEntry`` contributes its recipe and its own ``build``/``train`` (a student's teacher, NN-Factory's
+  supernet), a plain-data constant (numbers, strings, tuples/lists/dicts of them) its value;
+- hash the source text of each function and class reached (``inspect.getsource``, parsed and unparsed, so
+  comments, docstrings and formatting do not count), sorted, plus the constants' values.
+
+So editing S-KAN's layer retrains S-KAN and not the spiking nets; editing the shared training loop retrains
+every entry that uses it; moving or renaming a file changes nothing. Code outside the zoo (torch, numpy, the
+core layer) and this module's cache machinery are not followed: the torch version and the toolchain version
+are part of every step key already.
+"""
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import inspect
 import json
+import textwrap
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from toolchain.core.cache import Artifact, Cache, StepKey
+from toolchain.core.cache import Artifact, Cache, StepKey, canonical_json
+from toolchain.core.errors import UsageError
 from toolchain.zoo import TrainContext, ZooEntry
 from toolchain.zoo.datasets import Dataset, load_dataset
 
 _ZOO = "toolchain.zoo"
-_ZOO_DIR = Path(__file__).parent
+_PLAIN_DATA = (int, float, str, bool, bytes, type(None))
 
 
 def load_state_dict_safely(path: Path) -> dict[str, Any]:
     """Weights only: never unpickle arbitrary objects from a checkpoint."""
     import torch
-
-    from toolchain.core.errors import UsageError
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -28,47 +50,126 @@ def load_state_dict_safely(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def _zoo_imports(path: Path) -> set[str]:
-    """toolchain.zoo modules a source file imports (module level or inside functions)."""
-    import ast
-
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith(_ZOO + "."))
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.startswith(_ZOO + "."):
-                found.add(node.module)
-            elif node.module == _ZOO:  # `from toolchain.zoo import kan_bases` names a module; a class is not one
-                found.update(f"{_ZOO}.{a.name}" for a in node.names if (_ZOO_DIR / f"{a.name}.py").is_file())
-    return found
+def _is_plain_data(value: Any) -> bool:
+    if isinstance(value, _PLAIN_DATA):
+        return True
+    if isinstance(value, tuple | list | frozenset | set):
+        return all(_is_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_plain_data(k) and _is_plain_data(v) for k, v in value.items())
+    return False
 
 
-def training_code_digest(entry: ZooEntry | None = None) -> str:
-    """sha256 of the training code of one entry: its family module(s) and every zoo module they import,
-    transitively (bases, training loop, datasets, the ZooEntry contract). Editing S-KAN retrains S-KAN, not
-    the spiking nets; editing the shared training loop retrains everything that uses it. Without an entry:
-    the whole zoo package."""
-    import hashlib
-    import importlib.util
+def _canonical(value: Any) -> str:
+    """repr with set members sorted, so the text does not depend on string hashing."""
+    if isinstance(value, set | frozenset):
+        return "{" + ", ".join(sorted(_canonical(v) for v in value)) + "}"
+    if isinstance(value, tuple | list):
+        return type(value).__name__ + "(" + ", ".join(_canonical(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_canonical(k)}: {_canonical(v)}" for k, v in value.items()) + "}"
+    return repr(value)
 
-    files: dict[str, Path] = {}
-    if entry is None:
-        files = {f.name: f for f in _ZOO_DIR.glob("*.py")}
-    else:
-        todo = [_ZOO] + sorted({entry.build.__module__, entry.train.__module__})
-        while todo:
-            mod = todo.pop()
-            spec = importlib.util.find_spec(mod)
-            origin = Path(spec.origin) if spec and spec.origin else None
-            if mod in files or origin is None or not origin.is_file():
-                continue
-            files[mod] = origin
-            todo.extend(sorted(_zoo_imports(origin) - files.keys()))
+
+def _in_zoo_module(module: str) -> bool:
+    return (module == _ZOO or module.startswith(_ZOO + ".")) and module != __name__
+
+
+def _in_zoo(obj: Any) -> bool:
+    return _in_zoo_module(getattr(obj, "__module__", None) or "")
+
+
+def _normalised_source(obj: Any) -> str | None:
+    """The object's source without comments, docstrings or formatting; None where there is no source."""
+    try:
+        text = textwrap.dedent(inspect.getsource(obj))
+    except (OSError, TypeError):
+        return None
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:  # e.g. a lambda cut out of a longer line
+        return text
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Module) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def _code_names(code: types.CodeType) -> Iterator[str]:
+    """Global and attribute names a code object and its nested functions, lambdas and comprehensions use."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_names(const)
+
+
+def _function_references(fn: types.FunctionType) -> Iterator[tuple[str, Any]]:
+    """(name, value) of the globals and closure variables a function uses."""
+    names = set(_code_names(fn.__code__))
+    scope = fn.__globals__
+    for name in sorted(names):
+        if name in scope:
+            value = scope[name]
+            yield name, value
+            if isinstance(value, types.ModuleType) and _in_zoo_module(value.__name__):  # `kan_bases.make_basis`
+                yield from ((f"{name}.{a}", getattr(value, a)) for a in sorted(names) if hasattr(value, a))
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True):
+        try:
+            yield name, cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+
+
+def _class_functions(cls: type) -> Iterator[types.FunctionType]:
+    for attr in vars(cls).values():
+        if isinstance(attr, staticmethod | classmethod):
+            attr = attr.__func__
+        if isinstance(attr, property):
+            yield from (f for f in (attr.fget, attr.fset, attr.fdel) if isinstance(f, types.FunctionType))
+        elif isinstance(attr, types.FunctionType):
+            yield attr
+
+
+def training_code_digest(entry: ZooEntry) -> str:
+    """sha256 of the source of everything that defines ``entry``'s model and training (see the module docstring)."""
+    sources: set[str] = set()
+    constants: set[str] = set()
+    seen: set[int] = set()
+    todo: list[Any] = [entry]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, types.FunctionType):
+            obj = inspect.unwrap(obj)  # a decorated function (torch.no_grad, contextmanager): the function written
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, ZooEntry):
+            constants.add(f"entry {obj.name} recipe {canonical_json(dict(obj.recipe))}")
+            todo += [obj.build, obj.train]
+        elif isinstance(obj, types.FunctionType):
+            if _in_zoo(obj):
+                sources.add(_normalised_source(obj) or obj.__qualname__)
+                for name, value in _function_references(obj):
+                    if _is_plain_data(value):
+                        constants.add(f"{name} = {_canonical(value)}")
+                    else:
+                        todo.append(value)
+        elif isinstance(obj, type):
+            if _in_zoo(obj):
+                sources.add(_normalised_source(obj) or obj.__qualname__)
+                todo += [base for base in obj.__mro__[1:] if _in_zoo(base)]
+                todo += list(_class_functions(obj))
+        elif isinstance(obj, dict):  # e.g. a table of teacher entries
+            todo += list(obj.values())
+        elif isinstance(obj, tuple | list):
+            todo += list(obj)
     h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(files[name].name.encode())
-        h.update(files[name].read_bytes())
+    for text in (*sorted(sources), *sorted(constants)):
+        h.update(text.encode())
+        h.update(b"\0")
     return h.hexdigest()
 
 
@@ -80,7 +181,8 @@ def load_trained(
     progress: bool = True,
     data: Dataset | None = None,
 ) -> tuple[Any, dict[str, Any], Artifact, bool]:
-    """(module in eval mode, training metrics, weights artifact, cache hit)."""
+    """(module in eval mode, training metrics, weights artifact, cache hit). Weights an entry trains on
+    (a teacher, a supernet) are loaded from, or trained into, the same ``cache``."""
     import torch
 
     data = data or load_dataset(entry.dataset, data_dir)
@@ -90,7 +192,9 @@ def load_trained(
     def write(d: Path) -> tuple[str, dict[str, Any]]:
         torch.manual_seed(seed)
         module = entry.build(entry.recipe)
-        metrics = entry.train(module, TrainContext(data=data, seed=seed, progress=progress), entry.recipe)
+        ctx = TrainContext(data=data, cache=cache, data_dir=Path(data_dir) if data_dir else None, seed=seed,
+                           progress=progress)
+        metrics = entry.train(module, ctx, entry.recipe)
         module.eval()
         torch.save(module.state_dict(), d / "weights.pt")
         (d / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -101,3 +205,4 @@ def load_trained(
     module.load_state_dict(load_state_dict_safely(art.payload))
     module.eval()
     return module, dict(art.meta.get("metrics", {})), art, hit
+

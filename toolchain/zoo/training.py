@@ -1,9 +1,12 @@
-"""Shared training loop for classifiers on (x, y) arrays, with a progress bar and a time budget."""
+"""Shared training loop for classifiers on (x, y) arrays, with a progress bar and a time budget, and
+the helpers recipes share: a training-set limit for tests' tiny recipes, one intra-op thread."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,28 @@ from toolchain.zoo import TrainContext
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the global RNG, for any numpy code a recipe calls
+
+
+def limited_context(ctx: TrainContext, recipe: Mapping[str, Any]) -> TrainContext:
+    """Train on the first ``train_limit`` samples when the recipe says so (tests' tiny recipes)."""
+    limit = recipe.get("train_limit")
+    if not limit:
+        return ctx
+    d = ctx.data
+    return dataclasses.replace(ctx, data=dataclasses.replace(d, x_train=d.x_train[:limit], y_train=d.y_train[:limit]))
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Train with one intra-op thread: these small batch-128 matmuls gain little from a second
+    thread, and on a shared 2-core machine oversubscription made steps 3-6x slower (measured)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 @torch.no_grad()
@@ -54,7 +78,8 @@ def train_classifier(
     start = time.monotonic()
     step = 0
     stopped_early = False
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=None if ctx.progress else True, unit="step", leave=False)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=None if ctx.progress else True, unit="step",
+               leave=False)
     for _epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(xtr), generator=g)

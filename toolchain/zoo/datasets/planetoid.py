@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from toolchain.core.errors import UsageError
-from toolchain.zoo.datasets import Dataset
+from toolchain.zoo.datasets.base import Dataset
 
+PLANETOID_NAMES = ("cora", "citeseer")
 PARTS = ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")
 
 # sha256 of the public Planetoid raw files (github.com/kimiyoung/planetoid, as mirrored by PyG).
@@ -127,7 +128,7 @@ def load_planetoid_dataset(name: str, data_dir: Path | str | None) -> GraphDatas
     """Verified, restricted load of Cora or Citeseer with the public split."""
     import scipy.sparse as sp
 
-    if name not in ("cora", "citeseer"):
+    if name not in PLANETOID_NAMES:
         raise UsageError(f"unknown Planetoid dataset {name!r}; use cora or citeseer")
     d = planetoid_dir(data_dir)
     raw = {p: _verified_bytes(d / f"ind.{name}.{p}") for p in PARTS}  # every hash checked before any unpickle
