@@ -14,7 +14,7 @@ from typing import Any
 
 from targets.base import CompileOptions, TuneOptions
 from toolchain import bench as _bench
-from toolchain import describe, pipeline
+from toolchain import describe, pipeline, search
 from toolchain.core.cache import Artifact, Cache
 from toolchain.core.profile import Profile, load_profile
 from toolchain.device.protocol import RemoteSpec
@@ -22,7 +22,7 @@ from toolchain.export import export_model, import_onnx_file
 from toolchain.passes.manager import run_passes
 
 __all__ = ["Artifact", "Cache", "CompileOptions", "RemoteSpec", "TuneOptions", "bench", "build", "compile",
-           "export", "import_onnx", "inspect", "optimize", "resolve_artifact"]
+           "export", "fastest", "import_onnx", "inspect", "optimize", "resolve_artifact"]
 
 
 def export(model: str, *, cache: Cache, input_shape: str | None = None, weights: Path | None = None,
@@ -44,7 +44,7 @@ def optimize(art: Artifact, passes: list[str], *, cache: Cache, profile: Profile
                       only_if_faster=only_if_faster)
 
 
-def compile(art: Artifact, *, profile: Profile | str, target: str, cache: Cache,
+def compile(art: Artifact, *, profile: Profile | str, target: str, cache: Cache,  # noqa: A001 -- the CLI verb
             options: CompileOptions = CompileOptions()) -> tuple[Artifact, bool]:
     """Compile an ONNX artifact for a device profile through one target."""
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -69,6 +69,17 @@ def build(model: str, *, profile: str, cache: Cache, targets: list[str] | None =
     return pipeline.build(model, profile, cache, targets=targets, passes=passes, input_shape=input_shape,
                           data=data, data_dir=data_dir, samples=samples, duration_s=duration_s, options=options,
                           progress=progress)
+
+
+def fastest(model: str, *, profile: str, cache: Cache, max_drop: float = 1.0, data: str | None = None,
+            data_dir: Path | None = None, samples: int = 0, duration_s: float | None = None,
+            remote: RemoteSpec | None = None, options: CompileOptions = CompileOptions(),
+            input_shape: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Every target x pass chain edgec can build for the profile, measured together; the fastest variant whose
+    accuracy drop (on the full test set by default) stays within ``max_drop`` points is chosen."""
+    return search.fastest(model, load_profile(profile), cache, max_drop=max_drop, data=data, data_dir=data_dir,
+                          samples=samples, duration_s=duration_s, remote=remote, options=options,
+                          input_shape=input_shape, progress=progress)
 
 
 def resolve_artifact(ref: str, *, cache: Cache) -> Artifact:

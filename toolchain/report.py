@@ -116,3 +116,39 @@ def render_inspect(info: dict[str, Any]) -> str:
         lines += ["", table(["kernel", "origin", "detail", "time share"],
                             [[k["name"], k["origin"], k.get("kernel", ""), share(k)] for k in info["kernels"]])]
     return "\n".join(lines)
+
+
+def _fastest_rows(found: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["variant", "p50", "p50 95% CI", "accuracy", "drop (pt)", "size", "status", "why"]
+    rows = []
+    for r in found["variants"]:
+        measured = "p50_ms" in r
+        rows.append([
+            r["label"], _us(r["p50_ms"]) if measured else "-",
+            f"{_us(r['ci_p50_ms'][0])} - {_us(r['ci_p50_ms'][1])}" if measured else "-",
+            f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else "-",
+            f"{r['drop_points']:.2f}" if r.get("drop_points") is not None else "-",
+            f"{r['size_bytes'] / 1024:.0f} KiB" if measured else "-", r["status"], r.get("reason") or "",
+        ])
+    return headers, rows
+
+
+def render_fastest(found: dict[str, Any]) -> str:
+    """``edgec build --optimize fastest`` for a terminal."""
+    headers, rows = _fastest_rows(found)
+    head = (f"model {found['model']}  profile {found['profile']}  on {found['device']}  max drop "
+            f"{found['max_drop_points']:g} pt  wall {found['wall_s']} s")
+    choice = (f"chosen: {found['chosen']} (artifact {found['artifact']})" if found["chosen"]
+              else "no variant stays within the accuracy bound; raise --max-drop or check the failed rows")
+    return "\n".join([head, choice, "", table(headers, [[str(c)[:70] for c in r] for r in rows])])
+
+
+def write_fastest_reports(found: dict[str, Any], out_dir: Path, stem: str) -> tuple[Path, Path]:
+    headers, rows = _fastest_rows(found)
+    j, m = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    write_atomic(j, json.dumps(found, indent=2, default=str))
+    write_atomic(m, "\n".join([f"# edgec build --optimize fastest: {found['model']} on {found['profile']}", "",
+                                f"- chosen: {found['chosen'] or 'none within bound'}",
+                                f"- max drop {found['max_drop_points']:g} pt; measured on {found['device']}", "",
+                                markdown_table(headers, rows), ""]))
+    return j, m

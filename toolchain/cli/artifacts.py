@@ -23,12 +23,20 @@ from toolchain.cli.common import (
     get_cache,
     handled,
 )
+from toolchain.core.errors import UsageError
 from toolchain.core.profile import load_profile
 from toolchain.core.text import copy_atomic
 from toolchain.device.protocol import RemoteSpec, token_from_env
 from toolchain.passes import REGISTRY as PASSES
 from toolchain.passes.manager import parse_passes
-from toolchain.report import render_bench, render_build, render_inspect, write_build_reports
+from toolchain.report import (
+    render_bench,
+    render_build,
+    render_fastest,
+    render_inspect,
+    write_build_reports,
+    write_fastest_reports,
+)
 
 TuneTrialsOpt = Annotated[int | None, typer.Option(
     help="TVM: MetaSchedule trials. Default: auto -- the profile's tuning.auto_trials (96) when a layer of "
@@ -135,15 +143,38 @@ def register(app: typer.Typer) -> None:
         input_shape: Annotated[str | None, typer.Option(help="Input shape for module:factory, e.g. 1,784.")] = None,
         data: Annotated[str | None, typer.Option(help="Labelled set for accuracy (zoo models use their own).")] = None,
         data_dir: DataDirOpt = None,
-        samples: Annotated[int, typer.Option(help="Test samples for accuracy (0 = all).")] = 1000,
+        samples: Annotated[int | None, typer.Option(help="Test samples for accuracy (0 = all; default 1000, all with --optimize fastest).", show_default=False)] = None,
         duration: Annotated[float | None, typer.Option(help="Seconds of timed runs per target.")] = None,
         report_dir: Annotated[Path | None, typer.Option(help="Also write <name>.json and <name>.md here.")] = None,
         tune_trials: TuneTrialsOpt = None,
+        optimize: Annotated[str, typer.Option("--optimize", help="'fastest': build every target x pass chain the profile allows (fp32, int8 dynamic/static, bf16, modular), measure them together and keep the fastest within --max-drop. 'none': only the --target/--pass you name.")] = "none",
+        max_drop: Annotated[float, typer.Option("--max-drop", help="With --optimize fastest: the accuracy drop allowed, in points (argmax disagreement without labels).")] = 1.0,
+        tracker: TrackerOpt = None,
+        key: KeyOpt = None,
+        token: TokenOpt = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Export, optimize, compile and benchmark in one go; one report."""
+        """Export, optimize, compile and benchmark in one go; one report. With --optimize fastest, edgec chooses the
+        target and pass chain for you."""
+        if optimize not in ("none", "fastest"):
+            raise UsageError(f"--optimize {optimize!r} must be 'none' or 'fastest'")
+        if optimize == "fastest":
+            if target or passes:
+                raise UsageError("--optimize fastest chooses the targets and passes itself; drop --target / --pass")
+            remote = RemoteSpec.parse(tracker, key or profile, token_from_env(token)) if tracker else None
+            found = api.fastest(model, profile=profile, cache=get_cache(), max_drop=max_drop, data=data,
+                                data_dir=data_dir, samples=0 if samples is None else samples, duration_s=duration,
+                                remote=remote, options=compile_options(tune_trials, not as_json),
+                                input_shape=input_shape, progress=not as_json)
+            if report_dir:
+                write_fastest_reports(found, report_dir, Path(model).stem.replace(":", "_") + ".fastest")
+            emit(found, as_json, lambda: render_fastest(found))
+            return
+        if tracker:
+            raise UsageError("a plain build measures here; pass --tracker with --optimize fastest, or use 'edgec bench'")
         rep = api.build(model, profile=profile, cache=get_cache(), targets=target, passes=passes or [],
-                        input_shape=input_shape, data=data, data_dir=data_dir, samples=samples, duration_s=duration,
+                        input_shape=input_shape, data=data, data_dir=data_dir, samples=1000 if samples is None else samples,
+                        duration_s=duration,
                         options=compile_options(tune_trials, not as_json), progress=not as_json)
         if report_dir:
             write_build_reports(rep, report_dir, Path(model).stem.replace(":", "_"))
