@@ -44,7 +44,7 @@ def load_state_dict_safely(path: Path) -> dict[str, Any]:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a file that is not a state dict
         raise UsageError(
             f"{path} is not a weights-only checkpoint ({type(e).__name__}); save it with torch.save(model.state_dict())"
         ) from None
@@ -133,11 +133,13 @@ def _class_functions(cls: type) -> Iterator[types.FunctionType]:
             yield attr
 
 
-def training_code_digest(entry: ZooEntry) -> str:
-    """sha256 of the source of everything that defines ``entry``'s model and training (see the module docstring)."""
+def training_code(entry: ZooEntry) -> list[str]:
+    """What keys ``entry``'s weights besides its data and seed: the normalised source of every zoo function
+    and class its build/train reach, then its own and nested entries' recipes and the constants used (sorted)."""
     sources: set[str] = set()
     constants: set[str] = set()
     seen: set[int] = set()
+    methods: set[int] = set()  # functions defined in a class: the class's source covers their text
     todo: list[Any] = [entry]
     while todo:
         obj = todo.pop()
@@ -149,25 +151,34 @@ def training_code_digest(entry: ZooEntry) -> str:
         if isinstance(obj, ZooEntry):
             constants.add(f"entry {obj.name} recipe {canonical_json(dict(obj.recipe))}")
             todo += [obj.build, obj.train]
-        elif isinstance(obj, types.FunctionType):
-            if _in_zoo(obj):
-                sources.add(_normalised_source(obj) or obj.__qualname__)
-                for name, value in _function_references(obj):
-                    if _is_plain_data(value):
-                        constants.add(f"{name} = {_canonical(value)}")
-                    else:
-                        todo.append(value)
-        elif isinstance(obj, type):
-            if _in_zoo(obj):
-                sources.add(_normalised_source(obj) or obj.__qualname__)
+        elif isinstance(obj, types.FunctionType | type) and _in_zoo(obj):
+            text = _normalised_source(obj)
+            if text is None:  # generated code (a dataclass's __init__): its class's source defines it
+                continue
+            if id(obj) not in methods:
+                sources.add(text)
+            if isinstance(obj, type):
                 todo += [base for base in obj.__mro__[1:] if _in_zoo(base)]
-                todo += list(_class_functions(obj))
+                members = list(_class_functions(obj))
+                methods.update(id(inspect.unwrap(f)) for f in members)
+                todo += members
+                continue
+            for name, value in _function_references(obj):
+                if _is_plain_data(value):
+                    constants.add(f"{name} = {_canonical(value)}")
+                else:
+                    todo.append(value)
         elif isinstance(obj, dict):  # e.g. a table of teacher entries
             todo += list(obj.values())
         elif isinstance(obj, tuple | list):
             todo += list(obj)
+    return [*sorted(sources), *sorted(constants)]
+
+
+def training_code_digest(entry: ZooEntry) -> str:
+    """sha256 of ``training_code(entry)`` (see the module docstring)."""
     h = hashlib.sha256()
-    for text in (*sorted(sources), *sorted(constants)):
+    for text in training_code(entry):
         h.update(text.encode())
         h.update(b"\0")
     return h.hexdigest()
