@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
+from tqdm import tqdm
 
 from toolchain.bench import device_for, prepare_job
 from toolchain.core.cache import Artifact, Cache, StepKey
@@ -22,15 +24,11 @@ from toolchain.core.errors import EdgecError, UsageError
 from toolchain.core.profile import Profile, load_profile
 from toolchain.core.text import markdown_table, write_atomic
 from toolchain.device.protocol import RemoteSpec
-from toolchain.passes import REGISTRY as PASSES
 from toolchain.pipeline import build_artifact
+from toolchain.search import require_measurable, variants_for
 from toolchain.zoo.registry import entries
 
 METRICS = ("p50", "p90", "p99")
-# The default zoo sweep: every zoo entry (families x sizes) x these pass chains x these targets.
-# Small on purpose: a cold pick over the whole zoo must fit in 15 minutes on a 2-core machine.
-DEFAULT_PASS_CHAINS: tuple[tuple[str, ...], ...] = (("cleanup",), ("cleanup", "int8"))
-DEFAULT_TARGETS: tuple[str, ...] = ("ort",)
 BENCH_CONFIG_VERSION = 1
 
 
@@ -64,18 +62,16 @@ class PickConfig:
 
 
 def zoo_candidates(profile: Profile, task: str = "fashion-mnist") -> list[Candidate]:
-    """Every zoo entry for ``task`` x the default pass chains x targets. Entries of other tasks (Cora, a
-    Fashion-MNIST class subset) are left out: their accuracies are not comparable with this task's."""
-    chains = [c for c in DEFAULT_PASS_CHAINS if all(p.split("=")[0] in PASSES for p in c)]
-    targets = [t for t in DEFAULT_TARGETS if t in profile.targets]
-    if not targets:
-        raise UsageError(f"profile {profile.id} lists none of the default pick targets {DEFAULT_TARGETS}; "
-                         "pass --candidates FILE with targets it has")
+    """Every zoo entry for ``task`` x every way edgec builds it for the profile (``search.variants_for``: each
+    target x fp32 / int8 / bf16 / modular), so "the most accurate model within the budget" considers every
+    build. Entries of other tasks (Cora, a Fashion-MNIST class subset) are left out: their accuracies are not
+    comparable with this task's. The whole zoo is a long sweep (make test-slow runs it)."""
+    variants = variants_for(profile)
     names = [name for name, e in entries().items() if e.dataset == task]
     if not names:
         tasks = sorted({e.dataset for e in entries().values()})
         raise UsageError(f"no zoo model is trained for task {task!r}; use --task with one of {', '.join(tasks)}")
-    return [Candidate(name, c, t) for name in names for c in chains for t in targets]
+    return [Candidate(name, v.passes, v.target) for name in names for v in variants]
 
 
 def file_candidates(path: Path, profile: Profile) -> list[Candidate]:
@@ -89,13 +85,19 @@ def file_candidates(path: Path, profile: Profile) -> list[Candidate]:
     for i, c in enumerate(data.get("candidate", [])):
         if "model" not in c:
             raise UsageError(f"{path}: [[candidate]] #{i + 1} has no 'model'")
-        chains = c.get("passes", d.get("passes", [list(DEFAULT_PASS_CHAINS[0])]))
+        chains, targets = c.get("passes", d.get("passes")), c.get("targets", d.get("targets"))
+        if chains is None and targets is None:  # nothing said: every way edgec builds it for the profile
+            out += [Candidate(str(c["model"]), v.passes, v.target, c.get("data", d.get("data")))
+                    for v in variants_for(profile)]
+            continue
+        chains = [["cleanup"]] if chains is None else chains
         if chains and isinstance(chains[0], str):
             chains = [chains]
         for chain in chains:
-            for t in c.get("targets", d.get("targets", list(DEFAULT_TARGETS))):
+            for t in targets or list(profile.targets):
                 if t not in profile.targets:
-                    raise UsageError(f"{path}: target {t!r} is not on profile {profile.id} ({', '.join(profile.targets)})")
+                    raise UsageError(f"{path}: target {t!r} is not on profile {profile.id} "
+                                     f"({', '.join(profile.targets)})")
                 out.append(Candidate(str(c["model"]), tuple(chain), t, c.get("data", d.get("data"))))
     if not out:
         raise UsageError(f"{path}: no [[candidate]] entries")
@@ -226,15 +228,13 @@ def verify_choice(row: dict[str, Any], cache: Cache, profile: Profile, cfg: Pick
 
 
 def run_pick(cfg: PickConfig, cache: Cache, progress: bool = True) -> dict[str, Any]:
-    from tqdm import tqdm
-
-
     if cfg.metric not in METRICS:
         raise UsageError(f"--metric {cfg.metric!r} must be one of {', '.join(METRICS)}")
     if cfg.budget_ms <= 0:
         raise UsageError("--budget-ms must be positive")
     t0 = time.monotonic()
     profile = load_profile(cfg.profile)
+    require_measurable(profile, cfg.remote)
     cands = zoo_candidates(profile, cfg.task) if cfg.candidates == "zoo" else file_candidates(Path(cfg.candidates), profile)
     rows = []
     bar = tqdm(cands, desc="pick", unit="cand", disable=None if progress else True)

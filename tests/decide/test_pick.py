@@ -95,3 +95,17 @@ def test_zoo_sweep_compares_one_task_only() -> None:
 
     with pytest.raises(UsageError, match="--task"):
         zoo_candidates(prof, "imagenet")
+
+
+def test_zoo_sweep_considers_every_target_and_precision() -> None:
+    from toolchain.core.profile import load_profile
+    from toolchain.pick import zoo_candidates
+
+    cands = [c for c in zoo_candidates(load_profile("x86-avx512"), "fashion-mnist") if c.model == "mlp-small"]
+    assert {c.target for c in cands} == {"ort", "tvm"}
+    assert {c.passes for c in cands} >= {("cleanup",), ("cleanup", "int8"), ("cleanup", "bf16")}
+
+
+def test_pick_refuses_a_profile_it_cannot_measure_here(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["--cache-dir", str(tmp_path), "pick", "--profile", "rpi5", "--budget-ms", "1"])
+    assert r.exit_code == 2 and "cannot measure it" in r.output
