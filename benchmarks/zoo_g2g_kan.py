@@ -1,12 +1,12 @@
 """Train (through the weights cache) and export every G2GNet / KAN zoo entry with its DEFAULT recipe,
-then write results/zoo_g2g_kan.md and .json: accuracy, sparsity, parameters, training time, ONNX
+then write benchmarks/results/zoo/zoo_g2g_kan.md and .json: accuracy, sparsity, parameters, training time, ONNX
 parity, and the issue's comparisons (G2GNet vs the dense MLP of equal size, S-KAN vs the best
 single-basis KAN of the same size).
 
-    nice .venv/bin/python scripts/zoo_g2g_kan.py [--only NAME ...] [--seeds 0 1] [--cache-dir DIR]
+    nice .venv/bin/python -m benchmarks.zoo_g2g_kan [--only NAME ...] [--seeds 0 1] [--cache-dir DIR]
 
 ``--only`` retrains/exports only the named entries and keeps the other rows of the existing
-results/zoo_g2g_kan.json (marked "kept from the previous run" in the table). ``--seeds`` adds
+benchmarks/results/zoo/zoo_g2g_kan.json (marked "kept from the previous run" in the table). ``--seeds`` adds
 training seeds for the S-KAN vs FastKAN comparison (seed 0 is always the table's row).
 """
 
@@ -16,18 +16,22 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import onnx
+import torch
 
 from toolchain.core.cache import Cache, default_cache_root
-from toolchain.export import export_model
+from toolchain.export import export_model, run_ort
+from toolchain.measure.compare import Parity, compare
+from toolchain.zoo.datasets import fashion_mnist
 from toolchain.zoo.registry import get_entry
 from toolchain.zoo.trained import load_trained
+
+OUT = Path(__file__).resolve().parent / "results" / "zoo" / "zoo_g2g_kan.md"
 
 NAMES = ("g2gnet", "g2gnet-weight", "g2gnet-dense-match", "kan-bspline", "kan-fast", "kan-cheby", "kan-fast-long",
          "skan", "skan-local", "convkan")
@@ -65,15 +69,8 @@ def run_entry(name: str, cache: Cache) -> dict[str, Any]:
     }
 
 
-def full_test_parity(module: Any, onnx_path: Path, input_shape: tuple[int, ...]) -> Any:
+def full_test_parity(module: Any, onnx_path: Path, input_shape: tuple[int, ...]) -> Parity:
     """ONNX Runtime vs the trained torch module (not its export form) on all 10k real test images."""
-    import numpy as np
-    import onnx
-    import torch
-
-    from toolchain.export import compare, run_ort
-    from toolchain.zoo.datasets import fashion_mnist
-
     x = fashion_mnist().x_test.reshape(-1, *input_shape[1:])
     model = onnx.load(str(onnx_path))
     chunks = [x[i:i + 1000] for i in range(0, len(x), 1000)]
@@ -147,7 +144,7 @@ def write(rows: dict[str, dict[str, Any]], seeds: dict[str, dict[str, float]], o
     lines = [
         "# Zoo: G2GNet and KAN families on Fashion-MNIST",
         "",
-        (f"Written by `scripts/zoo_g2g_kan.py` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        (f"Written by `python -m benchmarks.zoo_g2g_kan` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{platform.machine()}, shared 2-core machine, 1-min load average {os.getloadavg()[0]:.1f} when written: "
         "training seconds are noisy and were measured while other jobs ran). Default recipes, seed 0, "
         "full 60k train / 10k test split; trained weights come from the edgec cache when present "
@@ -155,11 +152,13 @@ def write(rows: dict[str, dict[str, Any]], seeds: dict[str, dict[str, float]], o
         "",
         "Rows marked * were kept from the previous run of this script (`--only` reran the others).",
         "",
-        "| model | test acc | sparsity | params (nonzero) | epochs | train s | ONNX max rel (10k) | argmax agree (10k) |",
+        ("| model | test acc | sparsity | params (nonzero) | epochs | train s | ONNX max rel (10k) "
+         "| argmax agree (10k) |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows.values():
-        lines.append(f"| {r['model']}{' *' if r.get('kept') else ''} | {r['test_accuracy']:.4f} | {fmt(r['sparsity'], '.4f')} | {fmt(r['params'], ',')} "
+        lines.append(f"| {r['model']}{' *' if r.get('kept') else ''} | {r['test_accuracy']:.4f} "
+                     f"| {fmt(r['sparsity'], '.4f')} | {fmt(r['params'], ',')} "
                      f"| {r['epochs']} | {fmt(r['train_seconds'], '.1f')} | {fmt(r['full_test_max_rel'], '.1e')} "
                      f"| {fmt(r['full_test_argmax'], '.4f')} |")
     if seeds:
@@ -175,7 +174,8 @@ def write(rows: dict[str, dict[str, Any]], seeds: dict[str, dict[str, float]], o
                   (f"- gate temperature {rows[name]['recipe'].get('tau_start')} -> "
                    f"{rows[name]['recipe'].get('tau_end')} over the full-pool phase; mean largest gate at its end: "
                    f"{fmt(x.get('gate_confidence'), '.4f')}"),
-                  (f"- full pool (all {len(rows[name]['recipe']['pool'])} bases, {fmt(x.get('params_full_pool'), ',')} params): "
+                  (f"- full pool (all {len(rows[name]['recipe']['pool'])} bases, "
+                   f"{fmt(x.get('params_full_pool'), ',')} params): "
                   f"{fmt(x.get('full_pool_accuracy'), '.4f')}"),
                   (f"- after selection ({rows[name]['recipe'].get('selection')}, "
                    f"{fmt(x.get('select_seconds'), '.1f')} s), before fine-tuning: "
@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="rerun only these entries; keep the others' rows")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0], help="seeds for the S-KAN vs FastKAN comparison")
     ap.add_argument("--cache-dir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "zoo_g2g_kan.md")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     cache = Cache(args.cache_dir or default_cache_root())
     todo = list(NAMES) if args.only is None else args.only

@@ -1,8 +1,8 @@
 """Train the GNN-to-MLP, spiking and NN-Factory zoo entries with their DEFAULT recipes (through the
 weights cache), export every deployable form with the parity gate, build one model per family through
-``edgec build`` (ORT target), and write results/zoo_gnn_snn_factory.{md,json}.
+``edgec build`` (ORT target), and write benchmarks/results/zoo/zoo_gnn_snn_factory.{md,json}.
 
-    nice .venv/bin/python scripts/zoo_gnn_snn_factory.py --data-dir ../shared/data/planetoid
+    nice .venv/bin/python -m benchmarks.zoo_gnn_snn_factory --data-dir ../shared/data/planetoid
 """
 
 from __future__ import annotations
@@ -13,19 +13,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from toolchain import api
+from toolchain.core.cache import Cache
+from toolchain.export import export_model
+from toolchain.zoo import TrainContext, gnn_mlp, spiking
+from toolchain.zoo import nnfactory as nf
+from toolchain.zoo.datasets import load_dataset
+from toolchain.zoo.trained import load_trained
+from toolchain.zoo.training import evaluate, train_classifier
+
 REPO = Path(__file__).resolve().parents[1]
+OUT = Path(__file__).resolve().parent / "results" / "zoo" / "zoo_gnn_snn_factory"
 
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def gnn_rows(cache: Any, data_dir: Path) -> list[dict[str, Any]]:
-    from toolchain.export import export_model
-    from toolchain.zoo.gnn_mlp import ENTRIES
-    from toolchain.zoo.trained import load_trained
-
-    by_name = {e.name: e for e in ENTRIES}
+def gnn_rows(cache: Cache, data_dir: Path) -> list[dict[str, Any]]:
+    by_name = {e.name: e for e in gnn_mlp.ENTRIES}
     rows = []
     for ds in ("cora", "citeseer"):
         for kind in ("gcn", "sage", "mlp", "glnn", "ffg2m"):
@@ -43,13 +51,9 @@ def gnn_rows(cache: Any, data_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def snn_rows(cache: Any) -> list[dict[str, Any]]:
-    from toolchain.export import export_model
-    from toolchain.zoo.spiking import ENTRIES
-    from toolchain.zoo.trained import load_trained
-
+def snn_rows(cache: Cache) -> list[dict[str, Any]]:
     rows = []
-    for e in ENTRIES:
+    for e in spiking.ENTRIES:
         _m, metrics, _a, hit = load_trained(e, cache, progress=False)
         row: dict[str, Any] = {"model": e.name, "T": e.recipe["steps"], "reset": e.recipe["reset"],
                                "test_accuracy": metrics["test_accuracy"],
@@ -63,15 +67,7 @@ def snn_rows(cache: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def factory_rows(cache: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    import torch
-
-    from toolchain.export import export_model
-    from toolchain.zoo import TrainContext
-    from toolchain.zoo import nnfactory as nf
-    from toolchain.zoo.trained import load_trained
-    from toolchain.zoo.training import evaluate, train_classifier
-
+def factory_rows(cache: Cache) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     net, metrics, _a, hit = load_trained(nf.SUPERNET_ENTRY, cache, progress=False)
     supernet = {"test_accuracy": metrics["test_accuracy"], "train_seconds": metrics.get("train_seconds"),
                 "cache_hit": hit, **{k: v for k, v in metrics.items() if k.startswith("test_accuracy_w")}}
@@ -79,7 +75,7 @@ def factory_rows(cache: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     for tname, task in nf.TASKS.items():
-        data = nf.task_dataset("fashion-mnist:" + ",".join(map(str, task)))
+        data = load_dataset("fashion-mnist:" + ",".join(map(str, task)))
         for s in nf.BUDGETS:
             t0 = time.perf_counter()
             gen = nf.assemble(task, s, net=net)
@@ -89,8 +85,8 @@ def factory_rows(cache: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list
             # many epochs as the supernet saw the data.
             torch.manual_seed(0)
             base = nf.compact_module(784, gen[0].out_features, gen[2].out_features, len(task))
-            bm = train_classifier(base, TrainContext(data=data, progress=False), epochs=nf.SUPERNET_RECIPE["epochs"],
-                                  lr=2e-3, batch=128)
+            bm = train_classifier(base, TrainContext(data=data, cache=cache, progress=False),
+                                  epochs=nf.SUPERNET_RECIPE["epochs"], lr=2e-3, batch=128)
             nnz = sum(int((p != 0).sum()) for p in gen.parameters())
             rows.append({"task": tname, "classes": list(task), "sparsity": s, "generated_accuracy": acc,
                          "baseline_accuracy": bm["test_accuracy"], "gap_points": 100 * (acc - bm["test_accuracy"]),
@@ -107,9 +103,7 @@ def factory_rows(cache: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list
     return supernet, rows, exports
 
 
-def build_rows(cache: Any, data_dir: Path) -> list[dict[str, Any]]:
-    from toolchain import api
-
+def build_rows(cache: Cache, data_dir: Path) -> list[dict[str, Any]]:
     out = []
     for name in ("ffg2m-cora", "snn-mlp", "nnf-footwear-s50"):
         rep = api.build(name, "x86-avx512", ["ort"], [], cache, data_dir=data_dir, samples=1000, progress=False)
@@ -136,7 +130,8 @@ def render(res: dict[str, Any]) -> str:
     lines += [f"| {r['model']} | {r['parity']['max_rel']:.1e} | {r['parity']['argmax_agreement']:.3f} |"
               for r in res["gnn"] if r.get("parity")]
     lines += ["", "## Spiking MLP (Fashion-MNIST, target 86 %, T <= 16)", "",
-              "| model | T | reset | test acc % | before weight snap % | unrolled parity (max abs) | step parity (max abs) |",
+              ("| model | T | reset | test acc % | before weight snap % | unrolled parity (max abs) "
+               "| step parity (max abs) |"),
               "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['model']} | {r['T']} | {r['reset']} | {_pct(r['test_accuracy'])} | "
               f"{_pct(r['test_accuracy_pre_snap'])} | {r['parity']['unrolled']['max_abs']} | "
@@ -145,7 +140,8 @@ def render(res: dict[str, Any]) -> str:
     lines += ["", "## NN-Factory (Fashion-MNIST tasks; generated = assembled, no training)", "",
               f"Supernet test accuracy (10 classes, full width): {_pct(sn['test_accuracy'])} %.", "",
               ("| task | classes | sparsity | widths | non-zero params | generated acc % | baseline acc % (same size, "
-               "trained on task) | gap (points) | assemble ms |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+               "trained on task) | gap (points) | assemble ms |"),
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['task']} | {r['classes']} | {r['sparsity']} | {r['widths']} | {r['nonzero_params']} | "
               f"{_pct(r['generated_accuracy'])} | {_pct(r['baseline_accuracy'])} | {r['gap_points']:+.2f} | "
               f"{1000 * r['assemble_seconds']:.1f} |" for r in res["factory"]["rows"]]
@@ -155,10 +151,12 @@ def render(res: dict[str, Any]) -> str:
     lines += ["", "## `edgec build` (x86-avx512, ORT target; flow check, latencies informational)", "",
               "| model | p50 ms | p90 ms | ORT acc % (first 1000 test) | ORT vs export argmax agreement | ops |",
               "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['model']} | {r['p50_ms']:.4f} | {r['p90_ms']:.4f} | {_pct((r['accuracy'] or {}).get('task_accuracy'))} | "
+    lines += [f"| {r['model']} | {r['p50_ms']:.4f} | {r['p90_ms']:.4f} "
+              f"| {_pct((r['accuracy'] or {}).get('task_accuracy'))} | "
               f"{(r['agreement'] or {}).get('argmax_agreement')} | "
               f"{', '.join(f'{k}:{v}' for k, v in sorted(r['ops'].items()))} |" for r in res["build"]]
-    lines += ["", "## Default-recipe training time (seconds, as recorded when the weights were trained; budget 600)", "",
+    lines += ["", "## Default-recipe training time (seconds, as recorded when the weights were trained; budget 600)",
+              "",
               "| model | train s | loaded from cache in this run |", "| --- | --- | --- |"]
     trained = [*res["gnn"], *res["snn"], {"model": "nnf-supernet", **sn}]
     lines += [f"| {r['model']} | {r.get('train_seconds')} | {r.get('cache_hit')} |" for r in trained]
@@ -169,16 +167,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "planetoid")
     ap.add_argument("--cache-dir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "zoo_gnn_snn_factory")
+    ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--skip", nargs="*", default=[], choices=["gnn", "snn", "factory", "build"])
     args = ap.parse_args()
-    from toolchain.core.cache import Cache
-    from toolchain.cli import STATE
-
-    STATE["cache_dir"] = args.cache_dir  # students / generated models find their teacher / supernet here
-    cache = Cache(args.cache_dir)
+    cache = Cache(args.cache_dir)  # students / generated models load their teacher / supernet from it too
     t0 = time.monotonic()
-    res: dict[str, Any] = {"command": "nice .venv/bin/python scripts/zoo_gnn_snn_factory.py", "gnn": [], "snn": [],
+    res: dict[str, Any] = {"command": "nice .venv/bin/python -m benchmarks.zoo_gnn_snn_factory", "gnn": [], "snn": [],
                            "factory": {"supernet": {}, "rows": [], "exports": []}, "build": []}
     if "gnn" not in args.skip:
         res["gnn"] = gnn_rows(cache, args.data_dir)
