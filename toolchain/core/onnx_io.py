@@ -24,6 +24,21 @@ _NP_TYPES = {
 }
 
 
+# Largest input edgec allocates for one evaluation (elements of one input over the whole batch it feeds):
+# 2**26 float32 values are 256 MiB. A bigger (or absurd, e.g. 2**31) dimension is refused before allocating.
+MAX_INPUT_ELEMENTS = 1 << 26
+
+
+def check_input_size(shape: tuple[int, ...], what: str) -> None:
+    """Refuse (UsageError) an input whose element count exceeds MAX_INPUT_ELEMENTS, before anything allocates it."""
+    total = 1
+    for d in shape:
+        total *= max(int(d), 0)
+    if total > MAX_INPUT_ELEMENTS:
+        raise UsageError(f"{what} of shape {list(shape)} has {total:,} elements, more than edgec allocates for one "
+                         f"input ({MAX_INPUT_ELEMENTS:,}); use a smaller input shape")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -58,7 +73,7 @@ def load_onnx(path: Path | str, check: bool = True) -> onnx.ModelProto:
         raise UsageError(f"ONNX file {path} does not exist; check the path")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError and friends
+    except Exception as e:  # noqa: BLE001 -- protobuf raises DecodeError and friends
         raise UsageError(
             f"{path} is not a valid ONNX model (corrupt or truncated: {type(e).__name__}); "
             "re-export it or check the download"
