@@ -1,0 +1,74 @@
+"""Hand-written TVM kernels for edgec's layer kinds, and the Relax rewrites that put them into a model.
+
+- ``passes/``: Relax -> Relax rewrites, each a TVM module pass exposing a ``report`` (what it replaced);
+- ``tir/``: the PrimFunc builders those passes call (packed GEMV, grouped GEMV, GEMV chain, fused KAN,
+  fused LIF) and the per-element interpreter the fused kernels share;
+- ``schedule/``: the vector rule, a schedule for the light kernels no hand-written kernel covers;
+- ``testing.py``: helpers for kernel tests and benchmarks (tiny ONNX graphs, in-process builds).
+
+This package imports numpy only at module level (tvm lazily, inside functions) and nothing from the rest
+of edgec: ``KernelConfig`` is built from a plain mapping or from an object with the profile's
+``[kernels]`` field names (``toolchain.core.profile.KernelSpec``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ATTR_KERNEL = "edgec.kernel"  # PrimFunc attribute: the hand-written kernel's name (kernel tables, inspect)
+ATTR_RULE = "edgec.rule"  # PrimFunc attribute: scheduled by the vector rule
+
+# Profile [kernels] field name -> KernelConfig field name.
+SPEC_FIELDS = {
+    "use_gemv": "gemv",
+    "use_grouped_matmul": "grouped",
+    "use_fused_kan": "kan",
+    "use_fused_lif": "lif",
+    "lif_layer_max_rows": "lif_layer_max_rows",
+    "vector_lanes": "lanes",
+    "gemv_block_n": "block_n",
+    "unroll": "unroll",
+    "gemv_chain_max_kb": "chain_max_kb",
+    "fast_exp": "fast_exp",
+    "vector_rule": "vector_rule",
+}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which kernels and rewrites a build uses, and their tile / vector parameters (defaults: KernelSpec's)."""
+
+    gemv: bool = True  # batch-1 dense layers as the packed GEMV (off: the grouped GEMV is off too)
+    grouped: bool = True  # block-sparse dense layers as the grouped GEMV
+    kan: bool = True  # KAN layers as one fused kernel
+    lif: bool = True  # unrolled spiking recurrences as one fused kernel
+    lif_layer_max_rows: int = 8  # up to this many T*B rows, matmul + recurrence in one kernel
+    lanes: int = 4  # fp32 lanes per vector register
+    block_n: int = 32  # GEMV output columns per packed block
+    unroll: int = 4  # GEMV k unroll
+    chain_max_kb: int = 1024  # GEMV runs up to this many KB of packed weights become one kernel; 0: off
+    fast_exp: bool = True  # exp / sigmoid as vectorizable arithmetic
+    vector_rule: bool = True  # the rule schedule for what nothing else covers
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> KernelConfig:
+        """From the profile's ``[kernels]`` keys (``use_gemv``, ``vector_lanes``, ...) or this class's field
+        names; missing keys keep their defaults, unknown keys are an error."""
+        own = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = SPEC_FIELDS.get(key, key)
+            if name not in own:
+                raise ValueError(f"unknown kernel setting {key!r}: expected one of {sorted(SPEC_FIELDS)}")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> KernelConfig:
+        """From a profile's ``KernelSpec`` (any object with its field names as attributes)."""
+        return cls.from_mapping({key: getattr(spec, key) for key in SPEC_FIELDS if hasattr(spec, key)})
+
+
+__all__ = ["ATTR_KERNEL", "ATTR_RULE", "SPEC_FIELDS", "KernelConfig"]

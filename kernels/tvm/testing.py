@@ -1,5 +1,8 @@
-"""Shared helpers for kernel tests and benchmarks: tiny ONNX graphs and in-process TVM builds
-with or without the hand-written kernel substitution (the generic lowering is the reference)."""
+"""Helpers for kernel tests and benchmarks: tiny ONNX graphs and in-process TVM builds with or without the
+hand-written kernel substitution (the generic lowering is the reference).
+
+Not part of the kernels themselves: this module imports ``targets.tvm`` (exempt from the layer contract)
+and is left out of the kernel source digest (``targets.tvm.build.kernel_sources_digest``)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from kernels.tvm import KernelConfig
+from kernels.tvm.passes import substitution_passes
 from targets.tvm.frontend import import_onnx, tvm_target
 from targets.tvm.inspect import kernel_table
 from targets.tvm.pipeline import pipeline
@@ -60,13 +65,21 @@ def with_kernels(profile: Profile, **changes: Any) -> Profile:
     return dataclasses.replace(profile, kernels=dataclasses.replace(profile.kernels, **changes))
 
 
+def substitute(model: onnx.ModelProto, profile: Profile) -> tuple[Any, list[dict[str, Any]]]:
+    """(module, one row per kernel put in) after only the kernel substitution passes on the imported ``model``."""
+    import tvm
+
+    passes = substitution_passes(KernelConfig.from_spec(profile.kernels))
+    mod = tvm.transform.Sequential(passes)(import_onnx(model))
+    return mod, [row for p in passes for row in p.report]
+
+
 def build_vm(model: onnx.ModelProto, profile: Profile, substitute: bool = True) -> tuple[Any, list[dict[str, Any]]]:
     """(callable main, kernel table) for ``model`` built in this process for a host-native profile.
     ``substitute=False`` builds TVM's own generic lowering: no hand-written kernels, no fast exp, no
     vector rule (the baseline the kernels are tested against)."""
     import tvm
     from tvm import relax
-
 
     mod = import_onnx(model)
     for name, step in pipeline(profile):

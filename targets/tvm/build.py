@@ -20,11 +20,13 @@ from toolchain.core.profile import Profile
 
 
 def kernel_sources_digest() -> str:
-    """Hash of the hand-written kernel sources: editing a kernel must not reuse stale libraries."""
+    """Hash of the hand-written kernel sources (every kernels/tvm Python file, in subfolders too, but the
+    test helpers ``testing.py`` and any ``test_*.py``): editing a kernel must not reuse stale libraries."""
+    root = Path(kernels_pkg.__file__).parent
     h = hashlib.sha256()
-    for p in sorted(Path(kernels_pkg.__file__).parent.glob("*.py")):
-        if not p.name.startswith("test_"):
-            h.update(p.name.encode() + p.read_bytes())
+    for p in sorted(root.rglob("*.py")):
+        if p.name != "testing.py" and not p.name.startswith("test_"):
+            h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
     return h.hexdigest()[:16]
 
 

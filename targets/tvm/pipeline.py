@@ -7,10 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kernels.tvm.chain import fuse_gemv_chains
-from kernels.tvm.fast_math import rewrite_exp
-from kernels.tvm.substitute import KernelConfig, substitute_kernels
-from kernels.tvm.vector_rule import schedule_naive
+from kernels.tvm import KernelConfig
+from kernels.tvm.passes import FastMath, FuseGemvChains, substitution_passes
+from kernels.tvm.schedule.vector_rule import schedule_naive
 from targets.tvm.database import apply_database
 from targets.tvm.frontend import tvm_target
 from toolchain.core.profile import Profile
@@ -21,49 +20,35 @@ Step = tuple[str, Callable[[Any], Any]]
 def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...]:
     """The named Relax -> TIR steps for this profile, in order. With ``tuning_db`` (a MetaSchedule
     database directory, see targets.tvm.tuning) the fused kernels take their tuned schedules."""
+    import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     target = tvm_target(profile)
 
     def seq(passes: list) -> Callable[[Any], Any]:
-        import tvm
-
         def run(mod: Any) -> Any:
             with target:
                 return tvm.transform.Sequential(passes)(mod)
 
         return run
 
-    def substitute(mod: Any) -> Any:
-
-        return substitute_kernels(mod, KernelConfig.from_profile(profile))[0]
-
-    def chain(mod: Any) -> Any:
-
-        return fuse_gemv_chains(mod, profile.kernels.gemv_chain_max_kb)[0]
-
     def apply_db(mod: Any) -> Any:
         assert tuning_db is not None
         return apply_database(mod, target, tuning_db)
 
-    def fast_exp(mod: Any) -> Any:
-
-        return rewrite_exp(mod)[0]
-
     def vector_rule(mod: Any) -> Any:
+        return schedule_naive(mod, k.lanes)[0]
 
-        return schedule_naive(mod, profile.kernels.vector_lanes)[0]
-
-    k = profile.kernels
+    k = KernelConfig.from_spec(profile.kernels)
     return (
         # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
-        ("substitute-kernels", substitute),
+        ("substitute-kernels", tvm.transform.Sequential(substitution_passes(k), name="SubstituteKernels")),
         # Then a tiny MLP's dense layers become one kernel: one VM call instead of four per layer.
-        ("fuse-gemv-chains", chain),
+        ("fuse-gemv-chains", FuseGemvChains.create(k)),
         ("decompose", seq([relax.transform.DecomposeOpsForInference()])),
         # exp / sigmoid as vectorizable arithmetic instead of one libm call per element.
-        *((("fast-exp", fast_exp),) if k.fast_exp else ()),
+        *((("fast-exp", FastMath.create(k)),) if k.fast_exp else ()),
         ("library-dispatch", seq(cpu.library_dispatch_passes(target))),
         ("legalize-and-fuse", seq(cpu.legalize_passes(target))),
         *((("apply-tuning-db", apply_db),) if tuning_db is not None else ()),

@@ -36,7 +36,7 @@ from typing import Any
 
 import onnx
 
-from kernels.tvm.vector_rule import covers_fully, schedule_naive
+from kernels.tvm.schedule.vector_rule import covers_fully, schedule_naive
 from targets.base import TuneOptions
 from targets.tvm.database import apply_database, naive_kernels, open_database
 from targets.tvm.frontend import import_onnx, tvm_target

@@ -16,12 +16,14 @@ The rule here is what those tuned schedules converge to, applied in milliseconds
 3. reductions get their init split off after that, so the init loop is vectorized the same way.
 
 A function the rule cannot schedule stays unscheduled (and is reported as naive). Scheduled
-functions carry ``edgec.rule`` so ``edgec inspect`` can tell them from tuned ones.
+functions carry ``edgec.rule`` (``ATTR_RULE``) so ``edgec inspect`` can tell them from tuned ones.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from kernels.tvm import ATTR_RULE
 
 RULE_NAME = "vector-inline"
 # Inlining a producer read at n places copies its expression n times. A chain of such producers (an
@@ -96,7 +98,7 @@ def _inline(sch: Any, infos: list) -> list:
                 continue
             try:
                 prim(info.block_rv)
-            except Exception:  # noqa: BLE001, S112 -- TVM refuses: not inlinable here, try the next block
+            except Exception:  # noqa: BLE001 -- TVM refuses: not inlinable here, try the next block
                 continue
             return i
         return None
@@ -139,7 +141,7 @@ def schedule_func(func: Any, lanes: int, inline: bool = True) -> Any | None:
         _vectorize_inner(sch, s_loops[-1], lanes)
         if r_loops:  # after vectorizing (the split-off init copies the inner loops, vectorized too)
             sch.decompose_reduction(block, r_loops[0])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("edgec.rule", RULE_NAME)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(ATTR_RULE, RULE_NAME)
 
 
 def covers_fully(func: Any, lanes: int) -> bool:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from kernels.tvm import ATTR_KERNEL
+
 KERNEL_NAME = "grouped-gemv-f32"
 
 
@@ -144,7 +146,7 @@ def grouped_gemv_kernel(bs: BlockSparse, rows: int, bias: bool, relu: bool, x_sh
         oidx: T.Buffer((NO,), "int32"),
         yg: T.Buffer(YS, "float32"),
     ):
-        T.func_attr({"tirx.noalias": True, "edgec.kernel": KERNEL_NAME, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
         x = T.decl_buffer((M, K), "float32", data=xg.data)  # flat 2-D views of the graph's tensors
         y = T.decl_buffer((M, N), "float32", data=yg.data)
         acc = T.alloc_buffer((M, BN), "float32", scope="local")

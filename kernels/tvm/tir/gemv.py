@@ -1,12 +1,13 @@
-"""Batch-1 dense (GEMV-shaped) kernel with a packed weight layout, written as low-level TIR.
+"""Batch-1 dense (GEMV-shaped) kernel with a packed weight layout, written as low-level TIR (IRBuilder).
 
 ``y[m, n] = act(sum_k x[m, k] * W[k, n] + b[n])`` for a constant ``W`` of shape (K, N) and a small
 row count M (1 for batch-1 inference, T for the stateless part of a spiking layer).
 
 Packed layout (one flat constant): the full blocks ``Wf[nb, k, i] = W[k, nb * BN + i]`` followed by
 the tail block ``Wt[k, i] = W[k, FULL * BN + i]``, ``i < TBN`` with TBN the tail width rounded up to
-``TAIL_ALIGN`` (or, past 16 columns, ``TAIL_CHUNK``) columns. For one block of BN output columns the kernel then streams ``K * BN``
-contiguous floats, keeping BN accumulators (BN / lanes vector registers) live while it walks k.
+``TAIL_ALIGN`` (or, past 16 columns, ``TAIL_CHUNK``) columns. For one block of BN output columns the
+kernel then streams ``K * BN`` contiguous floats, keeping BN accumulators (BN / lanes vector registers)
+live while it walks k.
 Every batch-1 dense layer is bandwidth bound, so one contiguous stream per block with no reloads of
 partial sums is what wins. The tail is packed narrow (not padded to a whole BN block) because the
 zero padding is streamed like real weights: a 784x71 layer with BN=64 padded to 128 columns read 80 %
@@ -25,8 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from kernels.tvm import ATTR_KERNEL
+
 KERNEL_NAME = "gemv-packed-f32"
 KERNEL_NAME_INT8 = "gemv-packed-i8"
+ATTR_GEMV = "edgec.gemv"  # PrimFunc attribute: the GemvParams of a packed-GEMV kernel
 MAX_ROW_BLOCK = 4  # rows sharing one pass over a weight block (4 x 64 accumulators = 16 AVX-512 registers)
 # A tail of up to TAIL_CHUNK columns is padded to a multiple of TAIL_ALIGN (the narrowest fp32 vector
 # of any profile, NEON's 4 lanes), a wider one to a multiple of TAIL_CHUNK, and the tail loops work in
@@ -111,31 +115,31 @@ def pack_weight(w: np.ndarray, block_n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([head, tw.reshape(-1)]))
 
 
-def layer_macro(p: GemvParams) -> Any:
-    """A TVMScript macro ``layer(x, wp, woff, b, boff, y)`` emitting the whole dense layer ``p``:
+def emit_layer(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: Any) -> None:
+    """Emit, into the PrimFunc the IRBuilder is building, the whole dense layer ``p``:
     ``y = act(x @ W + b)`` with x / y 2-D (M, K) / (M, N) buffers, W packed at ``wp[woff:]`` and the bias
-    at ``b[boff:]``. ``gemv_kernel`` wraps one in a PrimFunc; ``kernels.tvm.chain`` chains several."""
-    from tvm.script import tirx as T
+    at ``b[boff:]``. ``gemv_kernel`` emits one layer per PrimFunc; ``kernels.tvm.tir.chain`` several."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
 
     M, K, BN, U = p.m, p.k, p.block_n, max(1, p.unroll)
     FULL, TAIL = p.full_blocks, p.tail
     TBN = max(1, tail_width(TAIL))
     TOFF = FULL * K * BN  # where the tail block starts in the packed weight
-    HAS_BIAS, RELU = p.bias, p.relu
     AT = p.acc_dtype
     ZERO = T.float32(0) if AT == "float32" else T.int32(0)
 
-    def act(v: Any, j: Any, b: Any) -> Any:
-        if HAS_BIAS:
-            v = v + b[j]
-        if RELU:
+    def act(v: Any, j: Any, bias: Any) -> Any:
+        if p.bias:
+            v = v + bias[j]
+        if p.relu:
             v = T.max(v, ZERO)
         return v
 
     def mac(acc_v: Any, xv: Any, wv: Any) -> Any:
         if AT == "float32":
             return acc_v + xv * wv
-        return acc_v + T.Cast(AT, xv) * T.Cast(AT, wv)
+        return acc_v + Cast(AT, xv) * Cast(AT, wv)
 
     # Rows are processed RB at a time (RB x width accumulators live); the weight block is re-read per
     # row block, from cache. RB is the largest divisor of M up to MAX_ROW_BLOCK.
@@ -146,91 +150,78 @@ def layer_macro(p: GemvParams) -> Any:
     ST = max(1, TAIL_CHAINS // (RB * (TBN // VCT)))
     KMF, KMT = K // (SF * U) * SF * U, K // (ST * U) * ST * U
 
-    # TVMScript macros see Python ints as constants, but an assignment inside one makes a TIR variable
-    # (and an unrollable loop bound stops being constant): every derived size is a macro argument.
-    @T.macro
-    def block(x: Any, wp: Any, b: Any, y: Any, woff: Any, col0: Any, W: int, VC: int, S: int, NOUT: int,
-              KMAIN: int, OC: int, acc: Any) -> None:
+    def block(bias: Any, woff: Any, col0: Any, W: int, VC: int, S: int, NOUT: int, KMAIN: int, OC: int,
+              acc: Any) -> None:
         """Columns [col0, col0 + NOUT) from the (K, W) packed block at ``woff``, W / VC vector chunks:
         S partial sums over k (k = (ko * U + ku) * S + s, up to KMAIN, then the rest into sum 0) so that
         S x rows x chunks independent FMA chains hide the FMA latency. OC = whole output chunks; the
-        bias of output column j is ``b[j]`` (b is the bias buffer offset by the caller)."""
-        for mo in range(MO):
-            for s in T.unroll(S):
-                for m in range(RB):
-                    for c in T.unroll(W // VC):
-                        for i in T.vectorized(VC):
-                            acc[s, m, c * VC + i] = ZERO
-            for ko in range(KMAIN // (S * U)):
-                for ku in T.unroll(U):
-                    for s in T.unroll(S):
-                        for m in range(RB):
-                            for c in T.unroll(W // VC):
-                                for i in T.vectorized(VC):
-                                    acc[s, m, c * VC + i] = mac(
-                                        acc[s, m, c * VC + i], x[mo * RB + m, (ko * U + ku) * S + s],
-                                        wp[woff + ((ko * U + ku) * S + s) * W + c * VC + i])
-            for kr in range(K - KMAIN):
-                for m in range(RB):
-                    for c in T.unroll(W // VC):
-                        for i in T.vectorized(VC):
-                            acc[0, m, c * VC + i] = mac(acc[0, m, c * VC + i], x[mo * RB + m, KMAIN + kr],
-                                                        wp[woff + (KMAIN + kr) * W + c * VC + i])
-            for s in T.unroll(S - 1):
-                for m in range(RB):
-                    for c in T.unroll(W // VC):
-                        for i in T.vectorized(VC):
-                            acc[0, m, c * VC + i] = acc[0, m, c * VC + i] + acc[s + 1, m, c * VC + i]
-            for m in range(RB):
-                for c in T.unroll(OC):
-                    for i in T.vectorized(VC):
-                        y[mo * RB + m, col0 + c * VC + i] = act(acc[0, m, c * VC + i], col0 + c * VC + i, b)
-                for i in range(NOUT - OC * VC):  # the last, partial chunk of a tail: scalar stores
-                    y[mo * RB + m, col0 + OC * VC + i] = act(acc[0, m, OC * VC + i], col0 + OC * VC + i, b)
+        bias of output column j is ``bias[j]`` (the bias buffer offset by the caller)."""
+        with T.serial(MO) as mo:
+            with T.unroll(S) as s, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
+                T.buffer_store(acc, ZERO, [s, m, c * VC + i])
+            with T.serial(KMAIN // (S * U)) as ko, T.unroll(U) as ku, T.unroll(S) as s, T.serial(RB) as m, \
+                    T.unroll(W // VC) as c, T.vectorized(VC) as i:
+                kk = (ko * U + ku) * S + s
+                T.buffer_store(acc, mac(acc[s, m, c * VC + i], x[mo * RB + m, kk], wp[woff + kk * W + c * VC + i]),
+                               [s, m, c * VC + i])
+            with T.serial(K - KMAIN) as kr, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
+                T.buffer_store(acc, mac(acc[0, m, c * VC + i], x[mo * RB + m, KMAIN + kr],
+                                        wp[woff + (KMAIN + kr) * W + c * VC + i]), [0, m, c * VC + i])
+            with T.unroll(S - 1) as s, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
+                T.buffer_store(acc, acc[0, m, c * VC + i] + acc[s + 1, m, c * VC + i], [0, m, c * VC + i])
+            with T.serial(RB) as m:
+                with T.unroll(OC) as c, T.vectorized(VC) as i:
+                    T.buffer_store(y, act(acc[0, m, c * VC + i], col0 + c * VC + i, bias),
+                                   [mo * RB + m, col0 + c * VC + i])
+                with T.serial(NOUT - OC * VC) as i:  # the last, partial chunk of a tail: scalar stores
+                    T.buffer_store(y, act(acc[0, m, OC * VC + i], col0 + OC * VC + i, bias),
+                                   [mo * RB + m, col0 + OC * VC + i])
 
-    @T.macro
-    def layer(x: Any, wp: Any, woff: Any, b: Any, boff: Any, y: Any) -> None:
-        acc = T.alloc_buffer((SF, RB, BN), AT, scope="local")
+    acc = T.alloc_buffer((SF, RB, BN), AT, scope="local")
+    bv = T.decl_buffer((b.shape[0] - boff,), AT, data=b.data, elem_offset=boff)
+    with T.serial(FULL) as nb:
+        block(bv, woff + nb * K * BN, nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
+    if TAIL > 0:
         acc_t = T.alloc_buffer((ST, RB, TBN), AT, scope="local")
-        bv = T.decl_buffer((b.shape[0] - boff,), AT, data=b.data, elem_offset=boff)
-        for nb in range(FULL):
-            block(x, wp, bv, y, woff + nb * K * BN, nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
-        for _t in range(1 if TAIL > 0 else 0):
-            block(x, wp, bv, y, woff + TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
-
-    return layer
+        block(bv, woff + TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
 
 
 def gemv_kernel(p: GemvParams) -> Any:
     """The PrimFunc ``(x[M, K], wp[packed], b[N], y[M, N])`` for ``p``, marked hand-written."""
-    from tvm.script import tirx as T
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
 
     # The bias buffer is always a parameter (a 1-element dummy without bias) so the call
     # signature does not depend on the pattern.
-    NBIAS = p.n if p.bias else 1
-    KNAME = KERNEL_NAME if p.acc_dtype == "float32" else KERNEL_NAME_INT8
     M, K, N = p.m, p.k, p.n
-    XS, YS = p.x_shape or (M, K), p.y_shape or (M, N)
-    XT, WT, AT = p.x_dtype, p.w_dtype, p.acc_dtype
-    WSIZE = max(1, p.packed_size)
-    layer = layer_macro(p)
-
-    @T.prim_func
-    def gemv(
-        xg: T.Buffer(XS, XT),
-        wp: T.Buffer((WSIZE,), WT),
-        b: T.Buffer((NBIAS,), AT),
-        yg: T.Buffer(YS, AT),
-    ):
-        T.func_attr({"tirx.noalias": True, "edgec.kernel": KNAME, "tirx.is_scheduled": True})
-        x = T.decl_buffer((M, K), XT, data=xg.data)  # flat 2-D views of the graph's tensors
-        y = T.decl_buffer((M, N), AT, data=yg.data)
-        layer(x, wp, 0, b, 0, y)
-
-    # The layer's parameters ride along, so later passes (kernels.tvm.chain) can rebuild it.
-    return gemv.with_attr("edgec.gemv", {"m": M, "k": K, "n": N, "block_n": p.block_n, "unroll": p.unroll,
-                                         "bias": p.bias, "relu": p.relu, "dtype": AT})
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("gemv")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME if p.acc_dtype == "float32" else KERNEL_NAME_INT8,
+                     "tirx.is_scheduled": True})
+        xg = T.arg("xg", T.buffer(p.x_shape or (M, K), p.x_dtype))
+        wp = T.arg("wp", T.buffer((max(1, p.packed_size),), p.w_dtype))
+        b = T.arg("b", T.buffer((p.n if p.bias else 1,), p.acc_dtype))
+        yg = T.arg("yg", T.buffer(p.y_shape or (M, N), p.acc_dtype))
+        x = T.decl_buffer((M, K), p.x_dtype, data=xg.data)  # flat 2-D views of the graph's tensors
+        y = T.decl_buffer((M, N), p.acc_dtype, data=yg.data)
+        emit_layer(p, x, wp, 0, b, 0, y)
+    # The layer's parameters ride along, so later passes (fuse-gemv-chains) can rebuild it.
+    return ib.get().with_attr(ATTR_GEMV, {"m": M, "k": K, "n": N, "block_n": p.block_n, "unroll": p.unroll,
+                                          "bias": p.bias, "relu": p.relu, "dtype": p.acc_dtype})
 
 
-__all__ = ["KERNEL_NAME", "TAIL_ALIGN", "GemvParams", "choose_block_n", "gemv_kernel", "layer_macro", "pack_weight", "tail_chunk",
-           "tail_width"]
+def gemv_params(func: Any) -> GemvParams | None:
+    """The float32 layer a packed-GEMV PrimFunc (``gemv_kernel``'s) computes, from its attributes; None for
+    any other PrimFunc."""
+    attrs = func.attrs or {}
+    if str(attrs.get(ATTR_KERNEL, "")) != KERNEL_NAME or ATTR_GEMV not in attrs:
+        return None
+    a = attrs[ATTR_GEMV]
+    if str(a["dtype"]) != "float32":
+        return None
+    return GemvParams(m=int(a["m"]), k=int(a["k"]), n=int(a["n"]), block_n=int(a["block_n"]),
+                      unroll=int(a["unroll"]), bias=bool(a["bias"]), relu=bool(a["relu"]))
+
+
+__all__ = ["ATTR_GEMV", "KERNEL_NAME", "KERNEL_NAME_INT8", "TAIL_ALIGN", "GemvParams", "choose_block_n", "emit_layer",
+           "gemv_kernel", "gemv_params", "pack_weight", "tail_chunk", "tail_width"]

@@ -4,11 +4,18 @@ Gather + batched MatMul form."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
-from kernels.tvm.block_sparse import pack_block_sparse
-from kernels.tvm.harness import block_diagonal, build_vm, dense_onnx, with_kernels
+from kernels.tvm.testing import block_diagonal, build_vm, dense_onnx, substitute, with_kernels
+from kernels.tvm.tir.block_sparse import pack_block_sparse, regroup_columns
+from tests.fixtures.synthetic import g2g_masked_mlp
 from toolchain.core.profile import load_profile
+from toolchain.passes import PassContext
+from toolchain.passes._speed import single_layer_model
+from toolchain.passes.modular import Config, detect, lowered_nodes, run, timing_models
 
 
 def test_pack_keeps_only_nonzero_rows() -> None:
@@ -34,8 +41,6 @@ def test_grouped_matches_generic(groups: int, n: int) -> None:
 
 
 def test_modular_pass_form_is_recognised() -> None:
-    from toolchain.passes.modular import detect, timing_models
-
     w = block_diagonal(128, 128, 4, seed=3)
     _dense, lowered = timing_models(w, detect(w))
     prof = load_profile("x86-avx512")
@@ -55,9 +60,6 @@ def test_grouped_off_in_profile_uses_dense_gemv() -> None:
 
 
 def test_modular_gather_elements_form_is_recognised() -> None:
-    from toolchain.passes._speed import single_layer_model
-    from toolchain.passes.modular import detect, lowered_nodes
-
     w = block_diagonal(128, 128, 4, seed=5)
     nodes, inits = lowered_nodes("x", "y", detect(w), "m", None, gather="elements", static_batch=1)
     model = single_layer_model(nodes, inits, "x", 128, "y")
@@ -67,13 +69,9 @@ def test_modular_gather_elements_form_is_recognised() -> None:
     np.testing.assert_allclose(fast(x), x @ w, rtol=1e-4, atol=1e-4)
 
 
-def _mixer_g2g(seed: int = 4):  # -> onnx.ModelProto
+def _mixer_g2g(seed: int = 4) -> onnx.ModelProto:
     """A small G2GNet-shaped net (64-256-256-10, 4 groups, 75 % sparse, torch's Gemm layout) whose first
     layer uses the "mixer" grouping: output j belongs to group j % 4 (interleaved, not contiguous)."""
-    from onnx import numpy_helper
-
-    from tests.fixtures.synthetic import g2g_masked_mlp
-
     m = g2g_masked_mlp((64, 256, 256, 10), groups=4, density=0.25, seed=seed, gemm=True)
     perm = np.arange(256).reshape(4, 64).T.ravel()  # contiguous groups -> interleaved
     inits = {t.name: t for t in m.graph.initializer}
@@ -86,25 +84,20 @@ def test_modular_pass_for_tvm_puts_both_mixer_layers_on_the_grouped_kernel() -> 
     """The modular pass (target tvm) on a net with mixer grouping: both sparse layers become one grouped
     GEMV each with bias + ReLU fused, the regrouping folded away (no gather / un-permute left), exact vs
     ONNX Runtime on the original dense masked net."""
-    import onnxruntime as ort
-
-    from kernels.tvm.substitute import KernelConfig, substitute_kernels
-    from targets.tvm import import_onnx
-    from toolchain.passes import PassContext
-    from toolchain.passes.modular import Config, run
-
     m = _mixer_g2g()
     res = run(m, Config(), PassContext(target="tvm"))
     rows = res.report["layers"]
     assert [r["applied"] for r in rows] == [True, True, False] and rows[0]["output_permuted"]
     assert [n.op_type for n in res.model.graph.node].count("Gather") == 2  # one per layer, no un-permute
     prof = load_profile("x86-avx512")
-    _, rep = substitute_kernels(import_onnx(res.model), KernelConfig.from_profile(prof))
-    assert [(r["kernel"], r["bias"], r["relu"]) for r in rep.replaced] == [
+    _, replaced = substitute(res.model, prof)
+    assert [(r["kernel"], r["bias"], r["relu"]) for r in replaced] == [
         ("grouped-gemv-f32", True, True), ("grouped-gemv-f32", True, True), ("gemv-packed-f32", True, False)]
     fast, table = build_vm(res.model, prof)
-    assert [r["kernel"] for r in table] == ["grouped-gemv-f32", "grouped-gemv-f32", "gemv-packed-f32"]  # nothing generic
-    base, btable = build_vm(m, with_kernels(prof, use_grouped_matmul=False, gemv_chain_max_kb=0))  # dense masked baseline
+    # nothing generic
+    assert [r["kernel"] for r in table] == ["grouped-gemv-f32", "grouped-gemv-f32", "gemv-packed-f32"]
+    # the dense masked baseline
+    base, btable = build_vm(m, with_kernels(prof, use_grouped_matmul=False, gemv_chain_max_kb=0))
     assert [r["kernel"] for r in btable] == ["gemv-packed-f32"] * 3
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(7).standard_normal((4, 64)).astype(np.float32)
@@ -118,16 +111,12 @@ def test_dense_masked_mixer_layer_is_regrouped_onto_the_grouped_kernel() -> None
     """Without the pass: TVM sees the dense masked matrices; the interleaved first layer's outputs are
     regrouped inside the kernel (results scattered back to their columns), so both sparse layers still
     take the grouped GEMV; outputs agree with the dense packed GEMV build."""
-    from kernels.tvm.block_sparse import regroup_columns
-    from kernels.tvm.substitute import KernelConfig, substitute_kernels
-    from targets.tvm import import_onnx
-
     m = _mixer_g2g(seed=5)
     prof = load_profile("x86-avx512")
-    _, rep = substitute_kernels(import_onnx(m), KernelConfig.from_profile(prof))
-    assert [(r["kernel"], r.get("regrouped")) for r in rep.replaced] == [
+    _, replaced = substitute(m, prof)
+    assert [(r["kernel"], r.get("regrouped")) for r in replaced] == [
         ("grouped-gemv-f32", True), ("grouped-gemv-f32", False), ("gemv-packed-f32", None)]
-    assert rep.replaced[0]["density"] <= 0.3  # 4 groups of 64 outputs, 25 % of the inputs each
+    assert replaced[0]["density"] <= 0.3  # 4 groups of 64 outputs, 25 % of the inputs each
     assert regroup_columns(block_diagonal(64, 256, 4), 64) is None  # contiguous groups: nothing to gain
     fast, _ = build_vm(m, prof)
     base, _ = build_vm(m, with_kernels(prof, use_grouped_matmul=False))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from kernels.tvm.harness import build_vm, dense_onnx, with_kernels
+from kernels.tvm.testing import build_vm, dense_onnx, with_kernels
 from toolchain.core.profile import load_profile
 
 
@@ -61,12 +63,10 @@ def test_size_threshold_keeps_large_chains_per_layer() -> None:
 
 def test_shared_intermediate_is_not_fused() -> None:
     """An intermediate read twice (here: also a graph output) must stay materialised."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(3)
     w0, w1 = rng.standard_normal((16, 12)).astype(np.float32), rng.standard_normal((12, 8)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"]), helper.make_node("MatMul", ["h", "W1"], ["y"])],
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W0"], ["h"]),
+                           helper.make_node("MatMul", ["h", "W1"], ["y"])],
                           "two-out", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8]),
                            helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 12])],
@@ -76,3 +76,17 @@ def test_shared_intermediate_is_not_fused() -> None:
     onnx.checker.check_model(model)
     _, table = build_vm(model, load_profile("x86-avx512"))
     assert [r["kernel"] for r in table] == ["gemv-packed-f32"] * 2
+
+
+def test_chain_of_ten_layers_is_one_kernel() -> None:
+    """The chain kernel is built by a loop over the layers: any length fuses, bit-identical to per-layer."""
+    dims = [24, 20, 18, 16, 14, 12, 14, 16, 18, 20, 10]
+    model, ws, bs = _mlp(dims, gemm=True, seed=4)
+    prof = load_profile("x86-avx512")
+    fused, table = build_vm(model, prof)
+    layers, ltable = build_vm(model, with_kernels(prof, gemv_chain_max_kb=0))
+    assert [r["kernel"] for r in table] == ["gemv-chain-f32"]
+    assert [r["kernel"] for r in ltable] == ["gemv-packed-f32"] * 10
+    x = np.random.default_rng(5).standard_normal((1, dims[0])).astype(np.float32)
+    np.testing.assert_array_equal(fused(x), layers(x))
+    np.testing.assert_allclose(fused(x), _numpy(x, ws, bs), rtol=1e-4, atol=1e-4)

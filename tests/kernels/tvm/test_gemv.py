@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from kernels.tvm.gemv import choose_block_n, pack_weight
-from kernels.tvm.harness import build_vm, dense_onnx, with_kernels
+from kernels.tvm.testing import build_vm, dense_onnx, with_kernels
+from kernels.tvm.tir.gemv import choose_block_n, pack_weight
 from toolchain.core.profile import load_profile
+from toolchain.passes.int8 import Config, run
 
 
 def test_pack_weight_layout() -> None:
@@ -65,9 +68,6 @@ def test_generic_variant_is_not_substituted() -> None:
 
 
 def test_rank3_input_is_reshaped() -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(3)
     w = rng.standard_normal((40, 24)).astype(np.float32)
     b = rng.standard_normal(24).astype(np.float32)
@@ -99,8 +99,6 @@ def test_multi_row_gemv(rows: int) -> None:
 
 def test_int8_matmulinteger_gemv_is_exact() -> None:
     """Dynamic int8 (ONNX MatMulInteger): int8 packed weights, int32 accumulation, bit-exact vs generic."""
-    from toolchain.passes.int8 import Config, run
-
     rng = np.random.default_rng(5)
     ws = [(rng.standard_normal((a, c)) / np.sqrt(a)).astype(np.float32) for a, c in itertools.pairwise([64, 48, 10])]
     model = run(dense_onnx(ws, [np.zeros(48, np.float32), np.zeros(10, np.float32)], gemm=True),

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from kernels.tvm.harness import build_vm, with_kernels
+from kernels.tvm.testing import build_vm, with_kernels
 from toolchain.core.profile import load_profile
-
-torch = pytest.importorskip("torch")
+from toolchain.export import torch_to_onnx
+from toolchain.zoo import kan_bases as kb
 
 
 def _export(layer: object, n: int) -> object:
-    from toolchain.export import torch_to_onnx
-
     torch.manual_seed(0)
     return torch_to_onnx(layer, (torch.randn(1, n),), dynamic_batch=False)
 
@@ -21,8 +20,6 @@ def _export(layer: object, n: int) -> object:
 @pytest.mark.parametrize("kind", ["bspline", "rbf", "cheby"])
 @pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
 def test_fused_kan_matches_generic(kind: str, profile_id: str) -> None:
-    from toolchain.zoo import kan_bases as kb
-
     torch.manual_seed(1)
     n, out = 37, 12  # n not a multiple of the lanes: exercises the tail chunk
     layer = {"bspline": kb.BSplineKANLayer, "rbf": kb.FastKANLayer, "cheby": kb.ChebyKANLayer}[kind](n, out)
@@ -43,8 +40,6 @@ def test_fused_kan_matches_generic(kind: str, profile_id: str) -> None:
 
 
 def test_fused_kan_off_in_profile() -> None:
-    from toolchain.zoo.kan_bases import ChebyKANLayer
-
-    model = _export(ChebyKANLayer(8, 4).eval(), 8)
+    model = _export(kb.ChebyKANLayer(8, 4).eval(), 8)
     _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), use_fused_kan=False))
     assert "kan-fused-f32" not in [r["kernel"] for r in table]

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from kernels.tvm.harness import build_vm, with_kernels
+from kernels.tvm.testing import build_vm, with_kernels
 from toolchain.core.profile import load_profile
-
-torch = pytest.importorskip("torch")
+from toolchain.export import run_ort, torch_to_onnx
+from toolchain.zoo.spiking import LIF, SpikingMLP
 
 
 def _inputs(rng: np.random.Generator) -> list[np.ndarray]:
@@ -23,9 +24,6 @@ def _inputs(rng: np.random.Generator) -> list[np.ndarray]:
 
 @pytest.mark.parametrize(("reset", "steps"), [("subtract", 8), ("zero", 8), ("subtract", 16)])
 def test_fused_lif_layer_matches_generic_and_ort(reset: str, steps: int) -> None:
-    from toolchain.export import run_ort, torch_to_onnx
-    from toolchain.zoo.spiking import SpikingMLP
-
     torch.manual_seed(0)
     net = SpikingMLP(hidden=[37], steps=steps, beta=0.875, threshold=1.0, reset=reset,
                      surrogate="fast_sigmoid").eval()
@@ -57,8 +55,6 @@ class _Recurrence(torch.nn.Module):
 
     def __init__(self, steps: int) -> None:
         super().__init__()
-        from toolchain.zoo.spiking import LIF
-
         self.lif, self.steps = LIF(0.9, 1.0, "subtract", steps), steps
 
     def forward(self, cur: torch.Tensor) -> torch.Tensor:
@@ -71,8 +67,6 @@ class _Recurrence(torch.nn.Module):
 
 
 def test_fused_recurrence_without_matmul() -> None:
-    from toolchain.export import torch_to_onnx
-
     model = torch_to_onnx(_Recurrence(8).eval(), (torch.rand(8, 21),), dynamic_batch=False)
     prof = load_profile("x86-avx512")
     fused, table = build_vm(model, prof)
@@ -84,9 +78,6 @@ def test_fused_recurrence_without_matmul() -> None:
 
 
 def test_fused_lif_off_in_profile() -> None:
-    from toolchain.export import torch_to_onnx
-    from toolchain.zoo.spiking import SpikingMLP
-
     net = SpikingMLP(hidden=[8], steps=4, beta=0.9, threshold=1.0, reset="zero", surrogate="fast_sigmoid").eval()
     model = torch_to_onnx(net, (torch.rand(1, 784),), dynamic_batch=False)
     _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), use_fused_lif=False))

@@ -1,13 +1,20 @@
-"""The vector rule and fast exp (kernels/tvm/vector_rule.py, fast_math.py) against ONNX Runtime and numpy."""
+"""The vector rule and fast exp (kernels/tvm/schedule/vector_rule.py, kernels/tvm/passes/fast_math.py) against
+ONNX Runtime and numpy."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+import tvm
+import tvm_ffi
 from onnx import TensorProto, helper, numpy_helper
 
-from kernels.tvm.harness import build_vm, with_kernels
+from kernels.tvm.schedule.vector_rule import _count
+from kernels.tvm.testing import build_vm, with_kernels
+from targets.tvm.frontend import import_onnx
+from targets.tvm.pipeline import pipeline
 from toolchain.core.profile import load_profile
 
 
@@ -45,7 +52,8 @@ def _conv_kan_block(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("MaxPool", ["conv"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Reshape", ["pool", "out"], ["y"]),
     ]
-    g = helper.make_graph(nodes, "convkan_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 13, 13])],
+    g = helper.make_graph(nodes, "convkan_block",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 13, 13])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, co * 6 * 6])],
                           [numpy_helper.from_array(a, n) for n, a in inits.items()])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
@@ -54,8 +62,6 @@ def _conv_kan_block(seed: int = 0) -> onnx.ModelProto:
 
 
 def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
@@ -75,11 +81,6 @@ def test_rule_schedules_every_kernel_and_matches_ort(profile_id: str) -> None:
 
 
 def test_rule_vectorizes_elementwise_and_pooling_loops() -> None:
-    import tvm
-    import tvm_ffi
-
-    from targets.tvm import import_onnx, pipeline
-
     prof = load_profile("x86-avx512")
     mod = import_onnx(_conv_kan_block())
     for name, step in pipeline(prof):
@@ -107,7 +108,7 @@ def test_fast_exp_and_sigmoid_relative_error() -> None:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     run, _ = build_vm(m, load_profile("x86-avx512"))
-    out = run.raw(__import__("tvm").runtime.tensor(x))  # type: ignore[attr-defined]
+    out = run.raw(tvm.runtime.tensor(x))  # type: ignore[attr-defined]
     e, s = out[0].numpy(), out[1].numpy()
     xd = x.astype(np.float64)
     rel_e = np.abs(e - np.exp(xd)) / np.exp(xd)
@@ -120,15 +121,11 @@ def test_inlining_a_recurrence_stays_linear() -> None:
     """y <- y * y / 2 + x, 12 times (each step reads the last twice, like an unrolled LIF membrane): inlining
     every step would copy the first 2^12 times (measured: 106k IR nodes, 1.5k with the guard; an unrolled
     T=16 LIF did not compile in 10 min). The rule must keep the function linear in the chain, and correct."""
-    import tvm
-
-    from kernels.tvm.vector_rule import _count
-    from targets.tvm import import_onnx, pipeline
-
     steps = 12
     nodes, prev = [], "x"
     for t in range(steps):
-        nodes += [helper.make_node("Mul", [prev, prev], [f"sq{t}"]), helper.make_node("Mul", [f"sq{t}", "half"], [f"h{t}"]),
+        nodes += [helper.make_node("Mul", [prev, prev], [f"sq{t}"]),
+                  helper.make_node("Mul", [f"sq{t}", "half"], [f"h{t}"]),
                   helper.make_node("Add", [f"h{t}", "x"], [f"y{t}"])]  # y*y/2 + x: bounded for |x| < 1/2
         prev = f"y{t}"
     nodes.append(helper.make_node("Identity", [prev], ["y"]))

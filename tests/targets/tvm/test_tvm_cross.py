@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from kernels.tvm.harness import dense_onnx
+from kernels.tvm.testing import dense_onnx
 from toolchain.core.profile import load_profile
 
 needs_cross = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,

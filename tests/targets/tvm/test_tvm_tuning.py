@@ -105,7 +105,7 @@ def _conv_model(tmp_path: Path) -> Path:
 
 
 def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> None:
-    from kernels.tvm.harness import with_kernels
+    from kernels.tvm.testing import with_kernels
     from targets.tvm.tuning import auto_trials
     from tests.models import small_mlp
 

@@ -1,0 +1,181 @@
+"""fuse-lif: an unrolled spiking recurrence as one fused kernel (``kernels.tvm.tir.lif``).
+
+Matches ``concat((p_0, ..., p_{T-1}), axis=0)`` whose parts are elementwise graphs over row slices of one
+current matrix C and scalar constants (``extract_recurrence``; the LIF shape is not hard-coded). Where C
+is a constant-weight matmul [+ bias] and the layer has at most ``lif_layer_max_rows`` rows, the matmul
+goes into the kernel too (the event-driven layer kernel); otherwise only the recurrence is fused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kernels.tvm.passes._rewrite import (
+    NoMatch,
+    RewritePass,
+    const_array,
+    const_ints,
+    require_shape,
+    rewrite_bindings,
+    static_shape,
+    value_of,
+)
+from kernels.tvm.tir import lif
+from kernels.tvm.tir._elementwise import BINARY, CONST, ROW, UNARY, Node
+
+# The Relax elementwise ops a recurrence may use (all in the shared op table).
+UNARY_OPS = ("negative", "floor", "exp", "tanh", "sigmoid", "abs")
+BINARY_OPS = ("add", "subtract", "multiply", "divide", "greater", "greater_equal", "less", "less_equal",
+              "maximum", "minimum", "logical_and", "logical_or")
+
+
+def extract_recurrence(concat: Any, lookup: Any) -> lif.Recurrence:
+    """The graph behind ``concat((p_0, ..., p_{T-1}), axis=0)`` with every p_t of shape (1, N),
+    ``lookup(var)`` giving a variable's bound value; raises NoMatch."""
+    import tvm
+    from tvm import relax
+
+    parts = list(concat.args[0].fields)
+    part_shape = require_shape(parts[0])
+    if len(part_shape) != 2 or part_shape[0] != 1 or any(require_shape(p) != part_shape for p in parts):
+        raise NoMatch("parts are not (1, N)")
+    n = part_shape[1]
+    g = lif.Recurrence()
+    memo: dict[Any, int] = {}
+
+    def add(node: Node) -> int:
+        g.nodes.append(node)
+        return len(g.nodes) - 1
+
+    def visit(e: Any) -> int:
+        if e in memo:
+            return memo[e]
+        c = const_array(e)
+        if c is not None:
+            a = np.asarray(c, dtype=np.float64).reshape(-1)
+            if a.size == 0 or not np.all(a == a[0]):
+                raise NoMatch("non-uniform constant")
+            nid = add(Node(CONST, values=(float(a[0]),)))
+        else:
+            val = lookup(e) if isinstance(e, relax.Var) else e
+            if not isinstance(val, relax.Call) or not isinstance(val.op, tvm.ir.Op):
+                raise NoMatch("leaf that is not a row slice")
+            nid = visit_call(val)
+        memo[e] = nid
+        return nid
+
+    def visit_call(call: Any) -> int:
+        name = call.op.name.removeprefix("relax.")
+        if require_shape(call) not in ((1, n), (n,)):
+            raise NoMatch(f"{name} on another shape")
+        if name == "strided_slice":
+            src = call.args[0]
+            axes, begin, end = const_ints(call.args[1]), const_ints(call.args[2]), const_ints(call.args[3])
+            strides = const_ints(call.args[4]) if len(call.args) > 4 else [1]
+            ss = require_shape(src)
+            if axes != [0] or strides != [1] or len(ss) != 2 or ss[1] != n or end[0] - begin[0] != 1:
+                raise NoMatch("slice is not one row")
+            if g.source is None:
+                g.source, g.rows = src, ss[0]
+            elif not g.source.same_as(src):
+                raise NoMatch("rows of two tensors")
+            return add(Node(ROW, start=begin[0] % ss[0]))
+        if name == "astype":
+            if str(call.attrs.dtype) not in ("float32", "bool"):
+                raise NoMatch("astype")
+            a = visit(call.args[0])
+            return a if str(call.attrs.dtype) == "float32" else add(Node(UNARY, op="to_bool", args=(a,)))
+        if name in UNARY_OPS:
+            return add(Node(UNARY, op=name, args=(visit(call.args[0]),)))
+        if name in BINARY_OPS:
+            return add(Node(BINARY, op=name, args=(visit(call.args[0]), visit(call.args[1]))))
+        raise NoMatch(f"op {name}")
+
+    g.outputs = [visit(p) for p in parts]
+    if g.source is None or g.rows != len(parts):
+        raise NoMatch("outputs do not follow the rows of one tensor")
+    return g
+
+
+class FuseLif(RewritePass):
+    """Folds constants, then replaces each unrolled recurrence by one fused kernel (with its matmul where
+    it can); ``report``: one row per layer."""
+
+    pass_name = "FuseLif"
+
+    def rewrite(self, mod: Any) -> Any:
+        import tvm
+        from tvm import relax
+
+        op_concat = tvm.ir.Op.get("relax.concat")
+        op_add, op_matmul = tvm.ir.Op.get("relax.add"), tvm.ir.Op.get("relax.matmul")
+        op_permute = tvm.ir.Op.get("relax.permute_dims")
+        cfg = self.cfg
+
+        def layer(rw: Any, c: Any, n: int) -> tuple[Any, np.ndarray, np.ndarray | None] | None:
+            """(S, W, b) when ``c`` is ``matmul(S, W) [+ b]`` with W a constant (K, N) (or ONNX Gemm's
+            ``permute_dims`` of one) and S float32 (R, K); None otherwise."""
+            v = value_of(rw, c)
+            b = None
+            if isinstance(v, relax.Call) and v.op == op_add:
+                for mm_e, b_e in ((v.args[0], v.args[1]), (v.args[1], v.args[0])):
+                    cb = const_array(b_e)
+                    if cb is not None and cb.size == n and cb.dtype == np.float32 and cb.shape[-1] == n:
+                        b, v = cb.reshape(n), value_of(rw, mm_e)
+                        break
+                else:
+                    return None
+            if not (isinstance(v, relax.Call) and v.op == op_matmul):
+                return None
+            s_in, w_e = v.args
+            w = const_array(w_e)
+            if w is None:
+                pd = value_of(rw, w_e)
+                if isinstance(pd, relax.Call) and pd.op == op_permute:
+                    wt = const_array(pd.args[0])
+                    axes = pd.attrs.axes
+                    if wt is not None and wt.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
+                        w = np.ascontiguousarray(wt.T)
+            ss = static_shape(s_in)
+            if (w is None or w.ndim != 2 or w.dtype != np.float32 or w.shape[1] != n or ss is None or len(ss) != 2
+                    or ss[1] != w.shape[0] or str(s_in.ty.dtype) != "float32"):
+                return None
+            return s_in, w, b
+
+        def fuse(rw: Any, binding: Any) -> tuple[Any, str] | None:
+            v = binding.value
+            g = None
+            if (isinstance(v, relax.Call) and v.op == op_concat and int(v.attrs.axis) == 0
+                    and isinstance(v.args[0], relax.Tuple) and len(v.args[0].fields) >= 2):
+                try:
+                    g = extract_recurrence(v, lambda e: value_of(rw, e))
+                except NoMatch:
+                    g = None
+            if g is None or static_shape(v) != (g.rows, static_shape(g.source)[1]):  # type: ignore[index]
+                return None
+            t, n = static_shape(v)  # type: ignore[misc]
+            name = f"edgec_lif_{len(self.report)}"
+            # Up to lif_layer_max_rows (T*B) rows the whole layer is one event-driven kernel; beyond, the
+            # matmul is left to the packed GEMV and only the recurrence is fused (see KernelSpec).
+            found = layer(rw, g.source, n) if g.rows <= cfg.lif_layer_max_rows else None
+            if found is not None:  # C = S @ W [+ b]: matmul and recurrence in one event-driven kernel
+                s_in, w, b = found
+                bn = lif.layer_block_n(g.rows, cfg.lanes)
+                wp, bp = lif.pack_layer(w, b, bn)
+                func = lif.fused_layer_kernel(g, w.shape[0], n, bn, b is not None, static_shape(s_in))
+                args = [rw.visit_expr(s_in), relax.const(wp), relax.const(bp)]
+                info = {"kernel": lif.LAYER_KERNEL_NAME, "in": int(w.shape[0]), "block_n": bn}
+            else:
+                func = lif.fused_recurrence_kernel(g, n, cfg.lanes)
+                args = [rw.visit_expr(g.source)]
+                info = {"kernel": lif.KERNEL_NAME}
+            gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
+            self.report.append({**info, "func": name, "steps": t, "neurons": n, "nodes": len(g.nodes)})
+            return relax.call_tir(gv, args, relax.TensorType((t, n), "float32")), "lif"
+
+        return rewrite_bindings(relax.transform.FoldConstant()(mod), lambda _func: fuse)
+
+
+__all__ = ["FuseLif", "extract_recurrence"]

@@ -1,0 +1,1 @@
+"""Schedules for the PrimFuncs no hand-written kernel covers (the vector rule)."""
