@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from toolchain.core.errors import UsageError
 from toolchain.export import export_module
-from toolchain.zoo.datasets import planetoid
+from toolchain.zoo.datasets import load_dataset, planetoid
 from toolchain.zoo.gnn_mlp import ENTRIES, TEACHERS, normalized_adjacency
 from toolchain.zoo.trained import load_trained
 
@@ -92,8 +93,6 @@ def test_teacher_cannot_be_exported() -> None:
 @pytest.mark.parametrize("name", ["mlp-cora", "glnn-cora", "ffg2m-citeseer"])
 def test_student_exports_with_parity(name: str, planetoid_dir: Path, cache: object,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from toolchain.zoo.datasets import load_dataset
-
     entry = _tiny(name)
     data = load_dataset(entry.dataset, planetoid_dir)
     module, metrics, art, hit = load_trained(entry, cache, data=data, progress=False)  # type: ignore[arg-type]
@@ -104,16 +103,12 @@ def test_student_exports_with_parity(name: str, planetoid_dir: Path, cache: obje
     parity = exp.meta["parity"]
     assert parity["samples"] == 1000 and parity["max_rel"] <= 1e-4 and parity["argmax_agreement"] == 1.0
     # The deployed model is features-only: input 1 x F.
-    import onnx
-
     m = onnx.load(str(exp.payload))
     assert m.graph.input[0].type.tensor_type.shape.dim[1].dim_value == data.x_all.shape[1]
 
 
 @pytest.mark.slow
 def test_default_recipes_meet_targets(planetoid_dir: Path, cache: object) -> None:
-    from toolchain.zoo.datasets import load_dataset
-
     for ds, (t_min, s_min) in {"cora": (0.80, 0.75), "citeseer": (0.69, 0.68)}.items():
         data = load_dataset(ds, planetoid_dir)
         acc = {m: load_trained(E[f"{m}-{ds}"], cache, data=data, progress=False)[1]["test_accuracy"]  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from zoo_helpers import full_test_parity
 
+from toolchain.core.profile import load_profile
 from toolchain.export import export_module, torch_to_onnx
 from toolchain.zoo import ZooEntry, kan, skan
 from toolchain.zoo.convkan import KANConv2d
@@ -180,8 +181,7 @@ def test_skan_forced_single_choice_exports_only_that_basis(fashion: Any) -> None
 def test_skan_rbf_variant_pool_freezes_to_described_rbfs_and_fuses_on_tvm(fashion: Any) -> None:
     """A pool of RBF variants (skan.RBF_VARIANTS): each chosen group exports as Exp-only RBFs whose kernel
     description carries that variant's own centers and width, and TVM's fused KAN kernel computes it."""
-    from kernels.tvm.testing import build_vm
-    from toolchain.core.profile import load_profile
+    from kernels.tvm.testing import build_vm  # imports TVM
 
     pool = ("rbf", "rbf_smooth", "rbf_high")
     torch.manual_seed(0)

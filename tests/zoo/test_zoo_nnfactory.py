@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from toolchain.core.cache import Cache
 from toolchain.core.errors import UsageError
 from toolchain.export import export_module
 from toolchain.zoo import nnfactory as nf
@@ -23,8 +24,6 @@ GATING_OPS = {"If", "Loop", "Where", "Gather", "GatherElements", "GatherND", "To
 
 @pytest.fixture(scope="module")
 def supernet(fashion: Dataset, tmp_path_factory: pytest.TempPathFactory) -> nf.Supernet:
-    from toolchain.core.cache import Cache
-
     e = dataclasses.replace(nf.SUPERNET_ENTRY, recipe={**nf.SUPERNET_ENTRY.recipe, "epochs": 1})
     small = dataclasses.replace(fashion, x_train=fashion.x_train[:6000], y_train=fashion.y_train[:6000])
     net, metrics, _, _ = load_trained(e, Cache(tmp_path_factory.mktemp("nnf")), data=small, progress=False)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
+from toolchain.core.profile import load_profile
 from toolchain.export import export_module, run_ort
 from toolchain.zoo.datasets import Dataset
-from toolchain.zoo.spiking import ENTRIES, LIF, SpikingMLP, rate_code
+from toolchain.zoo.spiking import ENTRIES, LIF, SpikingMLP, StepCell, rate_code, snap_to_grid
 from toolchain.zoo.trained import load_trained
 
 E = {e.name: e for e in ENTRIES}
@@ -57,8 +59,6 @@ def test_both_forms_export_with_identical_spikes(name: str, fashion: Dataset, ca
         exp, _ = export_module(exp_mod, e.input_shape, cache, art.key, form=form, example=example,  # type: ignore[arg-type]
                                check_inputs=feeds if len(feeds) > 1 else feeds[0])
         assert exp.meta["parity"] is not None and exp.meta["parity"]["samples"] == 1000
-        import onnx
-
         model = onnx.load(str(exp.payload))
         names = [i.name for i in model.graph.input]
         assert len(names) == len(feeds)
@@ -68,8 +68,7 @@ def test_both_forms_export_with_identical_spikes(name: str, fashion: Dataset, ca
         ref = ref if isinstance(ref, tuple) else (ref,)
         np.testing.assert_array_equal(got[0], ref[0].numpy())  # identical spike counts / spikes
         if form == "unrolled":  # the dynamic-batch export compiles for TVM (batch pinned, shapes folded)
-            from targets.tvm import TvmTarget
-            from toolchain.core.profile import load_profile
+            from targets.tvm import TvmTarget  # imports TVM
 
             tvm_art, _ = TvmTarget().compile(exp, load_profile("x86-avx512"), cache)  # type: ignore[arg-type]
             runner = TvmTarget().load(tvm_art)
@@ -82,8 +81,6 @@ def test_both_forms_export_with_identical_spikes(name: str, fashion: Dataset, ca
 
 
 def test_step_form_streams_to_the_unrolled_counts(fashion: Dataset) -> None:
-    from toolchain.zoo.spiking import StepCell, snap_to_grid
-
     net = SpikingMLP([64], 6, 0.875, 1.0, "subtract", "fast_sigmoid").eval()
     with torch.no_grad():
         net.fcs[0].weight.mul_(8.0)  # untrained: scale up so the hidden layer spikes
