@@ -41,8 +41,9 @@ lint: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
+# Every benchmark in benchmarks/ (tens of minutes; see benchmarks/run.py), then BENCHMARKS.md.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	nice $(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,6 +1,6 @@
-"""TVM with MetaSchedule tuning for the layers no hand-written kernel covers -> benchmarks/results/tvm_tuned.md.
+"""TVM with MetaSchedule tuning for the layers no hand-written kernel covers -> results/tvm_tuned.md and .json.
 
-    nice python benchmarks/bench_tvm_tuned.py [--models convkan skan kan-fast snn-mlp] [--trials auto|N] [--cold]
+    nice python -m benchmarks.bench_tvm_tuned [--models convkan skan kan-fast snn-mlp] [--trials auto|N] [--cold]
 
 For each model: `edgec build MODEL --target ort --target tvm [--tune-trials N]` -- by default the CLI's own
 default budget, "auto": the profile's tuning.auto_trials where a heavy layer has no hand-written kernel, 0
@@ -12,19 +12,23 @@ ORT and tuned TVM timed interleaved in one process by `api.build`.
 from __future__ import annotations
 
 import argparse
-import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks._common import PROFILE, ROW_HEADER, Table, command_line, us, write_results
+from targets.base import CompileOptions, TuneOptions
+from toolchain import api
+from toolchain.core.cache import Cache, MissingArtifact, ReadOnlyCache
+from toolchain.zoo.registry import get_entry
+from toolchain.zoo.trained import load_trained
 
-PROFILE = "x86-avx512"
+HEADER = [*ROW_HEADER[:-1], "accuracy", "notes"]
 
 
-def _budget(tvm: dict, trials: int | None) -> str:
+def _budget(tvm: dict[str, Any], trials: int | None) -> str:
     """What the build actually tuned with: 'auto: 96 trials' / 'auto: 0 trials' / '96 trials'."""
     if trials is not None:
         return f"{trials} trials"
@@ -32,15 +36,9 @@ def _budget(tvm: dict, trials: int | None) -> str:
     return f"auto: {auto.get('trials', '?')} trials"
 
 
-def cold_cache(models: list[str], root: Path) -> Any:
+def cold_cache(models: list[str], root: Path) -> Cache:
     """A cache at ``root`` holding only the models' trained weights (copied from the default cache, so
     nothing retrains): every compile and every tuning record is made from scratch."""
-    import shutil
-
-    from toolchain.core.cache import Cache, MissingArtifact, ReadOnlyCache
-    from toolchain.zoo.registry import get_entry
-    from toolchain.zoo.trained import load_trained
-
     src, dst = Cache(), Cache(root)
     for name in models:
         try:
@@ -55,49 +53,53 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="*", default=["convkan", "skan", "kan-fast", "snn-mlp"])
     ap.add_argument("--trials", default="auto", help="auto (the CLI default) or a number of trials")
-    ap.add_argument("--duration", type=float, default=2.0)
+    ap.add_argument("--duration", type=float, default=2.0, help="Timed seconds per target (over all rounds).")
     ap.add_argument("--cold", action="store_true",
                     help="tune from an empty database (a temp cache holding only the trained weights): the real cost")
     args = ap.parse_args()
 
-    from toolchain import api
-    from toolchain.core.cache import Cache
-    from targets.tvm.tuning import tuning_scope
-
     trials = None if args.trials == "auto" else int(args.trials)
+    options = CompileOptions(tune=TuneOptions(trials=trials, progress=False))
     tmp = tempfile.TemporaryDirectory(prefix="edgec-cold-") if args.cold else None
     cache = cold_cache(args.models, Path(tmp.name)) if tmp else Cache()
-    rows = []
+    table = Table(HEADER)
+    walls: dict[str, float] = {}
     for name in args.models:
         t0 = time.monotonic()
-        with tuning_scope(trials, progress=False):
-            rep = api.build(name, PROFILE, ["ort", "tvm"], ["cleanup"], cache, samples=0,
-                            duration_s=args.duration, progress=False)
-        wall = time.monotonic() - t0
+        rep = api.build(name, profile=PROFILE, cache=cache, targets=["ort", "tvm"], passes=["cleanup"], samples=0,
+                        duration_s=args.duration, options=options, progress=False)
+        wall = walls[name] = time.monotonic() - t0
         ort, tvm = rep["targets"]["ort"], rep["targets"]["tvm"]
+        ratio = tvm["latency"]["p50_ms"] / ort["latency"]["p50_ms"]
         origins: dict[str, int] = {}
         for k in tvm.get("kernels", []):
             origins[k["origin"]] = origins.get(k["origin"], 0) + 1
-        for t, r, ratio, note in (
-            ("ort", ort, "1.00x", "vendor"),
-            (f"tvm ({_budget(tvm, trials)})", tvm, f"{rep['tvm_vs_ort_p50_ratio']:.2f}x",
+        for t, r, r_ratio, note in (
+            ("ort", ort, 1.0, "vendor"),
+            (f"tvm ({_budget(tvm, trials)})", tvm, ratio,
              ", ".join(f"{n} {o}" for o, n in origins.items()) + f"; build+tune wall {wall:.0f} s"),
         ):
             acc = r.get("accuracy", {}).get("task_accuracy")
-            rows.append(f"| {name} | cleanup | {t} | {PROFILE} | {r['latency']['p50_ms'] * 1000:.1f} | "
-                        f"{r['latency']['p90_ms'] * 1000:.1f} | ort | {ratio} | "
-                        f"{'-' if acc is None else f'{acc * 100:.2f} %'} | {note} |")
-    out = ROOT / "benchmarks" / "results" / "tvm_tuned.md"
-    out.write_text("\n".join([
+            lat = r["latency"]
+            table.add([name, "cleanup", t, PROFILE, us(lat["p50_ms"]), us(lat["p90_ms"]), "ort", f"{r_ratio:.2f}x",
+                       "-" if acc is None else f"{acc * 100:.2f} %", note],
+                      latency=lat, ratio=r_ratio, task_accuracy=acc)
+    if tmp is not None:
+        tmp.cleanup()
+    command = command_line("benchmarks.bench_tvm_tuned")
+    md = [
         "## TVM with MetaSchedule tuning (`benchmarks/bench_tvm_tuned.py`)", "",
-        (f"`nice python benchmarks/bench_tvm_tuned.py --trials {args.trials}` (auto = the CLI's default budget), "
+        (f"`{command}` (trials {args.trials}; auto = the CLI's default budget), "
          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Batch 1, 1 thread, fp32; ORT and TVM timed "
-         "interleaved in one process; ratio = TVM p50 / ORT p50. Tuning records persist per profile in the cache: "
+         "interleaved in one process by `api.build`; ratio = TVM p50 / ORT p50. Tuning records persist per "
+         "profile in the cache: "
          + ("this run started from an EMPTY database: the wall time is the full cost of the default budget."
             if args.cold else "the wall time is the tuning cost only on a cold database (see --cold).")), "",
-        "| model | pass | target | profile | p50 (us) | p90 (us) | baseline | ratio vs baseline | accuracy | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",
-    ]))
+        table.markdown(),
+    ]
+    out = write_results("tvm_tuned", md, {"command": command, "trials": args.trials, "cold": args.cold,
+                                          "duration_s": args.duration, "profile": PROFILE, "wall_s": walls,
+                                          "rows": table.to_json()})
     print(f"wrote {out}")
     return 0
 
