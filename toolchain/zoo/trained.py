@@ -12,9 +12,11 @@ The training-code digest covers what defines the model and how it trains, not wh
   comments, docstrings and formatting do not count), sorted, plus the constants' values.
 
 So editing S-KAN's layer retrains S-KAN and not the spiking nets; editing the shared training loop retrains
-every entry that uses it; moving or renaming a file changes nothing. Code outside the zoo (torch, numpy, the
-core layer) and this module's cache machinery are not followed: the torch version and the toolchain version
-are part of every step key already.
+every entry that uses it; moving code to another file or renaming a file retrains nothing (renaming a function
+or class does: its name is part of its source). A nested entry's recipe counts as it is stored, even where the
+outer recipe overrides it (a student's ``teacher_recipe``): conservative, never stale. Code outside the zoo
+(torch, numpy, the core layer) and this module's cache machinery are not followed: the torch version and the
+toolchain version are part of every step key already. ``training_code(entry)`` lists what is hashed.
 """
 
 from __future__ import annotations
