@@ -1,27 +1,49 @@
-"""Content-addressed artifact cache with atomic writes.
+"""Content-addressed artifact cache with atomic writes and verified reads.
 
 Layout: ``<root>/<key[:2]>/<key>/{<payload files>, manifest.json}``. A build writes into a temporary
 directory inside the cache root and renames it into place, so a crash never leaves a half-written
 artifact where a reader could find it.
+
+Integrity: an entry is used only once its files hash to the manifest's ``content_sha256`` (checked the first
+time a process uses it; ``verify`` always re-checks) and its payload name is a plain file name. A
+manifest-less, unreadable or mismatching entry reads as absent and is rebuilt, the debris replaced
+atomically. ``.tmp-*`` directories a killed process left behind are removed when older than
+``STALE_TMP_S``. ``tuning/`` (the tuning databases) and ``.locks/`` are never touched by this cleanup.
+Hashes catch corruption and debris, not someone who can write the cache: only users trusted to run code
+as you may write a shared cache.
+
+Locks: a process holds a shared ``fcntl`` lock on ``.locks/<key>`` for every entry it uses, until it
+exits; ``gc`` deletes only entries whose exclusive lock it gets without waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolchain.core.errors import UsageError
+from toolchain.core.errors import InfraError, UsageError
 from toolchain.core.versions import versions
 
 MANIFEST = "manifest.json"
+STALE_TMP_S = 600.0  # a .tmp-* build directory older than this belongs to a process that died
+LOCKS = ".locks"
+_KEY = re.compile(r"[0-9a-f]{64}")
+_SHARD = re.compile(r"[0-9a-f]{2}")
+# Entry directories (and the content hash) this process has hashed and found matching their manifest.
+_VERIFIED: set[tuple[str, str]] = set()
 
 
 def default_cache_root() -> Path:
@@ -48,6 +70,27 @@ def sha256_dir(path: Path) -> str:
             h.update(str(p.relative_to(path)).encode())
             h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def safe_payload_name(name: object) -> bool:
+    """A payload is one plain file name inside its entry: no path separator, no '..', not the manifest."""
+    return (isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and ".." not in name
+            and "\0" not in name and name != MANIFEST)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def cache_os_error(e: OSError, root: Path) -> InfraError:
+    """A write into the cache failed: say whether the disk is full or the cache is not writable."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InfraError(f"disk full writing the cache {root}; free space or point --cache-dir elsewhere")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return InfraError(f"cache not writable: {root} ({e.strerror}); fix its permissions or pass --cache-dir")
+    return InfraError(f"cannot write the cache {root} ({e.strerror or e}); check the disk or pass --cache-dir")
 
 
 @dataclass(frozen=True)
@@ -101,28 +144,164 @@ Writer = Callable[[Path], tuple[str, dict[str, Any]]]
 """Writes payload file(s) into the given directory; returns (payload file name, metadata)."""
 
 
+def read_manifest(d: Path) -> dict[str, Any] | None:
+    """The manifest of entry directory ``d`` when it is a readable edgec manifest with a safe payload name;
+    None for a missing, truncated, non-JSON or malformed one."""
+    try:
+        manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("kind"), str):
+        return None
+    if not isinstance(manifest.get("content_sha256"), str) or not safe_payload_name(manifest.get("payload")):
+        return None
+    return manifest
+
+
 class Cache:
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_cache_root()
+        self._held: dict[str, int] = {}  # key -> fd of the shared lock this process holds on the entry
+        self.remove_stale_tmp()
 
     def path_for(self, key: str) -> Path:
         return self.root / key[:2] / key
 
-    def get(self, key: str) -> Artifact | None:
-        d = self.path_for(key)
-        m = d / MANIFEST
-        if not m.is_file():
+    # -- debris and locks ---------------------------------------------------------------------------------
+
+    def remove_stale_tmp(self, max_age_s: float = STALE_TMP_S) -> list[Path]:
+        """Remove ``.tmp-*`` directories at the cache root older than ``max_age_s`` (left by killed processes).
+        Nothing else is touched: not entries, not ``tuning/``, not ``.locks/``."""
+        removed: list[Path] = []
+        try:
+            candidates = list(self.root.glob(".tmp-*")) if self.root.is_dir() else []
+        except OSError:
+            return removed
+        now = time.time()
+        for d in candidates:
+            try:
+                if d.is_symlink() or not d.is_dir() or now - d.lstat().st_mtime < max_age_s:
+                    continue
+            except OSError:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append(d)
+        return removed
+
+    def _lock_path(self, key: str) -> Path:
+        return self.root / LOCKS / key
+
+    def _open_lock(self, key: str) -> int | None:
+        try:
+            self._lock_path(key).parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
             return None
-        manifest = json.loads(m.read_text())
-        return Artifact(key=key, dir=d, manifest=manifest)
+
+    def _hold(self, key: str) -> None:
+        """Take (once per process) a shared lock on ``key`` so that ``gc`` leaves the entry alone while this
+        process runs. Blocks only while a gc is deleting that very entry. A cache this process cannot write
+        (read-only, another user's) gets no lock: nothing can gc it from here either."""
+        if key in self._held:
+            return
+        fd = self._open_lock(key)
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            os.close(fd)
+            return
+        self._held[key] = fd
+
+    def try_lock_exclusive(self, key: str) -> int | None:
+        """An exclusive lock on ``key`` when no process holds the entry (an fd for ``unlock``), else None."""
+        fd = self._open_lock(key)
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def artifact_at(self, d: Path) -> Artifact | None:
+        """The artifact described by the manifest in directory ``d`` (not verified), None if unreadable."""
+        manifest = read_manifest(d)
+        return Artifact(key=d.name, dir=d, manifest=manifest) if manifest is not None else None
+
+    def get(self, key: str) -> Artifact | None:
+        """The entry at ``key`` when it is intact (verified the first time this process uses it), else None:
+        a missing, unreadable or tampered entry reads as absent and the next build replaces it."""
+        if not _KEY.fullmatch(key) or not self.path_for(key).is_dir():
+            return None
+        self._hold(key)
+        art = self.artifact_at(self.path_for(key))
+        if art is None:
+            return None
+        stamp = (str(art.dir), str(art.manifest["content_sha256"]))
+        if stamp not in _VERIFIED:
+            if not self.verify(art):
+                return None
+            _VERIFIED.add(stamp)
+        return art
 
     def find(self, prefix: str) -> Artifact | None:
         """An artifact by key or unique key prefix (at least 6 characters)."""
-        if len(prefix) < 6:
+        if len(prefix) < 6 or not re.fullmatch(r"[0-9a-f]+", prefix):
             return None
         d = self.root / prefix[:2]
         matches = [p for p in d.glob(prefix + "*") if (p / MANIFEST).is_file()] if d.is_dir() else []
         return self.get(matches[0].name) if len(matches) == 1 else None
+
+    def holds(self, art: Artifact) -> bool:
+        """True when ``art`` is this cache's entry for its key (not a directory elsewhere, not a link out)."""
+        place = self.path_for(art.key)
+        try:
+            return (_KEY.fullmatch(art.key) is not None and not place.is_symlink()
+                    and art.dir.resolve() == place.resolve())
+        except OSError:
+            return False
+
+    def verify(self, art: Artifact) -> bool:
+        """True when the payload name is safe, the payload is a regular file inside the entry, and the entry's
+        files still hash to the manifest's content sha256."""
+        name = art.manifest.get("payload")
+        if not safe_payload_name(name):
+            return False
+        try:
+            payload = art.dir / str(name)
+            if payload.is_symlink() or not payload.is_file():
+                return False
+            return sha256_dir(art.dir) == art.manifest.get("content_sha256")
+        except OSError:
+            return False
+
+    def entry_dirs(self) -> list[Path]:
+        """Every directory at an entry position (``<2 hex>/<64 hex>``), intact or not."""
+        out: list[Path] = []
+        if not self.root.is_dir():
+            return out
+        for shard in sorted(self.root.iterdir()):
+            if _SHARD.fullmatch(shard.name) and shard.is_dir() and not shard.is_symlink():
+                out.extend(d for d in sorted(shard.iterdir()) if _KEY.fullmatch(d.name) and d.name[:2] == shard.name)
+        return out
+
+    def entries(self) -> list[Artifact]:
+        """Every entry with a readable manifest (not verified: see ``verify``)."""
+        return [a for a in (self.artifact_at(d) for d in self.entry_dirs()) if a is not None]
+
+    # -- writing ------------------------------------------------------------------------------------------
 
     def get_or_build(self, sk: StepKey, kind: str, write: Writer) -> tuple[Artifact, bool]:
         """Return (artifact, hit). On a miss, ``write`` fills a temp dir that is renamed into place."""
@@ -132,12 +311,25 @@ class Cache:
             return found, True
         return self._store(key, sk, kind, write), False
 
-    def _store(self, key: str, sk: StepKey, kind: str, write: Writer) -> Artifact:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+    def _new_tmp(self) -> Path:
         try:
-            payload, meta = write(tmp)
-            if not (tmp / payload).exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: a shared cache follows the umask
+        except OSError as e:
+            raise cache_os_error(e, self.root) from None
+        return tmp
+
+    def _store(self, key: str, sk: StepKey, kind: str, write: Writer) -> Artifact:
+        tmp = self._new_tmp()
+        try:
+            try:
+                payload, meta = write(tmp)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise cache_os_error(e, self.root) from None
+                raise
+            if not safe_payload_name(payload) or not (tmp / payload).is_file():
                 raise UsageError(f"internal: step {sk.step} did not write its payload {payload}")
             manifest = {
                 "key": key,
@@ -153,33 +345,46 @@ class Cache:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "meta": meta,
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-            final = self.path_for(key)
-            final.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(tmp, final)
-            except OSError:
-                # Another process stored the same key first: the content is identical by construction.
-                if not (final / MANIFEST).is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+                self._place(tmp, key)
+            except OSError as e:
+                raise cache_os_error(e, self.root) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         art = self.get(key)
-        assert art is not None
+        if art is None:
+            raise InfraError(f"the cache entry {key[:12]} changed while it was written; is another tool editing "
+                             f"{self.root}? rerun")
         return art
 
-    def verify(self, art: Artifact) -> bool:
-        """True when the payload on disk still hashes to the manifest's content sha256."""
-        return sha256_dir(art.dir) == art.manifest.get("content_sha256")
-
-    def entries(self) -> list[Artifact]:
-        out = []
-        if self.root.is_dir():
-            for m in self.root.glob("*/*/" + MANIFEST):
-                out.append(Artifact(key=m.parent.name, dir=m.parent, manifest=json.loads(m.read_text())))
-        return out
+    def _place(self, tmp: Path, key: str) -> None:
+        """Rename the finished ``tmp`` into the entry's place. An intact entry another process stored first wins
+        (same content by construction); debris there (no or a bad manifest) is swapped out atomically."""
+        final = self.path_for(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                os.rename(tmp, final)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+            existing = self.artifact_at(final)
+            if existing is not None and self.verify(existing):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            debris = self.root / f".tmp-debris-{uuid.uuid4().hex[:12]}"
+            try:
+                os.rename(final, debris)  # atomic: a reader sees the debris or nothing, never half of each
+            except FileNotFoundError:
+                continue
+            if debris.is_dir() and not debris.is_symlink():
+                shutil.rmtree(debris, ignore_errors=True)
+            else:
+                debris.unlink(missing_ok=True)
+        os.rename(tmp, final)
 
 
 class MissingArtifact(LookupError):
