@@ -138,6 +138,10 @@ def _class_functions(cls: type) -> Iterator[types.FunctionType]:
 def training_code(entry: ZooEntry) -> list[str]:
     """What keys ``entry``'s weights besides its data and seed: the normalised source of every zoo function
     and class its build/train reach, then its own and nested entries' recipes and the constants used (sorted)."""
+    for fn in (entry.build, entry.train):
+        if not isinstance(inspect.unwrap(fn), types.FunctionType):
+            raise UsageError(f"zoo entry {entry.name}: build and train must be plain functions (their source keys "
+                             f"the trained weights), not {type(fn).__name__}")
     sources: set[str] = set()
     constants: set[str] = set()
     seen: set[int] = set()
