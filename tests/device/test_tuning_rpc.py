@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from device_farm import TOKEN, Farm, start_farm
-from test_tvm_tuning import _layernorm_model
 from typer.testing import CliRunner
 
 from cli import app
+from tests.device_farm import TOKEN, Farm, start_farm
+from tests.targets.tvm.test_tvm_tuning import _layernorm_model
 from toolchain.core.errors import UsageError
 
 pytestmark = pytest.mark.rpc
@@ -47,7 +47,7 @@ def test_wrong_token_fails_in_one_line_before_any_candidate(farm: Farm, tmp_path
     r = _tune_cli(farm, _layernorm_model(tmp_path), tmp_path / "cache", "not-the-token")
     assert r.exit_code == 2, r.output
     msg = r.output.strip().splitlines()
-    assert len(msg) == 1 and "refused the token" in msg[0] and "--token" in msg[0], r.output
+    assert len(msg) == 1 and "did not prove the token" in msg[0] and "--token" in msg[0], r.output
     assert len(_device_log(farm)) == before  # nothing was uploaded
     assert not (tmp_path / "cache" / "tuning" / PROFILE / "database_tuning_record.json").exists()
 
@@ -98,8 +98,8 @@ def test_cross_profile_candidates_are_aarch64_libraries() -> None:
     """For an ARM profile each candidate is cross-linked with the profile's compiler: what the device loads."""
     import shutil
 
-    from toolchain.core.profile import load_profile
     from targets.tvm.tuning import candidate_exporter
+    from toolchain.core.profile import load_profile
 
     prof = load_profile("rpi5")
     if not shutil.which(prof.cpu.cross_cc or ""):
@@ -107,7 +107,7 @@ def test_cross_profile_candidates_are_aarch64_libraries() -> None:
     import tvm
     from tvm import te
 
-    from targets.tvm import tvm_target
+    from targets.tvm.frontend import tvm_target
 
     a = te.placeholder((64,), name="a")
     add = te.create_prim_func([a, te.compute((64,), lambda i: a[i] + 1.0, name="b")])

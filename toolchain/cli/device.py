@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Annotated
 
 import typer
 
 from toolchain.cli.common import TokenOpt, handled
-from toolchain.device.protocol import RemoteSpec, token_from_env
+from toolchain.device.protocol import token_from_env
+from toolchain.device.runtime import parse_tracker
 from toolchain.device.server import serve as run_server
 
 
@@ -26,16 +28,19 @@ def register(app: typer.Typer) -> None:
         host: Annotated[str, typer.Option("--host", help="Address to bind; loopback unless you say otherwise.")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", help="First port to try.")] = 9090,
         port_end: Annotated[int, typer.Option("--port-end", help="Last port to try (exclusive).")] = 9199,
+        session_timeout: Annotated[float, typer.Option("--session-timeout",
+                                                       help="End any session after this many seconds (0: never).")] = 0.0,
     ) -> None:
-        """Serve benchmarks for edgec clients (TVM libraries, ONNX Runtime models, TensorRT engines)."""
-
-        token = token_from_env(token)
-        addr = None
-        if tracker:
-            spec = RemoteSpec.parse(tracker, key, token or "-")
-            addr = (spec.tracker_host, spec.tracker_port)
-        state = run_server(addr, key, token or "", host, port, port_end, silent=True)
-        typer.echo(f"edgec device: serving key {key!r} on {host}:{state.port}"
-                   + (f" via tracker {tracker}" if tracker else ""), err=False)
+        """Serve benchmarks for edgec clients (TVM libraries, ONNX Runtime models, TensorRT engines). Every
+        connection must pass edgec's token handshake before TVM reads a byte; a failed or crashed session is
+        logged and the device keeps serving."""
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s edgec device: %(message)s", stream=sys.stderr)
+        server = run_server(parse_tracker(tracker), key, token_from_env(token) or "", host, port, port_end,
+                            session_timeout)
+        typer.echo(f"edgec device: serving key {key!r} on {host}:{server.port}"
+                   + (f" via tracker {tracker}" if tracker else "") + f" (runs {', '.join(sorted(server.runners))})")
         sys.stdout.flush()
-        state.thread.join()
+        try:
+            server.serve_forever()
+        finally:
+            server.close()

@@ -1,9 +1,10 @@
 """Benchmark on remote devices through a TVM RPC tracker, and share a list of artifacts over a farm.
 
 Every device registered under the same key pulls work from one queue. Each artifact runs in its own
-RPC session (one tracker request each), so a device that drops mid-run costs only the artifact in
-flight: it goes back on the queue and runs on another device. Results are keyed by artifact, and
-only the first successful result per artifact is kept, so none is lost or duplicated.
+authenticated session (one tracker request each), so a device that drops mid-run costs only the artifact in
+flight: it goes back on the queue and runs on another device; with no other device registered, the run ends
+at once with the dropped device named. Results are keyed by artifact, and only the first successful result
+per artifact is kept, so none is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -40,21 +41,41 @@ def run_job(sess: Any, job: BenchJob) -> dict[str, Any]:
     try:
         sess.upload(str(job.art.payload), target=remote_name)
         fn = sess.get_function(fname)
-    except Exception as e:
-        if "not authenticated" in str(e) or "refused" in str(e):
-            raise UsageError(f"device refused the upload: {str(e)[:200]}") from None
+    except Exception as e:  # noqa: BLE001  (any RPC failure here is a lost connection)
         if "not found" in str(e).lower() or "cannot find" in str(e).lower():
             raise UsageError(f"the device cannot run {kind!r} artifacts ({fname} is not registered there)") from None
-        raise DeviceLost(str(e)[:300]) from None
+        raise DeviceLost(_last_line(e)) from None
     try:
         raw = fn(remote_name, json.dumps(cfg), bytearray(np.ascontiguousarray(job.x, np.float32).tobytes()))
-    except Exception as e:
-        raise DeviceLost(str(e)[:300]) from None
+    except Exception as e:  # noqa: BLE001
+        raise DeviceLost(_last_line(e)) from None
     dev = json.loads(str(raw))
     if "error" in dev:
         raise UsageError(f"artifact {job.art.key[:12]} failed on the device: {dev['error']}")
-    dev["outputs"] = np.frombuffer(base64.b64decode(dev.pop("outputs_b64")), np.float32).reshape(dev.pop("outputs_shape"))
+    out = np.frombuffer(base64.b64decode(dev.pop("outputs_b64")), np.float32)
+    dev["outputs"] = out.reshape(dev.pop("outputs_shape"))
+    if getattr(sess, "edgec_device", {}).get("emulated"):  # from the device's authenticated hello
+        dev["emulated"] = True
     return dev
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def _wait_gone(spec: RemoteSpec, addr: str, wait_s: float = 3.0) -> list[str]:
+    """The devices still registered once the tracker has dropped ``addr`` (it notices a closed connection
+    within moments), or after ``wait_s``."""
+    t_end = time.monotonic() + wait_s
+    while True:
+        try:
+            found = devices(spec)
+        except InfraError:
+            return []
+        if addr not in found or time.monotonic() > t_end:
+            return [a for a in found if a != addr]
+        time.sleep(0.1)
 
 
 def bench_many(jobs: list[BenchJob], spec: RemoteSpec, on_event: Event | None = None) -> dict[str, dict[str, Any]]:
@@ -85,6 +106,7 @@ def bench_many(jobs: list[BenchJob], spec: RemoteSpec, on_event: Event | None = 
                 continue  # another worker may still put a failed job back
             key = job.art.key
             sess = None
+            addr = "?"
             try:
                 sess, addr = open_session(spec)
                 emit("start", key, addr)
@@ -96,7 +118,14 @@ def bench_many(jobs: list[BenchJob], spec: RemoteSpec, on_event: Event | None = 
                         pending[0] -= 1
                 emit("done", key, addr)
             except DeviceLost as e:
-                emit("lost", key, str(e)[:80])
+                emit("lost", key, addr)
+                sess = None  # closes what is left of the session
+                if not _wait_gone(spec, addr):
+                    with lock:
+                        errors.append(InfraError(f"device {addr} dropped during artifact {key[:12]} ({str(e)[:160]}) "
+                                                 f"and no other device is registered under key {spec.key!r}; "
+                                                 "restart it and rerun"))
+                    return
                 if attempts + 1 >= spec.max_attempts:
                     with lock:
                         errors.append(InfraError(f"artifact {key[:12]}: devices dropped {attempts + 1} times "
