@@ -19,7 +19,7 @@ from targets import get_target, target_name_for_kind
 from targets.ort import OrtRunner
 from toolchain.core.cache import Artifact, Cache
 from toolchain.core.errors import UsageError
-from toolchain.core.onnx_io import fix_batch, input_specs, load_onnx
+from toolchain.core.onnx_io import check_input_size, fix_batch, input_specs, load_onnx
 from toolchain.core.profile import Profile, load_profile
 from toolchain.core.versions import environment
 from toolchain.device.farm import Event, bench_many
@@ -44,6 +44,7 @@ def dataset_for(art: Artifact, data_dir: Path | None, data: str | None = None) -
 
 def eval_inputs(ds: Dataset | None, samples: int, shape: tuple[int, ...]) -> np.ndarray:
     """The labelled test inputs (first ``samples``; 0 = all), or 64 seeded random inputs without data."""
+    check_input_size((64, *shape[1:]), "model input (64 evaluation samples)")
     if ds is None:
         return np.random.default_rng(0).standard_normal((64, *shape[1:])).astype(np.float32)
     n = len(ds.x_test) if samples <= 0 else min(samples, len(ds.x_test))

@@ -16,7 +16,7 @@ from targets.tvm.inspect import kernel_table
 from targets.tvm.pipeline import pipeline
 from toolchain.core.errors import SdkMissing
 from toolchain.core.onnx_io import fix_batch, input_specs
-from toolchain.core.profile import Profile
+from toolchain.core.profile import Profile, check_llvm_target
 
 
 def kernel_sources_digest() -> str:
@@ -33,6 +33,7 @@ def kernel_sources_digest() -> str:
 def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
                   tuning_db: Path | None = None) -> dict[str, Any]:
     """Import, lower and link ``model`` for ``profile`` into the shared library ``out``."""
+    check_llvm_target(profile)
     tvm = import_tvm()
     mod = import_onnx(model)
     steps = pipeline(profile, tuning_db)

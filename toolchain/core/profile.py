@@ -6,14 +6,17 @@ falls back to a default.
 
 from __future__ import annotations
 
+import functools
+import math
 import platform
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import tomllib
+
 import profiles as _profiles_pkg
-from toolchain.core.errors import UsageError
+from toolchain.core.errors import SdkMissing, UsageError
 
 PROFILE_DIR = Path(_profiles_pkg.__file__).parent
 
@@ -124,6 +127,25 @@ _VALID = {
     ("", "os"): ("linux", "android"),
 }
 _KNOWN_TARGETS = ("ort", "tvm", "tensorrt")
+# Inclusive bounds of every numeric field: a typo or a hostile value (threads = 100000, duration_s = inf) is an
+# error naming the key, never a run that does not finish or exhausts memory.
+_BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
+    ("cpu", "num_cores"): (1, 1024),
+    ("cpu", "vector_bits"): (64, 2048),
+    ("gpu", "sm"): (10, 200),
+    ("gpu", "memory_mb"): (64, 1 << 22),
+    ("kernels", "vector_lanes"): (1, 64),
+    ("kernels", "gemv_block_n"): (1, 4096),
+    ("kernels", "gemv_chain_max_kb"): (0, 1 << 20),
+    ("kernels", "unroll"): (1, 64),
+    ("kernels", "lif_layer_max_rows"): (0, 1 << 16),
+    ("bench", "threads"): (1, 4096),  # and at most 4 x cpu.num_cores (parse_profile)
+    ("bench", "warmup_s"): (0.0, 600.0),
+    ("bench", "duration_s"): (0.001, 3600.0),
+    ("bench", "min_runs"): (1, 1_000_000),
+    ("tuning", "auto_trials"): (0, 100_000),
+    ("tuning", "auto_min_mflops"): (0.0, 1e9),
+}
 
 
 def _coerce(cls: type, data: dict[str, Any], where: str, section: str) -> Any:
@@ -152,6 +174,10 @@ def _coerce(cls: type, data: dict[str, Any], where: str, section: str) -> Any:
         allowed = _VALID.get((section, f.name))
         if allowed and value not in allowed:
             raise UsageError(f"{where}: '{qual}' = {value!r} is not one of {', '.join(allowed)}")
+        bounds = _BOUNDS.get((section, f.name))
+        if bounds and not bounds[0] <= value <= bounds[1]:
+            raise UsageError(f"{where}: '{qual}' = {value!r} is out of range; use a value from {bounds[0]:g} "
+                             f"to {bounds[1]:g}")
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -183,6 +209,8 @@ def _check_scalar(value: Any, hint: Any, where: str, qual: str) -> Any:
     if not ok:
         names = " or ".join(getattr(t, "__name__", str(t)) for t in accepted)
         raise UsageError(f"{where}: '{qual}' must be {names}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{where}: '{qual}' must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
         raise UsageError(f"{where}: '{qual}' must not be negative, got {value!r}")
     return float(value) if float in accepted and int not in accepted else value
@@ -195,8 +223,21 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
             raise UsageError(f"{where}: 'targets' has unknown target {t!r}; known: {', '.join(_KNOWN_TARGETS)}")
     if "tensorrt" in prof.targets and prof.gpu is None:
         raise UsageError(f"{where}: target 'tensorrt' needs a [gpu] table")
+    if not prof.targets:
+        raise UsageError(f"{where}: 'targets' is empty; list at least one of {', '.join(_KNOWN_TARGETS)}")
     if prof.cpu.num_cores < 1 or prof.bench.threads < 1:
         raise UsageError(f"{where}: 'cpu.num_cores' and 'bench.threads' must be at least 1")
+    if prof.bench.threads > 4 * prof.cpu.num_cores:
+        raise UsageError(f"{where}: 'bench.threads' = {prof.bench.threads} is more than 4 x cpu.num_cores "
+                         f"({4 * prof.cpu.num_cores}); use at most the device's cores")
+    bits = prof.cpu.vector_bits
+    if bits & (bits - 1):
+        raise UsageError(f"{where}: 'cpu.vector_bits' = {bits} must be a power of two (128 NEON/SSE, 256 AVX2, "
+                         "512 AVX-512)")
+    triple_arch = prof.cpu.mtriple.split("-", 1)[0]
+    if triple_arch != prof.cpu.arch:
+        raise UsageError(f"{where}: 'cpu.mtriple' = {prof.cpu.mtriple!r} is not a {prof.cpu.arch} triple; "
+                         f"write e.g. \"{prof.cpu.arch}-linux-gnu\"")
     lanes, max_lanes = prof.kernels.vector_lanes, prof.cpu.vector_bits // 32
     if lanes < 1 or lanes & (lanes - 1) or lanes > max_lanes:
         raise UsageError(f"{where}: 'kernels.vector_lanes' = {lanes} must be a power of two of at most "
@@ -212,6 +253,10 @@ def load_profile_file(path: Path) -> Profile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML ({e}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; save the profile as UTF-8 TOML") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the profile ({e.strerror}); check the path") from None
     prof = parse_profile(data, str(path))
     if prof.id != path.stem:
         raise UsageError(f"{path}: 'id' = {prof.id!r} must match the file name {path.stem!r}")
@@ -238,3 +283,33 @@ def load_profile(name_or_path: str) -> Profile:
 
 def all_profiles() -> list[Profile]:
     return [load_profile(i) for i in profile_ids()]
+
+
+@functools.lru_cache(maxsize=32)
+def _llvm_check(mtriple: str, mcpu: str) -> str | None:
+    """Why TVM's LLVM cannot generate code for (mtriple, mcpu), or None. The architecture is checked before any
+    Target is made from the triple: LLVM crashes the process (SIGSEGV) on an unknown one."""
+    try:
+        import tvm
+        from tvm.target import codegen
+    except ImportError as e:
+        raise SdkMissing(f"TVM is not installed ({e}); pip install apache-tvm") from None
+    arch = mtriple.split("-", 1)[0]
+    known = [str(t) for t in codegen.llvm_get_targets()]
+    if arch not in known:
+        return (f"'cpu.mtriple' = {mtriple!r}: TVM's LLVM has no {arch!r} backend "
+                f"(it has {', '.join(t for t in known if t in ('x86_64', 'aarch64', 'arm', 'riscv64'))}, ...)")
+    cpus = {str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": mtriple}))}
+    if mcpu not in cpus:
+        near = sorted(c for c in cpus if c[:3] == mcpu[:3])[:6]
+        return (f"'cpu.mcpu' = {mcpu!r} is not a CPU TVM's LLVM knows for {mtriple}"
+                + (f" (similar: {', '.join(near)})" if near else ""))
+    return None
+
+
+def check_llvm_target(prof: Profile) -> None:
+    """Refuse (UsageError) a profile whose triple architecture or ``mcpu`` TVM's LLVM does not know, before any
+    codegen. Imports TVM: call it where TVM is about to be used."""
+    why = _llvm_check(prof.cpu.mtriple, prof.cpu.mcpu)
+    if why is not None:
+        raise UsageError(f"profile {prof.id}: {why}; fix the profile")
