@@ -1,7 +1,7 @@
-"""What every kernel rewrite shares: the module-pass wrapper with its report, the "rewrite bindings of every
-Relax function, then dead-code elimination" driver, binding / use counting, and reading constants and
-static shapes off Relax expressions. One copy each; tvm is imported lazily (the classes TVM needs at
-definition time are built on first use)."""
+"""What every kernel rewrite shares: the module-pass wrapper with its report, the "rewrite every Relax
+function, then dead-code elimination" drivers (a PyExprMutator by binding or by call, or a ``relax.dpl``
+pattern), binding / use counting, and reading constants and static shapes off Relax expressions. One copy
+each; tvm is imported lazily (the classes TVM needs at definition time are built on first use)."""
 
 from __future__ import annotations
 
@@ -126,6 +126,20 @@ def rewrite_calls(mod: Any, rewrite: CallRewrite) -> Any:
     return mutate_functions(mod, _call_mutator()(mod, rewrite))
 
 
+def rewrite_matches(mod: Any, pattern: Any, rewriter: Callable[[Any, Any], Any]) -> Any:
+    """``mod`` with ``relax.dpl.rewrite_call(pattern, rewriter, func)`` run over every Relax function (the
+    rewriter gets the matched call and the pattern -> expression map, returns the replacement or the call
+    itself), then dead-code elimination."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
+
+    funcs = {gv: rewrite_call(pattern, rewriter, f) if isinstance(f, relax.Function) else f
+             for gv, f in mod.functions_items()}
+    out = tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
+    return relax.transform.DeadCodeElimination()(out)
+
+
 def bindings_and_uses(func: Any) -> tuple[dict[Any, Any], dict[Any, int]]:
     """var -> bound value, and var -> number of uses (in binding values and the function's result), over
     the variable bindings of ``func``'s blocks."""
@@ -195,5 +209,5 @@ def value_of(rw: Any, e: Any) -> Any:
 
 
 __all__ = ["BindingRewrite", "CallRewrite", "NoMatch", "RewritePass", "bindings_and_uses", "const_array",
-           "const_ints", "mutate_functions", "require_shape", "rewrite_bindings", "rewrite_calls", "static_shape",
-           "value_of"]
+           "const_ints", "mutate_functions", "require_shape", "rewrite_bindings", "rewrite_calls", "rewrite_matches",
+           "static_shape", "value_of"]

@@ -113,8 +113,8 @@ def test_fast_exp_and_sigmoid_relative_error() -> None:
     xd = x.astype(np.float64)
     rel_e = np.abs(e - np.exp(xd)) / np.exp(xd)
     rel_s = np.abs(s - 1 / (1 + np.exp(-xd))) / (1 / (1 + np.exp(-xd)))
-    assert float(rel_e.max()) < 5e-7, float(rel_e.max())  # ~4 ulp of float32 (measured 3.1e-7)
-    assert float(rel_s.max()) < 2e-6, float(rel_s.max())  # 1 / (1 + e^-x): the division adds rounding
+    assert float(rel_e.max()) < 5e-7, float(rel_e.max())  # ~4 ulp of float32 (measured 8.3e-8; TOPI fast_exp: 3.1e-7)
+    assert float(rel_s.max()) < 2e-6, float(rel_s.max())  # 1 / (1 + e^-x): the division adds rounding (measured 1.4e-7)
 
 
 def test_inlining_a_recurrence_stays_linear() -> None:
