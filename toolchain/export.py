@@ -205,9 +205,10 @@ def export_model(
     if spec.endswith(".pt2"):
         return _export_pt2(import_path, cache)
     if ":" in spec:
+        shape = parse_shape(input_shape)
+
         import torch
 
-        shape = parse_shape(input_shape)
         module = _factory_module(spec, shape, weights)
         digest = sha256_file(weights) if weights else "no-weights"
         state = b"".join(t.detach().numpy().tobytes() for t in module.state_dict().values()
@@ -434,9 +435,10 @@ def _user_model_errors(what: str) -> Iterator[None]:
 
 
 def _export_pt2(path: Path, cache: Cache) -> tuple[Artifact, bool]:
+    ep = load_pt2_safely(path)  # refuses a hostile archive before torch is imported
+
     import torch
 
-    ep = load_pt2_safely(path)
     with _user_model_errors(str(path)):
         module = ep.module()
         values = [n.meta["val"] for n in ep.graph.nodes
