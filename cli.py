@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from toolchain.cli import artifacts, catalog, decide, device, tune
+from toolchain.cli import artifacts, cache, catalog, decide, device, tune
 from toolchain.cli.common import STATE
 
 app = typer.Typer(
@@ -38,7 +38,7 @@ def _main(
     STATE["cache_dir"] = cache_dir
 
 
-for group in (artifacts, tune, catalog, device, decide):  # help order
+for group in (artifacts, tune, catalog, device, decide, cache):  # help order
     group.register(app)
 
 

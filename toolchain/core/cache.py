@@ -213,6 +213,8 @@ class Cache:
         except OSError:
             os.close(fd)
             return
+        with contextlib.suppress(OSError):
+            os.utime(fd)  # the entry's last use, for gc --max-age-days
         self._held[key] = fd
 
     def try_lock_exclusive(self, key: str) -> int | None:
@@ -226,6 +228,12 @@ class Cache:
             os.close(fd)
             return None
         return fd
+
+    def close(self) -> None:
+        """Release the locks this Cache holds (they also go when the process exits)."""
+        for fd in self._held.values():
+            self.unlock(fd)
+        self._held.clear()
 
     @staticmethod
     def unlock(fd: int) -> None:
@@ -401,3 +409,118 @@ class ReadOnlyCache(Cache):
         if found is None:
             raise MissingArtifact(f"{sk.step} not in the cache at {self.root}")
         return found, True
+
+
+# -- housekeeping: what ``edgec cache ls | verify | gc`` report and do -----------------------------------------
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One directory at an entry position, as ``edgec cache ls`` lists it."""
+
+    key: str
+    dir: Path
+    kind: str | None  # None: no readable manifest (debris)
+    step: str | None
+    profile: str | None
+    size_bytes: int
+    created: str | None
+    last_used: float  # epoch seconds: the last time a process took the entry's lock, or its creation
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "dir": str(self.dir), "kind": self.kind, "step": self.step, "profile": self.profile,
+                "size_bytes": self.size_bytes, "created": self.created,
+                "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_used))}
+
+
+@dataclass(frozen=True)
+class GcResult:
+    removed: list[EntryInfo]
+    in_use: list[str]  # keys gc would have removed but a running process holds
+    freed_bytes: int
+    kept_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"removed": [e.to_json() for e in self.removed], "in_use": self.in_use,
+                "freed_bytes": self.freed_bytes, "kept_bytes": self.kept_bytes}
+
+
+def dir_size(d: Path) -> int:
+    total = 0
+    for p in d.rglob("*"):
+        with contextlib.suppress(OSError):
+            st = p.lstat()
+            total += st.st_size if not p.is_dir() else 0
+    return total
+
+
+def entry_info(cache: Cache, d: Path) -> EntryInfo:
+    manifest = read_manifest(d)
+    times = []
+    for p in (d, d / MANIFEST, cache.root / LOCKS / d.name):
+        with contextlib.suppress(OSError):
+            times.append(p.stat().st_mtime)
+    m = manifest or {}
+    return EntryInfo(key=d.name, dir=d, kind=m.get("kind"), step=m.get("step"), profile=m.get("profile"),
+                     size_bytes=dir_size(d), created=m.get("created"), last_used=max(times, default=0.0))
+
+
+def entry_problem(cache: Cache, d: Path) -> str | None:
+    """Why the entry at ``d`` is not intact (None when it verifies)."""
+    try:
+        raw = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable manifest.json"
+    if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str) or not isinstance(
+            raw.get("content_sha256"), str):
+        return "manifest.json is not an edgec manifest"
+    if not safe_payload_name(raw.get("payload")):
+        return f"payload name {str(raw.get('payload'))[:60]!r} leaves the entry"
+    art = Artifact(key=d.name, dir=d, manifest=raw)
+    if not cache.verify(art):
+        return "content does not match its manifest sha256"
+    return None
+
+
+def collect_garbage(cache: Cache, max_age_s: float | None = None, max_bytes: int | None = None,
+                    dry_run: bool = False) -> GcResult:
+    """Remove entries unused for ``max_age_s`` and then the least recently used ones until the cache holds at most
+    ``max_bytes``, plus debris (entries without a readable manifest). An entry a running process holds (its
+    shared lock) is never removed: gc takes each entry's exclusive lock without waiting and skips it otherwise.
+    ``tuning/`` is never touched."""
+    now = time.time()
+    infos = sorted((entry_info(cache, d) for d in cache.entry_dirs()), key=lambda e: e.last_used)
+    doomed = [e for e in infos if e.kind is None
+              or (max_age_s is not None and now - e.last_used > max_age_s)]
+    total = sum(e.size_bytes for e in infos) - sum(e.size_bytes for e in doomed)
+    if max_bytes is not None:
+        for e in infos:
+            if total <= max_bytes:
+                break
+            if e not in doomed:
+                doomed.append(e)
+                total -= e.size_bytes
+    removed: list[EntryInfo] = []
+    in_use: list[str] = []
+    for e in doomed:
+        if dry_run:
+            removed.append(e)
+            continue
+        fd = cache.try_lock_exclusive(e.key)
+        if fd is None:
+            in_use.append(e.key)
+            continue
+        try:
+            grave = cache.root / f".tmp-gc-{uuid.uuid4().hex[:12]}"
+            try:
+                os.rename(e.dir, grave)  # gone for readers at once; the tree is deleted after
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise cache_os_error(err, cache.root) from None
+            shutil.rmtree(grave, ignore_errors=True)
+            removed.append(e)
+        finally:
+            cache.unlock(fd)
+    freed = sum(e.size_bytes for e in removed)
+    return GcResult(removed, in_use, freed, sum(e.size_bytes for e in infos) - freed)
