@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from kernels.tvm import ATTR_KERNEL, ATTR_RULE
 from targets.tvm.frontend import import_tvm
 
 
 def kernel_table(mod: Any) -> list[dict[str, Any]]:
     """Every PrimFunc with its origin: hand-written (edgec.kernel attr), rule (edgec.rule attr: the vector
-    rule of kernels/tvm/vector_rule.py), tuned (scheduled otherwise) or generic (naive loops)."""
+    rule of kernels/tvm/schedule/vector_rule.py), tuned (scheduled otherwise) or generic (naive loops)."""
     import tvm
 
     rows = []
@@ -22,15 +23,15 @@ def kernel_table(mod: Any) -> list[dict[str, Any]]:
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         attrs = func.attrs or {}
-        if "edgec.kernel" in attrs:
+        if ATTR_KERNEL in attrs:
             origin = "hand-written"
-        elif "edgec.rule" in attrs:
+        elif ATTR_RULE in attrs:
             origin = "rule"
         elif bool(attrs.get("tirx.is_scheduled", False)):
             origin = "tuned"
         else:
             origin = "generic"
-        rows.append({"name": gv.name_hint, "origin": origin, "kernel": str(attrs.get("edgec.kernel", ""))})
+        rows.append({"name": gv.name_hint, "origin": origin, "kernel": str(attrs.get(ATTR_KERNEL, ""))})
     return rows
 
 

@@ -51,11 +51,11 @@ class GpuSpec:
 class KernelSpec:
     """Which hand-tuned kernel variants suit this device, and their tile/vector parameters."""
 
-    use_gemv: bool = True  # batch-1 dense layers as the packed GEMV (kernels/tvm/gemv.py)
+    use_gemv: bool = True  # batch-1 dense layers as the packed GEMV (kernels/tvm/tir/gemv.py)
     vector_lanes: int = 4  # fp32 lanes per vector register: a power of two, at most cpu.vector_bits / 32
     gemv_block_n: int = 32  # output rows per packed block
     # A run of dense layers whose packed weights total at most this many KB becomes one kernel
-    # (kernels/tvm/chain.py: saves the per-layer VM dispatch of tiny MLPs); 0 turns it off.
+    # (kernels/tvm/tir/chain.py: saves the per-layer VM dispatch of tiny MLPs); 0 turns it off.
     gemv_chain_max_kb: int = 1024
     unroll: int = 4
     use_fused_kan: bool = True
@@ -65,10 +65,10 @@ class KernelSpec:
     # T=8 the layer kernel is 1.08x faster than GEMV + recurrence, T=16 it is 1.33x slower.
     lif_layer_max_rows: int = 8
     use_grouped_matmul: bool = True
-    # exp / sigmoid lowered as TOPI's fast_exp (vectorizable, rel. error < 5e-7) instead of libm expf per element.
+    # exp / sigmoid lowered as a vectorizable Cephes exp (kernels/tvm/tir/_elementwise.py, rel. error < 2.4e-7) instead of libm expf per element.
     fast_exp: bool = True
     # Kernels that no hand-written kernel and no tuning record covers get a rule-based schedule
-    # (inline + vectorize, kernels/tvm/vector_rule.py) instead of naive loops; "auto" tuning then skips the
+    # (inline + vectorize, kernels/tvm/schedule/vector_rule.py) instead of naive loops; "auto" tuning then skips the
     # light ones (elementwise, norms, pooling) and spends its budget on the heavy layers only.
     vector_rule: bool = True
 

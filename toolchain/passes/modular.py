@@ -14,7 +14,7 @@ the outputs back in their original order (or, where the layer feeds one next den
 input rows and this layer's bias are permuted instead, so no Gather is needed). A layer is left alone when K/in would not
 pay (``max_ratio``) or, with ``only_if_faster``, when the lowered form is not measured faster on the target.
 
-On target ``tvm`` the form is ``take``: the kernel substitution (``kernels.tvm.substitute.densify_grouped``)
+On target ``tvm`` the form is ``take``: the kernel substitution (``kernels.tvm.passes.densify_grouped``)
 turns each Gather + batched MatMul back into one grouped-GEMV call with the bias and ReLU fused, so a
 lowered layer is one kernel (benchmarks/bench_passes.py measures it against the dense masked network).
 """
