@@ -33,7 +33,7 @@ def planetoid_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def fashion() -> "object":
+def fashion() -> object:
     if not FASHION.is_file():
         pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
     from toolchain.zoo.datasets import fashion_mnist

@@ -3,6 +3,7 @@ squares on real Fashion-MNIST (about 80 % test accuracy, fitted in well under a 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def random_mlp(dims: tuple[int, ...], seed: int = 0) -> onnx.ModelProto:
     """An untrained MLP of the given widths (for memory and size checks, not accuracy)."""
     rng = np.random.default_rng(seed)
     inits, nodes, cur = [], [], "x"
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         inits.append(numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"))
         nodes.append(helper.make_node("MatMul", [cur, f"w{i}"], [f"m{i}"]))
         cur = f"m{i}"

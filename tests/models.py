@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -36,7 +38,7 @@ def small_mlp(seed: int = 0, dims: tuple[int, ...] = (784, 64, 10)) -> onnx.Mode
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     cur = "x"
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         inits += [numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"w{i}"),
                   numpy_helper.from_array((rng.standard_normal(b) * 0.1).astype(np.float32), f"b{i}")]
         nodes += [helper.make_node("MatMul", [cur, f"w{i}"], [f"m{i}"]),

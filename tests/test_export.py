@@ -10,8 +10,8 @@ import torch
 from toolchain import api
 from toolchain.core.cache import Cache
 from toolchain.core.errors import UsageError
-from toolchain.export import export_model, run_ort
 from toolchain.core.onnx_io import load_onnx
+from toolchain.export import export_model, run_ort
 
 
 def test_factory_with_weights_only_checkpoint(tmp_path: Path, cache: Cache) -> None:

@@ -75,7 +75,8 @@ def zoo_candidates(profile: Profile, task: str = "fashion-mnist") -> list[Candid
 
 
 def file_candidates(path: Path, profile: Profile) -> list[Candidate]:
-    """TOML: optional [defaults] passes/targets, then [[candidate]] model = ..., passes = [[...]], targets = [...], data = ..."""
+    """TOML: optional [defaults] passes/targets, then [[candidate]] model = ..., passes = [[...]], targets = [...],
+    data = ... (a candidate naming neither passes nor targets gets every variant of ``search.variants_for``)."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -235,7 +236,8 @@ def run_pick(cfg: PickConfig, cache: Cache, progress: bool = True) -> dict[str, 
     t0 = time.monotonic()
     profile = load_profile(cfg.profile)
     require_measurable(profile, cfg.remote)
-    cands = zoo_candidates(profile, cfg.task) if cfg.candidates == "zoo" else file_candidates(Path(cfg.candidates), profile)
+    cands = (zoo_candidates(profile, cfg.task) if cfg.candidates == "zoo"
+             else file_candidates(Path(cfg.candidates), profile))
     rows = []
     bar = tqdm(cands, desc="pick", unit="cand", disable=None if progress else True)
     for c in bar:

@@ -18,7 +18,8 @@ def import_tvm() -> Any:
         import tvm
         from tvm import relax  # noqa: F401
     except ImportError as e:
-        raise SdkMissing(f"TVM is not importable ({e}); pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1") from None
+        raise SdkMissing(f"TVM is not importable ({e}); "
+                         "pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1") from None
     return tvm
 
 

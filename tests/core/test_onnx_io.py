@@ -16,7 +16,7 @@ def test_truncated_file_is_a_usage_error(tmp_path: Path) -> None:
     f = tmp_path / "m.onnx"
     data = small_mlp().SerializeToString()
     f.write_bytes(data[: len(data) // 3])
-    with pytest.raises(UsageError, match="not a valid ONNX model|empty ONNX|checker"):
+    with pytest.raises(UsageError, match=r"not a valid ONNX model|empty ONNX|checker"):
         load_onnx(f)
 
 

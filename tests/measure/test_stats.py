@@ -69,7 +69,7 @@ def test_measure_warms_up_until_steady_and_reruns_when_unstable(runner: OrtRunne
     warm = warmup_until_steady(runner, feed, cfg)
     assert warm["windows"] >= 3 and warm["runs"] > 15
     res = measure(lambda: runner, feed, cfg)
-    assert res.runs >= 50 and res.rerun is None or not res.stable
+    assert (res.runs >= 50 and res.rerun is None) or not res.stable
     # An impossible stability threshold forces the one automatic re-run, which is recorded.
     forced = measure(lambda: runner, feed, cfg, StatsConfig(stable_rel_width=0.0))
     assert res.rounds == cfg.rounds
@@ -84,7 +84,8 @@ def test_memory_probe_sees_the_runner_allocate(tmp_path: Path) -> None:
     import sys
 
     p = save(random_mlp((784, 4096, 2048, 10)), tmp_path / "big.onnx")  # 46 MB of fp32 weights
-    code = ("import json, numpy as np\nfrom toolchain.measure.timing import MemoryProbe\nfrom targets.ort import OrtRunner\n"
+    code = ("import json, numpy as np\nfrom toolchain.measure.timing import MemoryProbe\n"
+            "from targets.ort import OrtRunner\n"
             "mem = MemoryProbe()\n"
             f"with OrtRunner({str(p)!r}, 1) as r:\n"
             "    r.infer({'x': np.zeros((1, 784), np.float32)})\n    mem.sample()\nprint(json.dumps(mem.to_json()))")

@@ -54,7 +54,8 @@ def test_int8_static_needs_data_one_line() -> None:
 
 def test_int8_on_model_without_weight_ops() -> None:
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "r",
-                          [helper.make_tensor_value_info("x", 1, [1, 4])], [helper.make_tensor_value_info("y", 1, [1, 4])])
+                          [helper.make_tensor_value_info("x", 1, [1, 4])],
+                          [helper.make_tensor_value_info("y", 1, [1, 4])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     with pytest.raises(UsageError, match="no MatMul/Gemm/Conv"):
         apply(m, "int8")
@@ -66,7 +67,8 @@ def test_int8_static_qdq_calibrated_on_real_data_and_cached(fashion, cache) -> N
     o = ops(res.model)
     assert o.count("QuantizeLinear") >= 2 and o.count("DequantizeLinear") >= 4
     # per-channel weights: a weight DequantizeLinear carries one scale per output channel
-    scales = [t for t in res.model.graph.initializer if t.name.endswith("_scale") and len(t.dims) == 1 and t.dims[0] == 64]
+    scales = [t for t in res.model.graph.initializer
+              if t.name.endswith("_scale") and len(t.dims) == 1 and t.dims[0] == 64]
     assert scales
     cal = [a for a in cache.entries() if a.kind == "calibration"]
     assert len(cal) == 1 and cal[0].meta["samples"] == 128
@@ -114,7 +116,7 @@ def test_bf16_graph_and_numerics() -> None:
 
     try:
         got = ReferenceEvaluator(res.model).run(None, {"x": X[:8]})[0]
-    except Exception as e:  # pragma: no cover - depends on the onnx build
+    except Exception as e:  # noqa: BLE001 -- which error depends on the onnx build
         pytest.skip(f"onnx reference evaluator cannot run bfloat16 here: {type(e).__name__}")
     assert rel(np.asarray(got, np.float32), ort_run(m, X[:8])) < 5e-2
 

@@ -89,7 +89,8 @@ def test_nm_pattern_verified_and_agrees() -> None:
 
 def test_nm_on_model_without_matmul_is_one_line_usage_error() -> None:
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "r",
-                          [helper.make_tensor_value_info("x", 1, [1, 4])], [helper.make_tensor_value_info("y", 1, [1, 4])])
+                          [helper.make_tensor_value_info("x", 1, [1, 4])],
+                          [helper.make_tensor_value_info("y", 1, [1, 4])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     with pytest.raises(UsageError) as e:
         apply(m, "nm")

@@ -31,10 +31,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from toolchain.core.errors import UsageError
 from toolchain.core.profile import load_profile

@@ -16,9 +16,8 @@ def junit(rep: dict[str, Any]) -> str:
     cases = []
     if rep.get("infra_error"):
         cases.append(("infrastructure", "measure", "error", rep["infra_error"]))
-    for name, m in rep.get("models", {}).items():
-        for g in m["gates"]:
-            cases.append((name, g["gate"], g["status"], g["message"]))
+    cases += [(name, g["gate"], g["status"], g["message"]) for name, m in rep.get("models", {}).items()
+              for g in m["gates"]]
     suite = ET.Element("testsuite", name=f"edgec ci {rep['project']}", tests=str(len(cases)),
                        failures=str(sum(c[2] == "failed" for c in cases)),
                        errors=str(sum(c[2] == "error" for c in cases)),

@@ -112,8 +112,9 @@ def summarize(samples_ms: np.ndarray, cfg: StatsConfig = StatsConfig(),
     out.update({
         "min_ms": float(s.min()), "max_ms": float(s.max()), "mean_ms": float(s.mean()), "runs": int(s.size),
         "ci": {f"{n}_ms": [float(lo), float(hi)] for n, (lo, hi) in zip(names, ci, strict=True)},
-        "confidence": cfg.confidence, "ci_method": (f"two-level bootstrap over {len(rounds)} rounds x time blocks, hull with Student-t on "
-                       "per-round percentiles" if rounds and len(rounds) > 1
+        "confidence": cfg.confidence,
+        "ci_method": (f"two-level bootstrap over {len(rounds)} rounds x time blocks, hull with Student-t on "
+                      "per-round percentiles" if rounds and len(rounds) > 1
                       else "block bootstrap over time blocks") + f" ({cfg.n_boot} resamples, seed {cfg.seed})",
         "ci_rel_width": rel, "stable": bool(rel < cfg.stable_rel_width),
         "stable_threshold": cfg.stable_rel_width, "outliers": outliers(s, cfg.outlier_iqr),

@@ -11,8 +11,8 @@ layer becomes::
 with shorter groups padded to K by zero weight rows (exact). Groups need not be contiguous: outputs are
 also grouped greedily by shared inputs (G2GNet's interleaved "mixer" grouping), and a final Gather puts
 the outputs back in their original order (or, where the layer feeds one next dense layer, that layer's
-input rows and this layer's bias are permuted instead, so no Gather is needed). A layer is left alone when K/in would not
-pay (``max_ratio``) or, with ``only_if_faster``, when the lowered form is not measured faster on the target.
+input rows and this layer's bias are permuted instead, so no Gather is needed). A layer is left alone when K/in would
+not pay (``max_ratio``) or, with ``only_if_faster``, when the lowered form is not measured faster on the target.
 
 On target ``tvm`` the form is ``take``: the kernel substitution (``kernels.tvm.passes.densify_grouped``)
 turns each Gather + batched MatMul back into one grouped-GEMV call with the bias and ReLU fused, so a

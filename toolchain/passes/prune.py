@@ -56,13 +56,13 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
     weights = {ly.name: get_weight(out, ly) for ly in layers}
     if cfg.scope == "global":
         mags = np.concatenate([np.abs(w).ravel() for w in weights.values()])
-        k = int(round(cfg.density * mags.size))
+        k = round(cfg.density * mags.size)
         thr = {n: (np.partition(mags, mags.size - k)[mags.size - k] if k > 0 else np.inf) for n in weights}
     else:
         thr = {}
         for n, w in weights.items():
             a = np.abs(w).ravel()
-            k = int(round(cfg.density * a.size))
+            k = round(cfg.density * a.size)
             thr[n] = np.partition(a, a.size - k)[a.size - k] if k > 0 else np.inf
     rows: list[dict[str, Any]] = []
     changed = False

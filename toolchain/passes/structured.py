@@ -138,7 +138,8 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
         k = min(hidden, -(-k // cfg.align) * cfg.align)
         keep = np.sort(np.argsort(-score, kind="stable")[:k])
         row: dict[str, Any] = {"layer": c.a.name, "next": c.b.name, "neurons_before": hidden, "neurons": int(k),
-                               "density": round(k / hidden, 4), "dead_removed": int(dead[~np.isin(np.arange(hidden), keep)].sum())}
+                               "density": round(k / hidden, 4),
+                               "dead_removed": int(dead[~np.isin(np.arange(hidden), keep)].sum())}
         if k == hidden:
             rows.append({**row, "applied": False, "why": "nothing to remove"})
             continue

@@ -120,9 +120,9 @@ def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> 
     assert auto_trials(_layernorm_model(tmp_path), prof) == (0, [])  # naive, but too little work to be worth it
     # Heavy but elementwise (an RBF-like expansion of a large tensor): the vector rule is all it needs ...
     n = 1 << 17
-    wide = _save(tmp_path / "wide.onnx", [helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("Neg", ["sq"], ["n"]),
-                                           helper.make_node("Exp", ["n"], ["e"]), helper.make_node("Mul", ["e", "x"], ["y"])],
-                 [1, n], [1, n], {})
+    nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("Neg", ["sq"], ["n"]),
+             helper.make_node("Exp", ["n"], ["e"]), helper.make_node("Mul", ["e", "x"], ["y"])]
+    wide = _save(tmp_path / "wide.onnx", nodes, [1, n], [1, n], {})
     assert auto_trials(wide, prof) == (0, [])
     # ... while without the rule it runs naive and is worth tuning.
     trials, heavy = auto_trials(wide, with_kernels(prof, vector_rule=False))
