@@ -50,7 +50,8 @@ def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> Parity:
     max_abs = max_rel = 0.0
     agree, n, nonfinite = 1.0, 0, 0
     for r, g in zip(ref, got, strict=True):
-        r64, g64 = np.asarray(r, np.float64), np.asarray(g, np.float64).reshape(np.shape(r))
+        r64: np.ndarray = np.asarray(r, np.float64)
+        g64: np.ndarray = np.asarray(g, np.float64).reshape(r64.shape)
         ref_finite = np.isfinite(r64)
         broken = ref_finite & ~np.isfinite(g64)
         nonfinite += int(broken.sum())

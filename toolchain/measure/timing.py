@@ -93,7 +93,7 @@ class Latency:
 def time_runs(runner: Inferable, feed: dict[str, np.ndarray], duration_s: float, min_runs: int,
               max_runs: int = 1_000_000) -> np.ndarray:
     """Samples in ms of back-to-back ``infer`` calls for ``duration_s`` (at least ``min_runs``)."""
-    samples = []
+    samples: list[float] = []
     t_end = time.perf_counter() + duration_s
     while (time.perf_counter() < t_end or len(samples) < min_runs) and len(samples) < max_runs:
         t0 = time.perf_counter_ns()
