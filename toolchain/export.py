@@ -42,7 +42,10 @@ def torch_to_onnx(module: Any, example: tuple[Any, ...], dynamic_batch: bool = T
     kwargs: dict[str, Any] = {"dynamo": True, "opset_version": 18, "external_data": False}
     if dynamic_batch:
         kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in example)
-    with warnings.catch_warnings(), torch.no_grad():
+    # torch.export prints partial graphs of a failed trace straight to sys.stderr: the error says what failed.
+    chatter = io.StringIO()
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stderr(chatter), \
+            contextlib.redirect_stdout(chatter):
         warnings.simplefilter("ignore")
         try:
             prog = torch.onnx.export(module, example, **kwargs, verbose=False)

@@ -3,16 +3,19 @@ group in toolchain/cli/."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from toolchain.core.cache import Cache
-from toolchain.core.errors import EdgecError
+from toolchain.core.cache import Cache, default_cache_root
+from toolchain.core.errors import EdgecError, InfraError, UsageError
 
 STATE: dict[str, Any] = {"verbose": False, "cache_dir": None}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,13 +37,54 @@ def get_cache() -> Cache:
     return Cache(STATE["cache_dir"])
 
 
+# Libraries whose log records and warnings are noise to an edgec user (multi-line tracebacks from torch.export,
+# onnxscript's rewriter chatter): shown only with --verbose.
+THIRD_PARTY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "onnx", "onnxruntime", "tvm", "matplotlib", "urllib3")
+
+
+def quiet_third_party_logs() -> None:
+    """Without --verbose: no Python warnings and no records from THIRD_PARTY_LOGGERS. torch resets its top logger
+    to WARNING when it is imported (later, lazily), so that logger's level is pinned here before torch exists."""
+    warnings.simplefilter("ignore")
+    for name in THIRD_PARTY_LOGGERS:
+        log = logging.getLogger(name)
+        log.setLevel(logging.CRITICAL + 1)
+        log.setLevel = lambda _level: None  # type: ignore[method-assign]  # torch's _init_logs must not undo it
+
+
+_PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.ENAMETOOLONG)
+
+
+def _os_error(e: OSError) -> EdgecError | None:
+    """A file edgec read or wrote failed: a full disk or an unwritable cache is the environment (exit 3), a path
+    the user gave (-o a directory or read-only) is the input (exit 2). None: not a file problem (left as a bug)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InfraError(f"disk full writing {e.filename or 'a file'}; free space and rerun")
+    path = e.filename2 or e.filename  # os.replace(tmp, dst) fails naming dst second: the path the user gave
+    if e.errno not in _PATH_ERRNOS or not path:
+        return None
+    root = Path(STATE["cache_dir"]) if STATE["cache_dir"] else default_cache_root()
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and Path(str(path)).absolute().is_relative_to(
+            root.absolute()):
+        return InfraError(f"cache not writable: {path} ({e.strerror}); fix its permissions or pass --cache-dir")
+    return UsageError(f"cannot use {path}: {e.strerror}; check the path and its permissions")
+
+
 def handled(fn: F) -> F:
     """One line on stderr and a meaningful exit code for every error; tracebacks only with --verbose."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not STATE["verbose"]:
+            quiet_third_party_logs()
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                mapped = None if STATE["verbose"] else _os_error(e)
+                if mapped is None:
+                    raise
+                raise mapped from None
         except EdgecError as e:
             if STATE["verbose"]:
                 raise

@@ -12,7 +12,7 @@ from onnx import TensorProto
 
 from toolchain.core.errors import UsageError
 
-_NP_TYPES = {
+_NP_TYPES: dict[int, type] = {
     TensorProto.FLOAT: np.float32,
     TensorProto.FLOAT16: np.float16,
     TensorProto.DOUBLE: np.float64,
@@ -64,6 +64,19 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
             )
         if not target.is_file():
             raise UsageError(f"ONNX external data file {loc!r} for tensor {tensor.name!r} is missing in {base}")
+        fields = {e.key: e.value for e in tensor.external_data}
+        size = target.stat().st_size
+        try:
+            offset = int(fields.get("offset") or 0)
+            length = int(fields["length"]) if fields.get("length") else size - offset
+        except ValueError:
+            offset, length = -1, -1
+        if offset < 0 or length < 0 or offset + length > size:
+            raise UsageError(
+                f"ONNX external data of tensor {tensor.name!r} (offset {fields.get('offset', 0)}, length "
+                f"{fields.get('length', '-')}) lies past the end of {loc!r} ({size} bytes); the data file is "
+                "truncated or belongs to another model: re-save the model"
+            )
 
 
 def load_onnx(path: Path | str, check: bool = True) -> onnx.ModelProto:
@@ -80,14 +93,23 @@ def load_onnx(path: Path | str, check: bool = True) -> onnx.ModelProto:
         ) from None
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{path} parsed as an empty ONNX model (truncated or not ONNX); re-export it")
+    known = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and not 1 <= o.version <= known:
+            raise UsageError(f"{path} declares ONNX opset {o.version}; edgec (onnx {onnx.__version__}) knows opsets "
+                             f"1 to {known}: re-export with an opset in that range")
     _check_external_data(model, path.parent)
-    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except Exception as e:  # noqa: BLE001 -- whatever the bytes make the loader raise, the file is at fault
+        raise UsageError(f"{path}: its external data cannot be read ({type(e).__name__}); re-save the model") from None
     if check:
         try:
             onnx.checker.check_model(model)
-        except onnx.checker.ValidationError as e:
-            first = str(e).strip().splitlines()[0]
-            raise UsageError(f"{path} fails the ONNX checker: {first}; fix the exporter output") from None
+        except Exception as e:  # noqa: BLE001 -- ValidationError, or UnicodeDecodeError etc. on corrupt bytes
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UsageError(f"{path} fails the ONNX checker ({type(e).__name__}: {first}); "
+                             "fix the exporter output or check the download") from None
     return model
 
 

@@ -8,10 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from toolchain.core.cache import current_umask
+
 
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: an output file follows the umask
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -25,6 +28,7 @@ def copy_atomic(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` through a temp file in dst's folder."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: an output file follows the umask
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
