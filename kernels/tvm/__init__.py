@@ -33,6 +33,9 @@ SPEC_FIELDS = {
     "gemv_chain_max_kb": "chain_max_kb",
     "fast_exp": "fast_exp",
     "vector_rule": "vector_rule",
+    "use_direct_conv": "conv",
+    "conv_block_oc": "conv_block_oc",
+    "conv_tile_ow": "conv_tile_ow",
 }
 
 
@@ -51,6 +54,9 @@ class KernelConfig:
     chain_max_kb: int = 1024  # GEMV runs up to this many KB of packed weights become one kernel; 0: off
     fast_exp: bool = True  # exp / sigmoid as vectorizable arithmetic
     vector_rule: bool = True  # the rule schedule for what nothing else covers
+    conv: bool = True  # fp32 conv2d (groups 1 or depthwise) as the direct convolution kernels
+    conv_block_oc: int = 16  # output channels per conv register tile (whole vectors)
+    conv_tile_ow: int = 6  # output columns per conv register tile, at most
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> KernelConfig:

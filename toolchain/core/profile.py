@@ -71,6 +71,13 @@ class KernelSpec:
     # (inline + vectorize, kernels/tvm/schedule/vector_rule.py) instead of naive loops; "auto" tuning then skips the
     # light ones (elementwise, norms, pooling) and spends its budget on the heavy layers only.
     vector_rule: bool = True
+    # fp32 Conv2d (groups 1 and depthwise) as the direct convolution kernels (kernels/tvm/tir/conv2d.py): a CNN runs
+    # fast with no tuning. The register tile is conv_tile_ow output columns x conv_block_oc output channels:
+    # conv_tile_ow x conv_block_oc / vector_lanes accumulators + conv_block_oc / vector_lanes weight vectors must fit
+    # the vector register file (AVX-512 and NEON: 32, AVX2: 16).
+    use_direct_conv: bool = True
+    conv_block_oc: int = 16
+    conv_tile_ow: int = 6
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,8 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("kernels", "gemv_chain_max_kb"): (0, 1 << 20),
     ("kernels", "unroll"): (1, 64),
     ("kernels", "lif_layer_max_rows"): (0, 1 << 16),
+    ("kernels", "conv_block_oc"): (1, 1024),
+    ("kernels", "conv_tile_ow"): (1, 64),
     ("bench", "threads"): (1, 4096),  # and at most 4 x cpu.num_cores (parse_profile)
     ("bench", "warmup_s"): (0.0, 600.0),
     ("bench", "duration_s"): (0.001, 3600.0),

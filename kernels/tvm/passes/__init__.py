@@ -4,8 +4,8 @@ Each is a ``RewritePass`` subclass; ``X.create(cfg)`` gives the ``tvm.transform.
 ``report`` lists what its last run put in (one dict per kernel). In pipeline order:
 
 - ``FuseKan`` (fuse_kan.py), ``FuseLif`` (fuse_lif.py), ``DensifyGrouped`` (densify_grouped.py),
-  ``SubstituteGemv`` (substitute_gemv.py): the profile's hand-written kernels, on the imported graph
-  (``substitution_passes`` picks those the config turns on);
+  ``SubstituteGemv`` (substitute_gemv.py), ``SubstituteConv`` (substitute_conv.py): the profile's
+  hand-written kernels, on the imported graph (``substitution_passes`` picks those the config turns on);
 - ``FuseGemvChains`` (fuse_chain.py): runs of packed-GEMV calls as one kernel;
 - ``FastMath`` (fast_math.py): exp / sigmoid as vectorizable arithmetic, after decomposition.
 """
@@ -21,6 +21,7 @@ from kernels.tvm.passes.fast_math import FastMath
 from kernels.tvm.passes.fuse_chain import FuseGemvChains
 from kernels.tvm.passes.fuse_kan import FuseKan
 from kernels.tvm.passes.fuse_lif import FuseLif
+from kernels.tvm.passes.substitute_conv import SubstituteConv
 from kernels.tvm.passes.substitute_gemv import SubstituteGemv
 
 
@@ -36,8 +37,10 @@ def substitution_passes(cfg: KernelConfig) -> list[Any]:
         if cfg.grouped:
             kinds.append(DensifyGrouped)
         kinds.append(SubstituteGemv)
+    if cfg.conv:
+        kinds.append(SubstituteConv)
     return [kind.create(cfg) for kind in kinds]
 
 
 __all__ = ["DensifyGrouped", "FastMath", "FuseGemvChains", "FuseKan", "FuseLif", "NoMatch", "RewritePass",
-           "SubstituteGemv", "substitution_passes"]
+           "SubstituteConv", "SubstituteGemv", "substitution_passes"]

@@ -1,0 +1,191 @@
+"""substitute-conv: fp32 2-D convolutions with a constant weight as the direct convolution kernels
+(``kernels.tvm.tir.conv2d``), by pattern, on the Relax graph right after ONNX import.
+
+``conv2d(x, W) [+ b] [relu]`` (NCHW / OIHW, float32, static shapes; the bias a constant of C values, as is
+or through ``reshape`` to (1, C, 1, 1) as the ONNX importer writes it) becomes one ``call_tir``:
+groups = 1 the register-tiled kernel (the weight re-laid out at compile time into a new constant),
+groups = C_in = C_out the depthwise kernel. Grouped convolutions with 1 < groups < C (and depthwise ones
+with a channel multiplier) stay with the generic lowering, which "auto" tuning covers. Only the end of
+each conv [+ add] [+ relu] chain is rewritten; the absorbed bindings are dead code afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kernels.tvm.passes._rewrite import (
+    RewritePass,
+    bindings_and_uses,
+    const_array,
+    const_ints,
+    rewrite_bindings,
+    static_shape,
+)
+from kernels.tvm.tir.conv2d import (
+    DEPTHWISE_KERNEL_NAME,
+    KERNEL_NAME,
+    ConvParams,
+    choose_block_oc,
+    choose_tile_ow,
+    conv2d_kernel,
+    depthwise_kernel,
+    pack_conv_weight,
+)
+
+# A matched layer: (x, W, bias or None, relu, the conv2d's attributes).
+Conv = tuple[Any, np.ndarray, "np.ndarray | None", bool, Any]
+
+
+def _bias_of(e: Any, inner: Any, oc: int) -> np.ndarray | None:
+    """The C bias values of an add operand: a constant of C elements laid out along the channel axis, as is
+    or through ``reshape``."""
+    import tvm
+    from tvm import relax
+
+    arr = const_array(e)
+    if arr is None:
+        node = inner(e)
+        if not (isinstance(node, relax.Call) and node.op == tvm.ir.Op.get("relax.reshape")):
+            return None
+        arr = const_array(node.args[0])
+        shape = static_shape(node)
+        if arr is None or shape is None or arr.dtype != np.float32 or arr.size != oc:
+            return None
+        arr = arr.reshape(shape)
+    if arr.dtype != np.float32 or arr.size != oc:
+        return None
+    if oc == 1:
+        return arr.reshape(1)
+    # (C,), (C, 1, 1) or (1, C, 1, 1): broadcasting against (N, C, H, W) puts the values on channels.
+    if arr.ndim >= 3 and arr.ndim <= 4 and arr.shape[-3] == oc and all(d == 1 for d in arr.shape[-2:]):
+        return arr.reshape(oc)
+    return None  # e.g. (C,), which broadcasts along W, not C
+
+
+def match_conv(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any]) -> Conv | None:
+    """(x, W, b, relu, attrs) when ``call`` ends a conv2d [+ bias] [+ relu] chain with a constant fp32
+    weight the kernels cover (groups 1 or depthwise); the inner bindings it swallows go to ``absorbed``."""
+    import tvm
+    from tvm import relax
+
+    op_conv = tvm.ir.Op.get("relax.nn.conv2d")
+    op_add = tvm.ir.Op.get("relax.add")
+    op_relu = tvm.ir.Op.get("relax.nn.relu")
+
+    def inner(e: Any) -> Any:
+        # Only look through a binding used once: otherwise its value is still needed elsewhere.
+        if isinstance(e, relax.Var) and uses.get(e, 0) == 1 and e in bound:
+            absorbed.append(e)
+            return bound[e]
+        return None
+
+    if not isinstance(call, relax.Call):
+        return None
+    relu = False
+    node = call
+    if node.op == op_relu:
+        relu = True
+        node = inner(node.args[0])
+        if not isinstance(node, relax.Call):
+            return None
+    bias_e = None
+    if node.op == op_add:
+        a, c = node.args
+        conv = inner(a)
+        if not (isinstance(conv, relax.Call) and conv.op == op_conv):
+            a, c = c, a
+            conv = inner(a)
+        if not (isinstance(conv, relax.Call) and conv.op == op_conv):
+            return None
+        bias_e, node = c, conv
+    if node.op != op_conv:
+        return None
+    x, w = node.args
+    wa = const_array(w)
+    xs = static_shape(x)
+    at = node.attrs
+    if wa is None or wa.ndim != 4 or wa.dtype != np.float32 or xs is None or len(xs) != 4:
+        return None
+    if str(x.ty.dtype) != "float32" or (at.out_dtype is not None and str(at.out_dtype) not in ("", "float32")):
+        return None
+    if (str(at.data_layout), str(at.kernel_layout), str(at.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    groups, oc, ic = int(at.groups), wa.shape[0], xs[1]
+    depthwise = groups == ic == oc and groups > 1 and wa.shape[1] == 1
+    if not (groups == 1 and wa.shape[1] == ic) and not depthwise:
+        return None
+    bias = None
+    if bias_e is not None:
+        bias = _bias_of(bias_e, inner, oc)
+        if bias is None:
+            return None
+    return x, wa, bias, relu, at
+
+
+class SubstituteConv(RewritePass):
+    """Replaces each fp32 conv2d with a constant weight (groups 1 or depthwise) by the direct kernels;
+    ``report``: one row per layer."""
+
+    pass_name = "SubstituteConv"
+
+    def rewrite(self, mod: Any) -> Any:
+        from tvm import relax
+
+        def rewrite_for(func: Any) -> Any:
+            if not isinstance(func.body, relax.SeqExpr):
+                return None
+            bound, uses = bindings_and_uses(func)
+            heads: dict[Any, Conv] = {}
+            inner_vars: list[Any] = []
+            for var, value in bound.items():
+                swallowed: list[Any] = []
+                m = match_conv(value, bound, uses, swallowed)
+                if m is not None:
+                    heads[var] = m
+                    inner_vars += swallowed
+            for v in inner_vars:  # a conv absorbed by a bias / relu head is rewritten there, not on its own
+                heads.pop(v, None)
+            if not heads:
+                return None
+            return lambda rw, binding: self._replace(rw, heads[binding.var]) if binding.var in heads else None
+
+        return rewrite_bindings(mod, rewrite_for)
+
+    def _replace(self, rw: Any, conv: Conv) -> tuple[Any, str]:
+        from tvm import relax
+
+        cfg = self.cfg
+        x, w, b, relu, at = conv
+        xs = static_shape(x)
+        assert xs is not None
+        n, ic, ih, iw = xs
+        oc, _, kh, kw = w.shape
+        pad = const_ints(at.padding)
+        pad4 = (pad[0], pad[1], pad[0], pad[1]) if len(pad) == 2 else tuple(pad[:4])
+        depthwise = int(at.groups) > 1
+        boc = choose_block_oc(oc, cfg.conv_block_oc, cfg.lanes)
+        p = ConvParams(n=n, ic=ic, ih=ih, iw=iw, oc=oc, kh=kh, kw=kw, stride=tuple(const_ints(at.strides)),
+                       dilation=tuple(const_ints(at.dilation)), pad=pad4, bias=b is not None, relu=relu,
+                       block_oc=boc, tile_ow=cfg.conv_tile_ow, lanes=cfg.lanes)
+        index = len(self.report)
+        bias = relax.const(b if b is not None else np.zeros((1,), np.float32))
+        if depthwise:
+            name, kname = f"edgec_conv2d_dw_{index}", DEPTHWISE_KERNEL_NAME
+            func = depthwise_kernel(p)
+            wc = relax.const(np.ascontiguousarray(w.reshape(oc, kh, kw)))
+        else:
+            name, kname = f"edgec_conv2d_{index}", KERNEL_NAME
+            func = conv2d_kernel(p)
+            wc = relax.const(pack_conv_weight(w, boc))
+        gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
+        self.report.append({"kernel": kname, "func": name, "in": [ic, ih, iw], "out": [oc, p.oh, p.ow],
+                            "kernel_hw": [kh, kw], "stride": list(p.stride), "pad": list(pad4),
+                            "block_oc": boc, "tile_ow": choose_tile_ow(p.ow, p.tile_ow), "bias": b is not None,
+                            "relu": relu, "mflops": round(p.mflops, 2)})
+        yshape = (n, oc, p.oh, p.ow)
+        return relax.call_tir(gv, [rw.visit_expr(x), wc, bias], relax.TensorType(yshape, "float32")), "conv"
+
+
+__all__ = ["SubstituteConv", "match_conv"]

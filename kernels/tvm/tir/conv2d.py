@@ -1,0 +1,223 @@
+"""Direct fp32 convolution kernels (NCHW in, NCHW out), written as low-level TIR (IRBuilder), for
+convolutions that should run fast with no tuning.
+
+``conv2d_kernel`` (groups = 1): register-tiled over output channels x output columns. The weight is
+re-laid out at compile time as ``wp[ocb, ic, kh, kw, BOC]`` (BOC output channels per block, a whole
+number of vectors; OC padded with zero filters to a multiple of BOC). For one output row ``oh`` and a tile
+of ``TW`` output columns the kernel keeps ``TW x BOC`` accumulators in vector registers and walks the
+whole reduction (ic, kh, kw): per step it loads BOC / lanes weight vectors and broadcasts TW input
+scalars, for TW x BOC / lanes vector FMAs. The input is read as broadcast scalars, so a stride of 2 costs
+nothing extra, and every weight vector is reused TW times from a register. The tile is stored
+transposed into NCHW (one scalar store per output element, against IC x KH x KW multiply-adds).
+Padding: a zero-padded copy of the input (IC x (H + pads) x (W + pads)) is made first, so the inner loop
+has no bounds checks.
+
+``depthwise_kernel`` (groups = C, one filter per channel): per channel and output row, a row of
+accumulators vectorized over the output columns (the input read contiguously at stride 1).
+
+Grouped convolutions with 1 < groups < C are left to the generic lowering (and "auto" tuning).
+
+Tile sizes come from the device profile's ``[kernels]`` table (``conv_block_oc``, ``conv_tile_ow``):
+TW x BOC / lanes accumulators plus BOC / lanes weight registers must fit the register file (AVX-512:
+32 vectors, e.g. 14 x 32 / 16 = 28 + 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kernels.tvm import ATTR_KERNEL
+
+KERNEL_NAME = "conv2d-direct-f32"
+DEPTHWISE_KERNEL_NAME = "conv2d-depthwise-f32"
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    """One 2-D convolution (NCHW / OIHW), with its epilogue and tiling."""
+
+    n: int
+    ic: int
+    ih: int
+    iw: int
+    oc: int
+    kh: int
+    kw: int
+    stride: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right (Relax's order)
+    bias: bool = False
+    relu: bool = False
+    block_oc: int = 16  # output channels per register tile (a multiple of the vector lanes)
+    tile_ow: int = 8  # output columns per register tile, at most (see choose_tile_ow)
+    lanes: int = 16
+
+    @property
+    def oh(self) -> int:
+        return (self.ih + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def ow(self) -> int:
+        return (self.iw + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+
+    @property
+    def oc_blocks(self) -> int:
+        return -(-self.oc // self.block_oc)
+
+    @property
+    def padded(self) -> bool:
+        return any(self.pad)
+
+    @property
+    def mflops(self) -> float:
+        return 2.0 * self.n * self.oc * self.oh * self.ow * self.ic * self.kh * self.kw / 1e6
+
+
+def choose_block_oc(oc: int, block_oc: int, lanes: int) -> int:
+    """The profile's output-channel block, in whole vectors, shrunk for layers with fewer channels."""
+    lanes = max(1, lanes)
+    boc = max(lanes, (block_oc // lanes) * lanes)
+    return min(boc, -(-oc // lanes) * lanes)
+
+
+def choose_tile_ow(ow: int, tile_ow: int) -> int:
+    """Output columns per register tile: the whole row when it fits, else the largest divisor of the row
+    width from tile_ow / 2 up to tile_ow (no remainder tile), else tile_ow (plus one narrower tile)."""
+    tile_ow = max(1, tile_ow)
+    if ow <= tile_ow:
+        return ow
+    for t in range(tile_ow, max(1, tile_ow // 2) - 1, -1):
+        if ow % t == 0:
+            return t
+    return tile_ow
+
+
+def pack_conv_weight(w: np.ndarray, block_oc: int) -> np.ndarray:
+    """(OC, IC, KH, KW) -> flat ``[ocb, ic, kh, kw, BOC]`` with OC zero-padded to a multiple of BOC: the
+    layout ``conv2d_kernel`` reads."""
+    oc, ic, kh, kw = w.shape
+    blocks = -(-oc // block_oc)
+    wpad = np.zeros((blocks * block_oc, ic, kh, kw), dtype=np.float32)
+    wpad[:oc] = w
+    return np.ascontiguousarray(wpad.reshape(blocks, block_oc, ic, kh, kw).transpose(0, 2, 3, 4, 1).reshape(-1))
+
+
+def _act(p: ConvParams, v: Any, bias: Any, c: Any) -> Any:
+    from tvm.script.ir_builder import tirx as T
+
+    if p.bias:
+        v = v + bias[c]
+    if p.relu:
+        v = T.max(v, T.float32(0))
+    return v
+
+
+def _padded_input(p: ConvParams, x: Any, n: Any, ch: int, hp: int, wp: int) -> Any:
+    """A zero-padded copy of x[n] as a (ch, hp, wp) buffer (hp / wp at least the padded input; the extra
+    rows / columns are zeros too), or x[n] itself viewed 3-D when there is nothing to pad."""
+    from tvm.script.ir_builder import tirx as T
+
+    if not p.padded and hp == p.ih and wp == p.iw:
+        return T.decl_buffer((p.n * ch, p.ih, p.iw), "float32", data=x.data), n * ch
+    xp = T.alloc_buffer((ch, hp, wp), "float32")
+    top, left = p.pad[0], p.pad[1]
+    with T.serial(ch) as c, T.serial(hp) as h, T.serial(wp) as w:
+        inside = T.And(T.And(h >= top, h < top + p.ih), T.And(w >= left, w < left + p.iw))
+        hi = T.min(T.max(h - top, 0), p.ih - 1)  # clamped: the load stays in bounds outside the image too
+        wi = T.min(T.max(w - left, 0), p.iw - 1)
+        T.buffer_store(xp, T.if_then_else(inside, x[n, c, hi, wi], T.float32(0)), [c, h, w])
+    return xp, 0
+
+
+def conv2d_kernel(p: ConvParams) -> Any:
+    """The PrimFunc ``(x[N, IC, IH, IW], wp[packed], b[OC or 1], y[N, OC, OH, OW])`` for ``p``, marked
+    hand-written."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    OH, OW, BOC, KH, KW, IC = p.oh, p.ow, p.block_oc, p.kh, p.kw, p.ic
+    SH, SW = p.stride
+    DH, DW = p.dilation
+    TW = choose_tile_ow(OW, p.tile_ow)
+    MAIN, REM = OW // TW, OW % TW
+    full_blocks = p.oc // BOC  # blocks with every channel real; the last one may be partly padding
+    hp = max(p.ih + p.pad[0] + p.pad[2], (OH - 1) * SH + (KH - 1) * DH + 1)
+    wpw = max(p.iw + p.pad[1] + p.pad[3], (OW - 1) * SW + (KW - 1) * DW + 1)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("conv2d")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
+        x = T.arg("x", T.buffer((p.n, IC, p.ih, p.iw), "float32"))
+        wp = T.arg("wp", T.buffer((p.oc_blocks * IC * KH * KW * BOC,), "float32"))
+        b = T.arg("b", T.buffer((p.oc if p.bias else 1,), "float32"))
+        y = T.arg("y", T.buffer((p.n, p.oc, OH, OW), "float32"))
+        with T.serial(p.n) as n:
+            xp, c0 = _padded_input(p, x, n, IC, hp, wpw)
+
+            def tile(ocb: Any, oh: Any, ow0: Any, tw: int, nch: int) -> None:
+                """Columns [ow0, ow0 + tw) of row oh for the channels of block ocb (nch of them real)."""
+                acc = T.alloc_buffer((tw, BOC), "float32", scope="local")
+                with T.unroll(tw) as t, T.vectorized(BOC) as i:
+                    T.buffer_store(acc, T.float32(0), [t, i])
+                with T.serial(IC) as ic, T.serial(KH) as kh, T.unroll(KW) as kw, T.unroll(tw) as t, \
+                        T.vectorized(BOC) as i:
+                    xv = xp[c0 + ic, oh * SH + kh * DH, (ow0 + t) * SW + kw * DW]
+                    wv = wp[(((ocb * IC + ic) * KH + kh) * KW + kw) * BOC + i]
+                    T.buffer_store(acc, acc[t, i] + xv * wv, [t, i])
+                # Constant indices only (unrolled): the accumulators stay in registers.
+                with T.unroll(nch) as i, T.unroll(tw) as t:
+                    c = ocb * BOC + i
+                    T.buffer_store(y, _act(p, acc[t, i], b, c), [n, c, oh, ow0 + t])
+
+            def row_blocks(ocb: Any, nch: int) -> None:
+                with T.serial(OH) as oh:
+                    with T.serial(MAIN) as owo:
+                        tile(ocb, oh, owo * TW, TW, nch)
+                    if REM:
+                        tile(ocb, oh, MAIN * TW, REM, nch)
+
+            with T.serial(full_blocks) as ocb:
+                row_blocks(ocb, BOC)
+            if p.oc % BOC:
+                row_blocks(full_blocks, p.oc % BOC)
+    return ib.get()
+
+
+def depthwise_kernel(p: ConvParams) -> Any:
+    """The PrimFunc ``(x[N, C, IH, IW], w[C, KH, KW], b[C or 1], y[N, C, OH, OW])`` for a depthwise ``p``
+    (p.ic == p.oc == C, one KH x KW filter per channel), marked hand-written."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    C, OH, OW, KH, KW = p.oc, p.oh, p.ow, p.kh, p.kw
+    SH, SW = p.stride
+    DH, DW = p.dilation
+    L = max(1, p.lanes)
+    owp = -(-OW // L) * L  # the accumulator row in whole vectors (the padded input covers the overhang)
+    hp = max(p.ih + p.pad[0] + p.pad[2], (OH - 1) * SH + (KH - 1) * DH + 1)
+    wpw = max(p.iw + p.pad[1] + p.pad[3], (owp - 1) * SW + (KW - 1) * DW + 1)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("conv2d_depthwise")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: DEPTHWISE_KERNEL_NAME, "tirx.is_scheduled": True})
+        x = T.arg("x", T.buffer((p.n, C, p.ih, p.iw), "float32"))
+        w = T.arg("w", T.buffer((C, KH, KW), "float32"))
+        b = T.arg("b", T.buffer((C if p.bias else 1,), "float32"))
+        y = T.arg("y", T.buffer((p.n, C, OH, OW), "float32"))
+        with T.serial(p.n) as n:
+            xp, c0 = _padded_input(p, x, n, C, hp, wpw)
+            with T.serial(C) as c, T.serial(OH) as oh:
+                acc = T.alloc_buffer((owp,), "float32", scope="local")
+                with T.serial(owp // L) as o, T.vectorized(L) as i:
+                    T.buffer_store(acc, T.float32(0), [o * L + i])
+                with T.serial(KH) as kh, T.unroll(KW) as kw, T.serial(owp // L) as o, T.vectorized(L) as i:
+                    xv = xp[c0 + c, oh * SH + kh * DH, (o * L + i) * SW + kw * DW]
+                    T.buffer_store(acc, acc[o * L + i] + xv * w[c, kh, kw], [o * L + i])
+                with T.serial(OW) as ow:
+                    T.buffer_store(y, _act(p, acc[ow], b, c), [n, c, oh, ow])
+    return ib.get()
+
+
+__all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "ConvParams", "choose_block_oc", "choose_tile_ow",
+           "conv2d_kernel", "depthwise_kernel", "pack_conv_weight"]

@@ -1,0 +1,175 @@
+"""Direct convolution kernels (kernels/tvm/tir/conv2d.py, passes/substitute_conv.py) vs ONNX Runtime on
+random-weight convolutions of each kind and on a small CNN."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kernels.tvm.testing import build_vm, with_kernels
+from kernels.tvm.tir.conv2d import choose_block_oc, choose_tile_ow, pack_conv_weight
+from toolchain.core.profile import load_profile
+
+RTOL = 1e-4  # max |tvm - ort| / max |ort|
+
+
+def _model(nodes: list, inits: list, x_shape: list[int], y: str, y_shape: list[int] | None = None) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, y_shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _conv(rng: np.random.Generator, name: str, x: str, ic: int, oc: int, k: int, stride: int = 1,
+          pads: tuple[int, int, int, int] | None = None, groups: int = 1, bias: bool = True,
+          dilation: int = 1) -> tuple[list, list]:
+    w = (rng.standard_normal((oc, ic // groups, k, k)) / np.sqrt(ic // groups * k * k)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, f"{name}_w")]
+    ins = [x, f"{name}_w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(oc).astype(np.float32), f"{name}_b"))
+        ins.append(f"{name}_b")
+    p = pads if pads is not None else (k // 2,) * 4
+    node = helper.make_node("Conv", ins, [name], kernel_shape=[k, k], strides=[stride, stride], pads=list(p),
+                            group=groups, dilations=[dilation, dilation])
+    return [node], inits
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def _check(model: onnx.ModelProto, x: np.ndarray, profile_id: str = "x86-avx512") -> list[dict]:
+    run, table = build_vm(model, load_profile(profile_id))
+    ref = _ort(model, x)
+    out = run(x)
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= RTOL * np.abs(ref).max()
+    return table
+
+
+def test_pack_conv_weight_layout() -> None:
+    w = np.arange(5 * 3 * 2 * 2, dtype=np.float32).reshape(5, 3, 2, 2)
+    p = pack_conv_weight(w, 4).reshape(2, 3, 2, 2, 4)  # 5 channels padded to 2 blocks of 4
+    assert p[1, 2, 1, 0, 0] == w[4, 2, 1, 0]
+    assert p[0, 1, 0, 1, 3] == w[3, 1, 0, 1]
+    assert np.all(p[1, :, :, :, 1:] == 0)
+
+
+def test_tile_choices() -> None:
+    assert choose_block_oc(64, 32, 16) == 32
+    assert choose_block_oc(8, 32, 16) == 16  # fewer channels than a block: one whole vector
+    assert choose_tile_ow(7, 12) == 7
+    assert choose_tile_ow(56, 12) == 8  # a divisor of the row: no remainder tile
+    assert choose_tile_ow(19, 12) == 12  # no divisor in [6, 12]: 12 + a 7-wide tile
+
+
+# (ic, oc, k, stride, pads, bias, relu, hw, dilation): 3x3 / 1x1 / 7x7, stride 1 / 2, with and without
+# padding (asymmetric too), a partial output-channel block (40 = 32 + 8) and remainder tiles (19 columns).
+DENSE_CASES = [
+    (16, 40, 3, 1, None, True, True, 19, 1),
+    (24, 32, 1, 1, (0, 0, 0, 0), False, False, 16, 1),
+    (3, 16, 7, 2, (3, 3, 3, 3), True, True, 33, 1),
+    (8, 48, 3, 2, (1, 1, 1, 1), True, False, 20, 1),
+    (8, 16, 1, 2, (0, 0, 0, 0), False, True, 15, 1),
+    (5, 20, 3, 1, (0, 1, 2, 0), True, True, 13, 1),
+    (6, 16, 3, 1, (2, 2, 2, 2), True, False, 12, 2),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[f"k{c[2]}s{c[3]}oc{c[1]}" for c in DENSE_CASES])
+def test_direct_conv_matches_ort(case: tuple) -> None:
+    ic, oc, k, stride, pads, bias, relu, hw, dil = case
+    rng = np.random.default_rng(0)
+    nodes, inits = _conv(rng, "c", "x", ic, oc, k, stride, pads, bias=bias, dilation=dil)
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    model = _model(nodes, inits, [1, ic, hw, hw], "y" if relu else "c")
+    x = rng.standard_normal((1, ic, hw, hw)).astype(np.float32)
+    table = _check(model, x)
+    assert [r["kernel"] for r in table] == ["conv2d-direct-f32"]  # bias and relu fused into the one kernel
+
+
+def test_direct_conv_avx2_profile() -> None:
+    rng = np.random.default_rng(1)
+    nodes, inits = _conv(rng, "c", "x", 12, 24, 3, 1)
+    nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    table = _check(_model(nodes, inits, [1, 12, 14, 14], "y"), rng.standard_normal((1, 12, 14, 14)).astype(np.float32),
+                   "x86-avx2")
+    assert [r["kernel"] for r in table] == ["conv2d-direct-f32"]
+
+
+@pytest.mark.parametrize(("k", "stride", "bias", "hw"), [(3, 1, True, 17), (3, 2, True, 18), (5, 1, False, 9)])
+def test_depthwise_matches_ort(k: int, stride: int, bias: bool, hw: int) -> None:
+    rng = np.random.default_rng(2)
+    c = 24
+    nodes, inits = _conv(rng, "c", "x", c, c, k, stride, groups=c, bias=bias)
+    nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+    table = _check(_model(nodes, inits, [1, c, hw, hw], "y"), x)
+    assert [r["kernel"] for r in table] == ["conv2d-depthwise-f32"]
+
+
+def test_grouped_conv_stays_generic() -> None:
+    rng = np.random.default_rng(3)
+    nodes, inits = _conv(rng, "c", "x", 16, 16, 3, 1, groups=4)
+    table = _check(_model(nodes, inits, [1, 16, 10, 10], "c"), rng.standard_normal((1, 16, 10, 10)).astype(np.float32))
+    assert not any(r["kernel"] for r in table)  # 1 < groups < C: the generic lowering (and tuning) covers it
+
+
+def test_conv_kernel_off_in_profile() -> None:
+    rng = np.random.default_rng(4)
+    nodes, inits = _conv(rng, "c", "x", 4, 8, 3, 1)
+    model = _model(nodes, inits, [1, 4, 8, 8], "c")
+    _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), use_direct_conv=False))
+    assert not any(r["kernel"] for r in table)
+
+
+def small_cnn(seed: int = 0, hw: int = 64) -> onnx.ModelProto:
+    """A small ResNet-shaped CNN: 7x7/2 stem + relu, max pool, a residual block (two 3x3 convs, the skip
+    added before the relu), a strided 3x3 + 1x1/2 downsample pair, a depthwise 3x3, global average pool, dense."""
+    rng = np.random.default_rng(seed)
+    nodes: list = []
+    inits: list = []
+
+    def add(parts: tuple[list, list]) -> None:
+        nodes.extend(parts[0])
+        inits.extend(parts[1])
+
+    add(_conv(rng, "stem", "x", 3, 16, 7, 2))
+    nodes.append(helper.make_node("Relu", ["stem"], ["stem_r"]))
+    nodes.append(helper.make_node("MaxPool", ["stem_r"], ["pool"], kernel_shape=[3, 3], strides=[2, 2],
+                                  pads=[1, 1, 1, 1]))
+    add(_conv(rng, "b1", "pool", 16, 16, 3))
+    nodes.append(helper.make_node("Relu", ["b1"], ["b1_r"]))
+    add(_conv(rng, "b2", "b1_r", 16, 16, 3))
+    nodes.append(helper.make_node("Add", ["b2", "pool"], ["res"]))
+    nodes.append(helper.make_node("Relu", ["res"], ["res_r"]))
+    add(_conv(rng, "d1", "res_r", 16, 32, 3, 2))
+    nodes.append(helper.make_node("Relu", ["d1"], ["d1_r"]))
+    add(_conv(rng, "ds", "res_r", 16, 32, 1, 2, pads=(0, 0, 0, 0), bias=False))
+    nodes.append(helper.make_node("Add", ["d1_r", "ds"], ["res2"]))
+    add(_conv(rng, "dw", "res2", 32, 32, 3, groups=32))
+    nodes.append(helper.make_node("Relu", ["dw"], ["dw_r"]))
+    nodes.append(helper.make_node("GlobalAveragePool", ["dw_r"], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    w = (rng.standard_normal((10, 32)) / 6).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "fc_w"), numpy_helper.from_array(np.zeros(10, np.float32), "fc_b")]
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], transB=1))
+    return _model(nodes, inits, [1, 3, hw, hw], "y", [1, 10])
+
+
+def test_small_cnn_matches_ort() -> None:
+    model = small_cnn()
+    x = np.random.default_rng(5).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    table = _check(model, x)
+    kinds = [r["kernel"] for r in table if r["kernel"]]
+    assert kinds.count("conv2d-direct-f32") == 5 and kinds.count("conv2d-depthwise-f32") == 1
+    assert all(r["origin"] in ("hand-written", "rule") for r in table)  # nothing naive left
