@@ -54,6 +54,7 @@ class KernelConfig:
     chain_max_kb: int = 1024  # GEMV runs up to this many KB of packed weights become one kernel; 0: off
     fast_exp: bool = True  # exp / sigmoid as vectorizable arithmetic
     vector_rule: bool = True  # the rule schedule for what nothing else covers
+    int8_isa: str = "none"  # int8 dot products of the CPU (``int8_isa``): vnni | avx2 | sdot | none
     conv: bool = True  # fp32 conv2d (groups 1 or depthwise) as the direct convolution kernels
     conv_block_oc: int = 16  # output channels per conv register tile (whole vectors)
     conv_tile_ow: int = 6  # output columns per conv register tile, at most
@@ -76,5 +77,28 @@ class KernelConfig:
         """From a profile's ``KernelSpec`` (any object with its field names as attributes)."""
         return cls.from_mapping({key: getattr(spec, key) for key in SPEC_FIELDS if hasattr(spec, key)})
 
+    @classmethod
+    def from_profile(cls, profile: Any) -> KernelConfig:
+        """From a profile: its ``[kernels]`` table, and the int8 dot products of its ``[cpu]``."""
+        cpu = profile.cpu
+        isa = int8_isa(cpu.arch, cpu.int8_dot, cpu.vector_bits)
+        return cls.from_mapping({**{key: getattr(profile.kernels, key) for key in SPEC_FIELDS
+                                    if hasattr(profile.kernels, key)}, "int8_isa": isa})
 
-__all__ = ["ATTR_KERNEL", "ATTR_RULE", "SPEC_FIELDS", "KernelConfig"]
+
+def int8_isa(arch: str, int8_dot: str, vector_bits: int) -> str:
+    """The int8 dot-product family a CPU runs (kernels/tvm/tir/int8_dot.py): ``vnni`` (x86 with AVX-512
+    VNNI), ``avx2`` (``vpmaddubsw``: any other x86 with 256-bit vectors), ``sdot`` (aarch64 with dotprod),
+    ``none`` (no int8 dot kernel: the sign-extending int32 GEMV)."""
+    if arch == "x86_64":
+        if int8_dot == "vnni" and vector_bits >= 512:
+            return "vnni"
+        if vector_bits >= 256:
+            return "avx2"
+    if arch == "aarch64" and int8_dot == "sdot":
+        return "sdot"
+    return "none"
+
+
+
+__all__ = ["ATTR_KERNEL", "ATTR_RULE", "SPEC_FIELDS", "KernelConfig", "int8_isa"]

@@ -69,7 +69,7 @@ def substitute(model: onnx.ModelProto, profile: Profile) -> tuple[Any, list[dict
     """(module, one row per kernel put in) after only the kernel substitution passes on the imported ``model``."""
     import tvm
 
-    passes = substitution_passes(KernelConfig.from_spec(profile.kernels))
+    passes = substitution_passes(KernelConfig.from_profile(profile))
     mod = tvm.transform.Sequential(passes)(import_onnx(model))
     return mod, [row for p in passes for row in p.report]
 

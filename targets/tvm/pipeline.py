@@ -40,7 +40,7 @@ def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...
     def vector_rule(mod: Any) -> Any:
         return schedule_naive(mod, k.lanes)[0]
 
-    k = KernelConfig.from_spec(profile.kernels)
+    k = KernelConfig.from_profile(profile)
     return (
         # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
         ("substitute-kernels", tvm.transform.Sequential(substitution_passes(k), name="SubstituteKernels")),

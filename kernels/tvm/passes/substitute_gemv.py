@@ -5,8 +5,11 @@ block-sparse), by pattern, on the Relax graph right after ONNX import.
 of shape (..., K) with at most MAX_GEMV_ROWS rows becomes one ``call_tir`` of ``kernels.tvm.tir.gemv``
 (``kernels.tvm.tir.block_sparse`` for a sparse W), the weight re-laid out at compile time into a new
 constant; ``matmul(x: int32, W: int8 constant, out_dtype=int32)`` (ONNX MatMulInteger) takes the int8
-variant. Only the end of each matmul [+ add] [+ relu] chain is rewritten; the absorbed bindings are dead
-code afterwards.
+variant: on a CPU with int8 dot products (``KernelConfig.int8_isa``) and an activation that is
+``astype(xq: uint8) - astype(zp: uint8)`` (what DynamicQuantizeLinear / QuantizeLinear import as), the kernel
+takes ``xq`` and ``zp`` themselves and multiplies on VNNI / AVX2 / sdot (``kernels.tvm.tir.int8_dot``),
+otherwise it sign-extends to int32. Only the end of each matmul [+ add] [+ relu] chain is rewritten; the
+absorbed bindings are dead code afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from kernels.tvm.tir.block_sparse import grouped_gemv_kernel, pack_block_sparse,
 from kernels.tvm.tir.gemv import KERNEL_NAME as GEMV_NAME
 from kernels.tvm.tir.gemv import KERNEL_NAME_INT8 as GEMV_I8_NAME
 from kernels.tvm.tir.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
+from kernels.tvm.tir.int8_dot import ISAS, DotParams, column_sums, dot_kernel, exact_on, pack_int8
 
 # Rows above this go to the generic (tunable) matmul: the GEMV kernel re-reads each weight block once
 # per block of rows, which stops paying against a tiled GEMM somewhere past the T*B of a spiking layer.
@@ -29,8 +33,9 @@ MAX_GEMV_ROWS = 64
 # above it, index loads and short row runs cost more than the skipped zeros save.
 MAX_GROUPED_DENSITY = 0.6
 
-# A matched layer: (x, W, bias or None, relu).
-Dense = tuple[Any, np.ndarray, "np.ndarray | None", bool]
+# A matched layer: (x, W, bias or None, relu, zero point). The zero point (a Relax expression) is set for an
+# int8 layer on dot products: x is then the uint8 activation and the kernel subtracts the zero point itself.
+Dense = tuple[Any, np.ndarray, "np.ndarray | None", bool, Any]
 
 
 def _is_int8_matmul(call: Any, x: Any, w: np.ndarray) -> bool:
@@ -40,9 +45,40 @@ def _is_int8_matmul(call: Any, x: Any, w: np.ndarray) -> bool:
             and w.size > 0 and int(w.min()) >= -128 and int(w.max()) <= 127)
 
 
-def match_dense(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any]) -> Dense | None:
-    """(x, W, b, relu) when ``call`` ends a dense layer with a constant weight; the inner bindings it
-    swallows are appended to ``absorbed``."""
+def quantized_input(x: Any, inner: Any) -> tuple[Any, Any] | None:
+    """(xq, zp) when the int32 activation ``x`` is ``astype(xq: uint8, int32) - astype(zp: uint8 scalar, int32)``."""
+    import tvm
+    from tvm import relax
+
+    op_sub = tvm.ir.Op.get("relax.subtract")
+    op_cast = tvm.ir.Op.get("relax.astype")
+
+    def uint8_of(e: Any) -> Any:
+        v = e if const_array(e) is not None else inner(e)
+        arr = const_array(v) if v is not None else None
+        if arr is not None:  # a folded constant zero point
+            ok = arr.size == 1 and np.issubdtype(arr.dtype, np.integer) and 0 <= int(arr.min()) <= int(arr.max()) <= 255
+            return relax.const(arr.reshape(()).astype(np.uint8)) if ok else None
+        if isinstance(v, relax.Call) and v.op == op_cast and str(getattr(v.args[0].ty, "dtype", "")) == "uint8":
+            return v.args[0]
+        return None
+
+    sub = inner(x)
+    if not isinstance(sub, relax.Call) or sub.op != op_sub:
+        return None
+    xq, zp = uint8_of(sub.args[0]), uint8_of(sub.args[1])
+    if xq is None or zp is None or static_shape(xq) != static_shape(x) or static_shape(zp) not in ((), (1,)):
+        return None
+    if static_shape(zp) == (1,):
+        zp = relax.op.reshape(zp, ())
+    return xq, zp
+
+
+def match_dense(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any],
+                int8_isa: str = "none") -> Dense | None:
+    """(x, W, b, relu, zero point) when ``call`` ends a dense layer with a constant weight; the inner
+    bindings it swallows are appended to ``absorbed``. With ``int8_isa`` (a ``kernels.tvm.int8_isa``
+    family) an int8 layer whose weight that family multiplies exactly takes its uint8 activation."""
     import tvm
     from tvm import relax
 
@@ -97,7 +133,11 @@ def match_dense(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed
     if int(np.prod(xs[:-1])) > MAX_GEMV_ROWS or xs[-1] != wa.shape[0]:
         return None
     if _is_int8_matmul(node, x, wa):  # MatMulInteger (dynamic int8): int32 in, int32 out, no epilogue
-        return (x, wa.astype(np.int8), None, False) if bias is None and not relu else None
+        if bias is not None or relu:
+            return None
+        w8 = wa.astype(np.int8)
+        q = quantized_input(x, inner) if int8_isa in ISAS and exact_on(int8_isa, w8) else None
+        return (x, w8, None, False, None) if q is None else (q[0], w8, None, False, q[1])
     if wa.dtype != np.float32 or str(x.ty.dtype) != "float32":
         return None
     n = wa.shape[1]
@@ -105,7 +145,7 @@ def match_dense(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed
         if bias.size != n or bias.dtype != np.float32 or bias.ndim > len(xs) or bias.shape[-1] != n:
             return None
         bias = bias.reshape(n)
-    return x, wa, bias, relu
+    return x, wa, bias, relu, None
 
 
 class SubstituteGemv(RewritePass):
@@ -125,7 +165,7 @@ class SubstituteGemv(RewritePass):
             inner_vars: list[Any] = []
             for var, value in bound.items():
                 swallowed: list[Any] = []
-                m = match_dense(value, bound, uses, swallowed)
+                m = match_dense(value, bound, uses, swallowed, self.cfg.int8_isa)
                 if m is not None:
                     heads[var] = m
                     inner_vars += swallowed
@@ -140,7 +180,7 @@ class SubstituteGemv(RewritePass):
         from tvm import relax
 
         cfg = self.cfg
-        x, w, b, relu = dense
+        x, w, b, relu, zp = dense
         xshape = static_shape(x)
         assert xshape is not None
         mrows, k = int(np.prod(xshape[:-1])), xshape[-1]
@@ -163,13 +203,21 @@ class SubstituteGemv(RewritePass):
             args = [relax.const(bs.kptr), relax.const(bs.kidx), relax.const(bs.wv),
                     relax.const(bp if bp is not None else np.zeros((1,), np.float32)), relax.const(oidx)]
             kname, extra = GROUPED_NAME, {"density": round(bs.density, 4), "regrouped": bs.perm is not None}
+        elif zp is not None:  # int8 on the CPU's dot products
+            isa = ISAS[cfg.int8_isa]
+            bn = choose_block_n(n, cfg.block_n, isa.lanes)
+            name = f"edgec_gemv_i8_{index}"
+            func = dot_kernel(DotParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, isa=isa.name,
+                                        x_shape=xshape, y_shape=yshape))
+            args = [rw.visit_expr(zp), relax.const(pack_int8(w, bn, isa.lanes)), relax.const(column_sums(w))]
+            kname, extra, out_dtype = GEMV_I8_NAME, {"isa": isa.name}, "int32"
         elif w.dtype == np.int8:
             name = f"edgec_gemv_i8_{index}"
             p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=False, relu=False,
                            x_shape=xshape, y_shape=yshape, x_dtype="int32", w_dtype="int8", acc_dtype="int32")
             func = gemv_kernel(p)
             args = [relax.const(pack_weight(w, bn)), relax.const(np.zeros((1,), np.int32))]
-            kname, extra, out_dtype = GEMV_I8_NAME, {}, "int32"
+            kname, extra, out_dtype = GEMV_I8_NAME, {"isa": "none"}, "int32"
         else:
             name = f"edgec_gemv_{index}"
             p = GemvParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, bias=b is not None, relu=relu,

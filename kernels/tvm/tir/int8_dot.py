@@ -1,0 +1,223 @@
+"""Batch-1 int8 dense kernel on the CPU's int8 dot-product instructions (ONNX MatMulInteger semantics).
+
+``y[m, n] = sum_k (xq[m, k] - zp) * W[k, n]`` exactly, for uint8 activations ``xq`` with a runtime zero
+point ``zp`` (DynamicQuantizeLinear's outputs, or QuantizeLinear's with a constant one) and a constant int8
+weight W. Each instruction multiplies 4 consecutive k of one activation word by 4 weight bytes per output
+column and adds the 4 products into that column's int32 lane:
+
+- ``vnni`` (AVX-512 VNNI): ``vpdpbusd`` zmm, u8 x s8 -> s32, 16 columns per instruction;
+- ``avx2`` (x86 without VNNI): ``vpmaddubsw`` (u8 x s8 pairs -> s16, saturating) then ``vpmaddwd`` by ones
+  (s16 pairs -> s32), 8 columns per pair of instructions. Exact only while no pair of products can
+  saturate s16: ``exact_on`` checks the weight (ONNX Runtime's reduced-range 7-bit weights always pass);
+- ``sdot`` (aarch64 dotprod): ``sdot`` v.4s, s8 x s8 -> s32, 4 columns per instruction; the activations are
+  shifted to int8 (``xq - 128``) and the shift folded into the zero-point compensation.
+
+The zero point never enters the inner loop: ``sum_k (xq - zp) W = sum_k xq W - zp * colsum`` with the
+weight's column sums precomputed at compile time (``zeff = zp - 128`` for sdot's shifted activations).
+
+Packed layout (``pack_int8``): K is padded to K4 = ceil(K / 4) groups of 4 and N cut into blocks of BN
+columns; full blocks ``[N // BN][K4][BN][4]``, then the tail ``[K4][TBN][4]`` with TBN the tail rounded up
+to whole vectors. For one block the kernel streams ``K4 * BN * 4`` contiguous bytes (a quarter of the fp32
+bytes), BN / lanes int32 accumulator vectors live, S partial sums over k to hide the instruction latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kernels.tvm import ATTR_KERNEL
+from kernels.tvm.tir.gemv import KERNEL_NAME_INT8 as KERNEL_NAME  # the packed int8 GEMV, on dot products
+
+MAX_ROW_BLOCK = 4  # rows sharing one pass over a weight block
+FULL_CHAINS = 8  # independent accumulator chains wanted per block (k partial sums x vectors x rows)
+TAIL_CHAINS = 8
+LOCAL_X_BYTES = 16384  # the padded activation copy lives on the stack up to this size, else in a workspace
+
+
+@dataclass(frozen=True)
+class DotIsa:
+    """One int8 dot-product instruction family."""
+
+    name: str
+    lanes: int  # int32 accumulators (output columns) per vector
+    x_shift: int  # added to the uint8 activations before the dot product (sdot multiplies s8 x s8)
+
+    @property
+    def x_dtype(self) -> str:
+        return "int8" if self.x_shift else "uint8"
+
+
+# The families ``kernels.tvm.int8_isa`` names (a profile's CPU -> one of these, or none).
+ISAS = {"vnni": DotIsa("vnni", 16, 0), "avx2": DotIsa("avx2", 8, 0), "sdot": DotIsa("sdot", 4, -128)}
+
+
+def exact_on(isa: str, w: np.ndarray) -> bool:
+    """Whether ``isa`` computes ``xq @ w`` exactly for every uint8 ``xq``: always for vnni / sdot; for
+    avx2 when every pair of k (0-1, 2-3 of each group of 4) keeps both its positive and its negative
+    weights within 128 in magnitude, so ``vpmaddubsw`` cannot saturate (255 * 128 < 2**15)."""
+    if isa in ("vnni", "sdot"):
+        return True
+    if isa != "avx2":
+        return False
+    k, n = w.shape
+    pad = np.zeros((-(-k // 2) * 2, n), np.int32)
+    pad[:k] = w
+    pairs = pad.reshape(-1, 2, n)
+    pos, neg = np.maximum(pairs, 0).sum(axis=1), np.maximum(-pairs, 0).sum(axis=1)
+    return bool(pos.max() <= 128 and neg.max() <= 128)
+
+
+def tail_width(tail: int, lanes: int) -> int:
+    return -(-tail // lanes) * lanes
+
+
+def packed_size(k: int, n: int, block_n: int, lanes: int) -> int:
+    k4 = -(-k // 4)
+    return k4 * 4 * ((n // block_n) * block_n + tail_width(n % block_n, lanes))
+
+
+def pack_int8(w: np.ndarray, block_n: int, lanes: int) -> np.ndarray:
+    """(K, N) int8 -> flat [full blocks (N // BN, K4, BN, 4), then the tail (K4, TBN, 4)], zero padded."""
+    k, n = w.shape
+    k4 = -(-k // 4)
+    full, tail = n // block_n, n % block_n
+    tbn = tail_width(tail, lanes)
+    wp = np.zeros((k4 * 4, full * block_n + tbn), np.int8)
+    wp[:k, :n] = w
+    head = wp[:, :full * block_n].reshape(k4, 4, full, block_n).transpose(2, 0, 3, 1).reshape(-1)
+    tl = wp[:, full * block_n:].reshape(k4, 4, tbn).transpose(0, 2, 1).reshape(-1)
+    return np.ascontiguousarray(np.concatenate([head, tl]))
+
+
+def column_sums(w: np.ndarray) -> np.ndarray:
+    return w.astype(np.int32).sum(axis=0).astype(np.int32)
+
+
+def dot4(isa: DotIsa, acc: Any, xword: Any, wvec: Any) -> Any:
+    """``acc + sum of 4 products per column``: ``acc`` int32 x lanes, ``xword`` one int32 holding 4
+    activation bytes (broadcast to every column), ``wvec`` int8 x 4 * lanes (4 k per column)."""
+    from tvm.script.ir_builder import tirx as T
+
+    v = isa.lanes
+    xb = T.reinterpret(f"int8x{4 * v}", T.Broadcast(xword, v))
+    if isa.name == "vnni":
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, xb, wvec)
+    if isa.name == "avx2":
+        pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", xb, wvec)
+        quads = T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, T.Broadcast(T.int16(1), 16))
+        return acc + quads
+    if isa.name == "sdot":
+        return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, xb, wvec)
+    raise ValueError(f"no int8 dot product for {isa.name!r}")
+
+
+def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int) -> Any:
+    """A zero-padded (rows, K4 * 4) copy of the uint8 activations in the form ``isa`` multiplies (shifted to
+    int8 for sdot); returns its (rows, K4) int32 view, one word per group of 4 k."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    k4 = -(-k // 4)
+    scope = "local" if rows * k4 * 4 <= LOCAL_X_BYTES else "global"
+    xq = T.alloc_buffer((rows, k4 * 4), isa.x_dtype, scope=scope)
+    with T.serial(rows) as m:
+        with T.vectorized(k) as i:
+            v = x[m, i] if not isa.x_shift else Cast("int8", Cast("int16", x[m, i]) + T.int16(isa.x_shift))
+            T.buffer_store(xq, v, [m, i])
+        with T.serial(k4 * 4 - k) as i:
+            T.buffer_store(xq, T.Cast(isa.x_dtype, 0), [m, k + i])
+    return T.decl_buffer((rows, k4), "int32", data=xq.data, scope=scope)
+
+
+@dataclass(frozen=True)
+class DotParams:
+    """Shape and tiling of one int8 dense layer."""
+
+    m: int
+    k: int
+    n: int
+    block_n: int
+    unroll: int
+    isa: str
+    x_shape: tuple[int, ...] = ()
+    y_shape: tuple[int, ...] = ()
+
+    @property
+    def packed_size(self) -> int:
+        return packed_size(self.k, self.n, self.block_n, ISAS[self.isa].lanes)
+
+
+def dot_kernel(p: DotParams) -> Any:
+    """The PrimFunc ``(xq[M, K] uint8, zp[] uint8, wp[packed] int8, colsum[N] int32, y[M, N] int32)``:
+    MatMulInteger of ``xq`` (zero point ``zp``) by the weight ``pack_int8`` packed, with ``colsum`` its
+    column sums."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    isa = ISAS[p.isa]
+    M, K, N, BN, U, V = p.m, p.k, p.n, p.block_n, max(1, p.unroll), isa.lanes
+    K4 = -(-K // 4)
+    FULL, TAIL = N // BN, N % BN
+    TBN = max(V, tail_width(TAIL, V))
+    RB = max(d for d in range(1, min(M, MAX_ROW_BLOCK) + 1) if M % d == 0)
+    MO = M // RB
+    SF = max(1, FULL_CHAINS // (RB * (BN // V)))
+    ST = max(1, TAIL_CHAINS // (RB * (TBN // V)))
+
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("gemv_i8")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
+        xg = T.arg("xg", T.buffer(p.x_shape or (M, K), "uint8"))
+        zp = T.arg("zp", T.buffer((), "uint8"))
+        wp = T.arg("wp", T.buffer((max(1, p.packed_size),), "int8"))
+        cs = T.arg("colsum", T.buffer((N,), "int32"))
+        yg = T.arg("yg", T.buffer(p.y_shape or (M, N), "int32"))
+        x = T.decl_buffer((M, K), "uint8", data=xg.data)
+        y = T.decl_buffer((M, N), "int32", data=yg.data)
+        x32 = emit_quantized_copy(isa, x, M, K)
+        zeff = Cast("int32", zp[()]) + T.int32(-isa.x_shift)
+
+        def block(woff: Any, col0: Any, W: int, S: int, NOUT: int, acc: Any) -> None:
+            KMAIN = K4 // (S * U) * S * U
+            OC = NOUT // V
+            with T.serial(MO) as mo:
+                with T.unroll(S) as s, T.serial(RB) as m, T.unroll(W // V) as c:
+                    T.buffer_store(acc, T.Broadcast(T.int32(0), V), [s, m, T.Ramp(c * V, 1, V)])
+
+                def step(s: Any, m: Any, c: Any, kk: Any) -> None:
+                    a = acc[s, m, T.Ramp(c * V, 1, V)]
+                    w = wp[T.Ramp(woff + kk * W * 4 + c * V * 4, 1, 4 * V)]
+                    T.buffer_store(acc, dot4(isa, a, x32[mo * RB + m, kk], w), [s, m, T.Ramp(c * V, 1, V)])
+
+                with T.serial(KMAIN // (S * U)) as ko, T.unroll(U) as ku, T.unroll(S) as s, T.serial(RB) as m, \
+                        T.unroll(W // V) as c:
+                    step(s, m, c, (ko * U + ku) * S + s)
+                with T.serial(K4 - KMAIN) as kr, T.serial(RB) as m, T.unroll(W // V) as c:
+                    step(0, m, c, KMAIN + kr)
+                with T.unroll(S - 1) as s, T.serial(RB) as m, T.unroll(W // V) as c:
+                    T.buffer_store(acc, acc[0, m, T.Ramp(c * V, 1, V)] + acc[s + 1, m, T.Ramp(c * V, 1, V)],
+                                   [0, m, T.Ramp(c * V, 1, V)])
+                with T.serial(RB) as m:
+                    with T.unroll(OC) as c, T.vectorized(V) as i:
+                        j = col0 + c * V + i
+                        T.buffer_store(y, acc[0, m, c * V + i] - zeff * cs[j], [mo * RB + m, j])
+                    with T.serial(NOUT - OC * V) as i:
+                        j = col0 + OC * V + i
+                        T.buffer_store(y, acc[0, m, OC * V + i] - zeff * cs[j], [mo * RB + m, j])
+
+        if FULL > 0:
+            acc = T.alloc_buffer((SF, RB, BN), "int32", scope="local")
+            with T.serial(FULL) as nb:
+                block(nb * K4 * BN * 4, nb * BN, BN, SF, BN, acc)
+        if TAIL > 0:
+            acc_t = T.alloc_buffer((ST, RB, TBN), "int32", scope="local")
+            block(FULL * K4 * BN * 4, FULL * BN, TBN, ST, TAIL, acc_t)
+    return ib.get()
+
+
+__all__ = ["ISAS", "KERNEL_NAME", "DotIsa", "DotParams", "column_sums", "dot4", "dot_kernel", "emit_quantized_copy",
+           "exact_on", "pack_int8", "packed_size"]

@@ -1,0 +1,148 @@
+"""The int8 GEMV on the CPU's dot products: the instructions in the built library per profile (VNNI
+``vpdpbusd`` on x86-avx512, ``vpmaddubsw`` and no VNNI on x86-avx2, ``sdot`` on aarch64), exactness against
+the generic lowering, and agreement with ONNX Runtime's int8 on real Fashion-MNIST inputs."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from kernels.tvm import int8_isa
+from kernels.tvm.testing import build_vm, dense_onnx
+from kernels.tvm.tir.int8_dot import exact_on, pack_int8
+from targets.tvm.build import build_library
+from toolchain.core.onnx_io import ort_session
+from toolchain.core.profile import load_profile
+from toolchain.passes import PassContext
+from toolchain.passes.int8 import Config, run
+
+ORT_AGREEMENT = 0.99  # share of Fashion-MNIST test images with the same argmax as ONNX Runtime int8
+
+
+def int8_mlp(dims: list[int], profile_id: str, seed: int = 0) -> onnx.ModelProto:
+    """A dynamic-int8 MLP (Gemm layers, as torch exports them) quantized for ``profile_id``."""
+    rng = np.random.default_rng(seed)
+    ws = [(rng.standard_normal((a, c)) / np.sqrt(a)).astype(np.float32) for a, c in itertools.pairwise(dims)]
+    bs: list[np.ndarray | None] = [(0.1 * rng.standard_normal(c)).astype(np.float32) for c in dims[1:]]
+    ctx = PassContext(profile=load_profile(profile_id), target="tvm")
+    return run(dense_onnx(ws, bs, gemm=True), Config(mode="dynamic"), ctx).model
+
+
+def kernel_disassembly(lib: Path, objdump: str) -> dict[str, str]:
+    """symbol -> its disassembly, for every function of the library whose name has ``gemv_i8`` (the
+    kernels' bodies, ``*_compute_``; not the FFI wrappers), and ``"*"`` -> the whole library's."""
+    if shutil.which(objdump) is None:
+        pytest.skip(f"{objdump} missing: apt-get install binutils-aarch64-linux-gnu (make system-deps)")
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+    funcs = re.split(r"\n(?=[0-9a-f]+ <[^>]+>:\n)", text)
+    out = {"*": text}
+    for f in funcs:
+        m = re.match(r"[0-9a-f]+ <([^>]+)>:", f)
+        if m and "gemv_i8" in m.group(1) and not m.group(1).startswith("__tvm_ffi"):
+            out[m.group(1)] = f
+    return out
+
+
+def build(model: onnx.ModelProto, profile_id: str, tmp_path: Path) -> tuple[Path, dict]:
+    if load_profile(profile_id).cpu.cross_cc and shutil.which(load_profile(profile_id).cpu.cross_cc) is None:
+        pytest.skip("aarch64 cross compiler missing: apt-get install gcc-aarch64-linux-gnu")
+    lib = tmp_path / f"{profile_id}.so"
+    meta = build_library(model, load_profile(profile_id), lib)
+    return lib, meta
+
+
+def test_profiles_pick_their_dot_product() -> None:
+    assert [int8_isa(p.cpu.arch, p.cpu.int8_dot, p.cpu.vector_bits)
+            for p in map(load_profile, ["x86-avx512", "x86-avx2", "rpi5", "phone-arm64"])] == \
+        ["vnni", "avx2", "sdot", "sdot"]
+
+
+def test_avx2_exactness_bound() -> None:
+    ok = np.array([[63, -64], [64, -64], [-64, 63]], np.int8)  # pairs (k0, k1): +127 / -128 at most
+    assert exact_on("avx2", ok)
+    assert not exact_on("avx2", np.array([[100], [100]], np.int8))  # 255 * 200 saturates int16
+    assert exact_on("avx2", np.array([[100], [0], [100]], np.int8))  # rows 0 and 2 are not a pair
+    assert exact_on("vnni", np.array([[127], [127]], np.int8))
+
+
+def test_pack_int8_layout() -> None:
+    w = np.arange(6 * 20, dtype=np.int64).reshape(6, 20).astype(np.int8)
+    p = pack_int8(w, 16, 8)  # K4 = 2 groups (k padded to 8), one 16-wide block, a tail of 4 padded to 8
+    head = p[:2 * 16 * 4].reshape(2, 16, 4)
+    assert head[1, 3, 1] == w[5, 3] and head[1, 3, 2] == 0  # k = 4 * 1 + 1; k = 6 is padding
+    tail = p[2 * 16 * 4:].reshape(2, 8, 4)
+    assert tail[0, 2, 3] == w[3, 18] and np.all(tail[:, 4:] == 0)
+
+
+@pytest.mark.parametrize("profile_id,present,absent", [
+    ("x86-avx512", ["vpdpbusd"], ["vpmovsxbd"]),
+    ("x86-avx2", ["vpmaddubsw", "vpmaddwd"], ["vpdpbusd", "zmm"]),  # no VNNI, no AVX-512 on a Haswell
+])
+def test_x86_int8_kernels_use_dot_products(profile_id: str, present: list[str], absent: list[str],
+                                           tmp_path: Path) -> None:
+    lib, meta = build(int8_mlp([97, 70, 10], profile_id), profile_id, tmp_path)
+    rows = [r for r in meta["kernels"] if "i8" in str(r.get("kernel", ""))]
+    assert len(rows) == 2, meta["kernels"]
+    funcs = kernel_disassembly(lib, "objdump")
+    assert len(funcs) == 3, f"expected the two int8 GEMV bodies, got {sorted(funcs)}"
+    for name, asm in funcs.items():  # the whole library too: one VNNI instruction on a Haswell is a crash
+        for insn in present:
+            assert insn in asm, f"{insn} missing from {name}"
+        for insn in absent:
+            assert insn not in asm, f"{insn} in {name}"
+
+
+@pytest.mark.parametrize("profile_id", ["rpi5", "phone-arm64"])
+def test_aarch64_int8_kernels_use_sdot(profile_id: str, tmp_path: Path) -> None:
+    lib, meta = build(int8_mlp([97, 70, 10], profile_id), profile_id, tmp_path)
+    assert meta["elf_machine"] == "aarch64"
+    funcs = kernel_disassembly(lib, "aarch64-linux-gnu-objdump")
+    assert len(funcs) == 3, f"expected the two int8 GEMV bodies, got {sorted(funcs)}"
+    for name, asm in funcs.items():
+        assert re.search(r"\bsdot\b", asm), f"sdot missing from {name}"
+
+
+@pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
+def test_int8_dot_is_exact_vs_generic(profile_id: str) -> None:
+    """MatMulInteger is integer arithmetic: the dot-product kernels match TVM's generic lowering bit for bit
+    (odd K and N: padding in k groups and tails; 3 rows: a row block)."""
+    model = int8_mlp([97, 70, 33, 10], profile_id, seed=1)
+    prof = load_profile(profile_id)
+    fast, table = build_vm(model, prof)
+    generic, _ = build_vm(model, prof, substitute=False)
+    assert [r["kernel"] for r in table].count("gemv-packed-i8") == 3
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        x = rng.standard_normal((1, 97)).astype(np.float32)
+        np.testing.assert_array_equal(fast(x), generic(x))
+
+
+@pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
+def test_int8_matches_onnx_runtime_on_fashion_mnist(profile_id: str, fashion: object) -> None:
+    """A small Fashion-MNIST classifier (random ReLU features + least-squares readout), int8 dynamic: TVM's
+    logits on real test images agree with ONNX Runtime's int8 in argmax and within a small error."""
+    rng = np.random.default_rng(0)
+    xtr, ytr = fashion.x_train[:3000], fashion.y_train[:3000]  # type: ignore[attr-defined]
+    w1 = (rng.standard_normal((784, 256)) / 28).astype(np.float32)
+    b1 = (0.1 * rng.standard_normal(256)).astype(np.float32)
+    h = np.maximum(xtr @ w1 + b1, 0)
+    w2 = np.linalg.lstsq(np.c_[h, np.ones(len(h))], np.eye(10)[ytr], rcond=None)[0].astype(np.float32)
+    model = run(dense_onnx([w1, w2[:-1]], [b1, w2[-1]], gemm=True), Config(mode="dynamic"),
+                PassContext(profile=load_profile(profile_id), target="tvm")).model
+    fast, table = build_vm(model, load_profile(profile_id))
+    assert [r["kernel"] for r in table].count("gemv-packed-i8") == 2
+    sess = ort_session(model, 1)
+    xs = fashion.x_test[:500]  # type: ignore[attr-defined]
+    ours = np.concatenate([fast(x[None]) for x in xs])
+    ort = np.concatenate([sess.run(None, {"x": x[None]})[0] for x in xs])
+    assert np.mean(ours.argmax(1) == ort.argmax(1)) >= ORT_AGREEMENT
+    assert np.max(np.abs(ours - ort)) <= 0.05 * np.max(np.abs(ort))
+    assert np.mean(ours.argmax(1) == fashion.y_test[:500]) > 0.7  # type: ignore[attr-defined]  # a real classifier
