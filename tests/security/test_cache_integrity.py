@@ -5,6 +5,7 @@ Every case runs the real ``edgec`` and ends with a cache that holds only verifie
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -100,17 +101,21 @@ def test_broken_manifest_is_rebuilt(tmp_path: Path, onnx_file: Path, damage: str
 
 def test_stale_tmp_removed_fresh_and_tuning_kept(tmp_path: Path, onnx_file: Path) -> None:
     cache = tmp_path / "cache"
-    stale, fresh = cache / ".tmp-killed", cache / ".tmp-running"
+    holder = Cache(cache)
+    stale, fresh, building = cache / ".tmp-killed", cache / ".tmp-running", cache / ".tmp-long-tuning"
     tuning = cache / "tuning" / "x86-avx512" / ".tmp-old"
-    for d in (stale, fresh, tuning):
+    for d in (stale, fresh, building, tuning):
         d.mkdir(parents=True)
         (d / "part.bin").write_bytes(b"x" * 10)
     old = time.time() - 3600
-    os.utime(stale, (old, old))
-    os.utime(tuning, (old, old))
+    for d in (stale, building, tuning):
+        os.utime(d, (old, old))
+    lock = os.open(building, os.O_RDONLY)  # a build that has run for an hour and is still running
+    fcntl.flock(lock, fcntl.LOCK_EX)
     _export(onnx_file, cache, tmp_path / "a.onnx")
+    holder.unlock(lock)
     assert not stale.exists()
-    assert fresh.is_dir() and tuning.is_dir()
+    assert fresh.is_dir() and building.is_dir() and tuning.is_dir()
 
 
 # -- inspect never loads code it cannot trust ----------------------------------------------------------------

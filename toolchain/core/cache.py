@@ -13,7 +13,8 @@ Hashes catch corruption and debris, not someone who can write the cache: only us
 as you may write a shared cache.
 
 Locks: a process holds a shared ``fcntl`` lock on ``.locks/<key>`` for every entry it uses, until it
-exits; ``gc`` deletes only entries whose exclusive lock it gets without waiting.
+exits; ``gc`` deletes only entries whose exclusive lock it gets without waiting. A build holds an exclusive
+lock on its ``.tmp-*`` directory, so debris cleanup never removes a build that is still running.
 """
 
 from __future__ import annotations
@@ -140,6 +141,20 @@ class StepKey:
         return hashlib.sha256(canonical_json(material).encode()).hexdigest()
 
 
+def _lock_dir(d: Path) -> int | None:
+    """An exclusive flock on directory ``d`` itself if nobody holds it (an fd to unlock), else None."""
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 Writer = Callable[[Path], tuple[str, dict[str, Any]]]
 """Writes payload file(s) into the given directory; returns (payload file name, metadata)."""
 
@@ -184,9 +199,15 @@ class Cache:
                     continue
             except OSError:
                 continue
-            shutil.rmtree(d, ignore_errors=True)
-            if not d.exists():
-                removed.append(d)
+            fd = _lock_dir(d)  # a build still running (a long tuning) holds its directory's lock
+            if fd is None:
+                continue
+            try:
+                shutil.rmtree(d, ignore_errors=True)
+                if not d.exists():
+                    removed.append(d)
+            finally:
+                self.unlock(fd)
         return removed
 
     def _lock_path(self, key: str) -> Path:
@@ -319,17 +340,25 @@ class Cache:
             return found, True
         return self._store(key, sk, kind, write), False
 
-    def _new_tmp(self) -> Path:
+    def _new_tmp(self) -> tuple[Path, int | None]:
+        """A fresh build directory and the exclusive lock that keeps debris cleanup away from it."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: a shared cache follows the umask
         except OSError as e:
             raise cache_os_error(e, self.root) from None
-        return tmp
+        return tmp, _lock_dir(tmp)
 
     def _store(self, key: str, sk: StepKey, kind: str, write: Writer) -> Artifact:
-        tmp = self._new_tmp()
+        tmp, tmp_lock = self._new_tmp()
+        try:
+            return self._build(key, sk, kind, write, tmp)
+        finally:
+            if tmp_lock is not None:
+                self.unlock(tmp_lock)
+
+    def _build(self, key: str, sk: StepKey, kind: str, write: Writer, tmp: Path) -> Artifact:
         try:
             try:
                 payload, meta = write(tmp)
