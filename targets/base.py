@@ -66,6 +66,9 @@ class CompileOptions:
     """What a caller decides about one compile beyond the artifact and the profile."""
 
     tune: TuneOptions = TuneOptions()
+    # Inputs per call the artifact is built for. Edge deployments run batch 1 (every hand-written kernel is a
+    # batch-1 kernel); a larger batch is for throughput measurements.
+    batch: int = 1
 
 
 class Runner(Protocol):

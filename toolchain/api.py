@@ -64,11 +64,12 @@ def bench(art: Artifact, *, cache: Cache, profile: Profile | None = None, data: 
 def build(model: str, *, profile: str, cache: Cache, targets: list[str] | None = None,
           passes: list[str] | None = None, input_shape: str | None = None, data: str | None = None,
           data_dir: Path | None = None, samples: int = 1000, duration_s: float | None = None,
-          options: CompileOptions = CompileOptions(), progress: bool = True) -> dict[str, Any]:
-    """export -> passes -> compile per target -> measure (interleaved); one report."""
+          options: CompileOptions = CompileOptions(), batch: int = 1, progress: bool = True) -> dict[str, Any]:
+    """export -> passes -> compile per target -> measure (interleaved); one report. ``batch`` > 1 adds each
+    target's throughput at that batch beside the batch-1 latency."""
     return pipeline.build(model, profile, cache, targets=targets, passes=passes, input_shape=input_shape,
                           data=data, data_dir=data_dir, samples=samples, duration_s=duration_s, options=options,
-                          progress=progress)
+                          batch=batch, progress=progress)
 
 
 def fastest(model: str, *, profile: str, cache: Cache, max_drop: float = 1.0, data: str | None = None,

@@ -3,10 +3,12 @@ with its checks. Every stage is a cached, content-addressed artifact."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from targets import get_target
@@ -14,10 +16,12 @@ from targets.base import CompileOptions
 from toolchain.bench import LocalDevice, prepare_job
 from toolchain.core.cache import Artifact, Cache
 from toolchain.core.errors import SdkMissing, UsageError
-from toolchain.core.onnx_io import load_onnx, op_histogram, param_count
+from toolchain.core.onnx_io import input_specs, load_onnx, op_histogram, ort_session, param_count
 from toolchain.core.profile import Profile, load_profile
 from toolchain.core.versions import environment
 from toolchain.export import export_model
+from toolchain.measure.compare import compare
+from toolchain.measure.timing import MeasureConfig, measure_interleaved
 from toolchain.passes.manager import parse_passes, run_passes
 
 
@@ -44,9 +48,13 @@ def compile_artifact(art: Artifact, profile: Profile, target_name: str, cache: C
 def build(model: str, profile_id: str, cache: Cache, *, targets: list[str] | None = None,
           passes: list[str] | None = None, input_shape: str | None = None, data: str | None = None,
           data_dir: Path | None = None, samples: int = 1000, duration_s: float | None = None,
-          options: CompileOptions = CompileOptions(), progress: bool = True) -> dict[str, Any]:
+          options: CompileOptions = CompileOptions(), batch: int = 1, progress: bool = True) -> dict[str, Any]:
     """All stages in one go: export -> passes (per target) -> compile per target -> measure the targets
-    interleaved on this machine, each judged against the model before passes on ONNX Runtime; one report."""
+    interleaved on this machine, each judged against the model before passes on ONNX Runtime; one report.
+    With ``batch`` > 1, each target is also built for that batch and its throughput measured beside the
+    batch-1 latency."""
+    if batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {batch}")
     t0 = time.monotonic()
     passes = passes or []
     profile = load_profile(profile_id)
@@ -54,7 +62,7 @@ def build(model: str, profile_id: str, cache: Cache, *, targets: list[str] | Non
     for t in targets:
         get_target(t)  # unknown names fail before any work
     parse_passes(passes)
-    stages = ["export", "passes", *[f"compile:{t}" for t in targets], "bench"]
+    stages = ["export", "passes", *[f"compile:{t}" for t in targets], "bench", *(["throughput"] if batch > 1 else [])]
     bar = tqdm(total=len(stages), desc="build", disable=None if progress else True, unit="stage")
 
     bar.set_postfix_str("export")
@@ -78,6 +86,11 @@ def build(model: str, profile_id: str, cache: Cache, *, targets: list[str] | Non
     bar.set_postfix_str("bench")
     results = _measure_targets(compiled, onnx_art, cache, profile, data, data_dir, samples, duration_s)
     bar.update(1)
+    if batch > 1:
+        bar.set_postfix_str(f"throughput at batch {batch}")
+        for t, tp in _measure_throughput(finals, onnx_art, profile, cache, batch, duration_s, options).items():
+            results[t]["throughput"] = tp
+        bar.update(1)
     bar.close()
 
     m = load_onnx(finals[targets[0]].payload, check=False)
@@ -110,6 +123,33 @@ def _measure_targets(compiled: dict[str, tuple[Artifact, bool]], reference: Arti
         res.update({k: art.meta[k] for k in ("tuning", "auto_tuning") if k in art.meta})  # what was tuned, why
         results[t] = res
     return results
+
+
+def _measure_throughput(finals: dict[str, Artifact], reference: Artifact, profile: Profile, cache: Cache,
+                        batch: int, duration_s: float | None,
+                        options: CompileOptions) -> dict[str, dict[str, Any]]:
+    """Each target built for ``batch`` inputs per call, measured interleaved: latency per call and items per
+    second, and the batch's outputs checked against the reference (a batch build must compute the same)."""
+    spec = input_specs(load_onnx(reference.payload, check=False), batch)[0]
+    if spec.shape[0] != batch:
+        return {t: {"batch": batch, "skipped": f"the model's batch dimension is fixed at {spec.shape[0]}"}
+                for t in finals}
+    x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
+    feed = {spec.name: x}
+    ref_out = ort_session(reference.payload, profile.bench.threads).run(None, feed)
+    batched = dataclasses.replace(options, batch=batch)
+    arts = {t: compile_artifact(a, profile, t, cache, batched)[0] for t, a in finals.items()}
+    cfg = MeasureConfig.from_profile(profile.bench, duration_s)
+    lats = measure_interleaved({t: (lambda t=t: get_target(t).load(arts[t]), feed) for t in arts}, cfg)
+    out: dict[str, dict[str, Any]] = {}
+    for t, art in arts.items():
+        with get_target(t).load(art) as runner:
+            got = runner.infer(feed)
+        lat = lats[t]
+        out[t] = {"batch": batch, "artifact": art.key, "p50_ms": lat.p50_ms, "ci_p50_ms": lat.ci["p50_ms"],
+                  "stable": lat.stable, "items_per_s": batch / lat.p50_ms * 1000.0,
+                  "agreement": compare(ref_out, got).to_json()}
+    return out
 
 
 def build_artifact(model: str, profile: Profile, target: str, cache: Cache, *, passes: list[str] | None = None,

@@ -47,6 +47,13 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     names = next((", ".join(p["pass"] for p in ps) for ps in report["passes"].values() if ps), "")
     if names:
         lines.append(f"passes: {names}")
+    for t, r in report["targets"].items():
+        tp = r.get("throughput")
+        if tp and "items_per_s" in tp:
+            lines.append(f"{t} at batch {tp['batch']}: {_us(tp['p50_ms'])} per call, {tp['items_per_s']:,.0f} items/s "
+                         f"(max rel err {tp['agreement']['max_rel']:.1e} vs the reference)")
+        elif tp:
+            lines.append(f"{t} at batch {tp['batch']}: {tp['skipped']}")
     lats = {t: r["latency"]["p50_ms"] for t, r in report["targets"].items()}
     if len(lats) > 1:
         base = "ort" if "ort" in lats else next(iter(lats))

@@ -58,7 +58,11 @@ class TvmTarget:
     def compile(self, art: Artifact, profile: Profile, cache: Cache,
                 options: CompileOptions = CompileOptions()) -> tuple[Artifact, bool]:
         model = load_onnx(art.payload, check=False)
+        if options.batch < 1:
+            raise UsageError(f"--batch must be at least 1, got {options.batch}")
         tcfg: TuneConfig | None = TuneConfig.from_options(options.tune)
+        if options.batch != 1 and options.tune.trials is None:
+            tcfg = None  # "auto" tunes batch-1 deployments; a throughput build tunes only when asked
         tuning = None
         db = None
         tune_summary: dict[str, Any] = {}
@@ -77,15 +81,19 @@ class TvmTarget:
             # Trials and the database content key the tuned build: a longer tune is a new artifact.
             tuning = {"trials": tcfg.trials, "remote": tcfg.tracker is not None, "db": database_digest(db)}
         cfg = {"target": profile.tvm_target(), "kernels": profile.kernels.__dict__, "tuning": tuning,
-               "kernel_sources": kernel_sources_digest()}
+               "kernel_sources": kernel_sources_digest(), **({"batch": options.batch} if options.batch != 1 else {})}
 
         def write(d: Path) -> tuple[str, dict[str, Any]]:
-            meta = build_library(model, profile, d / "model.so", tuning_db=db)
+            meta = build_library(model, profile, d / "model.so", tuning_db=db, batch=options.batch)
             meta["source"] = art.key
             meta["threads"] = profile.bench.threads
             if tuning is not None:
                 meta["tuning"] = {**tuning, "measured": tune_summary.get("measured"),
-                                  "failed_trials": tune_summary.get("failed"), "database": str(db)}
+                                  "failed_trials": tune_summary.get("failed"), "database": str(db),
+                                  "budget_s": tcfg.budget_s, "elapsed_s": tune_summary.get("elapsed_s"),
+                                  "stopped_by_budget": bool(tune_summary.get("stopped_by_budget")),
+                                  # tasks short of their trials when the time budget ran out
+                                  "uncovered": tune_summary.get("uncovered", [])}
             if auto is not None:
                 meta["auto_tuning"] = auto
             return "model.so", meta

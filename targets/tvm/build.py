@@ -31,11 +31,12 @@ def kernel_sources_digest() -> str:
 
 
 def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
-                  tuning_db: Path | None = None) -> dict[str, Any]:
-    """Import, lower and link ``model`` for ``profile`` into the shared library ``out``."""
+                  tuning_db: Path | None = None, batch: int = 1) -> dict[str, Any]:
+    """Import, lower and link ``model`` for ``profile`` into the shared library ``out``, for inputs of ``batch``
+    samples (the batch-1 kernels take batch 1 only; a larger batch runs the generic lowering + vector rule)."""
     check_llvm_target(profile)
     tvm = import_tvm()
-    mod = import_onnx(model)
+    mod = import_onnx(model, batch)
     steps = pipeline(profile, tuning_db)
     naive: list[str] = []
     for name, step in steps:
@@ -51,7 +52,8 @@ def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
         "mcpu": profile.cpu.mcpu,
         "pipeline": [n for n, _ in steps],
         "kernels": kernels,
-        "inputs": [s.to_json() for s in input_specs(fix_batch(model, 1))],
+        "batch": batch,
+        "inputs": [s.to_json() for s in input_specs(fix_batch(model, batch), batch)],
         "elf_machine": elf_machine(out),
         # Kernels the tuning database had no record for (the rule may still have scheduled them) ...
         "naive_after_tuning": naive,

@@ -28,10 +28,11 @@ def tvm_target(profile: Profile) -> Any:
     return tvm.target.Target(profile.tvm_target())
 
 
-def import_onnx(model: onnx.ModelProto) -> Any:
+def import_onnx(model: onnx.ModelProto, batch: int = 1) -> Any:
+    """The model as a Relax module with its dynamic batch pinned to ``batch`` (edge builds are static)."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    pinned = fix_batch(model, 1)
+    pinned = fix_batch(model, batch)
     if pinned != model:
         # A dynamic-batch export computes shapes at run time (Shape -> Gather -> Concat -> Reshape), which
         # TVM's importer turns into PrimValues its Reshape rejects (spiking nets). With the batch pinned,

@@ -149,6 +149,7 @@ def register(app: typer.Typer) -> None:
         tune_trials: TuneTrialsOpt = None,
         optimize: Annotated[str, typer.Option("--optimize", help="'fastest': build every target x pass chain the profile allows (fp32, int8 dynamic/static, bf16, modular), measure them together and keep the fastest within --max-drop. 'none': only the --target/--pass you name.")] = "none",
         max_drop: Annotated[float, typer.Option("--max-drop", help="With --optimize fastest: the accuracy drop allowed, in points (argmax disagreement without labels).")] = 1.0,
+        batch: Annotated[int, typer.Option("--batch", help="Also build each target for this many inputs per call and report its throughput beside the batch-1 latency.")] = 1,
         tracker: TrackerOpt = None,
         key: KeyOpt = None,
         token: TokenOpt = None,
@@ -175,7 +176,7 @@ def register(app: typer.Typer) -> None:
         rep = api.build(model, profile=profile, cache=get_cache(), targets=target, passes=passes or [],
                         input_shape=input_shape, data=data, data_dir=data_dir, samples=1000 if samples is None else samples,
                         duration_s=duration,
-                        options=compile_options(tune_trials, not as_json), progress=not as_json)
+                        options=compile_options(tune_trials, not as_json), batch=batch, progress=not as_json)
         if report_dir:
             write_build_reports(rep, report_dir, Path(model).stem.replace(":", "_"))
         emit(rep, as_json, lambda: render_build(rep))
