@@ -30,13 +30,14 @@ def register(app: typer.Typer) -> None:
         port_end: Annotated[int, typer.Option("--port-end", help="Last port to try (exclusive).")] = 9199,
         session_timeout: Annotated[float, typer.Option("--session-timeout",
                                                        help="End any session after this many seconds (0: never).")] = 0.0,
+        custom_addr: Annotated[str | None, typer.Option("--custom-addr", help="Address the tracker gives clients (e.g. 127.0.0.1 behind an SSH tunnel).")] = None,
     ) -> None:
         """Serve benchmarks for edgec clients (TVM libraries, ONNX Runtime models, TensorRT engines). Every
         connection must pass edgec's token handshake before TVM reads a byte; a failed or crashed session is
         logged and the device keeps serving."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s edgec device: %(message)s", stream=sys.stderr)
         server = run_server(parse_tracker(tracker), key, token_from_env(token) or "", host, port, port_end,
-                            session_timeout)
+                            session_timeout, custom_addr)
         typer.echo(f"edgec device: serving key {key!r} on {host}:{server.port}"
                    + (f" via tracker {tracker}" if tracker else "") + f" (runs {', '.join(sorted(server.runners))})")
         sys.stdout.flush()

@@ -487,12 +487,14 @@ def main(argv: list[str] | None = None, runners: dict[str, RunnerFactory] | None
     ap.add_argument("--port", type=int, default=9090)
     ap.add_argument("--port-end", type=int, default=9199)
     ap.add_argument("--session-timeout", type=float, default=0.0, help="end any session after this many seconds")
+    ap.add_argument("--custom-addr", help="address the tracker gives clients (e.g. 127.0.0.1 behind an SSH tunnel)")
     ap.add_argument("--emulated", action="store_true", help="mark every result as measured on an emulator")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s edgec device: %(message)s", stream=sys.stderr)
     try:
         server = DeviceServer(args.token or os.environ.get(TOKEN_ENV, ""), args.key, parse_tracker(args.tracker),
-                              args.host, args.port, args.port_end, runners, args.session_timeout, args.emulated)
+                              args.host, args.port, args.port_end, runners, args.session_timeout, args.emulated,
+                              args.custom_addr)
     except EdgecError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

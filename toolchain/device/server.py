@@ -24,6 +24,7 @@ def runners() -> dict[str, RunnerFactory]:
 
 
 def serve(tracker: tuple[str, int] | None, key: str, token: str, host: str = "127.0.0.1", port: int = 9090,
-          port_end: int = 9199, session_timeout_s: float = 0.0) -> DeviceServer:
+          port_end: int = 9199, session_timeout_s: float = 0.0, custom_addr: str | None = None) -> DeviceServer:
     """A bound, registered device server (``.port``); call ``serve_forever()`` on it."""
-    return DeviceServer(token, key, tracker, host, port, port_end, runners(), session_timeout_s)
+    return DeviceServer(token, key, tracker, host, port, port_end, runners(), session_timeout_s,
+                        custom_addr=custom_addr)
