@@ -244,8 +244,11 @@ def export_model(
 
 
 # What a .pt2 archive may hold for edgec to load it (torch.export.load would unpickle the rest).
-_PT2_OP_PREFIXES = ("torch.ops.aten.", "torch.ops.prims.", "torch.ops.higher_order.", "_operator.", "math.",
-                    "torch.sym_")
+_PT2_OP_PREFIXES = ("torch.ops.aten.", "torch.ops.prims.", "torch.ops.higher_order.", "math.", "torch.sym_")
+# Python operators a graph may call on shapes and tuples (not operator.call / attrgetter / methodcaller: gadgets).
+_PT2_PY_OPERATORS = frozenset(f"_operator.{n}" for n in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne", "lt", "le", "gt", "ge",
+    "and_", "or_", "xor", "not_", "invert", "lshift", "rshift", "getitem", "matmul", "index", "truth"))
 _PT2_REFUSED_OPS = ("torch.ops.aten.from_file.",)  # reads an arbitrary file at run time
 _SYM_FUNCTIONS = frozenset({
     "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge",
@@ -296,6 +299,11 @@ def _check_sym_expr(expr: str, path: Path) -> None:
             raise refuse()
 
 
+def _pt2_call_allowed(target: str) -> bool:
+    allowed = target in _PT2_PY_OPERATORS or target.startswith(_PT2_OP_PREFIXES)
+    return allowed and not target.startswith(_PT2_REFUSED_OPS)
+
+
 def _check_pt2_graph(obj: Any, path: Path) -> None:
     """Every node target an ATen/prims operator (a call of anything else runs arbitrary Python), every
     symbolic expression plain shape arithmetic; recursive over nested subgraphs."""
@@ -305,7 +313,7 @@ def _check_pt2_graph(obj: Any, path: Path) -> None:
         if isinstance(cur, dict):
             target = cur.get("target")
             is_node = isinstance(target, str) and "inputs" in cur and "outputs" in cur
-            if is_node and (not target.startswith(_PT2_OP_PREFIXES) or target.startswith(_PT2_REFUSED_OPS)):
+            if is_node and not _pt2_call_allowed(str(target)):
                 raise UsageError(f"{path}: graph calls {target[:80]!r}, which is not an ATen/prims operator; "
                                  "edgec loads only .pt2 graphs of ATen operators")
             expr = cur.get("expr_str")
