@@ -9,6 +9,7 @@ from typing import Any
 
 from kernels.tvm import KernelConfig
 from kernels.tvm.passes import FastMath, FuseGemvChains, substitution_passes
+from kernels.tvm.passes.bf16_weights import StoreWeightsBf16
 from kernels.tvm.schedule.vector_rule import schedule_naive
 from targets.tvm.database import apply_database
 from targets.tvm.frontend import tvm_target
@@ -46,6 +47,8 @@ def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...
         ("substitute-kernels", tvm.transform.Sequential(substitution_passes(k), name="SubstituteKernels")),
         # Then a tiny MLP's dense layers become one kernel: one VM call instead of four per layer.
         ("fuse-gemv-chains", FuseGemvChains.create(k)),
+        # Dense layers whose weights are exactly bf16 (the bf16 pass) keep them as bf16: half the bytes.
+        ("bf16-weights", StoreWeightsBf16.create(k)),
         ("decompose", seq([relax.transform.DecomposeOpsForInference()])),
         # exp / sigmoid as vectorizable arithmetic instead of one libm call per element.
         *((("fast-exp", FastMath.create(k)),) if k.fast_exp else ()),

@@ -1,6 +1,18 @@
 """fp16: convert a float32 model to float16 (or bfloat16) with an op block-list; I/O stay float32.
 
-Written directly on the ONNX graph (onnxconverter-common is not a dependency): every float tensor consumed
+Two forms:
+
+- ``compute``: activations and weights in half precision (what TensorRT and GPUs compute in);
+- ``weights``: weight-only. The weight inputs of MatMul / Gemm / Conv (constant, 2-D or more) are stored in
+  half precision, each read through one Cast to float32 at the top of the graph; every activation and all
+  arithmetic stay float32 (at least fp32 accumulation, no half rounding of activations). TVM folds the Cast
+  into a float32 constant whose values are exactly bfloat16, and its kernels store such weights as bf16
+  (half the bytes) and widen them in registers (kernels/tvm/passes/bf16_weights.py).
+
+``form=auto`` (the default) is ``weights`` for bfloat16 on the tvm target (a CPU: batch-1 layers are
+bound by weight bytes, and TVM legalizes bf16 arithmetic to fp32 anyway), ``compute`` otherwise.
+
+Compute form, written directly on the ONNX graph (onnxconverter-common is not a dependency): every float tensor consumed
 by a non-blocked node is half precision; Cast nodes are inserted exactly where a half value meets a blocked
 (float32) node or a graph output. Float initializers are converted once (duplicated when blocked nodes
 share them). Family defaults keep KAN basis / spiking threshold math (by node name / metadata) in fp32.
@@ -27,8 +39,14 @@ DEFAULT_BLOCK = ("Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Div", "Softmax", "L
                  "ReduceMean", "ReduceProd", "ReduceLogSumExp", "Erf", "Range", "Resize", "Cast", "CastLike",
                  "Constant", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
                  "RandomUniformLike", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal", "Where",
-                 "Loop", "If", "Scan")
+                 "Loop", "If", "Scan",
+                 # normalizations accumulate over a whole axis (TVM's layer_norm takes fp32 / fp16 only)
+                 "LayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
+                 "RMSNormalization", "LpNormalization", "MeanVarianceNormalization")
 KINDS = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+FORMS = ("auto", "compute", "weights")
+WEIGHT_OPS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (1,)}  # op -> inputs that may be a constant weight
+WEIGHTS_FORM_TARGETS = ("tvm",)  # where form=auto stores bfloat16 weights only
 
 
 @dataclass(frozen=True)
@@ -36,10 +54,19 @@ class Config:
     dtype: str = "float16"  # float16 | bfloat16
     block: tuple[str, ...] = ()  # extra op types (or node names) kept in fp32, on top of DEFAULT_BLOCK
     family_defaults: bool = True
+    form: str = "auto"  # auto | compute | weights (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.dtype not in KINDS:
             raise ValueError(f"dtype must be float16 or bfloat16, got {self.dtype!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}")
+
+    def resolved_form(self, target: str) -> str:
+        """``compute`` or ``weights`` for a build on ``target``."""
+        if self.form != "auto":
+            return self.form
+        return "weights" if self.dtype == "bfloat16" and target in WEIGHTS_FORM_TARGETS else "compute"
 
 
 def _half_tensor(t: TensorProto, kind: int, name: str) -> TensorProto:
@@ -53,6 +80,67 @@ def _half_tensor(t: TensorProto, kind: int, name: str) -> TensorProto:
 
 
 def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> PassResult:
+    form = cfg.resolved_form(ctx.target if ctx is not None else "ort")
+    if form == "weights":
+        return run_weights(model, cfg)
+    return run_compute(model, cfg)
+
+
+def run_weights(model: onnx.ModelProto, cfg: Config) -> PassResult:
+    """Weight-only form: constant float32 weights (2-D or more) of MatMul / Gemm / Conv stored in half
+    precision, each cast back to float32 once at the top of the graph; nothing else changes. A weight
+    named in ``cfg.block`` (or whose consumer is named there) stays float32."""
+    kind = KINDS[cfg.dtype]
+    m = copy_model(model)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    block = set(cfg.block)
+    chosen: dict[str, str] = {}  # float32 initializer -> its float32 value computed by the Cast
+    kept: set[str] = set()
+    for n in g.node:
+        positions = WEIGHT_OPS.get(n.op_type, ()) if n.domain in ("", "ai.onnx") else ()
+        for i in positions:
+            v = n.input[i] if i < len(n.input) else ""
+            t = inits.get(v)
+            if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) < 2:
+                continue
+            if n.op_type in block or n.name in block or v in block:
+                kept.add(v)
+                continue
+            chosen.setdefault(v, f"{v}__from_{cfg.dtype}")
+    chosen = {v: c for v, c in chosen.items() if v not in kept}
+    casts, half = [], []
+    for v, cast_out in chosen.items():
+        half.append(_half_tensor(inits[v], kind, f"{v}__{cfg.dtype}"))
+        casts.append(helper.make_node("Cast", [half[-1].name], [cast_out], to=TensorProto.FLOAT,
+                                      name=f"cast_{cast_out}"))
+    for n in g.node:
+        for i, v in enumerate(n.input):
+            if v in chosen:
+                n.input[i] = chosen[v]
+    nodes = [*casts, *g.node]
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend([*keep, *half])
+    before = sum(_nbytes(t) for t in model.graph.initializer)
+    after = sum(_nbytes(t) for t in g.initializer)
+    report: dict[str, Any] = {"dtype": cfg.dtype, "form": "weights", "weights_half": len(chosen),
+                              "weights_fp32": len(kept), "initializer_bytes": after,
+                              "initializer_bytes_fp32": before}
+    return PassResult(m, bool(chosen), report)
+
+
+def _nbytes(t: TensorProto) -> int:
+    itemsize = {TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2, TensorProto.DOUBLE: 8, TensorProto.INT8: 1,
+                TensorProto.UINT8: 1, TensorProto.INT16: 2, TensorProto.INT64: 8}.get(t.data_type, 4)
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+
+
+def run_compute(model: onnx.ModelProto, cfg: Config) -> PassResult:
+    """Compute form: every float tensor of a non-blocked node in half precision."""
     kind = KINDS[cfg.dtype]
     m = onnx.shape_inference.infer_shapes(copy_model(model))
     g = m.graph
@@ -122,7 +210,8 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
     g.initializer.extend([*keep_inits, *new_inits])
     del g.value_info[:]
     out_model = onnx.shape_inference.infer_shapes(m)
-    report: dict[str, Any] = {"dtype": cfg.dtype, "nodes_half": low_count, "nodes_fp32": len(model.graph.node) - low_count,
+    report: dict[str, Any] = {"dtype": cfg.dtype, "form": "compute", "nodes_half": low_count,
+                              "nodes_fp32": len(model.graph.node) - low_count,
                               "casts_inserted": len(casts) + sum(1 for o in g.output if prec.get(o.name)),
                               "initializers_converted": len(half_inits)}
     if cfg.dtype == "bfloat16":

@@ -1,0 +1,126 @@
+"""The packed batch-1 dense kernel with its weights stored as bfloat16: half the bytes of the fp32 GEMV.
+
+``y[m, n] = act(sum_k x[m, k] * W[k, n] + b[n])`` with x, b, y float32 and W bfloat16 in the packed layout
+of ``kernels.tvm.tir.gemv`` (``pack_weight``: full BN-wide blocks, then a narrow tail). Each weight is
+widened to float32 in registers (bf16 is the upper half of an fp32: TVM lowers the cast to a 16-bit zero
+extension and a shift, ``vpmovzxwd`` + ``vpslld`` on x86, on any CPU: no avx512_bf16 needed) and
+accumulated in float32, so the result equals the fp32 GEMV over the same (bf16-exact) weights up to
+summation order. Every batch-1 dense layer is bound by its weight bytes: half the bytes, up to half the
+time where the weights stream from L2 / L3 / DRAM.
+
+The loop structure is the fp32 kernel's (row blocks, BN accumulators per block, split partial sums in
+the narrow tail); only the weight load differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kernels.tvm import ATTR_KERNEL
+from kernels.tvm.tir.gemv import FULL_CHAINS, MAX_ROW_BLOCK, TAIL_CHAINS, GemvParams, tail_chunk, tail_width
+
+KERNEL_NAME = "gemv-packed-bf16w"
+ATTR_GEMV_BF16 = "edgec.gemv_bf16"  # PrimFunc attribute: the GemvParams of a bf16-weight GEMV kernel
+
+
+def to_bf16_bits(w: np.ndarray) -> np.ndarray | None:
+    """The upper 16 bits of the float32 ``w`` as uint16 when ``w`` is exactly representable in bfloat16
+    (every lower half zero), else None: storing such a weight as bf16 loses nothing."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    if bits.size == 0 or np.any(bits & 0xFFFF):
+        return None
+    return (bits >> 16).astype(np.uint16)
+
+
+def bf16_constant_array(bits: np.ndarray) -> Any:
+    """A numpy array TVM takes as a bfloat16 constant, from the raw uint16 bits."""
+    import ml_dtypes  # ships with TVM's dependencies
+
+    return bits.view(ml_dtypes.bfloat16)
+
+
+def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: Any) -> None:
+    """Emit the dense layer ``p`` with ``wp`` a bfloat16 buffer (the packed layout at ``wp[woff:]``),
+    x / y (M, K) / (M, N) float32 and the bias at ``b[boff:]``."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    M, K, BN, U = p.m, p.k, p.block_n, max(1, p.unroll)
+    FULL, TAIL = p.full_blocks, p.tail
+    TBN = max(1, tail_width(TAIL))
+    TOFF = FULL * K * BN
+    ZERO = T.float32(0)
+
+    def act(v: Any, j: Any, bias: Any) -> Any:
+        if p.bias:
+            v = v + bias[j]
+        if p.relu:
+            v = T.max(v, ZERO)
+        return v
+
+    def mac(acc_v: Any, xv: Any, wv: Any) -> Any:
+        return acc_v + xv * Cast("float32", wv)
+
+    RB = max(d for d in range(1, min(M, MAX_ROW_BLOCK) + 1) if M % d == 0)
+    MO = M // RB
+    VCF, VCT = BN, tail_chunk(TBN)
+    SF = max(1, FULL_CHAINS // (RB * (BN // VCF)))
+    ST = max(1, TAIL_CHAINS // (RB * (TBN // VCT)))
+    KMF, KMT = K // (SF * U) * SF * U, K // (ST * U) * ST * U
+
+    def block(bias: Any, woff: Any, col0: Any, W: int, VC: int, S: int, NOUT: int, KMAIN: int, OC: int,
+              acc: Any) -> None:
+        with T.serial(MO) as mo:
+            with T.unroll(S) as s, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
+                T.buffer_store(acc, ZERO, [s, m, c * VC + i])
+            with T.serial(KMAIN // (S * U)) as ko, T.unroll(U) as ku, T.unroll(S) as s, T.serial(RB) as m, \
+                    T.unroll(W // VC) as c, T.vectorized(VC) as i:
+                kk = (ko * U + ku) * S + s
+                T.buffer_store(acc, mac(acc[s, m, c * VC + i], x[mo * RB + m, kk], wp[woff + kk * W + c * VC + i]),
+                               [s, m, c * VC + i])
+            with T.serial(K - KMAIN) as kr, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
+                T.buffer_store(acc, mac(acc[0, m, c * VC + i], x[mo * RB + m, KMAIN + kr],
+                                        wp[woff + (KMAIN + kr) * W + c * VC + i]), [0, m, c * VC + i])
+            with T.unroll(S - 1) as s, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
+                T.buffer_store(acc, acc[0, m, c * VC + i] + acc[s + 1, m, c * VC + i], [0, m, c * VC + i])
+            with T.serial(RB) as m:
+                with T.unroll(OC) as c, T.vectorized(VC) as i:
+                    T.buffer_store(y, act(acc[0, m, c * VC + i], col0 + c * VC + i, bias),
+                                   [mo * RB + m, col0 + c * VC + i])
+                with T.serial(NOUT - OC * VC) as i:
+                    T.buffer_store(y, act(acc[0, m, OC * VC + i], col0 + OC * VC + i, bias),
+                                   [mo * RB + m, col0 + OC * VC + i])
+
+    acc = T.alloc_buffer((SF, RB, BN), "float32", scope="local")
+    bv = T.decl_buffer((b.shape[0] - boff,), "float32", data=b.data, elem_offset=boff)
+    with T.serial(FULL) as nb:
+        block(bv, woff + nb * K * BN, nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
+    if TAIL > 0:
+        acc_t = T.alloc_buffer((ST, RB, TBN), "float32", scope="local")
+        block(bv, woff + TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
+
+
+def gemv_bf16_kernel(p: GemvParams) -> Any:
+    """The PrimFunc ``(x[M, K] f32, wp[packed] bf16, b[N] f32, y[M, N] f32)`` for ``p``, marked hand-written."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    M, K, N = p.m, p.k, p.n
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("gemv_bf16")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
+        xg = T.arg("xg", T.buffer(p.x_shape or (M, K), "float32"))
+        wp = T.arg("wp", T.buffer((max(1, p.packed_size),), "bfloat16"))
+        b = T.arg("b", T.buffer((N if p.bias else 1,), "float32"))
+        yg = T.arg("yg", T.buffer(p.y_shape or (M, N), "float32"))
+        x = T.decl_buffer((M, K), "float32", data=xg.data)
+        y = T.decl_buffer((M, N), "float32", data=yg.data)
+        emit_layer_bf16(p, x, wp, 0, b, 0, y)
+    return ib.get().with_attr(ATTR_GEMV_BF16, {"m": M, "k": K, "n": N, "block_n": p.block_n, "unroll": p.unroll,
+                                               "bias": p.bias, "relu": p.relu})
+
+
+__all__ = ["ATTR_GEMV_BF16", "KERNEL_NAME", "bf16_constant_array", "emit_layer_bf16", "gemv_bf16_kernel",
+           "to_bf16_bits"]
