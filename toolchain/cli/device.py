@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
 import sys
 from typing import Annotated
 
 import typer
 
-from toolchain.cli.common import TokenOpt, handled
-from toolchain.device.protocol import token_from_env
+from toolchain.cli.common import ProfileOpt, TokenOpt, handled
+from toolchain.core.errors import InfraError, UsageError
+from toolchain.core.profile import load_profile
+from toolchain.device import emulate as emulator
+from toolchain.device.protocol import TOKEN_ENV, token_from_env
 from toolchain.device.runtime import parse_tracker
 from toolchain.device.server import serve as run_server
 
@@ -45,3 +50,50 @@ def register(app: typer.Typer) -> None:
             server.serve_forever()
         finally:
             server.close()
+
+    @device_app.command("emulate")
+    @handled
+    def emulate(
+        profile: ProfileOpt,
+        tracker: Annotated[str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker; default: start one on loopback.")] = None,
+        token: TokenOpt = None,
+        port: Annotated[int, typer.Option("--port", help="First port for the emulated device.")] = 9090,
+        port_end: Annotated[int, typer.Option("--port-end", help="Last port to try (exclusive).")] = 9199,
+        provision_only: Annotated[bool, typer.Option("--provision-only", help="Provision the emulator (once, ~150 MB) and exit.")] = False,
+    ) -> None:
+        """Run an emulated aarch64 device for an ARM profile (qemu-user, Debian's arm64 Python, TVM's aarch64
+        wheels), registered as <profile>-emulated. Outputs, agreement and accuracy are real; latency is the
+        emulator's (every result says "emulated": true)."""
+        prof = load_profile(profile)
+        emulator.check_profile(prof)
+        d = emulator.provision()
+        if provision_only:
+            typer.echo(str(d))
+            return
+        token = token_from_env(token)
+        if not token:
+            raise UsageError(f"the emulated device needs a shared token; pass --token or set {TOKEN_ENV}")
+        procs: list[subprocess.Popen] = []
+        try:
+            if tracker is None:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    tport = int(s.getsockname()[1])
+                procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                               "--port", str(tport), "--port-end", str(tport + 1), "--silent"]))
+                tracker = f"127.0.0.1:{tport}"
+            argv, env = emulator.runtime_command(tracker, emulator.key_for(prof), port, port_end, d)
+            env[TOKEN_ENV] = token
+            device = subprocess.Popen(argv, env=env)
+            procs.append(device)
+            typer.echo(f"edgec device: emulated {prof.id} (aarch64 under qemu) registers as key "
+                       f"{emulator.key_for(prof)!r} at tracker {tracker}; its latencies are the emulator's, not a "
+                       "device's", err=True)
+            code = device.wait()
+            if code != 0:
+                raise InfraError(f"the emulated device exited with code {code}; see its log above")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    p.wait()

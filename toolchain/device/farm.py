@@ -115,6 +115,8 @@ def bench_many(jobs: list[BenchJob], spec: RemoteSpec, on_event: Event | None = 
                 with lock:
                     if key not in results:  # first result wins; a late duplicate is dropped
                         results[key] = assemble(job, dev)
+                        if dev.get("emulated"):  # its latency is the emulator's, not a device's
+                            results[key]["emulated"] = True
                         pending[0] -= 1
                 emit("done", key, addr)
             except DeviceLost as e:
