@@ -61,12 +61,12 @@ class PickConfig:
     task: str = "fashion-mnist"
 
 
-def zoo_candidates(profile: Profile, task: str = "fashion-mnist") -> list[Candidate]:
+def zoo_candidates(profile: Profile, task: str = "fashion-mnist", runs_here: bool = True) -> list[Candidate]:
     """Every zoo entry for ``task`` x every way edgec builds it for the profile (``search.variants_for``: each
     target x fp32 / int8 / bf16 / modular), so "the most accurate model within the budget" considers every
     build. Entries of other tasks (Cora, a Fashion-MNIST class subset) are left out: their accuracies are not
     comparable with this task's. The whole zoo is a long sweep (make test-slow runs it)."""
-    variants = variants_for(profile)
+    variants = variants_for(profile, runs_here)
     names = [name for name, e in entries().items() if e.dataset == task]
     if not names:
         tasks = sorted({e.dataset for e in entries().values()})
@@ -74,7 +74,7 @@ def zoo_candidates(profile: Profile, task: str = "fashion-mnist") -> list[Candid
     return [Candidate(name, v.passes, v.target) for name in names for v in variants]
 
 
-def file_candidates(path: Path, profile: Profile) -> list[Candidate]:
+def file_candidates(path: Path, profile: Profile, runs_here: bool = True) -> list[Candidate]:
     """TOML: optional [defaults] passes/targets, then [[candidate]] model = ..., passes = [[...]], targets = [...],
     data = ... (a candidate naming neither passes nor targets gets every variant of ``search.variants_for``)."""
     try:
@@ -89,7 +89,7 @@ def file_candidates(path: Path, profile: Profile) -> list[Candidate]:
         chains, targets = c.get("passes", d.get("passes")), c.get("targets", d.get("targets"))
         if chains is None and targets is None:  # nothing said: every way edgec builds it for the profile
             out += [Candidate(str(c["model"]), v.passes, v.target, c.get("data", d.get("data")))
-                    for v in variants_for(profile)]
+                    for v in variants_for(profile, runs_here)]
             continue
         chains = [["cleanup"]] if chains is None else chains
         if chains and isinstance(chains[0], str):
@@ -236,8 +236,9 @@ def run_pick(cfg: PickConfig, cache: Cache, progress: bool = True) -> dict[str, 
     t0 = time.monotonic()
     profile = load_profile(cfg.profile)
     require_measurable(profile, cfg.remote)
-    cands = (zoo_candidates(profile, cfg.task) if cfg.candidates == "zoo"
-             else file_candidates(Path(cfg.candidates), profile))
+    here = cfg.remote is None  # measured on this machine: only what its CPU can run
+    cands = (zoo_candidates(profile, cfg.task, here) if cfg.candidates == "zoo"
+             else file_candidates(Path(cfg.candidates), profile, here))
     rows = []
     bar = tqdm(cands, desc="pick", unit="cand", disable=None if progress else True)
     for c in bar:

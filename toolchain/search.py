@@ -24,6 +24,7 @@ from toolchain.bench import device_for, prepare_job
 from toolchain.core.cache import Artifact, Cache
 from toolchain.core.errors import EdgecError, UsageError
 from toolchain.core.profile import Profile
+from toolchain.core.versions import cpu_flags
 from toolchain.device.protocol import RemoteSpec
 from toolchain.export import export_model
 from toolchain.measure.job import BenchJob
@@ -54,8 +55,10 @@ class Variant:
         return f"{self.target} [{'+'.join(self.passes)}]"
 
 
-def variants_for(profile: Profile) -> list[Variant]:
-    """Every (target, pass chain) edgec can build for ``profile`` on this machine."""
+def variants_for(profile: Profile, runs_here: bool = False) -> list[Variant]:
+    """Every (target, pass chain) edgec can build for ``profile`` on this machine. ``runs_here``: the variants
+    will run on this machine, so ones its CPU cannot execute (bf16 on a CPU without avx512_bf16, whatever the
+    profile's CPU has) are left out (``skipped_here`` says why)."""
     out = []
     for target in profile.targets:
         if get_target(target).available() is not None:
@@ -63,8 +66,17 @@ def variants_for(profile: Profile) -> list[Variant]:
         for chain in PASS_CHAINS:
             if "bf16" in chain and (target not in BF16_TARGETS or not profile.cpu.bf16):
                 continue
+            if runs_here and skipped_here(chain):
+                continue
             out.append(Variant(target, chain))
     return out
+
+
+def skipped_here(chain: tuple[str, ...]) -> str | None:
+    """Why this machine cannot run a pass chain (None: it can)."""
+    if "bf16" in chain and "avx512_bf16" not in cpu_flags():
+        return "this machine's CPU has no avx512_bf16; measure bf16 on the device (--tracker)"
+    return None
 
 
 def require_measurable(profile: Profile, remote: RemoteSpec | None) -> None:
@@ -119,8 +131,12 @@ def fastest(model: str, profile: Profile, cache: Cache, *, max_drop: float = 1.0
     bar = tqdm(variants_for(profile), desc="variants", unit="build", disable=None if progress else True)
     for v in bar:
         bar.set_postfix_str(v.label)
-        comp, why = _build(v, src, profile, cache, data, data_dir, options)
         row: dict[str, Any] = {"label": v.label, "target": v.target, "passes": list(v.passes)}
+        cannot = skipped_here(v.passes) if remote is None else None
+        if cannot:
+            rows.append({**row, "status": "skipped", "reason": f"skipped: {cannot}"})
+            continue
+        comp, why = _build(v, src, profile, cache, data, data_dir, options)
         if comp is None:
             rows.append({**row, "status": "skipped" if why and why.startswith("skipped") else "failed",
                          "reason": why})

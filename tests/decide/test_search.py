@@ -11,6 +11,7 @@ from toolchain import api
 from toolchain.core.cache import Cache
 from toolchain.core.errors import UsageError
 from toolchain.core.profile import load_profile
+from toolchain.core.versions import cpu_flags
 from toolchain.search import judge, variants_for
 
 
@@ -20,6 +21,8 @@ def test_variants_cover_every_target_and_precision_the_profile_has() -> None:
             "tvm [cleanup+bf16]"} <= labels
     assert "ort [cleanup+bf16]" not in labels  # ONNX Runtime's CPU provider does not compute bf16
     assert not any("bf16" in v.label for v in variants_for(load_profile("x86-avx2")))  # no avx512_bf16
+    here = {v.label for v in variants_for(load_profile("x86-avx512"), runs_here=True)}
+    assert ("tvm [cleanup+bf16]" in here) == ("avx512_bf16" in cpu_flags())  # never run what this CPU lacks
 
 
 def test_judge_bounds_the_drop_in_points_or_the_agreement_without_labels() -> None:
