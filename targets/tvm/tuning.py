@@ -22,13 +22,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +52,14 @@ from toolchain.device.protocol import TOKEN_ENV, DeviceLost, RemoteSpec, token_f
 from toolchain.device.session import open_session
 
 FAILED_LATENCY_S = 1e9  # MetaSchedule stores failed candidates with run_secs of 1e10
+# The first batch under a time budget is assumed to take FIRST_BATCH_S + FIRST_TRIAL_S per trial (stack facts: a
+# trial measures in 0.9 s idle, ~2 s with the other core busy; every batch also runs the evolutionary search, ~20 s
+# on an idle machine, minutes on an overloaded one). Later batches are estimated from the slowest one so far.
+FIRST_BATCH_S = 20.0
+FIRST_TRIAL_S = 2.0
+# The parent kills a tuning process still running this long after its deadline (a batch that overran its
+# estimate); the records of every finished batch stay in the database.
+DEADLINE_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -72,10 +84,15 @@ class TuneConfig:
     # convkan: 96 trials over all 10 tasks left some untuned (1.11x ORT); the 2 convs only, with the 8 light
     # kernels naive: 1.23x; with one batch per light kernel: 0.93x but 12 min; convs only + rule: see BENCHMARKS.md.
     min_mflops: float = 0.0
+    # Wall-clock limit of the whole tuning run in seconds (auto mode: the profile's tuning.auto_budget_s; None: no
+    # limit). Batches start only while they fit; what is left short is reported as "uncovered".
+    budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.trials < 0:
             raise UsageError(f"--tune-trials must be >= 0, got {self.trials}")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise UsageError(f"the tuning time budget must be > 0 seconds, got {self.budget_s}")
         if self.trials_per_batch < 1:
             raise UsageError(f"--batch must be >= 1, got {self.trials_per_batch}")
         if (self.tracker is None) != (self.device_key is None):
@@ -135,9 +152,8 @@ def worth_tuning(func: Any, min_mflops: float, rule_lanes: int | None) -> tuple[
     mflops = _mflops(tvm.IRModule({"main": func}))
     if mflops < min_mflops:
         return False, mflops
-    if rule_lanes is not None:
-        if covers_fully(func, rule_lanes):
-            return False, mflops
+    if rule_lanes is not None and covers_fully(func, rule_lanes):
+        return False, mflops
     return True, mflops
 
 
@@ -176,11 +192,41 @@ def _valid_records(db: Any, mod: Any) -> int:
     return ok
 
 
-def run_tuning(model_path: Path, profile: Profile, cfg: TuneConfig, db_dir: Path) -> dict[str, Any]:
-    """Tune in THIS process (the child); prints JSON progress lines to stdout."""
+@dataclass
+class _TaskPlan:
+    """One task's share of a tuning run: valid records already in the database, trials it should reach."""
+
+    task: Any
+    name: str
+    mflops: float
+    have: int  # valid records in the database before this run
+    want: int  # trials it should have when the run is done (its cap)
+    done: int = 0  # trials measured in this run
+    exhausted: bool = False  # a batch measured nothing new: its search space is spent
+
+    @property
+    def short(self) -> int:
+        return 0 if self.exhausted else max(0, self.want - self.have - self.done)
+
+    def uncovered(self) -> dict[str, Any]:
+        return {"task": self.name, "mflops": round(self.mflops, 2), "trials": self.have + self.done,
+                "wanted": self.want}
+
+
+def run_tuning(model_path: Path, profile: Profile, cfg: TuneConfig, db_dir: Path,
+               deadline: float | None = None) -> dict[str, Any]:
+    """Tune in THIS process (the child); prints JSON progress lines to stdout.
+
+    Tasks are tuned one batch (``trials_per_batch`` candidates) at a time, round robin over the tasks short of
+    their trials, heaviest first (weight x MFLOP), each batch a ``tune_tasks`` call of its own that starts from
+    the best records in the database and shares one cost model with the others. With a ``deadline`` (a
+    ``time.time()``, from the budget), a batch starts only when its estimated duration (the slowest batch so
+    far, scaled to its size) ends before it; the tasks still short when it stops are reported as
+    ``uncovered`` (they keep the vector rule or naive loops)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
+    t_start = time.time()
     target = tvm_target(profile)
     mod = tunable_module(model_path, profile)
     db = open_database(db_dir)
@@ -195,36 +241,36 @@ def run_tuning(model_path: Path, profile: Profile, cfg: TuneConfig, db_dir: Path
         light = [t for t in extracted if _mflops(t.dispatched[0]) < cfg.min_mflops]
     total = cfg.trials + cfg.trials_per_batch * len(light)
     per_task = cfg.max_trials_per_task or total
-    todo, weights, done_before = [], [], 0
+    plans: list[_TaskPlan] = []
+    done_before = 0
     for t in extracted:
         have = _valid_records(db, t.dispatched[0])
         cap = min(per_task, cfg.trials_per_batch) if t in light else per_task
         done_before += min(have, cap)
         if have < cap:
-            todo.append(t)
-            weights.append(float(t.weight))
+            plans.append(_TaskPlan(t, t.task_name, _mflops(t.dispatched[0]), have, cap))
+    plans.sort(key=lambda p: -float(p.task.weight) * (p.mflops if p.mflops != float("inf") else 1e12))
     budget = max(0, total - done_before)
-    _emit({"event": "start", "tasks": len(extracted), "to_tune": len(todo), "budget": budget,
-           "resumed_trials": done_before})
-    stats: dict[str, Any] = {"measured": 0, "failed": 0, "first_error": None}
+    _emit({"event": "start", "tasks": len(extracted), "to_tune": len(plans), "budget": budget,
+           "resumed_trials": done_before, "plan": [p.uncovered() for p in plans]})
+    stats: dict[str, Any] = {"measured": 0, "failed": 0, "first_error": None, "task": ""}
     spec = cfg.remote_spec()  # the parent checked tracker, key and token (see tune)
-    if todo and budget > 0:
+    stopped = False
+    if plans and budget > 0:
         work = db_dir / "work"
-        ctxs, w = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, str(work))
-
         from tvm.ir.utils import derived_object
 
         @derived_object
         class _Progress(ms.measure_callback.PyMeasureCallback):
             def apply(self, task_scheduler: Any, task_id: int, candidates: Any, builds: Any, runs: Any) -> None:
-                for b, r in zip(builds, runs):
+                for b, r in zip(builds, runs, strict=True):
                     stats["measured"] += 1
                     if b.error_msg or r.error_msg:
                         stats["failed"] += 1
                         if stats["first_error"] is None:
                             stats["first_error"] = _last_line(str(b.error_msg or r.error_msg))
                 _emit({"event": "progress", "done": stats["measured"], "total": budget,
-                       "failed": stats["failed"], "task": todo[task_id].task_name})
+                       "failed": stats["failed"], "task": stats["task"]})
 
         runner: Any
         if spec is not None:
@@ -235,12 +281,11 @@ def run_tuning(model_path: Path, profile: Profile, cfg: TuneConfig, db_dir: Path
                 f_create_session=importlib.import_module("targets.tvm.tuning")._create_session)
         else:
             runner = ms.runner.LocalRunner(timeout_sec=cfg.runner_timeout_s)
-        ms.tune.tune_tasks(
-            tasks=ctxs, task_weights=w, work_dir=str(work), max_trials_global=budget,
-            max_trials_per_task=per_task, num_trials_per_iter=cfg.trials_per_batch,
-            builder=_builder(profile, cfg), runner=runner,
-            database=db, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), _Progress()],
-        )
+        builder = _builder(profile, cfg)
+        cost_model = ms.CostModel.create("xgb", num_tuning_cores=max(1, profile.cpu.num_cores), tree_method="auto")
+        callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _Progress()]
+        stopped = _tune_batches(plans, budget, cfg.trials_per_batch, deadline, work, builder, runner, db,
+                                cost_model, callbacks, stats)
     if stats["measured"] and stats["failed"] == stats["measured"]:
         where = f"on device {cfg.device_key!r}" if spec is not None else "on this machine"
         raise InfraError(f"all {stats['measured']} tuning candidates failed {where}: {stats['first_error']}; "
@@ -249,12 +294,51 @@ def run_tuning(model_path: Path, profile: Profile, cfg: TuneConfig, db_dir: Path
     if profile.kernels.vector_rule:  # as the compile does: what tuning left, the rule schedules
         applied = schedule_naive(applied, profile.kernels.vector_lanes)[0]
     naive = naive_kernels(applied)
-    result = {"event": "done", "tasks": len(extracted), "tuned_tasks": len(todo), "measured": stats["measured"],
-              "failed": stats["failed"], "first_error": stats["first_error"], "resumed_trials": done_before,
-              "naive": naive, "database": str(db_dir), "remote": spec is not None, "config": cfg.public()}
+    result = {"event": "done", "tasks": len(extracted), "tuned_tasks": sum(1 for p in plans if p.done),
+              "measured": stats["measured"], "failed": stats["failed"], "first_error": stats["first_error"],
+              "resumed_trials": done_before, "naive": naive, "database": str(db_dir), "remote": spec is not None,
+              "config": cfg.public(), "elapsed_s": round(time.time() - t_start, 1),
+              "stopped_by_budget": stopped, "uncovered": [p.uncovered() for p in plans if p.short > 0]}
     _emit(result)
     del tvm
     return result
+
+
+def _tune_batches(plans: list[_TaskPlan], budget: int, batch: int, deadline: float | None, work: Path,
+                  builder: Any, runner: Any, db: Any, cost_model: Any, callbacks: list, stats: dict[str, Any]) -> bool:
+    """Round robin over ``plans``, one batch of at most ``batch`` trials per task per round, until ``budget``
+    trials ran, every task has its trials, or (``deadline``) the next batch would not end in time. Returns
+    whether the deadline stopped it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    left = budget
+    slowest: float | None = None  # seconds of the slowest batch so far, per trial of the batch size
+    while left > 0 and any(p.short for p in plans):
+        for p in plans:
+            n = min(batch, p.short, left)
+            if n <= 0:
+                continue
+            estimate = slowest * batch if slowest is not None else FIRST_BATCH_S + n * FIRST_TRIAL_S
+            if deadline is not None and time.time() + estimate > deadline:
+                _emit({"event": "budget", "stopped_before": p.name, "left_s": round(deadline - time.time(), 1)})
+                return True
+            stats["task"] = p.name
+            before = stats["measured"]
+            t0 = time.time()
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([p.task], str(work))
+            ms.tune.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(work), max_trials_global=n,
+                               max_trials_per_task=n, num_trials_per_iter=n, builder=builder, runner=runner,
+                               database=db, cost_model=cost_model, measure_callbacks=callbacks,
+                               task_scheduler="round-robin")
+            got = stats["measured"] - before
+            p.done += got
+            p.exhausted = got == 0
+            left -= max(got, 1)
+            slowest = max((time.time() - t0) / max(n, 1), slowest or 0.0)
+            _emit({"event": "batch", "task": p.name, "trials": got, "seconds": round(time.time() - t0, 1)})
+            if left <= 0:
+                break
+    return False
 
 
 def _preflight(spec: RemoteSpec) -> str:
@@ -330,8 +414,11 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
         return {"event": "done", "measured": 0, "failed": 0, "naive": [], "database": str(db_dir)}
     spec = cfg.remote_spec()  # bad --tracker / missing token: a UsageError before anything starts
     device = _preflight(spec) if spec is not None else None  # wrong key/token: fails in seconds, not N trials
+    deadline = time.time() + cfg.budget_s if cfg.budget_s is not None else None
     cmd = [sys.executable, "-m", "targets.tvm.tuning", "--model", str(model_path), "--profile", profile_id,
            "--db", str(db_dir), "--config", json.dumps(cfg.public())]
+    if deadline is not None:
+        cmd += ["--deadline", repr(deadline)]
     root = str(Path(__file__).resolve().parents[2])
     # The runner workers import targets.tvm.tuning (f_create_session): the repo root must be importable.
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -341,7 +428,17 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
     bar = None
     result: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    plan: list[dict[str, Any]] = []
+    tuned: dict[str, int] = {}
+    measured = 0
+    # Its own process group: a kill at the deadline takes MetaSchedule's builder / runner workers with it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root,
+                            start_new_session=True)
+    killer = None
+    if deadline is not None:
+        killer = threading.Timer(max(0.0, deadline - time.time()) + DEADLINE_GRACE_S, _kill_group, (proc,))
+        killer.daemon = True
+        killer.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -349,15 +446,21 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
                 ev = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if ev.get("event") == "start" and progress:
-                from tqdm import tqdm
+            if ev.get("event") == "start":
+                plan = list(ev.get("plan", []))
+                if progress:
+                    from tqdm import tqdm
 
-                bar = tqdm(total=ev["budget"], desc=f"tuning {Path(model_path).stem}", unit="trial",
-                           file=sys.stderr)
-            elif ev.get("event") == "progress" and bar is not None:
-                bar.n = min(ev["done"], bar.total)
-                bar.set_postfix(failed=ev["failed"])
-                bar.refresh()
+                    bar = tqdm(total=ev["budget"], desc=f"tuning {Path(model_path).stem}", unit="trial",
+                               file=sys.stderr)
+            elif ev.get("event") == "batch":
+                tuned[str(ev["task"])] = tuned.get(str(ev["task"]), 0) + int(ev["trials"])
+            elif ev.get("event") == "progress":
+                measured = int(ev["done"])
+                if bar is not None:
+                    bar.n = min(ev["done"], bar.total)
+                    bar.set_postfix(failed=ev["failed"])
+                    bar.refresh()
             elif ev.get("event") == "done":
                 result = ev
             elif ev.get("event") == "error":
@@ -365,12 +468,21 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
         err = proc.stderr.read() if proc.stderr else ""
         rc = proc.wait()
     except BaseException:
-        proc.kill()  # an interrupted tune keeps every committed batch in the database
+        _kill_group(proc)  # an interrupted tune keeps every committed batch in the database
         proc.wait()
         raise
     finally:
+        if killer is not None:
+            killer.cancel()
         if bar is not None:
             bar.close()
+    if deadline is not None and result is None and failure is None and time.time() >= deadline:
+        # Killed at the deadline in the middle of a batch: what the finished batches covered is in the database.
+        uncovered = [{**p, "trials": p["trials"] + tuned.get(p["task"], 0)} for p in plan
+                     if p["trials"] + tuned.get(p["task"], 0) < p["wanted"]]
+        return {"event": "done", "measured": measured, "failed": None, "naive": None, "database": str(db_dir),
+                "config": cfg.public(), "elapsed_s": round(time.time() - deadline + (cfg.budget_s or 0), 1),
+                "stopped_by_budget": True, "killed_at_deadline": True, "uncovered": uncovered}
     if failure is not None:  # an edgec error in the child: the same class and one-line message here
         raise _ERRORS.get(str(failure.get("type")), InfraError)(str(failure["message"]))
     if rc != 0 or result is None:
@@ -380,6 +492,12 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
         result["device"] = f"rpc://{device} (key {cfg.device_key})"
     return result
 
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the tuning process and everything it started (its session's process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def tune_once(art: Artifact, profile: Profile, tcfg: TuneConfig, db: Path, cache: Cache,
@@ -433,7 +551,9 @@ def plan_auto_tuning(tcfg: TuneConfig, art: Artifact, profile: Profile, cache: C
         return None, info
     if not trials:
         return None, info
-    return dataclasses.replace(tcfg, trials=trials, auto=False, min_mflops=profile.tuning.auto_min_mflops), info
+    info["budget_s"] = profile.tuning.auto_budget_s
+    return dataclasses.replace(tcfg, trials=trials, auto=False, min_mflops=profile.tuning.auto_min_mflops,
+                               budget_s=profile.tuning.auto_budget_s), info
 
 
 _ERRORS: dict[str, type[EdgecError]] = {c.__name__: c for c in (UsageError, GateFailure, InfraError, SdkMissing)}
@@ -445,10 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", required=True)
     ap.add_argument("--db", type=Path, required=True)
     ap.add_argument("--config", required=True)
+    ap.add_argument("--deadline", type=float, help="time.time() by which the run must end")
     a = ap.parse_args(argv)
     try:
         cfg = TuneConfig(**json.loads(a.config))
-        run_tuning(a.model, load_profile(a.profile), cfg, a.db)
+        run_tuning(a.model, load_profile(a.profile), cfg, a.db, a.deadline)
     except EdgecError as e:  # the parent re-raises it with the same class and message
         _emit({"event": "error", "type": type(e).__name__, "message": str(e)})
         return e.exit_code

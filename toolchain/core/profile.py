@@ -88,6 +88,9 @@ class TuningSpec:
     # from an empty database on this 2-core machine while another job ran; benchmarks/bench_tvm_tuned.py --cold).
     auto_trials: int = 96
     auto_min_mflops: float = 0.5  # a naive kernel below this much work is not worth tuning (elementwise, norms)
+    # Wall-clock limit of an "auto" tuning run (seconds): batches start only while they fit, and the kernels it did
+    # not cover are listed in the artifact's meta (tuning.uncovered).
+    auto_budget_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("bench", "min_runs"): (1, 1_000_000),
     ("tuning", "auto_trials"): (0, 100_000),
     ("tuning", "auto_min_mflops"): (0.0, 1e9),
+    ("tuning", "auto_budget_s"): (1.0, 86400.0),
 }
 
 

@@ -1,0 +1,89 @@
+""""auto" tuning under a wall-clock budget: it stops between batches when the budget is spent and reports
+the kernels it did not cover (no timing asserts beyond generous bounds: this is a shared 2-core machine)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from targets.base import CompileOptions, TuneOptions
+from targets.tvm import TvmTarget
+from targets.tvm.tuning import DEADLINE_GRACE_S, TuneConfig, run_tuning
+from toolchain.core.cache import Cache
+from toolchain.core.errors import UsageError
+from toolchain.core.profile import Profile, load_profile, parse_profile
+from toolchain.export import import_onnx_file
+
+
+def _grouped_convs(path: Path) -> Path:
+    """Three grouped convolutions (groups 2, 4, 8: no hand-written kernel, three distinct tuning tasks), each
+    over 0.5 MFLOP: heavy layers for "auto" tuning."""
+    rng = np.random.default_rng(0)
+    nodes, inits, cur = [], [], "x"
+    for i, groups in enumerate((2, 4, 8)):
+        w = (rng.standard_normal((16, 16 // groups, 3, 3)) * 0.2).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [cur, f"w{i}"], [f"c{i}"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                      group=groups))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        cur = f"r{i}"
+    g = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 32, 32])],
+                          [helper.make_tensor_value_info(cur, TensorProto.FLOAT, [1, 16, 32, 32])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, path)
+    return path
+
+
+def _with_budget(budget_s: float) -> Profile:
+    prof = load_profile("x86-avx512")
+    return dataclasses.replace(prof, tuning=dataclasses.replace(prof.tuning, auto_budget_s=budget_s))
+
+
+def test_budget_is_validated() -> None:
+    with pytest.raises(UsageError, match="budget"):
+        TuneConfig(trials=8, budget_s=0)
+    data = {"id": "p", "name": "p", "description": "p", "os": "linux", "targets": ["tvm"],
+            "cpu": {"arch": "x86_64", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"},
+            "tuning": {"auto_budget_s": 0.0}}
+    with pytest.raises(UsageError, match="auto_budget_s"):
+        parse_profile(data, "p.toml")
+    assert load_profile("x86-avx512").tuning.auto_budget_s > 0
+
+
+def test_spent_budget_starts_no_batch_and_reports_every_task(tmp_path: Path) -> None:
+    """A deadline already past: the run extracts its tasks, measures nothing and lists them all as uncovered."""
+    model = _grouped_convs(tmp_path / "grouped.onnx")
+    prof = load_profile("x86-avx512")
+    cfg = TuneConfig(trials=96, trials_per_batch=4, min_mflops=prof.tuning.auto_min_mflops, budget_s=1.0)
+    out = run_tuning(model, prof, cfg, tmp_path / "db", deadline=time.time())
+    assert out["measured"] == 0 and out["stopped_by_budget"]
+    names = [u["task"] for u in out["uncovered"]]
+    assert len(names) == 3 and all("conv2d" in n for n in names)
+    assert all(u["trials"] == 0 and u["wanted"] == 96 for u in out["uncovered"])
+    assert out["naive"] == []  # what tuning did not cover, the vector rule schedules
+
+
+@pytest.mark.slow
+def test_auto_tuning_stops_within_its_budget_and_meta_lists_what_it_left(tmp_path: Path) -> None:
+    budget = 30.0
+    cache = Cache(tmp_path / "cache")
+    art, _ = import_onnx_file(_grouped_convs(tmp_path / "grouped.onnx"), cache)
+    t0 = time.monotonic()
+    out, _ = TvmTarget().compile(art, _with_budget(budget), cache,
+                                 CompileOptions(tune=TuneOptions(trials_per_batch=4, progress=False)))
+    wall = time.monotonic() - t0
+    meta = out.meta
+    assert meta["auto_tuning"]["budget_s"] == budget and meta["auto_tuning"]["trials"] > 0
+    t = meta["tuning"]
+    assert t["budget_s"] == budget and t["stopped_by_budget"]
+    assert t["elapsed_s"] <= budget + DEADLINE_GRACE_S
+    # the plan, the tune and the final build together: generous slack for the shared machine
+    assert wall <= budget + DEADLINE_GRACE_S + 120
+    assert t["uncovered"] and all(u["trials"] < u["wanted"] for u in t["uncovered"])
