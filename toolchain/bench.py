@@ -64,6 +64,8 @@ def prepare_job(art: Artifact, cache: Cache, *, profile: Profile | None = None, 
                 reference: Artifact | None = None) -> BenchJob:
     """Resolve the source model, inputs, dataset and the reference outputs (computed here, on the client)."""
     target = target_name_for_kind(art.kind, art.key)
+    if not (cache.holds(art) and cache.verify(art)):  # benching loads the artifact's code: only intact cache entries
+        raise UsageError(f"artifact {art.dir} fails verification or lies outside the cache {cache.root}; rebuild it")
     profile = profile or load_profile(art.profile or "x86-avx512")
     src = reference or source_onnx(art, cache)
     spec = input_specs(fix_batch(load_onnx(src.payload, check=False), 1))

@@ -139,12 +139,12 @@ def _marker_library(tmp_path: Path, marker: Path) -> Path:
     return lib
 
 
-def _tvm_entry(d: Path, lib: Path) -> None:
+def _tvm_entry(d: Path, lib: Path, source: str = "") -> None:
     """A tvm-lib entry whose library runs a constructor when loaded (the kind ``inspect`` times kernels of)."""
     d.mkdir(parents=True)
     shutil.copy(lib, d / "model.so")
     meta = {"elf_machine": os.uname().machine, "kernels": [{"name": "fused_matmul", "kind": "generic"}],
-            "inputs": [{"name": "x", "shape": [1, 4], "dtype": "float32"}]}
+            "inputs": [{"name": "x", "shape": [1, 16], "dtype": "float32"}], "source": source}
     manifest = {"key": d.name, "kind": "tvm-lib", "payload": "model.so", "content_sha256": sha256_dir(d),
                 "step": "compile", "profile": "x86-avx512", "meta": meta}
     (d / MANIFEST).write_text(json.dumps(manifest))
@@ -180,3 +180,17 @@ def test_inspect_truncated_manifest_is_one_line(tmp_path: Path) -> None:
     (d / MANIFEST).write_text('{"kind": "tvm-')
     line = one_line_error(edgec(["inspect", str(d)], tmp_path / "cache"), 2)
     assert "manifest" in line
+
+
+def test_bench_does_not_load_a_tampered_library(tmp_path: Path, onnx_file: Path) -> None:
+    marker = tmp_path / "LIBRARY-LOADED"
+    cache = tmp_path / "cache"
+    source = _cached(onnx_file, cache).name  # the model the library claims to be built from, intact
+    key = "ab" * 32
+    entry = Cache(cache).path_for(key)
+    _tvm_entry(entry, _marker_library(tmp_path, marker), source=source)
+    (entry / "model.so").write_bytes((entry / "model.so").read_bytes() + b"\0")
+    r = edgec(["bench", str(entry), "--duration", "0.05", "--samples", "8"], cache)
+    assert not marker.exists(), "bench loaded a library that failed verification"
+    line = one_line_error(r, 2)
+    assert "fails verification" in line
