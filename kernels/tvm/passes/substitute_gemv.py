@@ -20,7 +20,15 @@ import numpy as np
 
 from kernels.tvm.passes._rewrite import RewritePass, bindings_and_uses, const_array, rewrite_bindings, static_shape
 from kernels.tvm.tir.block_sparse import KERNEL_NAME as GROUPED_NAME
-from kernels.tvm.tir.block_sparse import grouped_gemv_kernel, pack_block_sparse, regroup_columns
+from kernels.tvm.tir.block_sparse import KERNEL_NAME_INT8 as GROUPED_I8_NAME
+from kernels.tvm.tir.block_sparse import (
+    BlockSparseInt8,
+    grouped_dot_kernel,
+    grouped_gemv_kernel,
+    pack_block_sparse,
+    pack_block_sparse_int8,
+    regroup_columns,
+)
 from kernels.tvm.tir.gemv import KERNEL_NAME as GEMV_NAME
 from kernels.tvm.tir.gemv import KERNEL_NAME_INT8 as GEMV_I8_NAME
 from kernels.tvm.tir.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
@@ -203,6 +211,14 @@ class SubstituteGemv(RewritePass):
             args = [relax.const(bs.kptr), relax.const(bs.kidx), relax.const(bs.wv),
                     relax.const(bp if bp is not None else np.zeros((1,), np.float32)), relax.const(oidx)]
             kname, extra = GROUPED_NAME, {"density": round(bs.density, 4), "regrouped": bs.perm is not None}
+        elif zp is not None and (bq := self._grouped_int8(w, mrows)) is not None:
+            name = f"edgec_grouped_gemv_i8_{index}"
+            func = grouped_dot_kernel(bq, mrows, cfg.int8_isa, xshape, yshape)
+            oidx = bq.perm if bq.perm is not None else np.zeros((1,), np.int32)
+            args = [rw.visit_expr(zp), *(relax.const(a) for a in (bq.gptr, bq.gidx, bq.wv, bq.colsum, oidx))]
+            bn, out_dtype = bq.block_n, "int32"
+            kname, extra = GROUPED_I8_NAME, {"isa": cfg.int8_isa, "density": round(bq.density, 4),
+                                             "regrouped": bq.perm is not None, "gather": bq.gather}
         elif zp is not None:  # int8 on the CPU's dot products
             isa = ISAS[cfg.int8_isa]
             bn = choose_block_n(n, cfg.block_n, isa.lanes)
@@ -231,6 +247,20 @@ class SubstituteGemv(RewritePass):
                             "bias": b is not None, "relu": relu, **extra})
         # The kernels take x / y in the graph's shapes (e.g. (1, 1, K)) and view them flat.
         return relax.call_tir(gv, [rw.visit_expr(x), *args], relax.TensorType(yshape, out_dtype)), "gemv"
+
+
+    def _grouped_int8(self, w: np.ndarray, mrows: int) -> BlockSparseInt8 | None:
+        """The block-sparse int8 packing of ``w`` when the grouped kernel is on and it keeps at most
+        MAX_GROUPED_DENSITY of the rows (outputs regrouped where that keeps fewer), else None."""
+        cfg = self.cfg
+        if not cfg.grouped or mrows > 8 or np.mean(w == 0) <= 0.3:
+            return None
+        bn = choose_block_n(w.shape[1], cfg.block_n, ISAS[cfg.int8_isa].lanes)
+        bq = pack_block_sparse_int8(w, bn)
+        if bq.density > MAX_GROUPED_DENSITY:
+            perm = regroup_columns(w, bn)
+            bq = pack_block_sparse_int8(w, bn, perm) if perm is not None else bq
+        return bq if bq.density <= MAX_GROUPED_DENSITY else None
 
 
 __all__ = ["MAX_GEMV_ROWS", "SubstituteGemv", "match_dense"]

@@ -114,9 +114,9 @@ def dot4(isa: DotIsa, acc: Any, xword: Any, wvec: Any) -> Any:
     raise ValueError(f"no int8 dot product for {isa.name!r}")
 
 
-def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int) -> Any:
+def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int) -> tuple[Any, Any]:
     """A zero-padded (rows, K4 * 4) copy of the uint8 activations in the form ``isa`` multiplies (shifted to
-    int8 for sdot); returns its (rows, K4) int32 view, one word per group of 4 k."""
+    int8 for sdot): (the byte buffer, its (rows, K4) int32 view, one word per group of 4 k)."""
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
 
@@ -129,7 +129,7 @@ def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int) -> Any:
             T.buffer_store(xq, v, [m, i])
         with T.serial(k4 * 4 - k) as i:
             T.buffer_store(xq, T.Cast(isa.x_dtype, 0), [m, k + i])
-    return T.decl_buffer((rows, k4), "int32", data=xq.data, scope=scope)
+    return xq, T.decl_buffer((rows, k4), "int32", data=xq.data, scope=scope)
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def dot_kernel(p: DotParams) -> Any:
         yg = T.arg("yg", T.buffer(p.y_shape or (M, N), "int32"))
         x = T.decl_buffer((M, K), "uint8", data=xg.data)
         y = T.decl_buffer((M, N), "int32", data=yg.data)
-        x32 = emit_quantized_copy(isa, x, M, K)
+        _, x32 = emit_quantized_copy(isa, x, M, K)
         zeff = Cast("int32", zp[()]) + T.int32(-isa.x_shift)
 
         def block(woff: Any, col0: Any, W: int, S: int, NOUT: int, acc: Any) -> None:

@@ -15,7 +15,8 @@ import onnx
 import pytest
 
 from kernels.tvm import int8_isa
-from kernels.tvm.testing import build_vm, dense_onnx
+from kernels.tvm.testing import block_diagonal, build_vm, dense_onnx
+from kernels.tvm.tir.block_sparse import pack_block_sparse_int8
 from kernels.tvm.tir.int8_dot import exact_on, pack_int8
 from targets.tvm.build import build_library
 from toolchain.core.onnx_io import ort_session
@@ -146,3 +147,90 @@ def test_int8_matches_onnx_runtime_on_fashion_mnist(profile_id: str, fashion: ob
     assert np.mean(ours.argmax(1) == ort.argmax(1)) >= ORT_AGREEMENT
     assert np.max(np.abs(ours - ort)) <= 0.05 * np.max(np.abs(ort))
     assert np.mean(ours.argmax(1) == fashion.y_test[:500]) > 0.7  # type: ignore[attr-defined]  # a real classifier
+
+
+def grouped_int8_mlp(profile_id: str, interleave: bool, foreign: int, seed: int = 3) -> onnx.ModelProto:
+    """A G2GNet-like int8 MLP 96-256-256-10: block-diagonal hidden layers of 8 groups (``interleave``: the
+    mixer grouping on the second, output j in group j % 8; ``foreign``: inputs from other groups per output
+    group, at scattered rows)."""
+    rng = np.random.default_rng(seed)
+    ws = [(rng.standard_normal((96, 256)) / 10).astype(np.float32)]
+    for layer in range(2):
+        w = block_diagonal(256, 256, 8, seed=seed + layer)
+        for g in range(8):
+            rows = rng.choice(256, foreign, replace=False)
+            w[rows, g * 32:(g + 1) * 32] = rng.standard_normal((foreign, 32)).astype(np.float32) / 4
+        if interleave and layer == 1:
+            w = w[:, np.argsort(np.arange(256) % 8, kind="stable")]
+        ws.append(w)
+    ws.append((rng.standard_normal((256, 10)) / 10).astype(np.float32))
+    bs: list[np.ndarray | None] = [(0.1 * rng.standard_normal(w.shape[1])).astype(np.float32) for w in ws]
+    model = dense_onnx(ws, bs, gemm=True)
+    return run(model, Config(mode="dynamic"), PassContext(profile=load_profile(profile_id), target="tvm")).model
+
+
+@pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
+@pytest.mark.parametrize("interleave,foreign", [(False, 0), (True, 0), (False, 5)])
+def test_grouped_int8_is_exact_vs_generic(profile_id: str, interleave: bool, foreign: int) -> None:
+    """Block-diagonal int8 layers run as the grouped int8 kernel (windows of 4 inputs, regrouped outputs
+    for the mixer grouping, gathered rows for scattered foreign inputs), as the generic lowering computes
+    them (the fp32 dequantization after them may contract to FMAs: last-bit differences)."""
+    model = grouped_int8_mlp(profile_id, interleave, foreign)
+    prof = load_profile(profile_id)
+    fast, table = build_vm(model, prof)
+    generic, _ = build_vm(model, prof, substitute=False)
+    kinds = [r["kernel"] for r in table if r["origin"] != "generic" and "i8" in r["kernel"]]
+    assert kinds.count("grouped-gemv-i8") == 2, table
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        x = rng.standard_normal((1, 96)).astype(np.float32)
+        np.testing.assert_allclose(fast(x), generic(x), rtol=1e-6, atol=1e-6)
+
+
+def matmul_integer(w: np.ndarray, rows: int = 1) -> onnx.ModelProto:
+    """x[rows, K] fp32 -> DynamicQuantizeLinear -> MatMulInteger by the int8 constant ``w``: int32 out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "W", "xz"], ["y"])]
+    g = helper.make_graph(nodes, "mmi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, w.shape[0]])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, [rows, w.shape[1]])],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
+@pytest.mark.parametrize("layout", ["dense", "groups", "interleaved", "scattered"])
+def test_matmul_integer_is_bit_exact(profile_id: str, layout: str) -> None:
+    """MatMulInteger's int32 result, dense and grouped kernels, 1 and 3 rows: equal to the generic lowering's."""
+    rng = np.random.default_rng(6)
+    w = rng.integers(-64, 64, (200, 256)).astype(np.int8)  # reduced range: exact on AVX2 too
+    if layout != "dense":
+        w[block_diagonal(200, 256, 8) == 0] = 0
+    if layout == "interleaved":
+        w = w[:, np.argsort(np.arange(256) % 8, kind="stable")]
+    if layout == "scattered":
+        w[rng.choice(200, 6, replace=False)] = rng.integers(-64, 64, (6, 256))
+    for rows in (1, 3):
+        model = matmul_integer(w, rows)
+        fast, table = build_vm(model, load_profile(profile_id))
+        generic, _ = build_vm(model, load_profile(profile_id), substitute=False)
+        assert [r["kernel"] for r in table if r["kernel"]] == \
+            ["gemv-packed-i8" if layout == "dense" else "grouped-gemv-i8"], table
+        x = rng.standard_normal((rows, 200)).astype(np.float32)
+        out = fast(x)
+        assert out.dtype == np.int32
+        np.testing.assert_array_equal(out, generic(x))
+
+
+def test_grouped_int8_packing_streams_only_kept_rows() -> None:
+    w = np.zeros((64, 64), np.int8)
+    w[:16, :32] = 1
+    w[40:56, 32:] = -1
+    w[7, 40] = 3  # one scattered row in the second block
+    bq = pack_block_sparse_int8(w, 32)
+    assert not bq.gather and bq.gptr.tolist() == [0, 4, 9]  # 4 windows; 4 + one for row 7
+    assert bq.density == 36 / 128
+    assert bq.colsum.tolist() == w.astype(np.int32).sum(0).tolist()
