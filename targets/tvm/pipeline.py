@@ -45,10 +45,10 @@ def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...
     return (
         # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
         ("substitute-kernels", tvm.transform.Sequential(substitution_passes(k), name="SubstituteKernels")),
-        # Then a tiny MLP's dense layers become one kernel: one VM call instead of four per layer.
-        ("fuse-gemv-chains", FuseGemvChains.create(k)),
         # Dense layers whose weights are exactly bf16 (the bf16 pass) keep them as bf16: half the bytes.
         ("bf16-weights", StoreWeightsBf16.create(k)),
+        # Then a tiny MLP's dense layers become one kernel: one VM call instead of four per layer.
+        ("fuse-gemv-chains", FuseGemvChains.create(k)),
         ("decompose", seq([relax.transform.DecomposeOpsForInference()])),
         # exp / sigmoid as vectorizable arithmetic instead of one libm call per element.
         *((("fast-exp", FastMath.create(k)),) if k.fast_exp else ()),

@@ -23,6 +23,7 @@ from kernels.tvm.passes._rewrite import (
 )
 from kernels.tvm.tir import kan
 from kernels.tvm.tir._elementwise import BINARY, CONCAT, CONST, INPUT, SLICE, UNARY, Node
+from kernels.tvm.tir.bf16 import bf16_constant_array, to_bf16_bits
 
 # The Relax elementwise ops a basis graph may use (all in the shared op table; ``power`` only as a square).
 UNARY_OPS = ("exp", "tanh", "sigmoid", "negative", "sqrt", "square")
@@ -200,11 +201,15 @@ class FuseKan(RewritePass):
                 return None
             g, n, kk, w, yshape = found
             name = f"edgec_kan_{len(self.report)}"
-            func = kan.fused_kan_kernel(g, n, kk, w.shape[1], lanes, static_shape(g.root), yshape)
+            wq = kan.pack_coefficients(w, lanes)
+            bits = to_bf16_bits(wq)  # coefficients bf16 holds exactly (the bf16 pass): stored as bf16
+            func = kan.fused_kan_kernel(g, n, kk, w.shape[1], lanes, static_shape(g.root), yshape,
+                                        "float32" if bits is None else "bfloat16")
             gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
-            call = relax.call_tir(gv, [rw.visit_expr(g.root), relax.const(kan.pack_coefficients(w, lanes))],
-                                  relax.TensorType(yshape, "float32"))
-            self.report.append({"kernel": kan.KERNEL_NAME, "func": name, "in": n, "basis": kk,
+            wc = relax.const(wq) if bits is None else relax.const(bf16_constant_array(bits), "bfloat16")
+            call = relax.call_tir(gv, [rw.visit_expr(g.root), wc], relax.TensorType(yshape, "float32"))
+            kname = kan.KERNEL_NAME if bits is None else kan.KERNEL_NAME_BF16W
+            self.report.append({"kernel": kname, "func": name, "in": n, "basis": kk,
                                 "out": int(w.shape[1]), "nodes": len(g.nodes)})
             return call, "kan"
 

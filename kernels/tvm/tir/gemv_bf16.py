@@ -19,33 +19,17 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
+from kernels.tvm.tir.bf16 import widened
 from kernels.tvm.tir.gemv import FULL_CHAINS, MAX_ROW_BLOCK, TAIL_CHAINS, GemvParams, tail_chunk, tail_width
 
 KERNEL_NAME = "gemv-packed-bf16w"
 ATTR_GEMV_BF16 = "edgec.gemv_bf16"  # PrimFunc attribute: the GemvParams of a bf16-weight GEMV kernel
 
 
-def to_bf16_bits(w: np.ndarray) -> np.ndarray | None:
-    """The upper 16 bits of the float32 ``w`` as uint16 when ``w`` is exactly representable in bfloat16
-    (every lower half zero), else None: storing such a weight as bf16 loses nothing."""
-    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
-    if bits.size == 0 or np.any(bits & 0xFFFF):
-        return None
-    return (bits >> 16).astype(np.uint16)
-
-
-def bf16_constant_array(bits: np.ndarray) -> Any:
-    """A numpy array TVM takes as a bfloat16 constant, from the raw uint16 bits."""
-    import ml_dtypes  # ships with TVM's dependencies
-
-    return bits.view(ml_dtypes.bfloat16)
-
-
 def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: Any) -> None:
     """Emit the dense layer ``p`` with ``wp`` a bfloat16 buffer (the packed layout at ``wp[woff:]``),
     x / y (M, K) / (M, N) float32 and the bias at ``b[boff:]``."""
     from tvm.script.ir_builder import tirx as T
-    from tvm.tirx import Cast
 
     M, K, BN, U = p.m, p.k, p.block_n, max(1, p.unroll)
     FULL, TAIL = p.full_blocks, p.tail
@@ -61,7 +45,7 @@ def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int
         return v
 
     def mac(acc_v: Any, xv: Any, wv: Any) -> Any:
-        return acc_v + xv * Cast("float32", wv)
+        return acc_v + xv * widened(wv, "bfloat16")
 
     RB = max(d for d in range(1, min(M, MAX_ROW_BLOCK) + 1) if M % d == 0)
     MO = M // RB
@@ -122,5 +106,40 @@ def gemv_bf16_kernel(p: GemvParams) -> Any:
                                                "bias": p.bias, "relu": p.relu})
 
 
-__all__ = ["ATTR_GEMV_BF16", "KERNEL_NAME", "bf16_constant_array", "emit_layer_bf16", "gemv_bf16_kernel",
-           "to_bf16_bits"]
+
+
+CHAIN_KERNEL_NAME = "gemv-chain-bf16w"
+
+
+def chain_bf16_kernel(layers: list[GemvParams], x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> Any:
+    """``kernels.tvm.tir.chain.chain_kernel`` with bfloat16 packed weights: the PrimFunc ``(x, w_all bf16,
+    b_all f32, y)`` running ``layers`` in order in one call (intermediates in two scratch buffers)."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    if not layers:
+        raise ValueError("a chain needs at least one layer")
+    m = layers[0].m
+    woffs = np.cumsum([0] + [p.packed_size for p in layers]).tolist()
+    boffs = np.cumsum([0] + [p.n if p.bias else 0 for p in layers]).tolist()
+    widest = max([p.n for p in layers[:-1]] + [1])
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("chain_bf16")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: CHAIN_KERNEL_NAME, "tirx.is_scheduled": True})
+        xg = T.arg("xg", T.buffer(x_shape, "float32"))
+        wp = T.arg("wp", T.buffer((max(1, woffs[-1]),), "bfloat16"))
+        b = T.arg("b", T.buffer((max(1, boffs[-1]),), "float32"))
+        yg = T.arg("yg", T.buffer(y_shape, "float32"))
+        x = T.decl_buffer((m, layers[0].k), "float32", data=xg.data)
+        y = T.decl_buffer((m, layers[-1].n), "float32", data=yg.data)
+        scratch = (T.alloc_buffer((m, widest), "float32", scope="local"),
+                   T.alloc_buffer((m, widest), "float32", scope="local"))
+        for j, p in enumerate(layers):
+            src = x if j == 0 else scratch[(j - 1) % 2]
+            dst = y if j == len(layers) - 1 else scratch[j % 2]
+            emit_layer_bf16(p, src, wp, woffs[j], b, boffs[j], dst)
+    return ib.get()
+
+
+__all__ = ["ATTR_GEMV_BF16", "CHAIN_KERNEL_NAME", "KERNEL_NAME", "chain_bf16_kernel", "emit_layer_bf16",
+           "gemv_bf16_kernel"]

@@ -27,8 +27,10 @@ import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
 from kernels.tvm.tir._elementwise import CONCAT, CONST, INPUT, SLICE, UNARY, Node, apply_op
+from kernels.tvm.tir.bf16 import widened
 
 KERNEL_NAME = "kan-fused-f32"
+KERNEL_NAME_BF16W = "kan-fused-bf16w"  # coefficients stored as bfloat16 (exact ones only), fp32 arithmetic
 MAX_OUT = 512  # accumulators for all outputs stay live: beyond this, leave the layer to the GEMV path
 
 
@@ -42,8 +44,9 @@ class BasisGraph:
 
 
 def fused_kan_kernel(g: BasisGraph, n: int, k: int, out: int, lanes: int, x_shape: tuple[int, ...],
-                     y_shape: tuple[int, ...]) -> Any:
-    """PrimFunc ``(z[x_shape], wq[n*K, Npad], y[y_shape])``: y = sum_ij phi_j(z_i) W[iK+j]."""
+                     y_shape: tuple[int, ...], w_dtype: str = "float32") -> Any:
+    """PrimFunc ``(z[x_shape], wq[n*K, Npad], y[y_shape])``: y = sum_ij phi_j(z_i) W[iK+j]; ``wq`` stored
+    in ``w_dtype`` (float32, or bfloat16 widened to fp32 on load)."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import FloatImm
@@ -108,9 +111,10 @@ def fused_kan_kernel(g: BasisGraph, n: int, k: int, out: int, lanes: int, x_shap
     chunks, rem = n // lanes, n % lanes
     with IRBuilder() as ib, T.prim_func():
         T.func_name("kan_fused")
-        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME if w_dtype == f32 else KERNEL_NAME_BF16W,
+                     "tirx.is_scheduled": True})
         zg = T.arg("z", T.buffer(x_shape, f32))
-        wq = T.arg("wq", T.buffer((n * k, npad), f32))
+        wq = T.arg("wq", T.buffer((n * k, npad), w_dtype))
         yg = T.arg("y", T.buffer(y_shape, f32))
         z = T.decl_buffer((n,), f32, data=zg.data)
         y = T.decl_buffer((out,), f32, data=yg.data)
@@ -130,7 +134,7 @@ def fused_kan_kernel(g: BasisGraph, n: int, k: int, out: int, lanes: int, x_shap
                     for j in range(k):
                         pj = item_at(phi[j], z, s, base, l2)  # the value stored for lane l2
                         with T.vectorized(0, npad) as c:
-                            T.buffer_store(acc, acc[c] + pj * wq[(base + l2) * k + j, c], [c])
+                            T.buffer_store(acc, acc[c] + pj * widened(wq[(base + l2) * k + j, c], w_dtype), [c])
         with T.vectorized(0, out) as c:
             T.buffer_store(y, acc[c], [c])
     return ib.get()
@@ -144,4 +148,4 @@ def pack_coefficients(w: np.ndarray, lanes: int) -> np.ndarray:
     return out
 
 
-__all__ = ["KERNEL_NAME", "MAX_OUT", "BasisGraph", "fused_kan_kernel", "pack_coefficients"]
+__all__ = ["KERNEL_NAME", "KERNEL_NAME_BF16W", "MAX_OUT", "BasisGraph", "fused_kan_kernel", "pack_coefficients"]
