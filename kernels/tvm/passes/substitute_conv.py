@@ -34,8 +34,8 @@ from kernels.tvm.tir.conv2d import (
     pack_conv_weight,
 )
 
-# A matched layer: (x, W, bias or None, relu, the conv2d's attributes).
-Conv = tuple[Any, np.ndarray, "np.ndarray | None", bool, Any]
+# A matched layer: (x, W, bias or None, relu, the conv2d's attributes, the residual tensor or None).
+Conv = tuple[Any, np.ndarray, "np.ndarray | None", bool, Any, Any]
 
 
 def _bias_of(e: Any, inner: Any, oc: int) -> np.ndarray | None:
@@ -65,8 +65,10 @@ def _bias_of(e: Any, inner: Any, oc: int) -> np.ndarray | None:
 
 
 def match_conv(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any]) -> Conv | None:
-    """(x, W, b, relu, attrs) when ``call`` ends a conv2d [+ bias] [+ relu] chain with a constant fp32
-    weight the kernels cover (groups 1 or depthwise); the inner bindings it swallows go to ``absorbed``."""
+    """(x, W, b, relu, attrs, residual) when ``call`` ends a conv2d [+ bias] [+ residual] [+ relu] chain with a
+    constant fp32 weight the kernels cover (groups 1 or depthwise); the inner bindings it swallows go to
+    ``absorbed``. The residual is a tensor of the conv's output shape added before the relu (a ResNet block's
+    skip connection), read by the kernel's epilogue."""
     import tvm
     from tvm import relax
 
@@ -74,38 +76,48 @@ def match_conv(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed:
     op_add = tvm.ir.Op.get("relax.add")
     op_relu = tvm.ir.Op.get("relax.nn.relu")
 
-    def inner(e: Any) -> Any:
+    def peek(e: Any) -> Any:
         # Only look through a binding used once: otherwise its value is still needed elsewhere.
-        if isinstance(e, relax.Var) and uses.get(e, 0) == 1 and e in bound:
-            absorbed.append(e)
-            return bound[e]
+        return bound[e] if isinstance(e, relax.Var) and uses.get(e, 0) == 1 and e in bound else None
+
+    def conv_bias(node: Any) -> tuple[Any, np.ndarray | None, list[Any]] | None:
+        """(conv call, bias, bindings it absorbs) for ``node`` = conv(...) or conv(...) + bias."""
+        if not isinstance(node, relax.Call):
+            return None
+        if node.op == op_conv:
+            return node, None, []
+        if node.op != op_add:
+            return None
+        for a, c in (node.args, node.args[::-1]):
+            conv = peek(a)
+            w = const_array(conv.args[1]) if isinstance(conv, relax.Call) and conv.op == op_conv else None
+            bias = _bias_of(c, peek, w.shape[0]) if w is not None and w.ndim == 4 else None
+            if bias is not None:
+                return conv, bias, [a, *([c] if isinstance(c, relax.Var) else [])]
         return None
 
     if not isinstance(call, relax.Call):
         return None
-    relu = False
-    node = call
-    if node.op == op_relu:
-        relu = True
-        node = inner(node.args[0])
-        if not isinstance(node, relax.Call):
-            return None
-    bias_e = None
-    if node.op == op_add:
-        a, c = node.args
-        conv = inner(a)
-        if not (isinstance(conv, relax.Call) and conv.op == op_conv):
-            a, c = c, a
-            conv = inner(a)
-        if not (isinstance(conv, relax.Call) and conv.op == op_conv):
-            return None
-        bias_e, node = c, conv
-    if node.op != op_conv:
+    relu = call.op == op_relu
+    node = peek(call.args[0]) if relu else call
+    swallowed = [call.args[0]] if relu else []
+    residual = None
+    found = conv_bias(node)
+    if found is None and isinstance(node, relax.Call) and node.op == op_add:
+        # (conv [+ bias]) + a tensor of the conv's shape: the residual, added in the kernel's epilogue
+        for a, c in (node.args, node.args[::-1]):
+            inner = conv_bias(peek(a))
+            if (inner is not None and isinstance(c, relax.Var) and static_shape(c) == static_shape(node)
+                    and str(c.ty.dtype) == "float32"):
+                found, residual = (inner[0], inner[1], [a, *inner[2]]), c
+                break
+    if found is None:
         return None
-    x, w = node.args
+    conv, bias, inner_vars = found
+    x, w = conv.args
     wa = const_array(w)
     xs = static_shape(x)
-    at = node.attrs
+    at = conv.attrs
     if wa is None or wa.ndim != 4 or wa.dtype != np.float32 or xs is None or len(xs) != 4:
         return None
     if str(x.ty.dtype) != "float32" or (at.out_dtype is not None and str(at.out_dtype) not in ("", "float32")):
@@ -116,12 +128,10 @@ def match_conv(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed:
     depthwise = groups == ic == oc and groups > 1 and wa.shape[1] == 1
     if not (groups == 1 and wa.shape[1] == ic) and not depthwise:
         return None
-    bias = None
-    if bias_e is not None:
-        bias = _bias_of(bias_e, inner, oc)
-        if bias is None:
-            return None
-    return x, wa, bias, relu, at
+    if residual is not None and (depthwise or static_shape(residual) != static_shape(conv)):
+        return None
+    absorbed += [*swallowed, *inner_vars]
+    return x, wa, bias, relu, at, residual
 
 
 class SubstituteConv(RewritePass):
@@ -157,7 +167,7 @@ class SubstituteConv(RewritePass):
         from tvm import relax
 
         cfg = self.cfg
-        x, w, b, relu, at = conv
+        x, w, b, relu, at, residual = conv
         xs = static_shape(x)
         assert xs is not None
         n, ic, ih, iw = xs
@@ -168,6 +178,7 @@ class SubstituteConv(RewritePass):
         boc = choose_block_oc(oc, cfg.conv_block_oc, cfg.lanes)
         p = ConvParams(n=n, ic=ic, ih=ih, iw=iw, oc=oc, kh=kh, kw=kw, stride=tuple(const_ints(at.strides)),
                        dilation=tuple(const_ints(at.dilation)), pad=pad4, bias=b is not None, relu=relu,
+                       residual=residual is not None,
                        block_oc=boc, tile_ow=cfg.conv_tile_ow, lanes=cfg.lanes)
         index = len(self.report)
         bias = relax.const(b if b is not None else np.zeros((1,), np.float32))
@@ -183,9 +194,10 @@ class SubstituteConv(RewritePass):
         self.report.append({"kernel": kname, "func": name, "in": [ic, ih, iw], "out": [oc, p.oh, p.ow],
                             "kernel_hw": [kh, kw], "stride": list(p.stride), "pad": list(pad4),
                             "block_oc": boc, "tile_ow": choose_tile_ow(p.ow, p.tile_ow), "bias": b is not None,
-                            "relu": relu, "mflops": round(p.mflops, 2)})
+                            "relu": relu, "residual": residual is not None, "mflops": round(p.mflops, 2)})
         yshape = (n, oc, p.oh, p.ow)
-        return relax.call_tir(gv, [rw.visit_expr(x), wc, bias], relax.TensorType(yshape, "float32")), "conv"
+        args = [rw.visit_expr(x), wc, bias, *([rw.visit_expr(residual)] if residual is not None else [])]
+        return relax.call_tir(gv, args, relax.TensorType(yshape, "float32")), "conv"
 
 
 __all__ = ["SubstituteConv", "match_conv"]

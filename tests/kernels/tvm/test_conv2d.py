@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kernels.tvm.testing import build_vm, with_kernels
+from kernels.tvm.testing import build_vm, substitute, with_kernels
 from kernels.tvm.tir.conv2d import choose_block_oc, choose_tile_ow, pack_conv_weight
 from toolchain.core.profile import load_profile
 
@@ -173,3 +173,7 @@ def test_small_cnn_matches_ort() -> None:
     kinds = [r["kernel"] for r in table if r["kernel"]]
     assert kinds.count("conv2d-direct-f32") == 5 and kinds.count("conv2d-depthwise-f32") == 1
     assert all(r["origin"] in ("hand-written", "rule") for r in table)  # nothing naive left
+    # both skip connections are added in a conv's epilogue (b2 + pool before the relu, ds + d1_r): no add kernel
+    assert not any("add" in r["name"] for r in table)
+    rows = substitute(model, load_profile("x86-avx512"))[1]
+    assert sum(bool(r.get("residual")) for r in rows) == 2
