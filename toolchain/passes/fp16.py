@@ -139,6 +139,18 @@ def _nbytes(t: TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * itemsize
 
 
+def _schema_allows(op_type: str, opset: int, dtype: str) -> bool:
+    """Whether the op's ONNX schema at ``opset`` takes ``dtype`` wherever it takes float32 (Conv, for
+    one, has no bfloat16: a bf16 Conv is an invalid model)."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset)
+    except onnx.defs.SchemaError:
+        return False
+    want = f"tensor({dtype})"
+    return all(want in tc.allowed_type_strs for tc in schema.type_constraints
+               if "tensor(float)" in tc.allowed_type_strs)
+
+
 def run_compute(model: onnx.ModelProto, cfg: Config) -> PassResult:
     """Compute form: every float tensor of a non-blocked node in half precision."""
     kind = KINDS[cfg.dtype]
@@ -152,8 +164,12 @@ def run_compute(model: onnx.ModelProto, cfg: Config) -> PassResult:
         etype[t.name] = t.data_type
     block = set(DEFAULT_BLOCK) | set(cfg.block)
 
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), onnx.defs.onnx_opset_version())
+
     def is_low(n: onnx.NodeProto) -> bool:
         if n.op_type in block or n.name in block or n.domain not in ("", "ai.onnx"):
+            return False
+        if not _schema_allows(n.op_type, opset, cfg.dtype):
             return False
         if cfg.family_defaults and family_marked(n):
             return False

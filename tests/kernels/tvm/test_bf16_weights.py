@@ -7,6 +7,9 @@ bf16 (``gemv-packed-bf16w``), so a model whose bytes are in dense layers shrinks
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -16,6 +19,7 @@ from kernels.tvm.testing import block_diagonal, build_vm, dense_onnx, with_kerne
 from kernels.tvm.tir.bf16 import to_bf16_bits
 from targets.tvm.frontend import import_onnx
 from targets.tvm.pipeline import pipeline
+from targets.tvm.tuning import auto_trials
 from toolchain.core.profile import load_profile
 from toolchain.export import torch_to_onnx
 from toolchain.passes import PassContext
@@ -216,3 +220,18 @@ def test_convkan_bf16_build() -> None:
     assert "gemv-packed-bf16w" in kernels_of(table)  # the head; the convolutions keep fp32 weights
     rng = np.random.default_rng(7)
     assert agree(fp32, bf16, [rng.random((1, 1, 28, 28)).astype(np.float32) for _ in range(3)]) < BF16_TOL
+
+
+def test_auto_tuning_plans_no_trials_for_a_bf16_mlp(tmp_path: Path) -> None:
+    """mlp-1m's shape (784-1024-512-256-10): the bf16 build's dense layers are hand-written kernels, so
+    "auto" tuning finds nothing heavy to tune (the compute form's naive bf16 matmuls started 96 trials)."""
+    rng = np.random.default_rng(8)
+    dims = (784, 1024, 512, 256, 10)
+    ws = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32) for a, b in itertools.pairwise(dims)]
+    model = dense_onnx(ws, [rng.standard_normal(w.shape[1]).astype(np.float32) for w in ws])
+    path = tmp_path / "bf16.onnx"
+    onnx.save(to_bf16(model), path)
+    assert auto_trials(path, PROFILE) == (0, [])
+    onnx.save(to_bf16(model, form="compute"), path)
+    trials, heavy = auto_trials(path, PROFILE)
+    assert trials > 0 and heavy  # what the weight-only form avoids
