@@ -436,9 +436,10 @@ class DeviceServer:
     def _run_session(self, conn: socket.socket, addr: str, hello: dict[str, Any]) -> None:
         self.sessions += 1
         try:
-            timeout = float(hello.get("session_timeout_s") or 0) or self.session_timeout_s or None
+            asked = max(0.0, float(hello.get("session_timeout_s") or 0))
         except (TypeError, ValueError):
-            timeout = self.session_timeout_s or None
+            asked = 0.0
+        timeout = min(t for t in (asked, self.session_timeout_s) if t > 0) if asked or self.session_timeout_s else None
         workdir = Path(tempfile.mkdtemp(prefix="edgec-session-"))
         others = [s for s in (self.sock, self._tracker_sock) if s is not None]
         proc = multiprocessing.get_context("fork").Process(
