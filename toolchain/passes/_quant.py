@@ -19,9 +19,11 @@ from toolchain.core.errors import UsageError
 from toolchain.core.onnx_io import graph_inputs, input_specs, ort_session
 from toolchain.measure.compare import task_accuracy
 from toolchain.passes._graph import (
+    _attr,
     copy_model,
     dense_layers,
     get_weight,
+    initializers,
     remove_initializer,
     set_initializer,
 )
@@ -103,6 +105,95 @@ def gemm_to_matmul(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     out.graph.node.extend(new_nodes)
     del out.graph.value_info[:]  # stale shapes of rewritten values; ORT re-infers them
     return out
+
+
+def qdq_to_integer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Static QDQ dense layers in integer form: ``[MatMul|Gemm](DQ(xq, sx, zx), DQ(Wq, sw, 0)) [+ bias]``
+    becomes ``MatMulInteger(xq, Wq, zx) -> Cast -> Mul(sx * sw) [-> Add(bias)]``. The weight stays int8 (a
+    compiler that folds the DQ of a constant weight would otherwise keep it as fp32: 4x the bytes) and the
+    product is integer arithmetic, the same value up to float rounding. Only per-tensor uint8 activations
+    with symmetric int8 weights (zero points 0, ORT's QInt8 default), Gemm with alpha = beta = 1 and no
+    transA; anything else stays QDQ. Returns (the model, the names of the rewritten nodes)."""
+    out = copy_model(model)
+    inits = initializers(out)
+    made = {o: n for n in out.graph.node for o in n.output}
+    new_nodes: list[onnx.NodeProto] = []
+    done: list[str] = []
+    for n in out.graph.node:
+        nodes = None
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2:
+            a, b = made.get(n.input[0]), made.get(n.input[1])
+            if _is_dq(a, inits, activation=True) and _is_dq(b, inits, activation=False):
+                nodes = _integer_dense(out, n, a, b, inits)  # type: ignore[arg-type]
+        new_nodes += nodes if nodes is not None else [n]
+        if nodes is not None:
+            done.append(n.name)
+    if not done:
+        return model, []
+    del out.graph.node[:]
+    out.graph.node.extend(new_nodes)
+    _drop_dead(out)
+    return out, done
+
+
+def _is_dq(node: onnx.NodeProto | None, inits: dict[str, onnx.TensorProto], activation: bool) -> bool:
+    """A DequantizeLinear with constant scale and zero point (and, for a weight, a constant input)."""
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
+        return False
+    return node.input[1] in inits and node.input[2] in inits and (activation or node.input[0] in inits)
+
+
+def _integer_dense(model: onnx.ModelProto, n: onnx.NodeProto, a: onnx.NodeProto, b: onnx.NodeProto,
+                   inits: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto] | None:
+    """The integer-form nodes of one QDQ dense node ``n`` (activation DQ ``a``, weight DQ ``b``), their new
+    initializers added to ``model``; None where the node is not in the supported form."""
+    val = {name: numpy_helper.to_array(inits[name]) for name in (*a.input[1:3], *b.input[:3])}
+    sx, zx = val[a.input[1]], val[a.input[2]]
+    wq, sw, zw = val[b.input[0]], val[b.input[1]], val[b.input[2]]
+    if sx.size != 1 or zx.size != 1 or zx.dtype != np.uint8:
+        return None
+    if wq.dtype != np.int8 or wq.ndim != 2 or np.any(zw != 0):
+        return None
+    if n.op_type == "Gemm" and (_attr(n, "alpha", 1.0) != 1.0 or _attr(n, "beta", 1.0) != 1.0 or _attr(n, "transA", 0)):
+        return None
+    trans_b = n.op_type == "Gemm" and bool(_attr(n, "transB", 0))
+    w_kn = np.ascontiguousarray(wq.T if trans_b else wq)
+    cols = w_kn.shape[1]
+    if sw.size == 1:
+        sw_n = np.full(cols, float(sw.reshape(())), np.float32)
+    elif sw.size == cols and int(_attr(b, "axis", 1)) % 2 == (0 if trans_b else 1):  # per output column
+        sw_n = sw.astype(np.float32).reshape(-1)
+    else:
+        return None
+    y = n.output[0]
+    has_bias = n.op_type == "Gemm" and len(n.input) > 2 and n.input[2] != ""
+    w_name, s_name = f"{n.name}__wq_kn", f"{n.name}__dq_scale"
+    set_initializer(model, w_name, w_kn)
+    set_initializer(model, s_name, (np.float32(sx.reshape(())) * sw_n).astype(np.float32))
+    scaled = f"{y}__scaled" if has_bias else y
+    nodes = [helper.make_node("MatMulInteger", [a.input[0], w_name, a.input[2]], [f"{y}__i32"], name=n.name),
+             helper.make_node("Cast", [f"{y}__i32"], [f"{y}__f32"], to=onnx.TensorProto.FLOAT, name=f"{n.name}__cast"),
+             helper.make_node("Mul", [f"{y}__f32", s_name], [scaled], name=f"{n.name}__scale")]
+    if has_bias:
+        nodes.append(helper.make_node("Add", [scaled, n.input[2]], [y], name=f"{n.name}__bias"))
+    return nodes
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is used (repeatedly), then initializers nothing reads."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = outputs | {i for n in model.graph.node for i in n.input}
+        keep = [n for n in model.graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(model.graph.node):
+            break
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    used = outputs | {i for n in model.graph.node for i in n.input}
+    live = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(live)
+    del model.graph.value_info[:]
 
 
 def input_feed_shape(model: onnx.ModelProto) -> tuple[str, tuple[int, ...]]:

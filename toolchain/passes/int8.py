@@ -3,7 +3,9 @@
 Only weight ops (MatMul / Gemm / Conv with a constant weight) are quantized; elementwise math (KAN basis
 evaluation, spiking membrane / threshold) stays fp32. Static mode calibrates activation ranges on REAL
 training inputs of the model's labelled dataset; the ranges are their own cached artifact. Reduced range
-(7-bit) weights are used on CPUs without VNNI, where u8s8 products can saturate.
+(7-bit) weights are used on CPUs without VNNI, where u8s8 products can saturate. For the tvm target the
+static QDQ dense layers take the integer form (``MatMulInteger`` + a scale: int8 weights, integer products)
+that edgec's TVM kernels run on the CPU's int8 dot products; for ONNX Runtime they stay QDQ (its own fusion).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from toolchain.passes._quant import (
     check_weight_ops,
     gemm_to_matmul,
     name_nodes,
+    qdq_to_integer,
     require_data,
     weight_bits_report,
 )
@@ -114,9 +117,13 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
     prep = prepare(model, cfg.mode, nodes)
     rr = reduce_range_for(ctx)
     out = quantize(prep, cfg.mode, nodes, cfg.per_channel, rr, calib, cfg.calib_method)
+    integer: list[str] = []
+    if cfg.mode == "static" and ctx.target == "tvm":  # int8 weights and products on TVM, not folded fp32
+        out, integer = qdq_to_integer(out)
     layers: list[dict[str, Any]] = [{"layer": n, "precision": "int8"} for n in nodes]
     layers += [{"layer": n, "precision": "fp32", "why": why} for n, why in kept.items()]
     report = {"mode": cfg.mode, "per_channel": cfg.per_channel, "reduce_range": rr, "layers": layers,
+              **({"integer_form": integer} if cfg.mode == "static" else {}),
               "weight_bytes": weight_bits_report(out)}
     if calib is not None:
         report["calibration"] = {"artifact": calib.parent.name, "samples": cfg.calib_samples,
