@@ -670,6 +670,7 @@ def markdown(results: dict[str, dict[str, Any]], missing: dict[str, str], comman
                "MFLOP", "peak (GFLOP/s)", "FLOPs / peak (us)", "1-op call (us)", "floor (us)", "edgec p50 (us)",
                "edgec / floor"]
     frows = []
+    floor_notes: list[str] = []
     for model, res in results.items():
         f = res.get("floor")
         s = summarize(res)
@@ -677,6 +678,10 @@ def markdown(results: dict[str, dict[str, Any]], missing: dict[str, str], comman
             frows.append([model, *["-"] * 11])
             continue
         missed = f" (not counted: {', '.join(sorted(set(f['flops_not_counted'])))})" if f["flops_not_counted"] else ""
+        if "gbs" not in f["bandwidth"]:
+            floor_notes.append(f"- {model}: measured before the floor used the probe's 90th percentile: its "
+                               f"bandwidth is the median ({f['bandwidth']['median_gbs']:.0f} GB/s; best sample "
+                               f"{f['bandwidth']['best_gbs']:.0f} GB/s)")
         gbs = f["bandwidth"].get("gbs", f["bandwidth"]["median_gbs"])
         frows.append([model, f["precision"], f"{f['weight_bytes']:,}", f"{gbs:.0f}",
                       f"{f['bytes_us']:.2f}", f"{f['flops'] / 1e6:.2f}{missed}",
@@ -686,6 +691,8 @@ def markdown(results: dict[str, dict[str, Any]], missing: dict[str, str], comman
                       _ratio(s["vs_floor"], s["vs_floor"] is not None and s["vs_floor"] <= FLOOR_TOLERANCE)])
     lines += [markdown_table(fheader, frows), ""]
     lines.append(f"\"NOT met\": edgec's best is more than {FLOOR_TOLERANCE:g}x its floor.")
+    if floor_notes:
+        lines += ["", *floor_notes]
     if probe_facts.get("peaks"):
         pk = ", ".join(f"{k} {v:.0f}" if v else f"{k}: no unit" for k, v in probe_facts["peaks"].items())
         lines += ["", f"Measured peaks (GFLOP/s, int8 GOP/s, best of 50 1-ms runs): {pk}. "
