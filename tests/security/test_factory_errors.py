@@ -70,6 +70,7 @@ def test_factory_failure_is_exit_2(tmp_path: Path, user_package: Path, case: str
     line = one_line_error(r, 2)
     assert says in line, line
     assert not (tmp_path / "m.onnx").exists()
+    assert Cache(tmp_path / "cache").entry_dirs() == [], "a failed export left an entry in the cache"
 
 
 @pytest.mark.parametrize("case", sorted(IN_PROCESS_CASES))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.security.edgec_cli import edgec, one_line_error
+from toolchain.core.cache import Cache
 
 
 class _Net(torch.nn.Module):
@@ -145,12 +146,15 @@ def test_hostile_pt2_runs_nothing(tmp_path: Path, saved_archives: dict[bool, Pat
     bad = _patched(saved_archives[dynamic], tmp_path / "bad.pt2", make_edit(marker))
     r = edgec(["export", str(bad), "-o", str(tmp_path / "out.onnx"), "--json"], tmp_path / "cache")
     assert not marker.exists(), f"the payload ran ({case})"
+    cache = Cache(tmp_path / "cache")
     if says is None:  # guard code is dropped, not refused: the program itself is fine and exports
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["artifact"] and (tmp_path / "out.onnx").is_file()
+        assert all(a is not None and cache.verify(a) for a in map(cache.artifact_at, cache.entry_dirs()))
         return
     line = one_line_error(r, 2)
     assert says in line and "bad.pt2" in line, line
+    assert cache.entry_dirs() == [], "a refused archive left an entry in the cache"
 
 
 def test_not_an_archive_is_one_line(tmp_path: Path) -> None:
