@@ -27,6 +27,7 @@ SCRIPTS: list[tuple[str, list[str]]] = [
     ("kernels", []),
     ("tvm_tuned", []),
     ("repeatability", ["--weights", "untrained"]),
+    ("peers", []),  # edgec's fastest artifact vs ONNX Runtime / OpenVINO / torch.compile and its floor (~1 h)
 ]
 # Raw Planetoid files for the GNN-distilled family's repeatability row (this workspace keeps them beside the repo).
 PLANETOID = ROOT.parent / "shared" / "data" / "planetoid"
@@ -41,8 +42,22 @@ def run_script(name: str, args: list[str]) -> int:
     return rc
 
 
+def shift_headings(md: str, top: int = 2) -> str:
+    """``md`` with its headings moved so the highest is level ``top`` (every section an ``##``, its parts ``###``)."""
+    lines = md.splitlines()
+    levels = [len(ln) - len(ln.lstrip("#")) for ln in lines if ln.startswith("#")]
+    if not levels:
+        return md
+    shift = top - min(levels)
+    return "\n".join("#" * (len(ln) - len(ln.lstrip("#")) + shift) + ln.lstrip("#") if ln.startswith("#") else ln
+                     for ln in lines)
+
+
 def collect() -> str:
-    """BENCHMARKS.md: a header, then every results/<name>.md in pipeline order."""
+    """BENCHMARKS.md: a header, every results/<name>.md in pipeline order, then the results of the scripts
+    `make bench` does not run (written by their own scripts, sorted by name)."""
+    pipeline = [name for name, _ in SCRIPTS]
+    others = sorted(p.stem for p in RESULTS_DIR.glob("*.md") if p.stem not in pipeline)
     parts = [
         "# edgec benchmarks",
         "",
@@ -51,13 +66,16 @@ def collect() -> str:
         "Every latency is measured by `toolchain.measure.timing.measure_interleaved`, the path `edgec build` and",
         "`edgec bench` use; ratios compare runs measured interleaved in one process on the same machine. Absolute",
         "times on this shared 2-core VM are noisy (30-50 %), ratios much less so.",
+        f"Sections in pipeline order: {', '.join(pipeline)}"
+        + (f"; then {', '.join(others)} (their scripts are not part of `make bench`; run them by hand)."
+           if others else "."),
         f"Assembled {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
     ]
-    for name, _ in SCRIPTS:
+    for name in [*pipeline, *others]:
         md = RESULTS_DIR / f"{name}.md"
         if md.is_file():
-            parts += [md.read_text().rstrip(), ""]
+            parts += [shift_headings(md.read_text().rstrip()), ""]
         else:
             parts += [f"## {name}", "", f"No results yet: run `nice python -m benchmarks.bench_{name}`.", ""]
     return "\n".join(parts)
