@@ -198,3 +198,33 @@ def test_bench_does_not_load_a_tampered_library(tmp_path: Path, onnx_file: Path)
     assert not marker.exists(), "bench loaded a library that failed verification"
     line = one_line_error(r, 2)
     assert "fails verification" in line
+
+
+@pytest.mark.slow  # a TVM compile to kill: ~20 s
+def test_killed_build_leaves_debris_the_next_run_removes(tmp_path: Path, onnx_file: Path) -> None:
+    """kill -9 during a TVM compile (its build directory exists for seconds): the debris it leaves is swept once
+    stale (its lock died with the process) and the rerun builds and verifies every entry."""
+    import signal
+
+    cache = tmp_path / "cache"
+    args = ["compile", str(onnx_file), "--profile", "x86-avx512", "--target", "tvm", "--tune-trials", "0"]
+    env = {**os.environ, "EDGEC_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    from tests.security.edgec_cli import EDGEC
+
+    proc = subprocess.Popen([str(EDGEC), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not [d for d in cache.glob(".tmp-*") if any(d.iterdir())] and proc.poll() is None:
+        assert time.monotonic() < deadline, "the compile never started a build directory"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    debris = list(cache.glob(".tmp-*"))
+    if not debris:
+        pytest.skip("the compile finished before it could be killed")
+    old = time.time() - 3600
+    for d in debris:
+        os.utime(d, (old, old))
+    r = edgec(args, cache)
+    assert r.returncode == 0, r.stderr
+    assert not list(cache.glob(".tmp-*"))
+    _only_verified(cache)
