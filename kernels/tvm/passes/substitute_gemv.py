@@ -14,6 +14,7 @@ absorbed bindings are dead code afterwards.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,18 @@ MAX_GROUPED_DENSITY = 0.6
 # A matched layer: (x, W, bias or None, relu, zero point). The zero point (a Relax expression) is set for an
 # int8 layer on dot products: x is then the uint8 activation and the kernel subtracts the zero point itself.
 Dense = tuple[Any, np.ndarray, "np.ndarray | None", bool, Any]
+
+
+@dataclass(frozen=True)
+class DynamicLayer:
+    """A whole dynamic-int8 layer: ``act(float(MatMulInteger(DynamicQuantizeLinear(x), W)) * (sx * wscale)
+    [+ bias])`` with x float; one kernel quantizes, multiplies and dequantizes (``DotParams.dynamic``)."""
+
+    x: Any
+    w: np.ndarray  # int8 (K, N)
+    wscale: np.ndarray  # float32 (N,)
+    bias: np.ndarray | None
+    relu: bool
 
 
 def _is_int8_matmul(call: Any, x: Any, w: np.ndarray) -> bool:
@@ -80,6 +93,113 @@ def quantized_input(x: Any, inner: Any) -> tuple[Any, Any] | None:
     if static_shape(zp) == (1,):
         zp = relax.op.reshape(zp, ())
     return xq, zp
+
+
+def _is_dynamic_scale(s: Any, x: Any, bound: dict[Any, Any]) -> bool:
+    """``s`` is DynamicQuantizeLinear's scale of ``x`` as TVM imports it:
+    ``(maximum(0, max(x)) - minimum(0, min(x))) / 255``."""
+    from tvm import relax
+
+    def call(e: Any, name: str) -> Any:
+        v = bound.get(e) if isinstance(e, relax.Var) else None
+        return v if isinstance(v, relax.Call) and getattr(v.op, "name", "") == name else None
+
+    div = call(s, "relax.divide")
+    sub = call(div.args[0], "relax.subtract") if div is not None else None
+    if sub is None or not np.allclose(const_array(div.args[1]) if const_array(div.args[1]) is not None else 0, 255):
+        return False
+    hi, lo = call(sub.args[0], "relax.maximum"), call(sub.args[1], "relax.minimum")
+    if hi is None or lo is None:
+        return False
+    mx, mn = call(hi.args[1], "relax.max"), call(lo.args[1], "relax.min")
+    return mx is not None and mn is not None and mx.args[0].same_as(x) and mn.args[0].same_as(x) and \
+        getattr(mx.attrs, "axis", None) is None and getattr(mn.attrs, "axis", None) is None
+
+
+def _is_dynamic_zero_point(z: Any, s: Any, bound: dict[Any, Any]) -> bool:
+    """``z`` is ``astype(round(clip(0 - minimum(0, min(x)) / s, 0, 255)), uint8)`` (its scale ``s``)."""
+    from tvm import relax
+
+    def call(e: Any, name: str) -> Any:
+        v = bound.get(e) if isinstance(e, relax.Var) else None
+        return v if isinstance(v, relax.Call) and getattr(v.op, "name", "") == name else None
+
+    cast = call(z, "relax.astype")
+    rnd = call(cast.args[0], "relax.round") if cast is not None else None
+    clip = call(rnd.args[0], "relax.clip") if rnd is not None else None
+    neg = call(clip.args[0], "relax.subtract") if clip is not None else None
+    div = call(neg.args[1], "relax.divide") if neg is not None else None
+    return div is not None and div.args[1].same_as(s) and str(cast.attrs.dtype) == "uint8"
+
+
+def match_dynamic_layer(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any],
+                        int8_isa: str) -> DynamicLayer | None:
+    """The whole dynamic-int8 layer ending at ``call`` (``[relu](astype(MatMulInteger) * (sx * wscale)
+    [+ bias])`` over ``quantize(x, sx, zx)`` with sx / zx computed from x), on a CPU with int8 dot products
+    that multiply W exactly; None otherwise. Absorbed bindings are appended to ``absorbed``."""
+    import tvm
+    from tvm import relax
+
+    if int8_isa not in ISAS:
+        return None
+    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu", "add", "multiply", "astype", "matmul", "quantize")}
+    taken: list[Any] = []
+
+    def inner(e: Any) -> Any:
+        if isinstance(e, relax.Var) and uses.get(e, 0) == 1 and e in bound:
+            taken.append(e)
+            return bound[e]
+        return None
+
+    def is_call(e: Any, op: str) -> bool:
+        return isinstance(e, relax.Call) and e.op == ops[op]
+
+    node, relu, bias = call, False, None
+    if is_call(node, "nn.relu"):
+        relu, node = True, inner(node.args[0])
+    if is_call(node, "add"):
+        a, c = node.args
+        if const_array(c) is None:
+            a, c = c, a
+        bias, node = const_array(c), inner(a)
+        if bias is None:
+            return None
+    if not is_call(node, "multiply"):
+        return None
+    p, q = (inner(a) for a in node.args)
+    if not is_call(p, "astype"):
+        p, q = q, p
+    if not is_call(p, "astype") or not is_call(q, "multiply") or str(p.attrs.dtype) != "float32":
+        return None
+    mm = inner(p.args[0])
+    s, wsc = q.args
+    if const_array(s) is not None:
+        s, wsc = wsc, s
+    wscale = const_array(wsc)
+    if not is_call(mm, "matmul") or wscale is None:
+        return None
+    wa = const_array(mm.args[1])
+    if wa is None or wa.ndim != 2 or not _is_int8_matmul(mm, mm.args[0], wa):
+        return None
+    w8 = wa.astype(np.int8)
+    if not exact_on(int8_isa, w8):
+        return None
+    qin = quantized_input(mm.args[0], inner)
+    quant = inner(qin[0]) if qin is not None else None
+    if not is_call(quant, "quantize") or not quant.args[1].same_as(s) or not quant.args[2].same_as(qin[1]):
+        return None
+    x = quant.args[0]
+    xs, n = static_shape(x), wa.shape[1]
+    if xs is None or len(xs) < 2 or xs[-1] != wa.shape[0] or int(np.prod(xs[:-1])) > MAX_GEMV_ROWS:
+        return None
+    if str(getattr(x.ty, "dtype", "")) != "float32" or not _is_dynamic_scale(s, x, bound) or \
+            not _is_dynamic_zero_point(qin[1], s, bound):
+        return None
+    if wscale.size not in (1, n) or (bias is not None and (bias.size != n or bias.dtype != np.float32)):
+        return None
+    absorbed += taken
+    return DynamicLayer(x, w8, np.broadcast_to(wscale.astype(np.float32).reshape(-1), (n,)).copy(),
+                        None if bias is None else bias.reshape(n), relu)
 
 
 def match_dense(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any],
@@ -169,11 +289,14 @@ class SubstituteGemv(RewritePass):
             if not isinstance(func.body, relax.SeqExpr):
                 return None
             bound, uses = bindings_and_uses(func)
-            heads: dict[Any, Dense] = {}
+            heads: dict[Any, Dense | DynamicLayer] = {}
             inner_vars: list[Any] = []
             for var, value in bound.items():
                 swallowed: list[Any] = []
-                m = match_dense(value, bound, uses, swallowed, self.cfg.int8_isa)
+                m: Dense | DynamicLayer | None = match_dynamic_layer(value, bound, uses, swallowed, self.cfg.int8_isa)
+                if m is None:
+                    swallowed = []
+                    m = match_dense(value, bound, uses, swallowed, self.cfg.int8_isa)
                 if m is not None:
                     heads[var] = m
                     inner_vars += swallowed
@@ -183,11 +306,13 @@ class SubstituteGemv(RewritePass):
 
         return rewrite_bindings(mod, rewrite_for)
 
-    def _replace(self, rw: Any, dense: Dense) -> tuple[Any, str]:
+    def _replace(self, rw: Any, dense: Dense | DynamicLayer) -> tuple[Any, str]:
         """The call_tir of the kernel for ``dense`` (its PrimFunc added to the module)."""
         from tvm import relax
 
         cfg = self.cfg
+        if isinstance(dense, DynamicLayer):
+            return self._replace_dynamic(rw, dense)
         x, w, b, relu, zp = dense
         xshape = static_shape(x)
         assert xshape is not None
@@ -248,6 +373,47 @@ class SubstituteGemv(RewritePass):
         # The kernels take x / y in the graph's shapes (e.g. (1, 1, K)) and view them flat.
         return relax.call_tir(gv, [rw.visit_expr(x), *args], relax.TensorType(yshape, out_dtype)), "gemv"
 
+
+    def _replace_dynamic(self, rw: Any, layer: DynamicLayer) -> tuple[Any, str]:
+        """The call_tir of the fused dynamic-int8 layer kernel (packed GEMV on dot products)."""
+        from tvm import relax
+
+        cfg, w = self.cfg, layer.w
+        isa = ISAS[cfg.int8_isa]
+        xshape = static_shape(layer.x)
+        assert xshape is not None
+        mrows, k, n = int(np.prod(xshape[:-1])), xshape[-1], w.shape[1]
+        yshape = (*xshape[:-1], n)
+        has_bias = layer.bias is not None
+        index = len(self.report)
+        bq = self._grouped_int8(w, mrows)
+        if bq is not None:  # block-sparse: the grouped kernel, scales and bias in packed column order
+            name, bn, kname = f"edgec_grouped_gemv_i8_{index}", bq.block_n, GROUPED_I8_NAME
+            func = grouped_dot_kernel(bq, mrows, isa.name, xshape, yshape, dynamic=True, bias=has_bias,
+                                      relu=layer.relu)
+            order = bq.perm if bq.perm is not None else np.arange(n)
+            packed = np.zeros((2, len(bq.colsum)), np.float32)
+            packed[0, :n] = layer.wscale[order]
+            if layer.bias is not None:
+                packed[1, :n] = layer.bias[order]
+            oidx = bq.perm if bq.perm is not None else np.zeros((1,), np.int32)
+            consts = [bq.gptr, bq.gidx, bq.wv, bq.colsum, packed[0], packed[1] if has_bias else packed[1, :1], oidx]
+            extra = {"density": round(bq.density, 4), "regrouped": bq.perm is not None, "gather": bq.gather}
+        else:
+            name, kname = f"edgec_gemv_i8_{index}", GEMV_I8_NAME
+            bn = choose_block_n(n, cfg.block_n, isa.lanes)
+            func = dot_kernel(DotParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, isa=isa.name,
+                                        x_shape=xshape, y_shape=yshape, dynamic=True, bias=has_bias,
+                                        relu=layer.relu))
+            b = layer.bias if layer.bias is not None else np.zeros((1,), np.float32)
+            consts = [pack_int8(w, bn, isa.lanes), column_sums(w), layer.wscale, b]
+            extra = {}
+        args = [relax.const(a) for a in consts]
+        gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
+        self.report.append({"kernel": kname, "func": name, "m": mrows, "k": k, "n": n, "block_n": bn,
+                            "bias": has_bias, "relu": layer.relu, "isa": isa.name, "dynamic_quantization": True,
+                            **extra})
+        return relax.call_tir(gv, [rw.visit_expr(layer.x), *args], relax.TensorType(yshape, "float32")), "gemv"
 
     def _grouped_int8(self, w: np.ndarray, mrows: int) -> BlockSparseInt8 | None:
         """The block-sparse int8 packing of ``w`` when the grouped kernel is on and it keeps at most

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
-from kernels.tvm.tir.int8_dot import ISAS, dot4, emit_quantized_copy
+from kernels.tvm.tir.int8_dot import ISAS, dot4, emit_dynamic_quantization, emit_quantized_copy
 
 KERNEL_NAME = "grouped-gemv-f32"
 KERNEL_NAME_INT8 = "grouped-gemv-i8"
@@ -265,10 +265,13 @@ def pack_block_sparse_int8(w: np.ndarray, block_n: int, perm: np.ndarray | None 
 
 
 def grouped_dot_kernel(bs: BlockSparseInt8, rows: int, isa_name: str, x_shape: tuple[int, ...] = (),
-                       y_shape: tuple[int, ...] = ()) -> Any:
+                       y_shape: tuple[int, ...] = (), dynamic: bool = False, bias: bool = False,
+                       relu: bool = False) -> Any:
     """PrimFunc ``(xq[M, K] uint8, zp[] uint8, gptr, gidx, wv, colsum, oidx, y[M, N] int32)``: MatMulInteger
     of ``xq`` (zero point ``zp``) by the block-sparse int8 weight ``bs`` on ``isa_name``'s dot products;
-    ``oidx`` (``bs.perm``, or one unused element) maps each packed column to its output column."""
+    ``oidx`` (``bs.perm``, or one unused element) maps each packed column to its output column. ``dynamic``:
+    ``(x[M, K] float32, gptr, gidx, wv, colsum, wscale, b, oidx, y[M, N] float32)``, the whole dynamic-int8
+    layer (see ``kernels.tvm.tir.int8_dot.DotParams``), ``wscale`` / ``b`` in packed column order."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
@@ -281,18 +284,37 @@ def grouped_dot_kernel(bs: BlockSparseInt8, rows: int, isa_name: str, x_shape: t
     with IRBuilder() as ib, T.prim_func():
         T.func_name("grouped_gemv_i8")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME_INT8, "tirx.is_scheduled": True})
-        xg = T.arg("xg", T.buffer(x_shape or (M, K), "uint8"))
-        zp = T.arg("zp", T.buffer((), "uint8"))
+        XT, YT = ("float32", "float32") if dynamic else ("uint8", "int32")
+        xg = T.arg("xg", T.buffer(x_shape or (M, K), XT))
+        zpb = None if dynamic else T.arg("zp", T.buffer((), "uint8"))
         gptr = T.arg("gptr", T.buffer((NB + 1,), "int32"))
         gidx = T.arg("gidx", T.buffer((len(bs.gidx),), "int32"))
         wv = T.arg("wv", T.buffer((max(1, NG * BN * 4),), "int8"))
         cs = T.arg("colsum", T.buffer((NB * BN,), "int32"))
+        if dynamic:
+            ws = T.arg("wscale", T.buffer((NB * BN,), "float32"))
+            bb = T.arg("b", T.buffer((NB * BN if bias else 1,), "float32"))
         oidx = T.arg("oidx", T.buffer((N if PERM else 1,), "int32"))
-        yg = T.arg("yg", T.buffer(y_shape or (M, N), "int32"))
-        x = T.decl_buffer((M, K), "uint8", data=xg.data)
-        y = T.decl_buffer((M, N), "int32", data=yg.data)
-        xq, _ = emit_quantized_copy(isa, x, M, K)
-        zeff = Cast("int32", zp[()]) + T.int32(-isa.x_shift)
+        yg = T.arg("yg", T.buffer(y_shape or (M, N), YT))
+        x = T.decl_buffer((M, K), XT, data=xg.data)
+        y = T.decl_buffer((M, N), YT, data=yg.data)
+        if dynamic:
+            sx, zp, quantize = emit_dynamic_quantization(x, M, K)
+            xq, _ = emit_quantized_copy(isa, x, M, K, quantize)
+        else:
+            assert zpb is not None
+            zp = zpb[()]
+            xq, _ = emit_quantized_copy(isa, x, M, K)
+        zeff = T.bind(Cast("int32", zp) + T.int32(-isa.x_shift))
+
+        def out(v: Any, j: Any) -> Any:
+            v = v - zeff * cs[j]
+            if not dynamic:
+                return v
+            f = Cast("float32", v) * (sx * ws[j])
+            if bias:
+                f = f + bb[j]
+            return T.max(f, T.float32(0)) if relu else f
         acc = T.alloc_buffer((M, BN), "int32", scope="local")
 
         def word(m: Any, g: Any) -> Any:
@@ -311,7 +333,7 @@ def grouped_dot_kernel(bs: BlockSparseInt8, rows: int, isa_name: str, x_shape: t
             loop = T.serial if PERM else T.vectorized
             with T.serial(M) as m, loop(nout) as i:
                 j = nb * BN + i
-                T.buffer_store(y, acc[m, i] - zeff * cs[j], [m, oidx[j] if PERM else j])
+                T.buffer_store(y, out(acc[m, i], j), [m, oidx[j] if PERM else j])
 
         with T.serial(FULL) as nb:
             block(nb, BN)

@@ -23,6 +23,7 @@ bytes), BN / lanes int32 accumulator vectors live, S partial sums over k to hide
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,9 +115,11 @@ def dot4(isa: DotIsa, acc: Any, xword: Any, wvec: Any) -> Any:
     raise ValueError(f"no int8 dot product for {isa.name!r}")
 
 
-def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int) -> tuple[Any, Any]:
+def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int,
+                        quantize: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
     """A zero-padded (rows, K4 * 4) copy of the uint8 activations in the form ``isa`` multiplies (shifted to
-    int8 for sdot): (the byte buffer, its (rows, K4) int32 view, one word per group of 4 k)."""
+    int8 for sdot): (the byte buffer, its (rows, K4) int32 view, one word per group of 4 k). With
+    ``quantize`` (an element of x -> its uint8 value) x is the float activation, quantized on the way."""
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
 
@@ -125,7 +128,8 @@ def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int) -> tuple[Any, An
     xq = T.alloc_buffer((rows, k4 * 4), isa.x_dtype, scope=scope)
     with T.serial(rows) as m:
         with T.vectorized(k) as i:
-            v = x[m, i] if not isa.x_shift else Cast("int8", Cast("int16", x[m, i]) + T.int16(isa.x_shift))
+            u = x[m, i] if quantize is None else quantize(x[m, i])
+            v = u if not isa.x_shift else Cast("int8", Cast("int16", u) + T.int16(isa.x_shift))
             T.buffer_store(xq, v, [m, i])
         with T.serial(k4 * 4 - k) as i:
             T.buffer_store(xq, T.Cast(isa.x_dtype, 0), [m, k + i])
@@ -144,16 +148,57 @@ class DotParams:
     isa: str
     x_shape: tuple[int, ...] = ()
     y_shape: tuple[int, ...] = ()
+    # The whole dynamic-int8 layer (ONNX Runtime's DynamicQuantizeLinear + MatMulInteger + scale [+ bias]
+    # [+ relu]): float x quantized in the kernel (per tensor, TVM's importer's formulas), float y.
+    dynamic: bool = False
+    bias: bool = False
+    relu: bool = False
 
     @property
     def packed_size(self) -> int:
         return packed_size(self.k, self.n, self.block_n, ISAS[self.isa].lanes)
 
 
+def emit_dynamic_quantization(x: Any, rows: int, k: int) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """DynamicQuantizeLinear of the float (rows, K) buffer ``x`` as TVM imports it: (scale, uint8 zero point,
+    element -> uint8). ``scale = (max(0, max x) - min(0, min x)) / 255``, ``zp = nearbyint(clip(-min / scale,
+    0, 255))``, ``q = clip(round(x / scale) + zp, 0, 255)``, in the same float operations as the graph's."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    L = 16  # partial extrema per vector lane; the rest scalar
+    flat = T.decl_buffer((rows * k,), "float32", data=x.data)
+    main = rows * k // L * L
+    ext = T.alloc_buffer((2, L), "float32", scope="local")
+    with T.vectorized(L) as i:
+        T.buffer_store(ext, T.min_value("float32"), [0, i])
+        T.buffer_store(ext, T.max_value("float32"), [1, i])
+    with T.serial(main // L) as o, T.vectorized(L) as i:
+        T.buffer_store(ext, T.max(ext[0, i], flat[o * L + i]), [0, i])
+        T.buffer_store(ext, T.min(ext[1, i], flat[o * L + i]), [1, i])
+    with T.serial(rows * k - main) as r:
+        T.buffer_store(ext, T.max(ext[0, 0], flat[main + r]), [0, 0])
+        T.buffer_store(ext, T.min(ext[1, 0], flat[main + r]), [1, 0])
+    with T.serial(L - 1) as i:
+        T.buffer_store(ext, T.max(ext[0, 0], ext[0, i + 1]), [0, 0])
+        T.buffer_store(ext, T.min(ext[1, 0], ext[1, i + 1]), [1, 0])
+    hi = T.bind(T.max(T.float32(0), ext[0, 0]))
+    lo = T.bind(T.min(T.float32(0), ext[1, 0]))
+    scale = T.bind((hi - lo) / T.float32(255))
+    zpf = T.bind(T.nearbyint(T.max(T.min(T.float32(0) - lo / scale, T.float32(255)), T.float32(0))))
+    zp = T.bind(Cast("uint8", zpf))
+
+    def quantize(v: Any) -> Any:
+        return Cast("uint8", T.max(T.min(T.round(v / scale) + Cast("float32", zp), T.float32(255)), T.float32(0)))
+
+    return scale, zp, quantize
+
+
 def dot_kernel(p: DotParams) -> Any:
     """The PrimFunc ``(xq[M, K] uint8, zp[] uint8, wp[packed] int8, colsum[N] int32, y[M, N] int32)``:
     MatMulInteger of ``xq`` (zero point ``zp``) by the weight ``pack_int8`` packed, with ``colsum`` its
-    column sums."""
+    column sums. ``p.dynamic``: ``(x[M, K] float32, wp, colsum, wscale[N] float32, b[N or 1] float32,
+    y[M, N] float32)``, the whole dynamic-int8 layer ``act(float(MatMulInteger(q(x), W)) * (sx * wscale) + b)``."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
@@ -171,15 +216,35 @@ def dot_kernel(p: DotParams) -> Any:
     with IRBuilder() as ib, T.prim_func():
         T.func_name("gemv_i8")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
-        xg = T.arg("xg", T.buffer(p.x_shape or (M, K), "uint8"))
-        zp = T.arg("zp", T.buffer((), "uint8"))
+        XT, YT = ("float32", "float32") if p.dynamic else ("uint8", "int32")
+        xg = T.arg("xg", T.buffer(p.x_shape or (M, K), XT))
+        zpb = None if p.dynamic else T.arg("zp", T.buffer((), "uint8"))
         wp = T.arg("wp", T.buffer((max(1, p.packed_size),), "int8"))
         cs = T.arg("colsum", T.buffer((N,), "int32"))
-        yg = T.arg("yg", T.buffer(p.y_shape or (M, N), "int32"))
-        x = T.decl_buffer((M, K), "uint8", data=xg.data)
-        y = T.decl_buffer((M, N), "int32", data=yg.data)
-        _, x32 = emit_quantized_copy(isa, x, M, K)
-        zeff = Cast("int32", zp[()]) + T.int32(-isa.x_shift)
+        if p.dynamic:
+            ws = T.arg("wscale", T.buffer((N,), "float32"))
+            bb = T.arg("b", T.buffer((N if p.bias else 1,), "float32"))
+        yg = T.arg("yg", T.buffer(p.y_shape or (M, N), YT))
+        x = T.decl_buffer((M, K), XT, data=xg.data)
+        y = T.decl_buffer((M, N), YT, data=yg.data)
+        if p.dynamic:
+            sx, zp, quantize = emit_dynamic_quantization(x, M, K)
+            _, x32 = emit_quantized_copy(isa, x, M, K, quantize)
+        else:
+            assert zpb is not None
+            zp = zpb[()]
+            _, x32 = emit_quantized_copy(isa, x, M, K)
+        zeff = T.bind(Cast("int32", zp) + T.int32(-isa.x_shift))
+
+        def out(v: Any, j: Any) -> Any:
+            """The stored value of column j from its int32 accumulator ``v``."""
+            v = v - zeff * cs[j]
+            if not p.dynamic:
+                return v
+            f = Cast("float32", v) * (sx * ws[j])
+            if p.bias:
+                f = f + bb[j]
+            return T.max(f, T.float32(0)) if p.relu else f
 
         def block(woff: Any, col0: Any, W: int, S: int, NOUT: int, acc: Any) -> None:
             KMAIN = K4 // (S * U) * S * U
@@ -204,10 +269,10 @@ def dot_kernel(p: DotParams) -> Any:
                 with T.serial(RB) as m:
                     with T.unroll(OC) as c, T.vectorized(V) as i:
                         j = col0 + c * V + i
-                        T.buffer_store(y, acc[0, m, c * V + i] - zeff * cs[j], [mo * RB + m, j])
+                        T.buffer_store(y, out(acc[0, m, c * V + i], j), [mo * RB + m, j])
                     with T.serial(NOUT - OC * V) as i:
                         j = col0 + OC * V + i
-                        T.buffer_store(y, acc[0, m, OC * V + i] - zeff * cs[j], [mo * RB + m, j])
+                        T.buffer_store(y, out(acc[0, m, OC * V + i], j), [mo * RB + m, j])
 
         if FULL > 0:
             acc = T.alloc_buffer((SF, RB, BN), "int32", scope="local")
