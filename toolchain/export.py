@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import io
 import json
+import re
 import warnings
 import zipfile
 import zlib
@@ -259,6 +260,7 @@ _SYM_FUNCTIONS = frozenset({
 })
 _SYM_NAMES = frozenset({"true", "false", "oo", "zoo", "nan", "S", "True", "False", "None"})
 _SYM_MAX_INT = 1 << 62
+_SYM_SYMBOL = re.compile(r"[a-z]{1,4}[0-9]{1,9}")
 
 
 def _check_sym_expr(expr: str, path: Path) -> None:
@@ -283,7 +285,8 @@ def _check_sym_expr(expr: str, path: Path) -> None:
             if not isinstance(node.func, ast.Name) or node.func.id not in _SYM_FUNCTIONS:
                 raise refuse()
         elif isinstance(node, ast.Name):
-            if not (node.id in _SYM_FUNCTIONS or node.id in _SYM_NAMES or node.id.isalnum()):
+            # a bare name is a sympy constructor, a constant, or a shape symbol like s77 / u0: never a builtin
+            if not (node.id in _SYM_FUNCTIONS or node.id in _SYM_NAMES or _SYM_SYMBOL.fullmatch(node.id)):
                 raise refuse()
         elif isinstance(node, ast.Constant):
             v = node.value

@@ -17,6 +17,8 @@ import torch
 
 from tests.security.edgec_cli import edgec, one_line_error
 from toolchain.core.cache import Cache
+from toolchain.core.errors import UsageError
+from toolchain.export import _check_sym_expr
 
 
 class _Net(torch.nn.Module):
@@ -162,3 +164,22 @@ def test_not_an_archive_is_one_line(tmp_path: Path) -> None:
     f.write_bytes(b"PK\x03\x04" + os.urandom(300))
     line = one_line_error(edgec(["export", str(f), "-o", str(tmp_path / "o.onnx")], tmp_path / "cache"), 2)
     assert "junk.pt2" in line
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os').system('true')", "exec", "Integer(eval)", "getattr(s0, '__class__')", "s0.__class__",
+    "9**9**9", "Symbol('a b')", "[1][0]", "lambda: 1", "Symbol('s0', **{'positive': True})",
+])
+def test_symbolic_expression_allowlist_refuses(expr: str) -> None:
+    """torch evaluates these strings with sympify (eval): anything beyond srepr shape arithmetic is refused."""
+    with pytest.raises(UsageError, match="not plain shape arithmetic"):
+        _check_sym_expr(expr, Path("net.pt2"))
+
+
+@pytest.mark.parametrize("expr", [
+    "Symbol('s77', positive=True, integer=True)",
+    "Add(FloorDiv(Symbol('s77', positive=True, integer=True), Integer(2)), Integer(1))",
+    "Max(Symbol('s0', positive=True, integer=True), Integer(1))", "s0 + 2*s1",
+])
+def test_symbolic_expression_allowlist_accepts_shape_arithmetic(expr: str) -> None:
+    _check_sym_expr(expr, Path("net.pt2"))
