@@ -7,6 +7,7 @@ was emulated. The default tier runs it where the emulator is provisioned and ski
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -53,8 +54,10 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> Any:
     argv, env = emulator.runtime_command(farm.tracker, KEY, port, port + 1)
     addr = f"127.0.0.1:{port}"
     farm.logs[addr] = logs / "device.log"
-    farm.procs[addr] = subprocess.Popen(argv, env={**env, "EDGEC_DEVICE_TOKEN": TOKEN}, start_new_session=True,
-                                        stdout=subprocess.DEVNULL, stderr=farm.logs[addr].open("w"))
+    farm.calls = logs / "calls.jsonl"  # type: ignore[attr-defined]
+    env = {**env, "EDGEC_DEVICE_TOKEN": TOKEN, "EDGEC_DEVICE_LOG": str(farm.calls)}  # type: ignore[attr-defined]
+    farm.procs[addr] = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                        stderr=farm.logs[addr].open("w"))
     farm.device = addr  # type: ignore[attr-defined]
     try:
         farm.wait_devices(1, timeout=300)  # an aarch64 interpreter importing TVM under qemu: 10-60 s
@@ -106,6 +109,26 @@ def test_phone_int8_runs_on_emulated_aarch64(emulated: Farm, mlp: tuple[Cache, A
     r = run_emulated(emulated, cache, api.compile(int8_onnx, profile="phone-arm64", target="tvm", cache=cache)[0])
     # Against ORT running the same int8 ONNX: the same argmax on >= 99 % of the inputs.
     assert r["agreement"]["argmax_agreement"] >= 0.99
+
+
+@pytest.mark.slow  # MetaSchedule's builder on this 2-core machine: about 6 min for 4 trials
+def test_tuning_over_rpc_on_the_emulated_device(emulated: Farm, tmp_path: Path) -> None:
+    """The round trip, not the timings: aarch64 candidates built here are uploaded to, loaded and timed on the
+    emulated device, and the record applies to the rpi5 build."""
+    from tests.targets.tvm.test_tvm_tuning import _layernorm_model
+
+    before = len(emulated.calls.read_text().splitlines()) if emulated.calls.is_file() else 0  # type: ignore[attr-defined]
+    r = CliRunner().invoke(app, ["--cache-dir", str(tmp_path / "cache"), "tune", str(_layernorm_model(tmp_path)),
+                                 "--profile", "rpi5", "--trials", "4", "--batch", "4", "--tracker", emulated.tracker,
+                                 "--key", KEY, "--token", TOKEN, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    t = out["tuning"]
+    assert t["remote"] is True and t["measured"] >= 1 and t["failed_trials"] < t["measured"]
+    assert out["naive_after_tuning"] == [] and any(k["origin"] == "tuned" for k in out["kernels"])
+    new = [json.loads(ln) for ln in emulated.calls.read_text().splitlines()[before:]]  # type: ignore[attr-defined]
+    loaded = {e["file"] for e in new if e["call"] == "load_module"}
+    assert len(loaded) >= t["measured"] - t["failed_trials"] and all(f.startswith("edgec-ms-") for f in loaded)
 
 
 def test_emulate_refuses_a_profile_that_is_not_aarch64(tmp_path: Path) -> None:
