@@ -442,7 +442,7 @@ def measure_model(model: str, duration_s: float, quick: bool, data_dir: Path | N
         if art is None:
             failed(label, chain, row.get("reason") or "not built by the search")
             continue
-        add(label, (lambda a=art: ort.load(a)), f"edgec's {chain} artifact", row.get("accuracy"))
+        add(label, _loader(ort, art), f"edgec's {chain} artifact", row.get("accuracy"))
 
     # OpenVINO: f32, its default precision on this CPU, NNCF int8.
     core = ov.Core()
@@ -567,6 +567,10 @@ def measure_model(model: str, duration_s: float, quick: bool, data_dir: Path | N
     result["floor"] = floor
     result["wall_s"] = round(time.monotonic() - t_start, 1)
     return result
+
+
+def _loader(target: Any, art: Artifact) -> RunnerFactory:
+    return lambda: target.load(art)
 
 
 def _ort_runner(path: Path, threads: int) -> Any:
@@ -698,9 +702,12 @@ def markdown(results: dict[str, dict[str, Any]], missing: dict[str, str], comman
         lines += ["", f"Measured peaks (GFLOP/s, int8 GOP/s, best of 50 1-ms runs): {pk}. "
                       f"Probe: `{probe_facts['command']}`."]
     notes = []
+    by_note: dict[str, list[str]] = {}
     for model, res in results.items():
         for n in res.get("notes", []):
-            notes.append(f"- {model}: {n}")
+            by_note.setdefault(n, []).append(model)
+    notes += [f"- {', '.join(models)}: {n}" for n, models in by_note.items()]
+    for model, res in results.items():
         for label, r in res["runners"].items():
             if r.get("status") == "failed":
                 notes.append(f"- {model}, {label}: failed: {r.get('reason')}")
@@ -713,6 +720,9 @@ def markdown(results: dict[str, dict[str, Any]], missing: dict[str, str], comman
                      " (where it is f32, the default runner is the f32 one and is not measured twice).")
     for model, why in missing.items():
         notes.append(f"- {model}: not measured ({why})")
+    absent = [m for m in MODELS if m not in results and m not in missing]
+    if absent:
+        notes.append(f"- {', '.join(absent)}: not measured in these runs")
     if notes:
         lines += ["", "Notes:", "", *notes]
     return "\n".join(lines).rstrip() + "\n"
@@ -765,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="raw Planetoid files for the Cora models (default: %(default)s)")
     ap.add_argument("--update", action="store_true",
                     help="keep the other models' rows of the last peers.json (rerun only --models)")
+    ap.add_argument("--rewrite", action="store_true", help="only rewrite peers.md from peers.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -774,13 +785,19 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(res, default=_json_default))
         return 0
 
+    last = RESULTS_DIR / "peers.json"
+    if args.rewrite:
+        old = json.loads(last.read_text())
+        kept = {m: {k: v for k, v in r.items() if k != "summary"} for m, r in old["models"].items()}
+        write_atomic(RESULTS_DIR / "peers.md", markdown(kept, old["not_measured"], old["command"], old["environment"],
+                                                        old["probe"]))
+        return 0
     models = args.models or MODELS
     argv_used = sys.argv[1:] if argv is None else argv
     command = " ".join(["nice python -m", MODULE, *argv_used])
     threads = load_profile(PROFILE).bench.threads
     probe_facts = probe_summary(args.quick, threads)
     results: dict[str, dict[str, Any]] = {}
-    last = RESULTS_DIR / "peers.json"
     if args.update and last.is_file():
         old = json.loads(last.read_text())
         results = {m: {k: v for k, v in r.items() if k != "summary"} for m, r in old["models"].items()
