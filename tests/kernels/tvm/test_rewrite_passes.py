@@ -28,8 +28,8 @@ def test_kernel_config_from_spec_and_mapping() -> None:
 
 def test_substitution_passes_follow_the_config() -> None:
     names = [p.info.name for p in substitution_passes(KernelConfig())]
-    assert names == ["FuseKan", "FuseLif", "DensifyGrouped", "SubstituteGemv"]
-    assert [p.info.name for p in substitution_passes(KernelConfig(gemv=False, lif=False))] == ["FuseKan"]
+    assert names == ["FuseKan", "FuseLif", "DensifyGrouped", "SubstituteGemv", "SubstituteConv"]
+    assert [p.info.name for p in substitution_passes(KernelConfig(gemv=False, lif=False, conv=False))] == ["FuseKan"]
 
 
 def test_pass_objects_report_what_they_replaced() -> None:

@@ -68,7 +68,7 @@ def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
 def test_rule_schedules_every_kernel_and_matches_ort(profile_id: str) -> None:
     model = _conv_kan_block()
-    prof = load_profile(profile_id)
+    prof = with_kernels(load_profile(profile_id), use_direct_conv=False)  # the rule's conv, not the direct kernel
     run, table = build_vm(model, prof)
     assert {r["origin"] for r in table} == {"rule"}, table  # conv and pooling included: nothing naive left
     _, off = build_vm(model, with_kernels(prof, vector_rule=False, fast_exp=False))
