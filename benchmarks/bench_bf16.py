@@ -1,6 +1,6 @@
 """bf16 vs fp32 on TVM for dense MLPs of growing weight size -> benchmarks/results/bf16.md and bf16.json.
 
-    nice python -m benchmarks.bench_bf16 [--duration 1.0]
+    nice python -m benchmarks.bench_bf16 [--duration 1.0] [--models mlp-1m-like ...]
 
 Each MLP (seeded random weights) is built for the profile twice: as it is (fp32: packed GEMV / chain
 kernels) and after the bf16 pass for the tvm target (weight-only form: the dense weights stored as bf16,
@@ -44,7 +44,7 @@ MODELS = {  # name -> layer widths
     "mlp-3m-like": (1024, 1024, 1024, 1024, 10),
 }
 HEADER = ["model", "params", "fp32 p50 (us)", "bf16 p50 (us)", "bf16 / fp32", "weight MB fp32 -> bf16",
-          "max |diff| / scale", "fp32 kernels", "bf16 kernels"]
+          "max abs diff / scale", "fp32 kernels", "bf16 kernels"]
 
 
 def mlp(widths: tuple[int, ...]) -> onnx.ModelProto:
@@ -56,12 +56,14 @@ def mlp(widths: tuple[int, ...]) -> onnx.ModelProto:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_bf16")
     ap.add_argument("--duration", type=float, default=1.0, help="timed seconds per candidate")
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS), help="which MLPs")
     a = ap.parse_args(argv)
     prof = profile()
     table = Table(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, widths in MODELS.items():
+        for name in a.models:
+            widths = MODELS[name]
             model = mlp(widths)
             half = bf16_pass(model, Bf16Config(), PassContext(target="tvm"))
             paths = {"fp32": work / f"{name}.onnx", "bf16": work / f"{name}.bf16.onnx"}
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     md = table_section("bf16 vs fp32 on TVM (dense MLPs)", cmd,
                        f"Profile {PROFILE}, batch 1, {prof.bench.threads} thread(s), interleaved, random weights.",
                        table, ["bf16: the bf16 pass's weight-only form (weights bf16 in memory, fp32 accumulation)."],
-                       ["max |diff| / scale: largest |bf16 - fp32| output over the largest |fp32| output."])
+                       ["max abs diff / scale: largest abs(bf16 - fp32) output over the largest abs(fp32) output."])
     print(write_results("bf16", md, {"rows": table.to_json()}))
 
 

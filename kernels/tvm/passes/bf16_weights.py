@@ -5,7 +5,7 @@ bfloat16 behind a Cast to float32; TVM's importer folds that Cast into a float32
 value is a bfloat16. The fp32 kernels (``substitute-gemv``) take such a graph as it is. This pass then
 finds each packed-GEMV ``call_tir`` (``kernels.tvm.tir.gemv``) whose packed weight constant is exactly
 bfloat16 (all lower 16 bits zero) and replaces it with ``kernels.tvm.tir.gemv_bf16``'s kernel reading the
-same layout from a bfloat16 constant: half the weight bytes, float32 accumulation, the same result up to
+weights as bf16 pairs in 32-bit words: half the weight bytes, float32 accumulation, the same result up to
 summation order. Runs of such layers within the profile's ``gemv_chain_max_kb`` (in bf16 bytes) become
 one bf16 chain kernel, as ``fuse-gemv-chains`` does for fp32 (this pass runs just before it).
 
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm.passes._rewrite import RewritePass, bindings_and_uses, const_array, rewrite_bindings, static_shape
-from kernels.tvm.tir.bf16 import bf16_constant_array, to_bf16_bits
+from kernels.tvm.tir.bf16 import to_bf16_bits
 from kernels.tvm.tir.gemv import GemvParams, gemv_params
-from kernels.tvm.tir.gemv_bf16 import CHAIN_KERNEL_NAME, KERNEL_NAME, chain_bf16_kernel, gemv_bf16_kernel
+from kernels.tvm.tir.gemv_bf16 import CHAIN_KERNEL_NAME, KERNEL_NAME, chain_bf16_kernel, gemv_bf16_kernel, pack_pairs
 
 
 class StoreWeightsBf16(RewritePass):
@@ -100,12 +100,12 @@ class StoreWeightsBf16(RewritePass):
             kname, name = CHAIN_KERNEL_NAME, f"edgec_gemv_chain_bf16w_{index}"
             biases = [g.bias.reshape(-1) for g in run if g.params.bias]
             bias = np.concatenate(biases) if biases else np.zeros((1,), np.float32)
-        bits = np.concatenate([g.bits.reshape(-1) for g in run])
+        words = np.concatenate([pack_pairs(g.bits, g.params) for g in run])
         gv = rw.builder_.add_func(kernel.with_attr("global_symbol", name), name)
         self.report.append({"kernel": kname, "func": name, "replaces": [g.func for g in run],
                             "shape": [run[0].params.k] + [g.params.n for g in run], "m": run[0].params.m,
-                            "weight_bytes": int(bits.nbytes), "weight_bytes_fp32": sum(g.fp32_bytes for g in run)})
-        args = [rw.visit_expr(run[0].x), relax.const(bf16_constant_array(bits), "bfloat16"), relax.const(bias)]
+                            "weight_bytes": int(words.nbytes), "weight_bytes_fp32": sum(g.fp32_bytes for g in run)})
+        args = [rw.visit_expr(run[0].x), relax.const(words), relax.const(bias)]
         return relax.call_tir(gv, args, relax.TensorType(ys, "float32")), "gemv_bf16w"
 
 

@@ -1,15 +1,21 @@
 """The packed batch-1 dense kernel with its weights stored as bfloat16: half the bytes of the fp32 GEMV.
 
-``y[m, n] = act(sum_k x[m, k] * W[k, n] + b[n])`` with x, b, y float32 and W bfloat16 in the packed layout
-of ``kernels.tvm.tir.gemv`` (``pack_weight``: full BN-wide blocks, then a narrow tail). Each weight is
-widened to float32 in registers (bf16 is the upper half of an fp32: TVM lowers the cast to a 16-bit zero
-extension and a shift, ``vpmovzxwd`` + ``vpslld`` on x86, on any CPU: no avx512_bf16 needed) and
-accumulated in float32, so the result equals the fp32 GEMV over the same (bf16-exact) weights up to
-summation order. Every batch-1 dense layer is bound by its weight bytes: half the bytes, up to half the
-time where the weights stream from L2 / L3 / DRAM.
+``y[m, n] = act(sum_k x[m, k] * W[k, n] + b[n])`` with x, b, y float32 and W bfloat16, accumulated in float32:
+the result equals the fp32 GEMV over the same (bf16-exact) weights up to summation order. Every batch-1
+dense layer is bound by its weight bytes: half the bytes, up to half the time where the weights stream
+from L3 / DRAM.
 
-The loop structure is the fp32 kernel's (row blocks, BN accumulators per block, split partial sums in
-the narrow tail); only the weight load differs.
+Layout (``pack_pairs``): the blocks of ``kernels.tvm.tir.gemv.pack_weight`` (full BN-wide blocks, then a
+narrow tail of TBN columns, both even), each k row of a W-wide block stored as W / 2 32-bit words, word j
+holding column j in its low half and column j + W / 2 in its high half. bf16 is the upper half of an fp32,
+so one word gives two fp32 weights with one shift (``w << 16``: column j) and one mask
+(``w & 0xFFFF0000``: column j + W / 2): per 32 weights one load, a shift, an and and two FMAs (widening
+each bf16 with a zero extension would cost two shuffles and two shifts), any x86 / ARM CPU, no
+avx512_bf16 needed. Where the weights sit in L2 the fp32 GEMV is load bound and this one ALU bound, so
+the gain there is smaller than the bytes.
+
+The loop structure is the fp32 kernel's (row blocks, BN accumulators per block, split partial sums in the
+narrow tail); only the weight load differs.
 """
 
 from __future__ import annotations
@@ -19,23 +25,36 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
-from kernels.tvm.tir.bf16 import widened
 from kernels.tvm.tir.gemv import FULL_CHAINS, MAX_ROW_BLOCK, TAIL_CHAINS, GemvParams, tail_chunk, tail_width
 
 KERNEL_NAME = "gemv-packed-bf16w"
 ATTR_GEMV_BF16 = "edgec.gemv_bf16"  # PrimFunc attribute: the GemvParams of a bf16-weight GEMV kernel
 
 
+def pack_pairs(bits: np.ndarray, p: GemvParams) -> np.ndarray:
+    """bf16 bits (uint16) in ``pack_weight``'s layout -> uint32 words in the paired layout: per k row of a
+    W-wide block, word j = column j | column j + W / 2 << 16."""
+    K, BN, FULL = p.k, p.block_n, p.full_blocks
+    TBN = tail_width(p.tail)
+    head = bits[: FULL * K * BN].reshape(FULL * K, BN).astype(np.uint32)
+    tail = bits[FULL * K * BN:].reshape(K, TBN).astype(np.uint32) if TBN else np.zeros((0, 0), np.uint32)
+    words = [(blk[:, : blk.shape[1] // 2] | (blk[:, blk.shape[1] // 2:] << 16)).reshape(-1) for blk in (head, tail)]
+    return np.ascontiguousarray(np.concatenate(words))
+
+
 def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: Any) -> None:
-    """Emit the dense layer ``p`` with ``wp`` a bfloat16 buffer (the packed layout at ``wp[woff:]``),
-    x / y (M, K) / (M, N) float32 and the bias at ``b[boff:]``."""
+    """Emit the dense layer ``p`` with ``wp`` a uint32 buffer of bf16 pairs (``pack_pairs``' layout at
+    word ``wp[woff:]``), x / y (M, K) / (M, N) float32 and the bias at ``b[boff:]``."""
     from tvm.script.ir_builder import tirx as T
 
     M, K, BN, U = p.m, p.k, p.block_n, max(1, p.unroll)
     FULL, TAIL = p.full_blocks, p.tail
     TBN = max(1, tail_width(TAIL))
-    TOFF = FULL * K * BN
+    TOFF = FULL * K * BN // 2  # in words
     ZERO = T.float32(0)
+    acc_now: list[Any] = [None]  # the accumulator buffer of the block being emitted
+    if BN % 2 or (TAIL and (TBN % 2 or tail_chunk(TBN) < 2)):
+        raise ValueError(f"paired bf16 layout needs even block widths, got BN={BN}, tail {TBN}")
 
     def act(v: Any, j: Any, bias: Any) -> Any:
         if p.bias:
@@ -44,8 +63,16 @@ def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int
             v = T.max(v, ZERO)
         return v
 
-    def mac(acc_v: Any, xv: Any, wv: Any) -> Any:
-        return acc_v + xv * widened(wv, "bfloat16")
+    def lo(wv: Any) -> Any:  # the word's low bf16 as fp32
+        return T.reinterpret("float32", T.shift_left(wv, T.uint32(16)))
+
+    def hi(wv: Any) -> Any:  # the word's high bf16 as fp32
+        return T.reinterpret("float32", T.bitwise_and(wv, T.uint32(0xFFFF0000)))
+
+    def mac2(s: Any, m: Any, col: Any, half: int, xv: Any, wv: Any) -> None:
+        """acc[s, m, col] += x * lo(w); acc[s, m, col + half] += x * hi(w)."""
+        T.buffer_store(acc_now[0], acc_now[0][s, m, col] + xv * lo(wv), [s, m, col])
+        T.buffer_store(acc_now[0], acc_now[0][s, m, col + half] + xv * hi(wv), [s, m, col + half])
 
     RB = max(d for d in range(1, min(M, MAX_ROW_BLOCK) + 1) if M % d == 0)
     MO = M // RB
@@ -59,14 +86,14 @@ def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int
         with T.serial(MO) as mo:
             with T.unroll(S) as s, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
                 T.buffer_store(acc, ZERO, [s, m, c * VC + i])
+            acc_now[0] = acc
+            H, VH = W // 2, VC // 2  # words per k row, words per vector chunk
             with T.serial(KMAIN // (S * U)) as ko, T.unroll(U) as ku, T.unroll(S) as s, T.serial(RB) as m, \
-                    T.unroll(W // VC) as c, T.vectorized(VC) as i:
+                    T.unroll(H // VH) as c, T.vectorized(VH) as i:
                 kk = (ko * U + ku) * S + s
-                T.buffer_store(acc, mac(acc[s, m, c * VC + i], x[mo * RB + m, kk], wp[woff + kk * W + c * VC + i]),
-                               [s, m, c * VC + i])
-            with T.serial(K - KMAIN) as kr, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
-                T.buffer_store(acc, mac(acc[0, m, c * VC + i], x[mo * RB + m, KMAIN + kr],
-                                        wp[woff + (KMAIN + kr) * W + c * VC + i]), [0, m, c * VC + i])
+                mac2(s, m, c * VH + i, H, x[mo * RB + m, kk], wp[woff + kk * H + c * VH + i])
+            with T.serial(K - KMAIN) as kr, T.serial(RB) as m, T.unroll(H // VH) as c, T.vectorized(VH) as i:
+                mac2(0, m, c * VH + i, H, x[mo * RB + m, KMAIN + kr], wp[woff + (KMAIN + kr) * H + c * VH + i])
             with T.unroll(S - 1) as s, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
                 T.buffer_store(acc, acc[0, m, c * VC + i] + acc[s + 1, m, c * VC + i], [0, m, c * VC + i])
             with T.serial(RB) as m:
@@ -80,14 +107,15 @@ def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int
     acc = T.alloc_buffer((SF, RB, BN), "float32", scope="local")
     bv = T.decl_buffer((b.shape[0] - boff,), "float32", data=b.data, elem_offset=boff)
     with T.serial(FULL) as nb:
-        block(bv, woff + nb * K * BN, nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
+        block(bv, woff + nb * K * (BN // 2), nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
     if TAIL > 0:
         acc_t = T.alloc_buffer((ST, RB, TBN), "float32", scope="local")
         block(bv, woff + TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
 
 
 def gemv_bf16_kernel(p: GemvParams) -> Any:
-    """The PrimFunc ``(x[M, K] f32, wp[packed] bf16, b[N] f32, y[M, N] f32)`` for ``p``, marked hand-written."""
+    """The PrimFunc ``(x[M, K] f32, wp[packed / 2] u32 bf16 pairs, b[N] f32, y[M, N] f32)`` for ``p``, marked
+    hand-written."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
@@ -96,7 +124,7 @@ def gemv_bf16_kernel(p: GemvParams) -> Any:
         T.func_name("gemv_bf16")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
         xg = T.arg("xg", T.buffer(p.x_shape or (M, K), "float32"))
-        wp = T.arg("wp", T.buffer((max(1, p.packed_size),), "bfloat16"))
+        wp = T.arg("wp", T.buffer((max(1, p.packed_size // 2),), "uint32"))
         b = T.arg("b", T.buffer((N if p.bias else 1,), "float32"))
         yg = T.arg("yg", T.buffer(p.y_shape or (M, N), "float32"))
         x = T.decl_buffer((M, K), "float32", data=xg.data)
@@ -112,22 +140,22 @@ CHAIN_KERNEL_NAME = "gemv-chain-bf16w"
 
 
 def chain_bf16_kernel(layers: list[GemvParams], x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> Any:
-    """``kernels.tvm.tir.chain.chain_kernel`` with bfloat16 packed weights: the PrimFunc ``(x, w_all bf16,
-    b_all f32, y)`` running ``layers`` in order in one call (intermediates in two scratch buffers)."""
+    """``kernels.tvm.tir.chain.chain_kernel`` with bf16 weights: the PrimFunc ``(x, w_all u32 (each layer's
+    ``pack_pairs``), b_all f32, y)`` running ``layers`` in order in one call (intermediates in two scratch buffers)."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     if not layers:
         raise ValueError("a chain needs at least one layer")
     m = layers[0].m
-    woffs = np.cumsum([0] + [p.packed_size for p in layers]).tolist()
+    woffs = np.cumsum([0] + [p.packed_size // 2 for p in layers]).tolist()  # in words
     boffs = np.cumsum([0] + [p.n if p.bias else 0 for p in layers]).tolist()
     widest = max([p.n for p in layers[:-1]] + [1])
     with IRBuilder() as ib, T.prim_func():
         T.func_name("chain_bf16")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: CHAIN_KERNEL_NAME, "tirx.is_scheduled": True})
         xg = T.arg("xg", T.buffer(x_shape, "float32"))
-        wp = T.arg("wp", T.buffer((max(1, woffs[-1]),), "bfloat16"))
+        wp = T.arg("wp", T.buffer((max(1, woffs[-1]),), "uint32"))
         b = T.arg("b", T.buffer((max(1, boffs[-1]),), "float32"))
         yg = T.arg("yg", T.buffer(y_shape, "float32"))
         x = T.decl_buffer((m, layers[0].k), "float32", data=xg.data)
@@ -142,4 +170,4 @@ def chain_bf16_kernel(layers: list[GemvParams], x_shape: tuple[int, ...], y_shap
 
 
 __all__ = ["ATTR_GEMV_BF16", "CHAIN_KERNEL_NAME", "KERNEL_NAME", "chain_bf16_kernel", "emit_layer_bf16",
-           "gemv_bf16_kernel"]
+           "gemv_bf16_kernel", "pack_pairs"]
