@@ -81,7 +81,30 @@ def kernels_of(table: list[dict]) -> list[str]:
     return [r["kernel"] for r in table if r["kernel"]]
 
 
-@pytest.mark.parametrize(("n", "rows"), [(256, 1), (37, 1), (100, 4)])
+def test_pack_pairs_puts_column_j_low_and_j_plus_half_high() -> None:
+    from kernels.tvm.tir.gemv import GemvParams, pack_weight
+    from kernels.tvm.tir.gemv_bf16 import pack_pairs
+
+    w = round_bf16(np.random.default_rng(9).standard_normal((3, 70)).astype(np.float32))  # 64 + tail of 6 (-> 8)
+    p = GemvParams(m=1, k=3, n=70, block_n=64, unroll=1)
+    bits = to_bf16_bits(pack_weight(w, 64))
+    assert bits is not None
+    words = pack_pairs(bits, p)
+    assert words.dtype == np.uint32 and words.size * 2 == p.packed_size
+
+    def col(word: np.ndarray, high: bool) -> np.ndarray:
+        return ((word >> 16 << 16) if high else (word << 16)).astype(np.uint32).view(np.float32)
+
+    full = words[: 3 * 32].reshape(3, 32)
+    np.testing.assert_array_equal(col(full, False), w[:, :32])
+    np.testing.assert_array_equal(col(full, True), w[:, 32:64])
+    tail = words[3 * 32:].reshape(3, 4)  # tail width 8: columns 64..67 low, 68..71 high (70, 71 are padding)
+    np.testing.assert_array_equal(col(tail, False), w[:, 64:68])
+    np.testing.assert_array_equal(col(tail, True)[:, :2], w[:, 68:70])
+    assert not col(tail, True)[:, 2:].any()
+
+
+@pytest.mark.parametrize(("n", "rows"), [(37, 1), (100, 4)])
 def test_bf16_gemv_equals_fp32_gemv_on_the_rounded_weights(n: int, rows: int) -> None:
     """The bf16-weight GEMV reads exactly the bf16 weights and accumulates in fp32 (tail columns, row blocks)."""
     rng = np.random.default_rng(0)
