@@ -236,3 +236,32 @@ def test_grouped_int8_packing_streams_only_kept_rows() -> None:
     assert not bq.gather and bq.gptr.tolist() == [0, 4, 9]  # 4 windows; 4 + one for row 7
     assert bq.density == 36 / 128
     assert bq.colsum.tolist() == w.astype(np.int32).sum(0).tolist()
+
+
+def test_avx2_full_range_weights_do_not_saturate() -> None:
+    """Weights quantized without reduced range (for a VNNI CPU) could saturate vpmaddubsw's int16 pairs on
+    x86-avx2: that layer falls back to the sign-extending int32 GEMV and stays exact."""
+    rng = np.random.default_rng(7)
+    w = rng.integers(-128, 128, (64, 32)).astype(np.int8)
+    w[0, :] = 127
+    w[1, :] = 127  # a pair of k whose products reach 255 * 254 > 2**15
+    assert not exact_on("avx2", w)
+    model = matmul_integer(w)
+    prof = load_profile("x86-avx2")
+    fast, table = build_vm(model, prof)
+    generic, _ = build_vm(model, prof, substitute=False)
+    assert [r["kernel"] for r in table if r["kernel"]] == ["gemv-packed-i8"]
+    x = np.abs(rng.standard_normal((1, 64))).astype(np.float32)  # large uint8 activations on the saturating pair
+    x[0, :2] = 10.0
+    np.testing.assert_array_equal(fast(x), generic(x))
+    lib_asm = kernel_disassembly_of(model, "x86-avx2")
+    assert "vpmaddubsw" not in lib_asm and "vpdpbusd" not in lib_asm
+
+
+def kernel_disassembly_of(model: onnx.ModelProto, profile_id: str) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as td:
+        lib = Path(td) / "m.so"
+        build_library(model, load_profile(profile_id), lib)
+        return kernel_disassembly(lib, "objdump")["*"]
