@@ -100,6 +100,18 @@ def test_rpi5_fp32_runs_on_emulated_aarch64(emulated: Farm, mlp: tuple[Cache, An
     assert r["accuracy"]["task_accuracy"] == r["accuracy"]["reference_accuracy"]
 
 
+def test_a_full_measurement_needs_only_numpy_and_tvm_there(emulated: Farm, mlp: tuple[Cache, Any]) -> None:
+    """Six rounds, as a real bench measures: the device only times (its interpreter has no scipy), the statistics
+    are computed on the client from the raw samples it returns."""
+    cache, src = mlp
+    art = api.compile(src, profile="rpi5", target="tvm", cache=cache)[0]
+    job = prepare_job(art, cache, data="fashion-mnist", samples=20)
+    job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, duration_s=0.3, warmup_max_s=0.3, round_gap_s=0))
+    r = bench_many([job], RemoteSpec("127.0.0.1", emulated.tracker_port, KEY, TOKEN, request_timeout_s=120))[art.key]
+    assert r["latency"]["rounds"] >= 6 and r["latency"]["runs"] >= 50 and r["latency_samples_ms"]
+    assert r["latency"]["ci"]["p50_ms"][0] <= r["latency"]["p50_ms"] <= r["latency"]["ci"]["p50_ms"][1]
+
+
 @pytest.mark.xfail(strict=True, reason="found here: the aarch64 TVM library of this dynamic per-channel int8 MLP "
                    "disagrees with ONNX Runtime's int8 (argmax 0.22-0.28, max abs err ~22, rpi5 and phone-arm64, "
                    "qemu -cpu max and cortex-a76) while the x86 build matches exactly; remove this mark once fixed")

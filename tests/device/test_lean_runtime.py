@@ -27,8 +27,8 @@ from toolchain.export import import_onnx_file
 
 pytestmark = pytest.mark.rpc
 KEY = "edgec-lean"
-# What a device does not have: torch and the ONNX tooling, and every part of edgec above the device runtime.
-NOT_ON_THE_DEVICE = ("torch", "onnx", "onnxscript", "onnx_ir", "typer", "tqdm", "matplotlib", "xgboost", "cli",
+# What a device does not have: torch, the ONNX tooling, scipy, and every part of edgec above the device runtime.
+NOT_ON_THE_DEVICE = ("torch", "onnx", "onnxscript", "onnx_ir", "scipy", "typer", "tqdm", "matplotlib", "xgboost", "cli",
                      "targets", "kernels", "profiles", "toolchain.api", "toolchain.bench", "toolchain.pipeline",
                      "toolchain.cli", "toolchain.zoo", "toolchain.passes", "toolchain.export",
                      "toolchain.core.cache", "toolchain.core.onnx_io", "toolchain.core.profile",

@@ -24,12 +24,16 @@ from toolchain.core.errors import InfraError, UsageError
 from toolchain.device.protocol import KIND_FUNCS, DeviceLost, RemoteSpec
 from toolchain.device.session import devices, open_session
 from toolchain.measure.job import BenchJob, assemble
+from toolchain.measure.stats import StatsConfig
+from toolchain.measure.timing import Latency, _latency, _Rounds  # statistics of the device's raw rounds
 
 Event = Callable[[str, str, str], None]  # (event, artifact key, device address)
 
 
 def run_job(sess: Any, job: BenchJob) -> dict[str, Any]:
-    """Upload the job's artifact, run the device's bench function, decode the result."""
+    """Upload the job's artifact, have the device time it and run the evaluation inputs, and summarize its raw
+    samples here as the local path does (``measure.timing``): a measurement whose p50 interval is too wide is
+    taken once more on the device and the second kept."""
     kind = job.art.kind
     fname = KIND_FUNCS.get(kind)
     if fname is None:
@@ -45,18 +49,33 @@ def run_job(sess: Any, job: BenchJob) -> dict[str, Any]:
         if "not found" in str(e).lower() or "cannot find" in str(e).lower():
             raise UsageError(f"the device cannot run {kind!r} artifacts ({fname} is not registered there)") from None
         raise DeviceLost(_last_line(e)) from None
-    try:
-        raw = fn(remote_name, json.dumps(cfg), bytearray(np.ascontiguousarray(job.x, np.float32).tobytes()))
-    except Exception as e:  # noqa: BLE001
-        raise DeviceLost(_last_line(e)) from None
-    dev = json.loads(str(raw))
-    if "error" in dev:
-        raise UsageError(f"artifact {job.art.key[:12]} failed on the device: {dev['error']}")
-    out = np.frombuffer(base64.b64decode(dev.pop("outputs_b64")), np.float32)
-    dev["outputs"] = out.reshape(dev.pop("outputs_shape"))
+    x = bytearray(np.ascontiguousarray(job.x, np.float32).tobytes())
+
+    def measure(**extra: Any) -> tuple[dict[str, Any], Latency]:
+        try:
+            raw = fn(remote_name, json.dumps({**cfg, **extra}), x)
+        except Exception as e:  # noqa: BLE001
+            raise DeviceLost(_last_line(e)) from None
+        got = json.loads(str(raw))
+        if "error" in got:
+            raise UsageError(f"artifact {job.art.key[:12]} failed on the device: {got['error']}")
+        parts = [_f32(b) for b in got.pop("rounds_ms_b64")]
+        return got, _latency(_Rounds(parts, got.pop("warmups")), job.cfg, StatsConfig())
+
+    dev, lat = measure()
+    if job.cfg.rerun_unstable and not lat.stable:
+        again = measure(measure_only=True)[1]
+        rerun = {"reason": "unstable", "first_ci_rel_width": lat.ci_rel_width, "first_p50_ms": lat.p50_ms}
+        lat = Latency(**{**again.__dict__, "rerun": rerun})
+    dev["latency"], dev["samples_ms"] = lat.to_json(), lat.samples_ms
+    dev["outputs"] = _f32(dev.pop("outputs_b64")).reshape(dev.pop("outputs_shape"))
     if getattr(sess, "edgec_device", {}).get("emulated"):  # from the device's authenticated hello
         dev["emulated"] = True
     return dev
+
+
+def _f32(b64: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(b64), np.float32)
 
 
 def _last_line(e: BaseException) -> str:

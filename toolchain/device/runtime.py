@@ -2,10 +2,11 @@
 
 It serves benchmark sessions behind a TVM RPC tracker, authenticates every connection with edgec's handshake
 (``device.protocol``) before TVM sees a byte, loads an uploaded artifact, times it with edgec's one timing
-path and returns the measurement with the raw (thinned) samples and the outputs. It imports only the standard
+path (its rounds and warm-up) and returns the raw samples and the outputs. It imports only the standard
 library, numpy, TVM's runtime (onnxruntime when present, for ``ort-model`` artifacts) and edgec's own
 standard-library-and-numpy modules (``core.errors``, ``core.versions``, ``device.protocol``,
-``measure.timing``, ``measure.stats``): no torch, no onnx, no compiler side. Python >= 3.10.
+``measure.timing``): no torch, no onnx, no scipy, no compiler side. Python >= 3.10. It times; the client
+computes the statistics from the raw samples it returns.
 
     EDGEC_DEVICE_TOKEN=... python3 -m toolchain.device.runtime --tracker HOST:9190 --key rpi5 --host 0.0.0.0
 
@@ -62,7 +63,8 @@ from toolchain.device.protocol import (
     version_mismatch,
     versions,
 )
-from toolchain.measure.timing import MeasureConfig, MemoryProbe, bench_loaded
+from toolchain.measure.timing import MeasureConfig, MemoryProbe, run_batched
+from toolchain.measure.timing import _measure_rounds as measure_rounds  # timing without statistics
 
 log = logging.getLogger("edgec.device")
 
@@ -179,24 +181,41 @@ def available_runners() -> dict[str, RunnerFactory]:
 
 
 def bench(make: RunnerFactory, path: Path, cfg_json: str, x_bytes: bytes, emulated: bool = False) -> str:
-    """Benchmark an uploaded artifact. JSON: latency, thinned samples, the outputs of every evaluation input
-    (base64 float32), memory, environment; or {"error": ...} when the artifact fails here."""
+    """Time an uploaded artifact here and return the raw measurement, for the client to summarize (statistics
+    need scipy, which a device does not have). JSON: per round the samples in ms (base64 float32) and the
+    warm-up, the outputs of every evaluation input (base64 float32; not with ``"measure_only"``), memory,
+    environment; or {"error": ...} when the artifact fails here."""
     try:
         cfg = json.loads(cfg_json)
         shape = tuple(cfg["shape"])
         x = np.frombuffer(bytes(x_bytes), dtype=np.float32).reshape(-1, *shape[1:])
-        threads = int(cfg["threads"])
-        res = bench_loaded(lambda: make(path, list(cfg["input_names"]), threads), cfg["input_name"], shape, x,
-                           MeasureConfig(**cfg["measure"]), MemoryProbe())
-        out = np.ascontiguousarray(res.pop("outputs"), dtype=np.float32)
-        res["outputs_b64"] = base64.b64encode(out.tobytes()).decode()
-        res["outputs_shape"] = list(out.shape)
+        names, threads = list(cfg["input_names"]), int(cfg["threads"])
+
+        def runner() -> Any:
+            return make(path, names, threads)
+
+        memory = MemoryProbe()
+        feed = {cfg["input_name"]: x[:1].reshape(shape)}
+        rounds = measure_rounds({"candidate": (runner, feed)}, MeasureConfig(**cfg["measure"]), memory)["candidate"]
+        res: dict[str, Any] = {"rounds_ms_b64": [_b64(np.asarray(p, np.float32)) for p in rounds.parts],
+                               "warmups": rounds.warms}
+        if not cfg.get("measure_only"):
+            with runner() as r:
+                out = np.ascontiguousarray(run_batched(r, cfg["input_name"], x, shape), dtype=np.float32)
+                memory.sample()
+            res["outputs_b64"] = _b64(out)
+            res["outputs_shape"] = list(out.shape)
+        res["memory"] = memory.to_json()
         res["environment"] = environment()
         if emulated:
             res["emulated"] = True
         return json.dumps(res)
     except Exception as e:  # noqa: BLE001  (the artifact failed here: report it; the session stays usable)
         return json.dumps({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
 
 
 def _log_call(name: str, file_name: str) -> None:
