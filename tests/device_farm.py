@@ -35,10 +35,10 @@ class Farm:
         return f"127.0.0.1:{self.tracker_port}"
 
     def add_device(self, token: str = TOKEN, log: Path | None = None, key: str | None = None, lean: bool = False,
-                   env: dict[str, str] | None = None, python: list[str] | None = None) -> str:
+                   env: dict[str, str] | None = None) -> str:
         """Start a device server: ``edgec device serve``, or with ``lean`` the lean runtime
-        (``python -m toolchain.device.runtime``, run by ``python`` when given). With ``log``, it appends a JSON
-        line per upload/module load there."""
+        (``python -m toolchain.device.runtime``). With ``log``, it appends a JSON line per upload/module load
+        there."""
         port = free_port()
         full_env = {**os.environ, "EDGEC_DEVICE_TOKEN": token, **(env or {})}
         if log is not None:
@@ -46,7 +46,7 @@ class Farm:
         args = ["--tracker", self.tracker, "--key", key or self.key, "--port", str(port), "--port-end", str(port + 1)]
         if lean:
             full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH")) if p)
-            cmd = [*(python or [str(BIN / "python")]), "-m", "toolchain.device.runtime", *args]
+            cmd = [str(BIN / "python"), "-m", "toolchain.device.runtime", *args]
         else:
             cmd = [str(BIN / "edgec"), "device", "serve", *args]
         addr = f"127.0.0.1:{port}"
