@@ -9,6 +9,7 @@ and ``ci`` never branch on where a job runs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,14 +25,13 @@ from toolchain.core.profile import Profile, load_profile
 from toolchain.core.versions import environment
 from toolchain.device.farm import Event, bench_many
 from toolchain.device.protocol import RemoteSpec
-from toolchain.measure.job import BenchJob, Labels, assemble
+from toolchain.measure.job import BenchJob, Labels, assemble, run_job_inputs
 from toolchain.measure.timing import (
     MeasureConfig,
     MemoryProbe,
     RunnerFactory,
     bench_loaded,
     measure_interleaved,
-    run_batched,
 )
 from toolchain.zoo.datasets import Dataset, load_dataset
 
@@ -68,17 +68,30 @@ def prepare_job(art: Artifact, cache: Cache, *, profile: Profile | None = None, 
         raise UsageError(f"artifact {art.dir} fails verification or lies outside the cache {cache.root}; rebuild it")
     profile = profile or load_profile(art.profile or "x86-avx512")
     src = reference or source_onnx(art, cache)
-    spec = input_specs(fix_batch(load_onnx(src.payload, check=False), 1))
-    if len(spec) != 1:
-        raise UsageError(f"bench takes single-input models for now; {art.key[:12]} has {len(spec)} inputs")
+    specs = input_specs(fix_batch(load_onnx(src.payload, check=False), 1))
     ds = dataset_for(src, data_dir, data)
-    name, shape = spec[0].name, tuple(spec[0].shape)
-    x = eval_inputs(ds, samples, shape)
-    with OrtRunner(src.payload, profile.bench.threads) as ref:
-        ref_out = run_batched(ref, name, x, shape)
+    if len(specs) > 1 and ds is not None:
+        raise UsageError(f"{art.key[:12]} has {len(specs)} inputs and dataset {ds.name} has one; bench it without "
+                         "--data (seeded random inputs for every input)")
+    name, shape = specs[0].name, tuple(specs[0].shape)
+    x = eval_inputs(ds, samples, shape) if ds is not None else random_inputs(64, shape, specs[0].dtype, 0)
+    more = tuple((s.name, tuple(s.shape), random_inputs(len(x), tuple(s.shape), s.dtype, seed))
+                 for seed, s in enumerate(specs[1:], start=1))
     labels = Labels(ds.name, ds.y_test) if ds is not None else None
-    return BenchJob(art, target, profile.id, name, shape, x, ref_out, labels,
-                    MeasureConfig.from_profile(profile.bench, duration_s))
+    job = BenchJob(art, target, profile.id, name, shape, x, np.empty(0), labels,
+                   MeasureConfig.from_profile(profile.bench, duration_s), more)
+    with OrtRunner(src.payload, profile.bench.threads) as ref:
+        ref_out = run_job_inputs(ref, job)
+    return dataclasses.replace(job, ref_out=ref_out)
+
+
+def random_inputs(n: int, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndarray:
+    """``n`` seeded random evaluation inputs of one model input: normal floats, 0/1 for integer and bool inputs."""
+    check_input_size((n, *shape[1:]), "model input (evaluation samples)")
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(np.dtype(dtype), np.floating):
+        return rng.standard_normal((n, *shape[1:])).astype(dtype)
+    return rng.integers(0, 2, (n, *shape[1:])).astype(dtype)
 
 
 class Device(Protocol):
@@ -103,7 +116,7 @@ class LocalDevice:
         for job in jobs:
             emit("start", job.art.key, "local")
         loaders = {job.art.key: _loader(job) for job in jobs}
-        if len(jobs) == 1:
+        if len(jobs) == 1 and not jobs[0].more_inputs:
             job = jobs[0]
             raw = {job.art.key: bench_loaded(loaders[job.art.key], job.input_name, job.shape, job.x, job.cfg,
                                              MemoryProbe())}
@@ -122,13 +135,12 @@ class LocalDevice:
         if len(cfgs) != 1:
             raise UsageError("jobs measured together must share one measurement configuration (profile, duration)")
         cfg = cfgs.pop()
-        lats = measure_interleaved({job.art.key: (loaders[job.art.key], {job.input_name: job.x[:1].reshape(job.shape)})
-                                    for job in jobs}, cfg)
+        lats = measure_interleaved({job.art.key: (loaders[job.art.key], job.feed(0)) for job in jobs}, cfg)
         raw: dict[str, dict[str, Any]] = {}
         for job in jobs:
             memory = MemoryProbe()  # per job: the growth from loading this runner and running every input
             with loaders[job.art.key]() as runner:
-                outputs = run_batched(runner, job.input_name, job.x, job.shape)
+                outputs = run_job_inputs(runner, job)
                 memory.sample()
             lat = lats[job.art.key]
             raw[job.art.key] = {"latency": lat.to_json(), "samples_ms": lat.samples_ms, "outputs": outputs,
@@ -149,6 +161,10 @@ class RpcFarm:
         self.name = f"rpc://{spec.tracker_host}:{spec.tracker_port} (key {spec.key})"
 
     def run(self, jobs: list[BenchJob], on_event: Event | None = None) -> dict[str, dict[str, Any]]:
+        for job in jobs:
+            if job.more_inputs:  # the device protocol sends one input array per job
+                raise UsageError(f"{job.art.key[:12]} has {1 + len(job.more_inputs)} inputs; remote benches take "
+                                 "single-input models for now: bench it here, without --tracker")
         return bench_many(jobs, self.spec, on_event)
 
 

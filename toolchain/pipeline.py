@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from targets import get_target
 from targets.base import CompileOptions
-from toolchain.bench import LocalDevice, prepare_job
+from toolchain.bench import LocalDevice, prepare_job, random_inputs
 from toolchain.core.cache import Artifact, Cache
 from toolchain.core.errors import SdkMissing, UsageError
 from toolchain.core.onnx_io import input_specs, load_onnx, op_histogram, ort_session, param_count
@@ -130,12 +129,11 @@ def _measure_throughput(finals: dict[str, Artifact], reference: Artifact, profil
                         options: CompileOptions) -> dict[str, dict[str, Any]]:
     """Each target built for ``batch`` inputs per call, measured interleaved: latency per call and items per
     second, and the batch's outputs checked against the reference (a batch build must compute the same)."""
-    spec = input_specs(load_onnx(reference.payload, check=False), batch)[0]
-    if spec.shape[0] != batch:
-        return {t: {"batch": batch, "skipped": f"the model's batch dimension is fixed at {spec.shape[0]}"}
+    specs = input_specs(load_onnx(reference.payload, check=False), batch)
+    if specs[0].shape[0] != batch:
+        return {t: {"batch": batch, "skipped": f"the model's batch dimension is fixed at {specs[0].shape[0]}"}
                 for t in finals}
-    x = np.random.default_rng(0).standard_normal(spec.shape).astype(spec.dtype)
-    feed = {spec.name: x}
+    feed = {s.name: random_inputs(batch, s.shape, s.dtype, seed) for seed, s in enumerate(specs)}
     ref_out = ort_session(reference.payload, profile.bench.threads).run(None, feed)
     batched = dataclasses.replace(options, batch=batch)
     arts = {t: compile_artifact(a, profile, t, cache, batched)[0] for t, a in finals.items()}

@@ -110,6 +110,27 @@ def load_onnx(path: Path | str, check: bool = True) -> onnx.ModelProto:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UsageError(f"{path} fails the ONNX checker ({type(e).__name__}: {first}); "
                              "fix the exporter output or check the download") from None
+    return normalize_legacy(model)
+
+
+def normalize_legacy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """One form for every pass and target: an old-style model (IR version < 4, where every initializer is also
+    listed as a graph input, as older exporters and model zoos wrote them) loses those inputs, so its weights are
+    constants rather than feeds a runtime asks for, and its IR version is raised to the one its opsets need (at
+    least 4). A model already in that form is returned as is."""
+    inits = {t.name for t in model.graph.initializer}
+    listed = [vi for vi in model.graph.input if vi.name in inits]
+    try:
+        needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), True)
+    except Exception:  # noqa: BLE001 -- an opset the table does not know: keep the file's own version
+        needed = model.ir_version
+    ir = max(model.ir_version, needed, 4)
+    if not listed and ir == model.ir_version:
+        return model
+    keep = [vi for vi in model.graph.input if vi.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    model.ir_version = ir
     return model
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from toolchain.core.cache import Artifact
 from toolchain.measure.compare import compare, task_accuracy
-from toolchain.measure.timing import MeasureConfig
+from toolchain.measure.timing import Inferable, MeasureConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,21 @@ class BenchJob:
     ref_out: np.ndarray  # reference (source ONNX on ONNX Runtime) outputs for x
     labels: Labels | None
     cfg: MeasureConfig
+    # The further inputs of a multi-input model: (name, batch-1 shape, evaluation inputs with x's leading count).
+    more_inputs: tuple[tuple[str, tuple[int, ...], np.ndarray], ...] = ()
+
+    def feed(self, i: int) -> dict[str, np.ndarray]:
+        """Every input of evaluation sample ``i``, shaped for the batch-1 artifact."""
+        feed = {self.input_name: self.x[i : i + 1].reshape(self.shape)}
+        for name, shape, arr in self.more_inputs:
+            feed[name] = arr[i : i + 1].reshape(shape)
+        return feed
+
+
+def run_job_inputs(runner: Inferable, job: BenchJob) -> np.ndarray:
+    """Run every evaluation sample of ``job`` (all its inputs) one at a time; stack the first output."""
+    outs = [runner.infer(job.feed(i))[0] for i in range(len(job.x))]
+    return np.concatenate([np.asarray(o).reshape(1, -1) for o in outs])
 
 
 def assemble(job: BenchJob, dev: dict[str, Any]) -> dict[str, Any]:
