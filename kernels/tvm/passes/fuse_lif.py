@@ -24,6 +24,7 @@ from kernels.tvm.passes._rewrite import (
 )
 from kernels.tvm.tir import lif
 from kernels.tvm.tir._elementwise import BINARY, CONST, ROW, UNARY, Node
+from kernels.tvm.tir.bf16 import bf16_constant_array, to_bf16_bits
 
 # The Relax elementwise ops a recurrence may use (all in the shared op table).
 UNARY_OPS = ("negative", "floor", "exp", "tanh", "sigmoid", "abs")
@@ -164,9 +165,13 @@ class FuseLif(RewritePass):
                 s_in, w, b = found
                 bn = lif.layer_block_n(g.rows, cfg.lanes)
                 wp, bp = lif.pack_layer(w, b, bn)
-                func = lif.fused_layer_kernel(g, w.shape[0], n, bn, b is not None, static_shape(s_in))
-                args = [rw.visit_expr(s_in), relax.const(wp), relax.const(bp)]
-                info = {"kernel": lif.LAYER_KERNEL_NAME, "in": int(w.shape[0]), "block_n": bn}
+                bits = to_bf16_bits(wp)  # weights bf16 holds exactly (the bf16 pass): stored as bf16
+                func = lif.fused_layer_kernel(g, w.shape[0], n, bn, b is not None, static_shape(s_in),
+                                              "float32" if bits is None else "bfloat16")
+                wc = relax.const(wp) if bits is None else relax.const(bf16_constant_array(bits), "bfloat16")
+                args = [rw.visit_expr(s_in), wc, relax.const(bp)]
+                kname = lif.LAYER_KERNEL_NAME if bits is None else lif.LAYER_KERNEL_NAME_BF16W
+                info = {"kernel": kname, "in": int(w.shape[0]), "block_n": bn}
             else:
                 func = lif.fused_recurrence_kernel(g, n, cfg.lanes)
                 args = [rw.visit_expr(g.source)]

@@ -38,9 +38,11 @@ import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
 from kernels.tvm.tir._elementwise import CONST, ROW, Node, apply_op
+from kernels.tvm.tir.bf16 import widened
 
 KERNEL_NAME = "lif-fused-f32"
 LAYER_KERNEL_NAME = "lif-layer-f32"
+LAYER_KERNEL_NAME_BF16W = "lif-layer-bf16w"  # weights stored as bfloat16 (exact ones only), fp32 arithmetic
 MAX_ACC_VECTORS = 16  # T x BN accumulators kept in vector registers (AVX-512 has 32)
 
 
@@ -98,9 +100,10 @@ def pack_layer(w: np.ndarray, b: np.ndarray | None, block_n: int) -> tuple[np.nd
 
 
 def fused_layer_kernel(g: Recurrence, k: int, n: int, block_n: int, has_bias: bool,
-                       s_shape: tuple[int, ...]) -> Any:
+                       s_shape: tuple[int, ...], w_dtype: str = "float32") -> Any:
     """PrimFunc ``(s[R, K], wp[NB, K, BN], b[NB*BN], out[T, N])``: the event-driven matmul over all R = T*B
-    input rows and the recurrence, one block of BN neurons at a time."""
+    input rows and the recurrence, one block of BN neurons at a time; ``wp`` stored in ``w_dtype``
+    (float32, or bfloat16 widened to fp32 on load)."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast, FloatImm, Select
@@ -110,10 +113,10 @@ def fused_layer_kernel(g: Recurrence, k: int, n: int, block_n: int, has_bias: bo
     zero = FloatImm(f32, 0.0)
     with IRBuilder() as ib, T.prim_func():
         T.func_name("lif_layer")
-        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: LAYER_KERNEL_NAME, "tirx.is_scheduled": True,
-                     "op_pattern": 8})
+        kernel = LAYER_KERNEL_NAME if w_dtype == f32 else LAYER_KERNEL_NAME_BF16W
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: kernel, "tirx.is_scheduled": True, "op_pattern": 8})
         sg = T.arg("s", T.buffer(s_shape, f32))
-        wp = T.arg("wp", T.buffer((nb_total, k, bn), f32))
+        wp = T.arg("wp", T.buffer((nb_total, k, bn), w_dtype))
         bp = T.arg("b", T.buffer((nb_total * bn,), f32))
         out = T.arg("out", T.buffer((t_out, n), f32))
         s = T.decl_buffer((rows, k), f32, data=sg.data)
@@ -143,7 +146,7 @@ def fused_layer_kernel(g: Recurrence, k: int, n: int, block_n: int, has_bias: bo
                 with T.serial(0, cnt[0]) as j:
                     for r in range(r0, r0 + rb):
                         with T.vectorized(0, bn) as i:
-                            T.buffer_store(acc, acc[r, i] + sc[j, r] * wp[nb, idx[j], i], [r, i])
+                            T.buffer_store(acc, acc[r, i] + sc[j, r] * widened(wp[nb, idx[j], i], w_dtype), [r, i])
 
             def recurrence(width: int, nb: Any = nb) -> None:
                 with T.vectorized(0, width) as i:
@@ -190,5 +193,5 @@ def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
     return ib.get()
 
 
-__all__ = ["KERNEL_NAME", "LAYER_KERNEL_NAME", "Recurrence", "fused_layer_kernel", "fused_recurrence_kernel",
-           "layer_block_n", "pack_layer", "row_block"]
+__all__ = ["KERNEL_NAME", "LAYER_KERNEL_NAME", "LAYER_KERNEL_NAME_BF16W", "Recurrence", "fused_layer_kernel",
+           "fused_recurrence_kernel", "layer_block_n", "pack_layer", "row_block"]
