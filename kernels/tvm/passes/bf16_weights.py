@@ -10,8 +10,9 @@ summation order. Runs of such layers within the profile's ``gemv_chain_max_kb`` 
 one bf16 chain kernel, as ``fuse-gemv-chains`` does for fp32 (this pass runs just before it).
 
 Lossless by construction, so it needs no flag: a float32 model whose weights happen to be bf16-exact gets
-it too. The fused KAN kernel does the same for its coefficients (``fuse-kan``); the grouped, fused LIF and
-convolution kernels keep float32 weights.
+it too. The fused KAN and fused LIF-layer kernels do the same for their weights where they are put in
+(``fuse-kan``, ``fuse-lif``: ``kan-fused-bf16w``, ``lif-layer-bf16w``); the grouped GEMV and the convolution
+kernels keep float32 weights.
 """
 
 from __future__ import annotations
