@@ -318,8 +318,12 @@ def grouped_dot_kernel(bs: BlockSparseInt8, rows: int, isa_name: str, x_shape: t
         acc = T.alloc_buffer((M, BN), "int32", scope="local")
 
         def word(m: Any, g: Any) -> Any:
-            idx = gidx[T.Ramp(g * 4, 1, 4)] if bs.gather else T.Ramp(gidx[g], 1, 4)
-            return T.reinterpret("int32", xq[m, idx])
+            if not bs.gather:  # one unaligned 4-byte load
+                return T.reinterpret("int32", xq[m, T.Ramp(gidx[g], 1, 4)])
+            # Four scalar byte loads assembled in a general register (a vector gather of bytes became
+            # 16 vpinsrb for the broadcast).
+            parts = [T.bitwise_and(Cast("int32", xq[m, gidx[g * 4 + j]]), T.int32(255)) for j in range(4)]
+            return parts[0] | T.shift_left(parts[1], 8) | T.shift_left(parts[2], 16) | T.shift_left(parts[3], 24)
 
         def block(nb: Any, nout: int) -> None:
             with T.serial(M) as m, T.unroll(BN // V) as c:
