@@ -718,8 +718,10 @@ def markdown(results: dict[str, dict[str, Any]], missing: dict[str, str], comman
         defaults = {res.get("ov_default_precision") for res in results.values()}
         notes.append(f"- OpenVINO's default inference precision on this CPU: {', '.join(sorted(map(str, defaults)))}"
                      " (where it is f32, the default runner is the f32 one and is not measured twice).")
+    by_reason: dict[str, list[str]] = {}
     for model, why in missing.items():
-        notes.append(f"- {model}: not measured ({why})")
+        by_reason.setdefault(why, []).append(model)
+    notes += [f"- {', '.join(models)}: not measured ({why})" for why, models in by_reason.items()]
     absent = [m for m in MODELS if m not in results and m not in missing]
     if absent:
         notes.append(f"- {', '.join(absent)}: not measured in these runs")
@@ -776,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--update", action="store_true",
                     help="keep the other models' rows of the last peers.json (rerun only --models)")
     ap.add_argument("--rewrite", action="store_true", help="only rewrite peers.md from peers.json")
+    ap.add_argument("--absent-reason", default=None,
+                    help="with --rewrite: why the zoo models with no row were not measured (kept in peers.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -789,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rewrite:
         old = json.loads(last.read_text())
         kept = {m: {k: v for k, v in r.items() if k != "summary"} for m, r in old["models"].items()}
+        if args.absent_reason:
+            old["not_measured"] = {m: args.absent_reason for m in MODELS if m not in kept}
+            write_atomic(last, json.dumps(old, indent=1, default=_json_default) + "\n")
         write_atomic(RESULTS_DIR / "peers.md", markdown(kept, old["not_measured"], old["command"], old["environment"],
                                                         old["probe"]))
         return 0
