@@ -1,6 +1,7 @@
 """edgec's fastest artifact beside its peers, and beside a floor measured on this machine.
 
-    nice python -m benchmarks.bench_peers [--models mlp-small ...] [--duration S] [--quick]
+    nice python -m benchmarks.bench_peers [--models mlp-small ...] [--duration S] [--quick] [--update]
+    python -m benchmarks.bench_peers --rewrite     # peers.md again from peers.json
 
 One child process per model (``--child``), so one model's state (SDK threads, caches, compiled code) cannot
 affect another's numbers. In the child, at batch 1 and the profile's thread count, on real Fashion-MNIST / Cora
