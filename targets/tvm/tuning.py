@@ -152,9 +152,30 @@ def worth_tuning(func: Any, min_mflops: float, rule_lanes: int | None) -> tuple[
     mflops = _mflops(tvm.IRModule({"main": func}))
     if mflops < min_mflops:
         return False, mflops
-    if rule_lanes is not None and covers_fully(func, rule_lanes):
+    if rule_lanes is not None and (covers_fully(func, rule_lanes) or _rule_pools(func, rule_lanes)):
         return False, mflops
     return True, mflops
+
+
+def _rule_pools(func: Any, lanes: int) -> bool:
+    """Whether ``func`` is a window reduction over one tensor with no weights (max / average pooling, a mean)
+    that the vector rule schedules: the rule's loop order (window inside, the last spatial axis vectorized) is
+    what such a kernel needs; tuning one cost the full "auto" budget for ResNet-18's max pool (1.8 MFLOP)."""
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return False
+    for info in infos:
+        block = sch.get(info.block_rv)
+        # TVM 0.27: block reads / writes are TensorRegions, the buffer in ``source``
+        written = {w.source for w in block.writes}
+        if "R" in info.dom_kind() and len({r.source for r in block.reads} - written) > 1:
+            return False  # a reduction reading two tensors: a conv or matmul (data x weights)
+    return bool(schedule_naive(tvm.IRModule({"main": func}), lanes)[1])
 
 
 def _rule_lanes(profile: Profile) -> int | None:

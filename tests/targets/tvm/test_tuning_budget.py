@@ -12,9 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from kernels.tvm.testing import with_kernels
 from targets.base import CompileOptions, TuneOptions
 from targets.tvm import TvmTarget
-from targets.tvm.tuning import DEADLINE_GRACE_S, TuneConfig, run_tuning
+from targets.tvm.tuning import DEADLINE_GRACE_S, TuneConfig, auto_trials, run_tuning
 from toolchain.core.cache import Cache
 from toolchain.core.errors import UsageError
 from toolchain.core.profile import Profile, load_profile, parse_profile
@@ -68,6 +69,26 @@ def test_spent_budget_starts_no_batch_and_reports_every_task(tmp_path: Path) -> 
     assert len(names) == 3 and all("conv2d" in n for n in names)
     assert all(u["trials"] == 0 and u["wanted"] == 96 for u in out["uncovered"])
     assert out["naive"] == []  # what tuning did not cover, the vector rule schedules
+
+
+def test_auto_plan_skips_direct_convs_and_pooling(tmp_path: Path) -> None:
+    """Conv 3x3 (32 channels, 64x64) + a 3x3 max pool (~1.2 MFLOP): the direct conv kernel covers the conv and the
+    vector rule the pool, so "auto" plans no tuning; with the conv kernel off only the conv is worth tuning."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((32, 3, 3, 3)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 64, 64])],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "pool.onnx"
+    onnx.save(m, path)
+    prof = load_profile("x86-avx512")
+    assert auto_trials(path, prof) == (0, [])
+    trials, heavy = auto_trials(path, with_kernels(prof, use_direct_conv=False))
+    assert trials > 0 and heavy and not any("pool" in n for n, _ in heavy)
 
 
 @pytest.mark.slow
