@@ -25,8 +25,9 @@ from toolchain.core.errors import SdkMissing, UsageError
 from toolchain.core.onnx_io import load_onnx
 from toolchain.core.profile import Profile
 
-COMPILE_CONFIG_VERSION = 6  # 2: hand-written kernel substitution; 3: dense chains fused; 4: pinned-batch folding;
-# 5: fast exp + vector rule for kernels nothing else schedules; 6: auto tuning skips what the rule covers
+COMPILE_CONFIG_VERSION = 7  # 2: hand-written kernel substitution; 3: dense chains fused; 4: pinned-batch folding;
+# 5: fast exp + vector rule for kernels nothing else schedules; 6: auto tuning skips what the rule covers;
+# 7: auto tuning skips pooling the rule schedules and runs under a time budget
 
 
 class TvmTarget:
