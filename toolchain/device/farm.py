@@ -25,7 +25,7 @@ from toolchain.device.protocol import KIND_FUNCS, DeviceLost, RemoteSpec
 from toolchain.device.session import devices, open_session
 from toolchain.measure.job import BenchJob, assemble
 from toolchain.measure.stats import StatsConfig
-from toolchain.measure.timing import Latency, _latency, _Rounds  # statistics of the device's raw rounds
+from toolchain.measure.timing import Latency, Rounds, latency_of_rounds  # statistics of a device's raw rounds
 
 Event = Callable[[str, str, str], None]  # (event, artifact key, device address)
 
@@ -60,7 +60,7 @@ def run_job(sess: Any, job: BenchJob) -> dict[str, Any]:
         if "error" in got:
             raise UsageError(f"artifact {job.art.key[:12]} failed on the device: {got['error']}")
         parts = [_f32(b) for b in got.pop("rounds_ms_b64")]
-        return got, _latency(_Rounds(parts, got.pop("warmups")), job.cfg, StatsConfig())
+        return got, latency_of_rounds(Rounds(parts, got.pop("warmups")), job.cfg, StatsConfig())
 
     dev, lat = measure()
     if job.cfg.rerun_unstable and not lat.stable:

@@ -63,8 +63,12 @@ from toolchain.device.protocol import (
     version_mismatch,
     versions,
 )
-from toolchain.measure.timing import MeasureConfig, MemoryProbe, run_batched
-from toolchain.measure.timing import _measure_rounds as measure_rounds  # timing without statistics
+from toolchain.measure.timing import (
+    MeasureConfig,
+    MemoryProbe,
+    measure_rounds,  # timing without statistics (no scipy on a device)
+    run_batched,
+)
 
 log = logging.getLogger("edgec.device")
 

@@ -153,15 +153,18 @@ class MemoryProbe:
 
 
 @dataclass
-class _Rounds:
+class Rounds:
+    """Raw timing of one candidate: the samples of each round and each round's warm-up record. A device returns
+    these; the statistics (``latency_of_rounds``) are computed where scipy is, on the client."""
+
     parts: list[np.ndarray] = field(default_factory=list)
     warms: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _measure_rounds(candidates: dict[str, tuple[RunnerFactory, dict[str, np.ndarray]]], cfg: MeasureConfig,
-                    memory: MemoryProbe | None) -> dict[str, _Rounds]:
+def measure_rounds(candidates: dict[str, tuple[RunnerFactory, dict[str, np.ndarray]]], cfg: MeasureConfig,
+                    memory: MemoryProbe | None) -> dict[str, Rounds]:
     names = list(candidates)
-    got = {n: _Rounds() for n in names}
+    got = {n: Rounds() for n in names}
     per_round = cfg.duration_s / max(1, cfg.rounds)
     min_per_round = max(1, cfg.min_runs // max(1, cfg.rounds))
     for i in range(max(1, cfg.rounds)):
@@ -179,7 +182,7 @@ def _measure_rounds(candidates: dict[str, tuple[RunnerFactory, dict[str, np.ndar
     return got
 
 
-def _latency(r: _Rounds, cfg: MeasureConfig, scfg: StatsConfig) -> Latency:
+def latency_of_rounds(r: Rounds, cfg: MeasureConfig, scfg: StatsConfig) -> Latency:
     samples = np.concatenate(r.parts)
     s = summarize(samples, scfg, [p.size for p in r.parts])
     return Latency(**s, warmup_runs=sum(w["runs"] for w in r.warms), threads=cfg.threads, rounds=len(r.parts),
@@ -192,13 +195,13 @@ def measure_interleaved(candidates: dict[str, tuple[RunnerFactory, dict[str, np.
     """Latency of every candidate (a runner factory and its feed), measured in interleaved rounds. A
     candidate whose p50 interval is too wide (noisy machine) is measured once more and the second kept."""
     scfg = scfg or StatsConfig()
-    first = {n: _latency(r, cfg, scfg) for n, r in _measure_rounds(candidates, cfg, memory).items()}
+    first = {n: latency_of_rounds(r, cfg, scfg) for n, r in measure_rounds(candidates, cfg, memory).items()}
     unstable = [n for n, lat in first.items() if not lat.stable] if cfg.rerun_unstable else []
     out = dict(first)
     if unstable:
-        again = _measure_rounds({n: candidates[n] for n in unstable}, cfg, memory)
+        again = measure_rounds({n: candidates[n] for n in unstable}, cfg, memory)
         for n in unstable:
-            lat = _latency(again[n], cfg, scfg)
+            lat = latency_of_rounds(again[n], cfg, scfg)
             rerun = {"reason": "unstable", "first_ci_rel_width": first[n].ci_rel_width,
                      "first_p50_ms": first[n].p50_ms}
             out[n] = Latency(**{**lat.__dict__, "rerun": rerun})
