@@ -8,8 +8,10 @@ constant; ``matmul(x: int32, W: int8 constant, out_dtype=int32)`` (ONNX MatMulIn
 variant: on a CPU with int8 dot products (``KernelConfig.int8_isa``) and an activation that is
 ``astype(xq: uint8) - astype(zp: uint8)`` (what DynamicQuantizeLinear / QuantizeLinear import as), the kernel
 takes ``xq`` and ``zp`` themselves and multiplies on VNNI / AVX2 / sdot (``kernels.tvm.tir.int8_dot``),
-otherwise it sign-extends to int32. Only the end of each matmul [+ add] [+ relu] chain is rewritten; the
-absorbed bindings are dead code afterwards.
+otherwise it sign-extends to int32. A whole dynamic-int8 layer (DynamicQuantizeLinear's min / max / scale /
+zero point / quantize, MatMulInteger, ``* (sx * wscale)`` [+ bias] [relu]: about ten kernels as imported)
+becomes one kernel (``match_dynamic_layer``); a block-sparse int8 weight takes the grouped int8 kernel. Only
+the end of each chain is rewritten; the absorbed bindings are dead code afterwards.
 """
 
 from __future__ import annotations
