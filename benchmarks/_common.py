@@ -23,11 +23,11 @@ from onnx import numpy_helper
 from kernels.tvm.testing import dense_onnx
 from targets.ort import OrtRunner
 from targets.tvm.build import build_library
-from targets.tvm.runner import TvmRunner
 from toolchain.core.onnx_io import input_specs
 from toolchain.core.profile import Profile, load_profile
 from toolchain.core.text import markdown_table, write_atomic
 from toolchain.core.versions import environment
+from toolchain.device.runners import TvmLibRunner
 from toolchain.measure.timing import Latency, MeasureConfig, RunnerFactory, measure_interleaved
 
 PROFILE = "x86-avx512"
@@ -62,7 +62,7 @@ def tvm_build(model_path: Path, prof: Profile, out_dir: Path, tag: str,
     meta = build_library(onnx.load(str(model_path)), prof, lib, tuning_db=tuning_db)
     names = [i["name"] for i in meta["inputs"]]
     threads = prof.bench.threads
-    return (lambda: TvmRunner(lib, names, threads)), meta
+    return (lambda: TvmLibRunner(lib, names, threads)), meta
 
 
 def infer_once(make_runner: RunnerFactory, feed: Feed) -> list[np.ndarray]:

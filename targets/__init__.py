@@ -14,11 +14,11 @@ from targets.base import Runner, Target
 from toolchain.core.cache import Artifact
 from toolchain.core.errors import UsageError
 
-# target name -> (module, Target class, Runner class)
+# target name -> (module, Target class, module and class of the Runner of its payloads)
 REGISTRY: dict[str, tuple[str, str, str]] = {
-    "ort": ("targets.ort", "OrtTarget", "OrtRunner"),
-    "tvm": ("targets.tvm", "TvmTarget", "TvmRunner"),
-    "tensorrt": ("targets.tensorrt", "TensorRTTarget", "TensorRTRunner"),
+    "ort": ("targets.ort", "OrtTarget", "targets.ort:OrtRunner"),
+    "tvm": ("targets.tvm", "TvmTarget", "toolchain.device.runners:TvmLibRunner"),
+    "tensorrt": ("targets.tensorrt", "TensorRTTarget", "targets.tensorrt:TensorRTRunner"),
 }
 
 # The artifact kind each target's compile step produces, so a payload can be routed to its runner.
@@ -46,7 +46,7 @@ def target_for_artifact(art: Artifact) -> Target:
 
 def load_runner(kind: str, path: Path, input_names: list[str], threads: int) -> Runner:
     """A runner for a compiled payload of ``kind`` (no manifest needed: the device server has only the file)."""
-    module, _, cls = REGISTRY[target_name_for_kind(kind)]
+    module, _, cls = REGISTRY[target_name_for_kind(kind)][2].partition(":")
     runner_cls = getattr(importlib.import_module(module), cls)
     if kind == "tvm-lib":
         runner: Runner = runner_cls(path, input_names, threads)

@@ -1,8 +1,9 @@
 """Apache TVM (Relax, LLVM) target: native x86 builds and aarch64 cross-builds.
 
 The package, in data-flow order: ``frontend`` (SDK, LLVM target, ONNX import) -> ``pipeline`` (named
-lowering steps) -> ``database`` / ``tuning`` (MetaSchedule) -> ``build`` (link the library) -> ``runner``
-(Relax VM) and ``inspect`` (what runs where). This module is the ``targets.base.Target`` over them.
+lowering steps) -> ``database`` / ``tuning`` (MetaSchedule) -> ``build`` (link the library) and ``inspect`` (what
+runs where). Libraries run on the Relax VM through ``toolchain.device.runners.TvmLibRunner``, the same runner a
+device uses. This module is the ``targets.base.Target`` over them.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from targets.tvm.build import build_library, kernel_sources_digest
 from targets.tvm.database import database_digest, database_dir
 from targets.tvm.frontend import import_tvm
 from targets.tvm.inspect import kernel_times
-from targets.tvm.runner import TvmRunner
 from targets.tvm.tuning import TuneConfig, plan_auto_tuning, tune_once
 from toolchain.core.cache import Artifact, Cache, StepKey
 from toolchain.core.errors import SdkMissing, UsageError
 from toolchain.core.onnx_io import load_onnx
 from toolchain.core.profile import Profile
+from toolchain.device.runners import TvmLibRunner
 
 COMPILE_CONFIG_VERSION = 7  # 2: hand-written kernel substitution; 3: dense chains fused; 4: pinned-batch folding;
 # 5: fast exp + vector rule for kernels nothing else schedules; 6: auto tuning skips what the rule covers;
@@ -102,7 +103,7 @@ class TvmTarget:
         sk = StepKey("compile:tvm", (art.key,), cfg, COMPILE_CONFIG_VERSION, profile.id)
         return cache.get_or_build(sk, "tvm-lib", write)
 
-    def load(self, art: Artifact) -> TvmRunner:
+    def load(self, art: Artifact) -> TvmLibRunner:
         machine = art.meta.get("elf_machine")
         if machine != platform.machine():
             raise UsageError(
@@ -110,7 +111,7 @@ class TvmTarget:
                 "run it on that device (edgec bench --tracker HOST:PORT --key KEY)"
             )
         names = [i["name"] for i in art.meta.get("inputs", [])]
-        return TvmRunner(art.payload, names, int(art.meta.get("threads", 1)))
+        return TvmLibRunner(art.payload, names, int(art.meta.get("threads", 1)))
 
     def kernels(self, art: Artifact) -> list[dict[str, Any]]:
         """Kernels per layer from the build meta; on a machine that can run the library, each with its

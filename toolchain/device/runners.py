@@ -1,0 +1,105 @@
+"""Runners for compiled payloads that need nothing but numpy and the payload's own runtime (TVM's, ONNX
+Runtime's): the one implementation the TVM target, the lean device runtime and the benchmarks load artifacts
+with. Each is a context manager with ``infer(feed) -> [arrays]``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class TvmLibRunner:
+    """A TVM library on the Relax VM with pre-bound, 64-byte aligned input buffers: one copy per input on the
+    hot path, outputs read through DLPack."""
+
+    def __init__(self, lib_path: Path, input_names: list[str], threads: int) -> None:
+        import tvm
+        import tvm_ffi
+        from tvm.runtime.vm import VirtualMachine
+
+        os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+        cfg = tvm_ffi.get_global_func("runtime.config_threadpool", allow_missing=True)
+        if cfg is not None:
+            cfg(1, threads)
+        self.lib = tvm.runtime.load_module(str(lib_path))
+        self.vm = VirtualMachine(self.lib, tvm.cpu())
+        self.input_names = input_names
+        self._from_dlpack = tvm_ffi.from_dlpack
+        self._stage: list[tuple[str, np.ndarray]] | None = None  # None until the first call fixes the shapes
+        self._call: Any = None
+        self._single = True
+
+    def __enter__(self) -> TvmLibRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        stage = self._stage
+        if stage is None:
+            return self._bind(feed)
+        for name, arr in stage:
+            v = feed[name]
+            if v.shape != arr.shape or v.dtype != arr.dtype:
+                return self._bind(feed)
+            np.copyto(arr, v)
+        out = self._call()
+        if self._single:
+            return [np.from_dlpack(out).copy()]  # a copy: an output may alias a constant or an input
+        return [np.from_dlpack(o).copy() for o in out]
+
+    def _bind(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        stage, tensors = [], []
+        for n in self.input_names:
+            v = np.asarray(feed[n])
+            arr = aligned_empty(v.shape, v.dtype)
+            stage.append((n, arr))
+            tensors.append(self._from_dlpack(arr))
+        self.vm.save_function("main", "edgec_bound_main", *tensors)
+        self._call = self.vm["edgec_bound_main"]
+        self._stage = stage
+        for n, arr in stage:
+            np.copyto(arr, feed[n])
+        out = self._call()
+        self._single = hasattr(out, "shape")
+        outs = [out] if self._single else list(out)
+        return [np.from_dlpack(o).copy() for o in outs]
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array whose data starts on a 64-byte boundary (TVM's buffer alignment)."""
+    dt = np.dtype(dtype)
+    nbytes = max(1, int(np.prod(shape)) * dt.itemsize)
+    raw = np.empty(nbytes + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off : off + nbytes].view(dt).reshape(shape)
+
+
+class OrtModelRunner:
+    """An ONNX Runtime CPU session opened as ``core.onnx_io.ort_session`` does (quiet, ``threads`` intra-op
+    threads, one inter-op thread, every graph optimization)."""
+
+    def __init__(self, path: Path, input_names: list[str], threads: int) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+
+    def __enter__(self) -> OrtModelRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.sess.run(self.output_names, feed))
