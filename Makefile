@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench setup system-deps clean
+.PHONY: demo test test-slow lint bench setup system-deps clean emulator
 
 $(STAMP): pyproject.toml
 	$(MAKE) system-deps
@@ -28,6 +28,11 @@ system-deps:
 
 demo: $(STAMP)
 	$(BIN)/edgec demo
+
+# The emulated aarch64 device the device tests run on (once: ~45 s, ~150 MB of downloads; into
+# $EDGEC_EMULATOR_DIR when set, else ~/.cache/edgec/emulator).
+emulator: $(STAMP)
+	$(BIN)/edgec device emulate --profile rpi5 --provision-only
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
