@@ -142,8 +142,23 @@ def _row(c: Candidate, m: dict[str, Any] | None, err: str | None, metric: str) -
     acc = res.get("accuracy")
     return {**row, "artifact": m["artifact"], "bench_cache_hit": m["bench_cache_hit"],  # type: ignore[index]
             "latency_ms": lat[f"{metric}_ms"], "ci_ms": lat["ci"][f"{metric}_ms"], "p50_ms": lat["p50_ms"],
-            "stable": lat["stable"], "accuracy": acc["task_accuracy"] if acc else None,
+            "stable": lat["stable"], "emulated": bool(res.get("emulated")),
+            "accuracy": acc["task_accuracy"] if acc else None,
             "reference_accuracy": acc["reference_accuracy"] if acc else None, "size_bytes": res["size_bytes"]}
+
+
+EMULATED_REFUSAL = ("latency measured on an emulated device is the emulator's, not a device time: pick gates no "
+                    "budget on it; measure on the real device (remote key without -emulated)")
+
+
+def refuse_emulated(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every measured row rejected: an emulated latency decides nothing."""
+    for r in rows:
+        if "error" in r:
+            r["status"], r["reason"] = "rejected", f"could not be measured: {r['error']}"
+        else:
+            r["status"], r["reason"] = "rejected", EMULATED_REFUSAL
+    return {"chosen": None, "runner_up": None, "why": EMULATED_REFUSAL}
 
 
 def decide(rows: list[dict[str, Any]], budget_ms: float, min_accuracy: float | None, metric: str) -> dict[str, Any]:
@@ -248,7 +263,8 @@ def run_pick(cfg: PickConfig, cache: Cache, progress: bool = True) -> dict[str, 
         except EdgecError as e:  # one broken candidate must not sink the pick; it is reported as rejected
             rows.append(_row(c, None, str(e), cfg.metric))
     bar.close()
-    choice = decide(rows, cfg.budget_ms, cfg.min_accuracy, cfg.metric)
+    emulated = [r["label"] for r in rows if r.get("emulated")]
+    choice = (refuse_emulated(rows) if emulated else decide(rows, cfg.budget_ms, cfg.min_accuracy, cfg.metric))
     front = pareto(rows)
     png = plot(rows, front, cfg.budget_ms, cfg.metric, cfg.report_dir / "pick.png")
     report: dict[str, Any] = {
@@ -261,6 +277,8 @@ def run_pick(cfg: PickConfig, cache: Cache, progress: bool = True) -> dict[str, 
         report["verify"] = verify_choice(row, cache, profile, cfg)
     write_atomic(cfg.report_dir / "pick.json", json.dumps(report, indent=2, default=str))
     write_atomic(cfg.report_dir / "pick.md", render_markdown(report))
+    if emulated:  # the report shows what was measured (outputs and accuracy are real); no budget is gated
+        raise UsageError(f"{len(emulated)} candidate(s) measured on an emulated device: {EMULATED_REFUSAL}")
     return report
 
 
@@ -280,6 +298,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
     rows = []
     for r in rep["candidates"]:
         lat = f"{r['latency_ms']:.4f} [{r['ci_ms'][0]:.4f}, {r['ci_ms'][1]:.4f}]" if "latency_ms" in r else "-"
+        lat += " (emulated, not a device time)" if r.get("emulated") else ""
         acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
         rows.append([r["label"], lat, acc, r["status"], r["reason"].replace("|", "/")])
     lines.append(markdown_table(["candidate", f"{m} ms [95% CI]", "accuracy", "status", "why"], rows))

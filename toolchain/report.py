@@ -89,8 +89,9 @@ def render_bench(res: dict[str, Any]) -> str:
     """``edgec bench`` for a terminal."""
     lat, ag = res["latency"], res["agreement"]
     lo, hi = lat["ci"]["p50_ms"]
-    s = (f"{res['target']} on {res['profile']} ({res.get('device', 'local')}): p50 {lat['p50_ms'] * 1000:.1f} us "
-         f"[95% CI {lo * 1000:.1f}-{hi * 1000:.1f}]  p90 {lat['p90_ms'] * 1000:.1f} us  "
+    emulated = "emulated, not a device time: " if res.get("emulated") else ""
+    s = (f"{res['target']} on {res['profile']} ({res.get('device', 'local')}): {emulated}p50 "
+         f"{lat['p50_ms'] * 1000:.1f} us [95% CI {lo * 1000:.1f}-{hi * 1000:.1f}]  p90 {lat['p90_ms'] * 1000:.1f} us  "
          f"p99 {lat['p99_ms'] * 1000:.1f} us  ({lat['runs']} runs, {lat['threads']} thread, "
          f"{'stable' if lat.get('stable') else 'UNSTABLE'})\n"
          f"vs ONNX Runtime reference: max rel err {ag['max_rel']:.1e}, argmax agreement {ag['argmax_agreement']:.2%}")

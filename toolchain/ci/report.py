@@ -20,7 +20,7 @@ def junit(rep: dict[str, Any]) -> str:
               for g in m["gates"]]
     suite = ET.Element("testsuite", name=f"edgec ci {rep['project']}", tests=str(len(cases)),
                        failures=str(sum(c[2] == "failed" for c in cases)),
-                       errors=str(sum(c[2] == "error" for c in cases)),
+                       errors=str(sum(c[2] in ("error", "refused") for c in cases)),
                        skipped=str(sum(c[2] == "skipped" for c in cases)), time=str(rep.get("wall_s", 0)))
     for model, gate, status, msg in cases:
         tc = ET.SubElement(suite, "testcase", classname=f"edgec.{model}", name=gate)
@@ -28,6 +28,8 @@ def junit(rep: dict[str, Any]) -> str:
             ET.SubElement(tc, "failure", message=msg, type=gate).text = msg
         elif status == "error":
             ET.SubElement(tc, "error", message=msg, type="InfraError").text = msg
+        elif status == "refused":  # an emulated latency: no gate decided on it
+            ET.SubElement(tc, "error", message=msg, type="EmulatedLatency").text = msg
         elif status == "skipped":
             ET.SubElement(tc, "skipped", message=msg)
         else:
@@ -49,8 +51,10 @@ def markdown(rep: dict[str, Any]) -> str:
         metric = m["spec"]["metric"]
         acc = (r.get("accuracy") or {}).get("task_accuracy")
         for g in m["gates"]:
-            mark = {"passed": "pass", "failed": "**FAIL**", "skipped": "skip"}.get(g["status"], g["status"])
-            rows.append([name, g["gate"], mark, f"{lat[f'{metric}_ms']:.4f}", f"{m['spec']['budget_ms']:g}",
+            mark = {"passed": "pass", "failed": "**FAIL**", "skipped": "skip",
+                    "refused": "**REFUSED**"}.get(g["status"], g["status"])
+            shown = f"{lat[f'{metric}_ms']:.4f}" + (" (emulated, not a device time)" if r.get("emulated") else "")
+            rows.append([name, g["gate"], mark, shown, f"{m['spec']['budget_ms']:g}",
                          "-" if acc is None else f"{acc:.4f}", g["message"].replace("|", "/")])
     if rows:
         lines.append(markdown_table(["model", "gate", "result", "latency ms", "budget ms", "accuracy", "detail"], rows))

@@ -22,7 +22,7 @@ from toolchain.bench import device_for, prepare_job
 from toolchain.ci.config import ModelSpec, Project, load_project
 from toolchain.ci.report import markdown, write_reports
 from toolchain.core.cache import Cache
-from toolchain.core.errors import InfraError
+from toolchain.core.errors import InfraError, UsageError
 from toolchain.core.profile import load_profile
 from toolchain.core.text import write_atomic
 from toolchain.device.farm import Event
@@ -79,19 +79,29 @@ def _regression(m: ModelSpec, res: dict[str, Any], base: dict[str, Any] | None, 
     return out
 
 
+EMULATED_REFUSAL = ("latency measured on an emulated device is the emulator's, not a device time: no latency gate "
+                    "is decided on it; measure on the real device (remote key without -emulated)")
+
+
 def gates(m: ModelSpec, res: dict[str, Any], base: dict[str, Any] | None, proj: Project) -> list[dict[str, Any]]:
     lat = res["latency"]
     v, ci = lat[f"{m.metric}_ms"], lat["ci"][f"{m.metric}_ms"]
-    out = [{"gate": "latency-budget", "status": "passed" if v <= m.budget_ms else "failed",
-            "measured_ms": v, "budget_ms": m.budget_ms,
-            "message": f"{m.name}: {m.metric} {v:.4f} ms (95% CI {ci[0]:.4f}-{ci[1]:.4f}) "
-                       f"{'<=' if v <= m.budget_ms else '>'} budget {m.budget_ms:g} ms"}]
+    if res.get("emulated"):
+        out = [{"gate": "latency-budget", "status": "refused", "measured_ms": v, "budget_ms": m.budget_ms,
+                "message": f"{m.name}: {EMULATED_REFUSAL}"}]
+    else:
+        out = [{"gate": "latency-budget", "status": "passed" if v <= m.budget_ms else "failed",
+                "measured_ms": v, "budget_ms": m.budget_ms,
+                "message": f"{m.name}: {m.metric} {v:.4f} ms (95% CI {ci[0]:.4f}-{ci[1]:.4f}) "
+                           f"{'<=' if v <= m.budget_ms else '>'} budget {m.budget_ms:g} ms"}]
     if m.min_accuracy is not None:
         acc = (res.get("accuracy") or {}).get("task_accuracy")
         ok = acc is not None and acc >= m.min_accuracy
         out.append({"gate": "accuracy-floor", "status": "passed" if ok else "failed", "measured": acc,
                     "message": f"{m.name}: accuracy {acc if acc is None else f'{acc:.4f}'} "
                                f"{'>=' if ok else '<'} floor {m.min_accuracy:g}"})
+    if res.get("emulated"):
+        return [*out, {"gate": "regression", "status": "refused", "message": f"{m.name}: {EMULATED_REFUSAL}"}]
     return out + _regression(m, res, base, proj)
 
 
@@ -118,6 +128,12 @@ def run_ci(path: Path, cache: Any, update_baseline: bool = False, token: str | N
         failed |= any(x["status"] == "failed" for x in g)
         slim = {k: v for k, v in res.items() if k != "latency_samples_ms"}
         report["models"][m.name] = {"spec": m.to_json(), "result": slim, "gates": g}
+    emulated = sorted(m.name for m in proj.models if results[m.name].get("emulated"))
+    if emulated:  # the report says what was measured (outputs and accuracy are real), then exit 2
+        report["status"] = "refused: emulated latency"
+        report["wall_s"] = round(time.monotonic() - t0, 1)
+        write_reports(proj, report)
+        raise UsageError(f"{', '.join(emulated)}: {EMULATED_REFUSAL}")
     if update_baseline:
 
         write_atomic(proj.baseline, json.dumps({"project": proj.name, "models": results}, default=str))
