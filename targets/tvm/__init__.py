@@ -78,7 +78,9 @@ class TvmTarget:
                     f"tuning for {profile.id} must measure on the device itself; start 'edgec device serve' there "
                     "and pass --tracker HOST:PORT --key KEY (or tune with --tune-trials 0)"
                 )
-            db = database_dir(cache.root, profile.id)
+            # Records timed on an emulated device (key <profile>-emulated) go to their own database, never the device's.
+            emulated = (tcfg.device_key or "").endswith("-emulated")
+            db = database_dir(cache.root, f"{profile.id}-emulated" if emulated else profile.id)
             tune_summary = tune_once(art, profile, tcfg, db, cache, progress=options.tune.progress)
             # Trials and the database content key the tuned build: a longer tune is a new artifact.
             tuning = {"trials": tcfg.trials, "remote": tcfg.tracker is not None, "db": database_digest(db)}

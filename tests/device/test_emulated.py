@@ -147,6 +147,9 @@ def test_tuning_over_rpc_on_the_emulated_device(emulated: Farm, tmp_path: Path) 
     t = out["tuning"]
     assert t["remote"] is True and t["measured"] >= 1 and t["failed_trials"] < t["measured"]
     assert out["naive_after_tuning"] == [] and any(k["origin"] == "tuned" for k in out["kernels"])
+    # Records timed on the emulated device have their own database; the real rpi5's stays untouched.
+    assert (tmp_path / "cache" / "tuning" / "rpi5-emulated").is_dir()
+    assert not (tmp_path / "cache" / "tuning" / "rpi5").exists()
     new = [json.loads(ln) for ln in emulated.calls.read_text().splitlines()[before:]]  # type: ignore[attr-defined]
     loaded = {e["file"] for e in new if e["call"] == "load_module"}
     assert len(loaded) >= t["measured"] - t["failed_trials"] and all(f.startswith("edgec-ms-") for f in loaded)
