@@ -199,5 +199,16 @@ def ort_session(model: onnx.ModelProto | Path | str | bytes, threads: int = 1, *
     if optimized_out is not None:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(optimized_out)
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(src if isinstance(src, bytes) else str(src), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(src if isinstance(src, bytes) else str(src), so,
+                                    providers=["CPUExecutionProvider"])
+    except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidArgument, ort_errors.InvalidProtobuf,
+            ort_errors.NotImplemented) as e:  # ONNX Runtime refuses the model itself (the checker let it through)
+        what = src if isinstance(src, (str, Path)) else "the model"
+        reason = " ".join(str(e).split())
+        reason = reason.split(" failed:", 1)[-1].strip()[:200]
+        raise UsageError(f"ONNX Runtime cannot load {what} ({type(e).__name__}: {reason}); "
+                         "fix or re-export the model, or try another --target") from None
