@@ -16,14 +16,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Debian packages: Fashion-MNIST data and the aarch64 cross linker. Best effort where not root.
+# Debian packages: Fashion-MNIST data, the aarch64 cross linker, clang + lld (Android), qemu-user. Best effort where not root.
 system-deps:
-	@if [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && command -v aarch64-linux-gnu-gcc >/dev/null && command -v aarch64-linux-gnu-objdump >/dev/null; then \
+	@if [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && command -v aarch64-linux-gnu-gcc >/dev/null && command -v aarch64-linux-gnu-objdump >/dev/null && command -v clang >/dev/null && command -v ld.lld >/dev/null; then \
 	  echo "system packages present"; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user clang lld >/dev/null; \
 	else \
-	  echo "warning: run 'sudo apt-get install dataset-fashion-mnist gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user' for real data and ARM builds"; \
+	  echo "warning: run 'sudo apt-get install dataset-fashion-mnist gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user clang lld' for real data and ARM builds"; \
 	fi
 
 demo: $(STAMP)

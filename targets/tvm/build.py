@@ -11,10 +11,11 @@ import onnx
 
 import kernels.tvm as kernels_pkg
 from targets.tvm.database import naive_kernels
+from targets.tvm.elf import android_problems
 from targets.tvm.frontend import import_onnx, import_tvm, tvm_target
 from targets.tvm.inspect import kernel_table
 from targets.tvm.pipeline import pipeline
-from toolchain.core.errors import SdkMissing
+from toolchain.core.errors import InfraError, SdkMissing
 from toolchain.core.onnx_io import fix_batch, input_specs
 from toolchain.core.profile import Profile, check_llvm_target
 
@@ -62,10 +63,31 @@ def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
     }
 
 
+# Android: no NDK offline. clang + lld link for the Android triple without the C library (the kernels call
+# nothing from it that the process has not loaded already), 16 KB-aligned segments (Android 15).
+ANDROID_API = 24
+
+
+def android_link_options(profile: Profile) -> list[str]:
+    triple = profile.cpu.mtriple if profile.cpu.mtriple[-1].isdigit() else f"{profile.cpu.mtriple}{ANDROID_API}"
+    return [f"--target={triple}", "-fuse-ld=lld", "-nostdlib", "-Wl,-z,max-page-size=16384",
+            "-Wl,-z,separate-loadable-segments", "-Wl,-z,text", "-Wl,--hash-style=both"]
+
+
 def _export(ex: Any, profile: Profile, out: Path) -> None:
     from tvm.support import cc
 
-    if profile.cpu.cross_cc:
+    if profile.os == "android":
+        missing = [t for t in ("clang", "ld.lld") if which(t) is None]
+        if missing:
+            raise SdkMissing(f"{' and '.join(missing)} not found: the Android library is linked by clang + lld "
+                             "(apt-get install clang lld)")
+        ex.export_library(str(out), fcompile=cc.cross_compiler("clang", options=android_link_options(profile)))
+        problems = android_problems(out)
+        if problems:
+            out.unlink()
+            raise InfraError(f"the {profile.id} library would not load on Android: {'; '.join(problems)}")
+    elif profile.cpu.cross_cc:
         if which(profile.cpu.cross_cc) is None:
             raise SdkMissing(
                 f"cross compiler {profile.cpu.cross_cc} not found; apt-get install gcc-aarch64-linux-gnu"
