@@ -73,7 +73,7 @@ REGISTRY: dict[str, PassSpec] = {
                         "lower block-sparse (G2GNet) MatMuls to gather + grouped matmul", measurable=True),
     "int8": PassSpec("int8", "toolchain.passes.int8",
                      "INT8 dynamic or static QDQ (per-channel, calibrated on real data) via onnxruntime.quantization",
-                     version=2),  # 2: static int8 for tvm in integer form (int8 weights)
+                     version=3),  # 2: static int8 for tvm in integer form; 3: symmetric Q/DQ for tensorrt
     "int8-auto": PassSpec("int8-auto", "toolchain.passes.int8_auto",
                           "accuracy-controlled INT8: sensitive layers stay fp32 until the drop <= max_drop"),
     "fp16": PassSpec("fp16", "toolchain.passes.fp16", "float16 conversion with an op block-list; fp32 I/O"),

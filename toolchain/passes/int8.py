@@ -20,6 +20,7 @@ from typing import Any
 
 import onnx
 
+from toolchain.core.errors import UsageError
 from toolchain.passes import PassContext, PassResult
 from toolchain.passes._graph import copy_model
 from toolchain.passes._quant import (
@@ -78,8 +79,9 @@ def prepare(model: onnx.ModelProto, mode: str, nodes: list[str]) -> onnx.ModelPr
 
 
 def quantize(model: onnx.ModelProto, mode: str, nodes: list[str], per_channel: bool, reduce_range: bool,
-             calib: Path | None = None, calib_method: str = "minmax") -> onnx.ModelProto:
-    """The model with exactly ``nodes`` quantized (``model`` already went through ``prepare``)."""
+             calib: Path | None = None, calib_method: str = "minmax", symmetric: bool = False) -> onnx.ModelProto:
+    """The model with exactly ``nodes`` quantized (``model`` already went through ``prepare``). ``symmetric``:
+    int8 activations and weights with zero-point 0 (what TensorRT takes)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -99,30 +101,37 @@ def quantize(model: onnx.ModelProto, mode: str, nodes: list[str], per_channel: b
         else:
             meth = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                     "percentile": CalibrationMethod.Percentile}[calib_method]
-            quantize_static(src, dst, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-                            per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+            quantize_static(src, dst, None, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=per_channel,
+                            reduce_range=reduce_range,
+                            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=meth,
-                            calibration_cache_path=calib)
+                            calibration_cache_path=calib,
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True} if symmetric else {})
         return onnx.load(str(dst))
 
 
 def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> PassResult:
     ctx = ctx or PassContext()
     check_weight_ops(model, "int8")
+    symmetric = ctx.target == "tensorrt"  # TensorRT takes Q/DQ int8 with zero-point 0 only
+    if symmetric and cfg.mode != "static":
+        raise UsageError("TensorRT takes static int8 (Q/DQ with zero-point 0): use int8 with mode = static")
     nodes, kept = candidates(name_nodes(copy_model(model)), cfg.family_defaults, cfg.keep_fp32)
     calib = None
     if cfg.mode == "static":
         require_data(ctx.data, "int8 (static)")
         calib = calibration_ranges(model, ctx.data, ctx.cache, cfg.calib_samples, cfg.calib_method)
     prep = prepare(model, cfg.mode, nodes)
-    rr = reduce_range_for(ctx)
-    out = quantize(prep, cfg.mode, nodes, cfg.per_channel, rr, calib, cfg.calib_method)
+    rr = reduce_range_for(ctx) and not symmetric
+    out = quantize(prep, cfg.mode, nodes, cfg.per_channel, rr, calib, cfg.calib_method, symmetric)
     integer: list[str] = []
     if cfg.mode == "static" and ctx.target == "tvm":  # int8 weights and products on TVM, not folded fp32
         out, integer = qdq_to_integer(out)
     layers: list[dict[str, Any]] = [{"layer": n, "precision": "int8"} for n in nodes]
     layers += [{"layer": n, "precision": "fp32", "why": why} for n, why in kept.items()]
-    report = {"mode": cfg.mode, "per_channel": cfg.per_channel, "reduce_range": rr, "layers": layers,
+    report = {"mode": cfg.mode, "per_channel": cfg.per_channel, "reduce_range": rr, "symmetric": symmetric,
+              "layers": layers,
               **({"integer_form": integer} if cfg.mode == "static" else {}),
               "weight_bytes": weight_bits_report(out)}
     if calib is not None:
