@@ -75,6 +75,9 @@ def prepare_job(art: Artifact, cache: Cache, *, profile: Profile | None = None, 
                          "--data (seeded random inputs for every input)")
     name, shape = specs[0].name, tuple(specs[0].shape)
     x = eval_inputs(ds, samples, shape) if ds is not None else random_inputs(64, shape, specs[0].dtype, 0)
+    if ds is not None and x[0].size != int(np.prod(shape)):
+        raise UsageError(f"dataset {ds.name}: inputs of shape {list(x.shape[1:])} do not fit model input {name!r} "
+                         f"of shape {list(shape)}; pass --data with inputs of the model's shape")
     more = tuple((s.name, tuple(s.shape), random_inputs(len(x), tuple(s.shape), s.dtype, seed))
                  for seed, s in enumerate(specs[1:], start=1))
     labels = Labels(ds.name, ds.y_test) if ds is not None else None

@@ -9,8 +9,15 @@ model with the same layer shape.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from toolchain.core.errors import InfraError
+
+WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 
 
 def database_dir(cache_root: Path, profile_id: str) -> Path:
@@ -20,19 +27,69 @@ def database_dir(cache_root: Path, profile_id: str) -> Path:
 def database_digest(db_dir: Path) -> str:
     """Content hash of a database: a tuned build's cache key changes when the database does."""
     h = hashlib.sha256()
-    for name in ("database_workload.json", "database_tuning_record.json"):
+    for name in (WORKLOADS, RECORDS):
         p = db_dir / name
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 
+def _json_lines(path: Path) -> list[tuple[str, Any]]:
+    """(line, parsed value or None where the line is not JSON) for every non-empty line of ``path``."""
+    if not path.is_file():
+        return []
+    out: list[tuple[str, Any]] = []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            out.append((line, None))
+    return out
+
+
+def repair_database(db_dir: Path) -> int:
+    """Drop the torn or corrupt lines of a database (a tuning process killed mid-write, a damaged disk): a workload
+    line that is not a JSON list, a record that is not ``[workload index, {...}]`` or names a dropped or missing
+    workload. Record indices are renumbered to the kept workloads; the files are rewritten atomically only when
+    something was dropped. Returns how many lines were dropped."""
+    workloads, records = _json_lines(db_dir / WORKLOADS), _json_lines(db_dir / RECORDS)
+    index: dict[int, int] = {}
+    kept_workloads: list[str] = []
+    for i, (line, value) in enumerate(workloads):
+        if isinstance(value, list) and value:
+            index[i] = len(kept_workloads)
+            kept_workloads.append(line)
+    kept_records: list[str] = []
+    for line, value in records:
+        ok = (isinstance(value, list) and len(value) >= 2 and isinstance(value[0], int)
+              and not isinstance(value[0], bool) and value[0] in index and isinstance(value[1], (dict, list)))
+        if ok:
+            kept_records.append(line if index[value[0]] == value[0] else json.dumps([index[value[0]], *value[1:]]))
+    dropped = len(workloads) - len(kept_workloads) + len(records) - len(kept_records)
+    if dropped:
+        for name, lines in ((WORKLOADS, kept_workloads), (RECORDS, kept_records)):
+            tmp = db_dir / f".{name}.repair"
+            tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+            os.replace(tmp, db_dir / name)
+    return dropped
+
+
 def open_database(db_dir: Path) -> Any:
+    """The profile's MetaSchedule database, its torn or corrupt lines dropped first (reported on stderr)."""
     from tvm.s_tir import meta_schedule as ms
 
     db_dir.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(str(db_dir / "database_workload.json"),
-                                    str(db_dir / "database_tuning_record.json"), allow_missing=True)
+    dropped = repair_database(db_dir)
+    if dropped:
+        print(f"edgec: warning: tuning database {db_dir}: skipped {dropped} torn or corrupt line(s); "
+              "those layers are tuned again when asked", file=sys.stderr)
+    try:
+        return ms.database.JSONDatabase(str(db_dir / WORKLOADS), str(db_dir / RECORDS), allow_missing=True)
+    except Exception as e:  # noqa: BLE001 -- well-formed JSON that MetaSchedule still cannot read
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise InfraError(f"tuning database {db_dir} cannot be read ({first}); move it aside and tune again") from None
 
 
 def apply_database(mod: Any, target: Any, db_dir: Path) -> Any:

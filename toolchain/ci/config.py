@@ -31,6 +31,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -85,13 +87,40 @@ def _unknown(where: str, table: dict[str, Any], allowed: set[str]) -> None:
         raise UsageError(f"{where}: unknown key(s) {', '.join(bad)}; valid: {', '.join(sorted(allowed))}")
 
 
-def _num(where: str, v: Any, name: str, lo: float = 0.0) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo:
-        raise UsageError(f"{where}: '{name}' must be a number >= {lo:g}, got {v!r}")
+def _num(where: str, v: Any, name: str, lo: float = 0.0, hi: float = math.inf) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        bound = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}]"
+        raise UsageError(f"{where}: '{name}' must be a finite number {bound}, got {v!r}")
     return float(v)
 
 
-def _model(where: str, d: dict[str, Any], root: Path, default_profile: str | None) -> ModelSpec:
+def _table(where: str, v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise UsageError(f"{where} must be a table of keys, got {type(v).__name__} {v!r}; see edgec ci --help")
+    return v
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    """The stored baseline (``{"project": ..., "models": {name: result}}``); a missing file is an empty one, a
+    corrupt or misshapen one is a UsageError that says to rewrite it."""
+    if not path.is_file():
+        if path.exists():
+            raise UsageError(f"baseline {path} is not a file; point [project] baseline at a JSON file")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"baseline {path} is not valid JSON ({type(e).__name__}); "
+                         "rewrite it with edgec ci --update-baseline") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models", {}), dict) or not all(
+            isinstance(r, dict) for r in data.get("models", {}).values()):
+        raise UsageError(f"baseline {path} is not an edgec baseline (an object with a 'models' object); "
+                         "rewrite it with edgec ci --update-baseline")
+    return data
+
+
+def _model(where: str, d: Any, root: Path, default_profile: str | None) -> ModelSpec:
+    d = _table(where, d)
     _unknown(where, d, _MODEL_KEYS)
     for req in ("name", "source", "budget_ms"):
         if req not in d:
@@ -121,7 +150,7 @@ def _model(where: str, d: dict[str, Any], root: Path, default_profile: str | Non
         parse_pass(p)
     acc = d.get("min_accuracy")
     return ModelSpec(str(d["name"]), src, target, prof.id, _num(where, d["budget_ms"], "budget_ms"), metric,
-                     tuple(passes), d.get("data"), None if acc is None else _num(where, acc, "min_accuracy"))
+                     tuple(passes), d.get("data"), None if acc is None else _num(where, acc, "min_accuracy", 0.0, 1.0))
 
 
 def load_project(path: Path) -> Project:
@@ -132,12 +161,13 @@ def load_project(path: Path) -> Project:
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML ({e}); fix the syntax") from None
     _unknown(str(path), data, {"project", "gates", "remote", "model"})
-    proj = data.get("project", {})
+    proj = _table(f"{path} [project]", data.get("project", {}))
     _unknown(f"{path} [project]", proj, _PROJECT_KEYS)
-    gates = data.get("gates", {})
+    gates = _table(f"{path} [gates]", data.get("gates", {}))
     _unknown(f"{path} [gates]", gates, _GATE_KEYS)
     remote = data.get("remote")
     if remote is not None:
+        remote = _table(f"{path} [remote]", remote)
         _unknown(f"{path} [remote]", remote, _REMOTE_KEYS)
         if "tracker" not in remote or "key" not in remote:
             raise UsageError(f"{path} [remote]: needs 'tracker' (HOST:PORT) and 'key'")
@@ -150,15 +180,21 @@ def load_project(path: Path) -> Project:
     if len(set(names)) != len(names):
         raise UsageError(f"{path}: model names must be unique, got {names}")
     dd = proj.get("data_dir")
+    for key in ("name", "baseline", "reports", "profile", "data_dir"):
+        if key in proj and not isinstance(proj[key], str):
+            raise UsageError(f"{path} [project]: '{key}' must be a string, got {proj[key]!r}")
+    reports = root / proj.get("reports", "edge-reports")
+    if reports.exists() and not reports.is_dir():
+        raise UsageError(f"{path} [project]: reports {reports} is a file; name a directory for the reports")
     return Project(
         name=str(proj.get("name", path.stem)), file=path, models=specs,
-        baseline=root / str(proj.get("baseline", "edge-baseline.json")),
-        reports=root / str(proj.get("reports", "edge-reports")),
+        baseline=root / proj.get("baseline", "edge-baseline.json"),
+        reports=reports,
         duration_s=_num(str(path), proj["duration_s"], "duration_s") if "duration_s" in proj else None,
         samples=int(_num(str(path), proj.get("samples", 1000), "samples")),
         data_dir=(root / dd) if dd else None,
-        alpha=_num(str(path), gates.get("alpha", 0.01), "alpha"),
-        min_slowdown=_num(str(path), gates.get("min_slowdown", 0.10), "min_slowdown"),
-        max_accuracy_drop=_num(str(path), gates.get("max_accuracy_drop", 0.01), "max_accuracy_drop"),
+        alpha=_num(f"{path} [gates]", gates.get("alpha", 0.01), "alpha", 1e-9, 0.5),
+        min_slowdown=_num(f"{path} [gates]", gates.get("min_slowdown", 0.10), "min_slowdown"),
+        max_accuracy_drop=_num(f"{path} [gates]", gates.get("max_accuracy_drop", 0.01), "max_accuracy_drop", 0.0, 1.0),
         remote=remote,
     )

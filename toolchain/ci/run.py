@@ -19,7 +19,7 @@ import numpy as np
 from scipy.stats import mannwhitneyu
 
 from toolchain.bench import device_for, prepare_job
-from toolchain.ci.config import ModelSpec, Project, load_project
+from toolchain.ci.config import ModelSpec, Project, load_baseline, load_project
 from toolchain.ci.report import markdown, write_reports
 from toolchain.core.cache import Cache
 from toolchain.core.errors import InfraError, UsageError
@@ -110,6 +110,7 @@ def run_ci(path: Path, cache: Any, update_baseline: bool = False, token: str | N
     """Config errors raise UsageError (exit 2); infrastructure and gate outcomes come back as an Outcome."""
 
     proj = load_project(path)
+    baseline = load_baseline(proj.baseline) if not update_baseline else {}  # a corrupt one fails before measuring
     t0 = time.monotonic()
     report: dict[str, Any] = {"project": proj.name, "file": str(path), "models": {}, "infra_error": None}
     try:
@@ -120,7 +121,6 @@ def run_ci(path: Path, cache: Any, update_baseline: bool = False, token: str | N
         report["wall_s"] = round(time.monotonic() - t0, 1)
         write_reports(proj, report)
         return Outcome(3, report)
-    baseline = json.loads(proj.baseline.read_text()) if proj.baseline.is_file() and not update_baseline else {}
     failed = False
     for m in proj.models:
         res = results[m.name]

@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -106,9 +107,21 @@ def handled(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def finite_json(data: Any) -> Any:
+    """``data`` with every non-finite float written as the string "inf", "-inf" or "nan" (JSON has no NaN or
+    Infinity: json.dumps would print tokens other parsers reject)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "nan" if math.isnan(data) else ("inf" if data > 0 else "-inf")
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
+
+
 def emit(data: Any, as_json: bool, human: Callable[[], str]) -> None:
     if as_json:
-        typer.echo(json.dumps(data, indent=2, default=str))
+        typer.echo(json.dumps(finite_json(data), indent=2, default=str, allow_nan=False))
     else:
         typer.echo(human())
 

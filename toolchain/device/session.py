@@ -48,16 +48,26 @@ def _tracker_call(spec: RemoteSpec, msg: list[Any], timeout: float) -> Any:
     except OSError as e:
         raise InfraError(f"cannot reach the RPC tracker at {spec.tracker_host}:{spec.tracker_port} ({e}); "
                          "start it with 'python -m tvm.exec.rpc_tracker' or fix --tracker") from None
+    where = f"{spec.tracker_host}:{spec.tracker_port}"
     try:
+        sock.settimeout(min(timeout, 10.0))
+        try:  # a device's port (or any other server) answers otherwise, closes, or waits for its own handshake
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+        except (OSError, RuntimeError, struct.error) as e:
+            raise InfraError(f"{where} did not answer as a TVM RPC tracker ({type(e).__name__}); fix --tracker "
+                             "(a device's port is not the tracker's)") from None
+        if magic != base.RPC_TRACKER_MAGIC:
+            raise InfraError(f"{where} is not a TVM RPC tracker; fix --tracker")
         sock.settimeout(timeout)
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
-            raise InfraError(f"{spec.tracker_host}:{spec.tracker_port} is not a TVM RPC tracker; fix --tracker")
         base.sendjson(sock, msg)
         return base.recvjson(sock)
     except TimeoutError:
         raise InfraError(f"no device with key {spec.key!r} became free within {timeout:.0f} s; "
                          "start one with 'edgec device serve' or raise the timeout") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        raise InfraError(f"the RPC tracker at {where} broke off the request ({type(e).__name__}); "
+                         "check that it runs and rerun") from None
     finally:
         sock.close()
 

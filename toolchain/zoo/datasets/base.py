@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,14 @@ def load_npz(path: Path | str) -> Dataset:
     try:
         with np.load(p, allow_pickle=False) as z:
             x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
-    except (KeyError, ValueError, OSError) as e:
-        raise UsageError(f"{p} must be an .npz with float array 'x' and int array 'y' ({e})") from None
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{p} must be an .npz with float array 'x' and int array 'y' "
+                         f"({type(e).__name__}: {str(e)[:120]})") from None
+    if x.ndim < 1 or y.ndim != 1 or len(x) == 0 or len(x) != len(y):
+        raise UsageError(f"{p}: 'x' must hold one input per label of the 1-D 'y' and at least one, got x of shape "
+                         f"{list(x.shape)} and y of shape {list(y.shape)}")
+    if y.min() < 0:
+        raise UsageError(f"{p}: labels in 'y' must be class indices >= 0, got {int(y.min())}")
     empty = np.zeros((0, *x.shape[1:]), np.float32)
     h = hashlib.sha256(p.read_bytes()).hexdigest()
     return Dataset(p.stem, empty, np.zeros(0, np.int64), x, y, h, int(y.max()) + 1)
