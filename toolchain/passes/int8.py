@@ -116,7 +116,7 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
     check_weight_ops(model, "int8")
     symmetric = ctx.target == "tensorrt"  # TensorRT takes Q/DQ int8 with zero-point 0 only
     if symmetric and cfg.mode != "static":
-        raise UsageError("TensorRT takes static int8 (Q/DQ with zero-point 0): use int8 with mode = static")
+        raise UsageError("TensorRT takes static int8 (Q/DQ with zero-point 0): pass int8=mode=static")
     nodes, kept = candidates(name_nodes(copy_model(model)), cfg.family_defaults, cfg.keep_fp32)
     calib = None
     if cfg.mode == "static":

@@ -1,0 +1,51 @@
+"""TensorRT on 10 and 11: what keys an engine and its timing cache (runs here), and strongly typed builds of
+edgec's fp16 and int8 (symmetric Q/DQ) models (marked gpu: this machine has no NVIDIA GPU, never run here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from targets.tensorrt import engine_config, timing_cache_path
+from tests.device_models import fit_linear, save
+from toolchain import api
+from toolchain.core.cache import Cache
+from toolchain.core.errors import SdkMissing
+from toolchain.core.profile import load_profile
+from toolchain.export import import_onnx_file
+
+JETSON = load_profile("jetson-orin-nano")
+
+
+def test_engines_and_timing_caches_are_keyed_by_tensorrt_version_and_gpu(tmp_path: Path) -> None:
+    a = engine_config(JETSON, "10.3.0", "Orin (nvgpu)")
+    assert a["strongly_typed"] is True and "fp16" not in a  # precision comes from the ONNX, not builder flags
+    assert a["workspace_bytes"] == 8192 * 1024 * 1024 // 4  # a quarter of the profile's GPU memory
+    assert engine_config(JETSON, "11.0.0", "Orin (nvgpu)") != a
+    assert engine_config(JETSON, "10.3.0", "NVIDIA H200") != a
+    paths = {timing_cache_path(tmp_path, engine_config(JETSON, v, g))
+             for v in ("10.3.0", "11.0.0") for g in ("Orin (nvgpu)", "NVIDIA H200")}
+    assert len(paths) == 4 and all(p.parent == tmp_path / "tensorrt" / "timing" for p in paths)
+    assert timing_cache_path(tmp_path, a).name == "trt10.3.0-orin-nvgpu-sm87.cache"
+
+
+def test_tensorrt_before_10_is_refused() -> None:
+    with pytest.raises(SdkMissing, match="strongly typed"):
+        engine_config(JETSON, "8.6.1", "Orin (nvgpu)")
+
+
+@pytest.mark.gpu  # needs an NVIDIA GPU and the tensorrt package: never run on this CPU-only machine
+@pytest.mark.parametrize("passes", [["fp16"], ["int8=mode=static"]])
+def test_strongly_typed_engine_from_edgecs_precision_passes(passes: list[str], tmp_path: Path,
+                                                            fashion: object) -> None:
+    cache = Cache(tmp_path / "cache")
+    src, _ = import_onnx_file(save(fit_linear(fashion, hidden=64), tmp_path / "m.onnx"), cache)
+    opt, _ = api.optimize(src, passes, cache=cache, profile=JETSON, target="tensorrt", data="fashion-mnist")
+    art, hit = api.compile(opt, profile=JETSON, target="tensorrt", cache=cache)
+    assert not hit and art.meta["strongly_typed"] and Path(art.meta["timing_cache"]).stat().st_size > 0
+    from targets.tensorrt import TensorRTRunner
+
+    out = TensorRTRunner(art.payload).infer({"x": fashion.x_test[:1]})[0]  # type: ignore[attr-defined]
+    assert out.shape == (1, 10) and np.isfinite(out).all()
