@@ -195,10 +195,12 @@ def modular_section(b: Bench, mods: list[tuple[str, Artifact]], work: Path, x: n
                       f"{ratio:.2f}x vs dense masked (target >= 2.5x), max rel err {err:.1e} (target <= 1e-5): "
                       f"**{'met' if ratio >= 2.5 and err <= 1e-5 else 'NOT met'}**")
         for lr in (rep[0]["report"]["layers"] if "batch1" not in text else []):
-            grouped = (f"G={lr['groups']} K={lr['k']}{' (outputs regrouped)' if lr.get('output_permuted') else ''}, "
-                       "lowered")
-            per_layer.append(f"- {label} / {lr['layer']} {lr['shape']}: density {lr['density']}, "
-                             + (grouped if lr["applied"] else f"left dense ({lr['why']})"))
+            if lr["applied"]:
+                regrouped = " (outputs regrouped)" if lr.get("output_permuted") else ""
+                what = f"G={lr['groups']} K={lr['k']}{regrouped}, lowered"
+            else:
+                what = f"left dense ({lr['why']})"
+            per_layer.append(f"- {label} / {lr['layer']} {lr['shape']}: density {lr['density']}, {what}")
 
 
 def main() -> int:
