@@ -305,7 +305,8 @@ def grouped_dot_kernel(bs: BlockSparseInt8, rows: int, isa_name: str, x_shape: t
             assert zpb is not None
             zp = zpb[()]
             xq, _ = emit_quantized_copy(isa, x, M, K)
-        zeff = T.bind(Cast("int32", zp) + T.int32(-isa.x_shift))
+        # sum (xq - zp) w = sum (xq + shift) w - (zp + shift) colsum: the dot multiplies xq + shift
+        zeff = T.bind(Cast("int32", zp) + T.int32(isa.x_shift))
 
         def out(v: Any, j: Any) -> Any:
             v = v - zeff * cs[j]

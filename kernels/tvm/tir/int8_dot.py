@@ -234,7 +234,8 @@ def dot_kernel(p: DotParams) -> Any:
             assert zpb is not None
             zp = zpb[()]
             _, x32 = emit_quantized_copy(isa, x, M, K)
-        zeff = T.bind(Cast("int32", zp) + T.int32(-isa.x_shift))
+        # sum (xq - zp) w = sum (xq + shift) w - (zp + shift) colsum: the dot multiplies xq + shift
+        zeff = T.bind(Cast("int32", zp) + T.int32(isa.x_shift))
 
         def out(v: Any, j: Any) -> Any:
             """The stored value of column j from its int32 accumulator ``v``."""
