@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from tests.security.edgec_cli import REPO, edgec, one_line_error
 from tests.security.foreign_models import MODELS, STYLES
 from toolchain.core.cache import Cache
 from toolchain.core.onnx_io import load_onnx, ort_session
+from toolchain.export import export_module
 
 # One architecture per export style in the default tier (each style and each architecture at least once).
 DEFAULT = [("resnet18", "legacy-ir3"), ("mobilenetv2", "static"), ("squeezenet", "dynamic"),
@@ -126,3 +128,25 @@ def test_legacy_file_is_normalized_on_import(tmp_path: Path) -> None:
     assert loaded.ir_version == 4
     out = ort_session(loaded).run(None, {"x": np.ones((1, 4), np.float32)})[0]
     np.testing.assert_array_equal(out, np.full((1, 2), 4.0, np.float32))
+
+
+class _BatchOneTraced(torch.nn.Module):
+    """A third-party style layer that traces batch 1 into the graph (reshape(1, -1)): the export has a fixed batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(1, -1))
+
+
+def test_static_batch_export_is_checked_sample_by_sample(tmp_path: Path) -> None:
+    """The factory path's parity feeds 64 inputs: a fixed-batch export is checked one sample at a time."""
+    torch.manual_seed(0)
+    art, hit = export_module(_BatchOneTraced(), (1, 3, 4), Cache(tmp_path / "cache"), "batch-one-traced")
+    assert not hit
+    model = onnx.load(str(art.payload))
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # the batch is fixed
+    parity = art.meta["parity"]
+    assert parity["samples"] == 64 and parity["max_rel"] <= 1e-5, parity
