@@ -260,7 +260,7 @@ def calibration_ranges(model: onnx.ModelProto, data: Any, cache: Any, samples: i
 
             cal.collect_data(Reader())
             save_tensors_data(cal.compute_data(), d / "calibration.json")
-        return "calibration.json", {"samples": int(len(pick)), "method": method, "dataset": data.name}
+        return "calibration.json", {"samples": len(pick), "method": method, "dataset": data.name}
 
     art, _ = (cache or Cache(Path(tempfile.mkdtemp(prefix="edgec-calib-")))).get_or_build(sk, "calibration", write)
     return art.payload
