@@ -100,5 +100,4 @@ def int8_isa(arch: str, int8_dot: str, vector_bits: int) -> str:
     return "none"
 
 
-
 __all__ = ["ATTR_KERNEL", "ATTR_RULE", "SPEC_FIELDS", "KernelConfig", "int8_isa"]

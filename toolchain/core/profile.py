@@ -65,7 +65,8 @@ class KernelSpec:
     # T=8 the layer kernel is 1.08x faster than GEMV + recurrence, T=16 it is 1.33x slower.
     lif_layer_max_rows: int = 8
     use_grouped_matmul: bool = True
-    # exp / sigmoid lowered as a vectorizable Cephes exp (kernels/tvm/tir/_elementwise.py, rel. error < 2.4e-7) instead of libm expf per element.
+    # exp / sigmoid lowered as a vectorizable Cephes exp (kernels/tvm/tir/_elementwise.py, rel. error < 2.4e-7)
+    # instead of libm expf per element.
     fast_exp: bool = True
     # Kernels that no hand-written kernel and no tuning record covers get a rule-based schedule
     # (inline + vectorize, kernels/tvm/schedule/vector_rule.py) instead of naive loops; "auto" tuning then skips the
