@@ -120,10 +120,6 @@ def test_a_full_measurement_needs_only_numpy_and_tvm_there(emulated: Farm, mlp: 
     assert r["latency"]["ci"]["p50_ms"][0] <= r["latency"]["p50_ms"] <= r["latency"]["ci"]["p50_ms"][1]
 
 
-@pytest.mark.xfail(strict=True, reason="found here: the aarch64 TVM library of this dynamic per-channel int8 MLP "
-                   "disagrees with ONNX Runtime's int8 (argmax 0.22-0.28, max abs err ~22, rpi5 and phone-arm64, "
-                   "qemu -cpu max and cortex-a76); with kernels.use_gemv = false it is exact, and the x86 build "
-                   "is exact: the hand-written aarch64 int8 GEMV is wrong. Remove this mark once fixed")
 def test_phone_int8_runs_on_emulated_aarch64(emulated: Farm, mlp: tuple[Cache, Any]) -> None:
     cache, src = mlp
     int8_onnx, _ = api.optimize(src, ["int8"], cache=cache, profile=load_profile("phone-arm64"), data="fashion-mnist")
@@ -226,8 +222,6 @@ def test_every_family_rpi5_fp32_agrees_with_ort_on_emulated_aarch64(
     assert r["agreement"]["max_rel"] < 1e-4 and r["agreement"]["argmax_agreement"] == 1.0, r["agreement"]
 
 
-@pytest.mark.xfail(strict=True, reason="the aarch64 int8 GEMV kernel disagrees with ONNX Runtime's int8 (see "
-                   "test_phone_int8_runs_on_emulated_aarch64); remove this mark once that kernel is fixed")
 @pytest.mark.parametrize("family", INT8_FAMILIES)
 def test_two_families_phone_int8_agree_with_ort_int8_on_emulated_aarch64(
         family: str, emulated: Farm, family_cache: Cache) -> None:
