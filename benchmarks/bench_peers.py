@@ -28,7 +28,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from toolchain.core.cache import Artifact, Cache
 from toolchain.core.onnx_io import fix_batch, input_specs, load_onnx
 from toolchain.core.profile import Profile, load_profile
 from toolchain.core.text import markdown_table, write_atomic
-from toolchain.core.versions import environment
+from toolchain.core.versions import cpu_model, environment
 from toolchain.measure.compare import task_accuracy
 from toolchain.measure.timing import Latency, MeasureConfig, RunnerFactory, measure_interleaved, run_batched
 from toolchain.zoo.datasets import load_dataset
@@ -235,25 +234,6 @@ class Probe:
         return iters * OPS_PER_ITER[precision] / best  # ops per ns = GOP/s
 
 
-def host_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-def cpu_name() -> str:
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                return ln.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Runners: each factory call loads afresh; ``infer(feed) -> list[np.ndarray]``.
 
@@ -388,11 +368,6 @@ def measure_model(model: str, duration_s: float, quick: bool, data_dir: Path | N
     t_start = time.monotonic()
     notes: list[str] = []
     prof: Profile = load_profile(PROFILE)
-    flags = host_flags()
-    if prof.cpu.bf16 and "avx512_bf16" not in flags:
-        # Code built with bf16 instructions would stop with an illegal instruction on this CPU.
-        prof = replace(prof, cpu=replace(prof.cpu, bf16=False))
-        notes.append("this CPU has no avx512_bf16: edgec's bf16 variants were not built")
     threads = prof.bench.threads
     cache = Cache()
     entry = get_entry(model)
@@ -627,7 +602,7 @@ def markdown(results: dict[str, dict[str, Any]], missing: dict[str, str], comman
     lines = [
         "## Peers: edgec's fastest artifact beside ONNX Runtime, OpenVINO and torch.compile, and its floor",
         "",
-        f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, on {cpu_name()} "
+        f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, on {cpu_model()} "
         f"({os.cpu_count()} cores), profile {PROFILE}, batch 1, {probe_facts.get('threads', 1)} thread(s).",
         *_earlier_runs(results, command),
         "",
@@ -746,7 +721,7 @@ def write(results: dict[str, dict[str, Any]], missing: dict[str, str], command: 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     write_atomic(RESULTS_DIR / "peers.md", markdown(results, missing, command, env, probe_facts))
     payload = {"name": "peers", "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command,
-               "cpu": cpu_name(), "profile": PROFILE, "max_drop_points": MAX_DROP, "environment": env,
+               "cpu": cpu_model(), "profile": PROFILE, "max_drop_points": MAX_DROP, "environment": env,
                "probe": probe_facts, "not_measured": missing,
                "models": {m: {**r, "summary": summarize(r)} for m, r in results.items()}}
     write_atomic(RESULTS_DIR / "peers.json", json.dumps(payload, indent=1, default=_json_default) + "\n")

@@ -32,7 +32,6 @@ class CpuSpec:
     num_cores: int = 1
     vector_bits: int = 128  # SIMD register width: 512 AVX-512, 256 AVX2, 128 NEON (bounds kernels.vector_lanes)
     int8_dot: str = "none"  # "vnni" | "sdot" | "none": the int8 dot-product instruction, if any
-    bf16: bool = False  # bfloat16 arithmetic (avx512_bf16 on Zen 4/5 and Sapphire Rapids; not Ice Lake, not A76)
     cross_cc: str | None = None  # C compiler that links a shared library for this CPU, when not the host's
 
 
