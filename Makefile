@@ -18,7 +18,7 @@ setup: $(STAMP)
 
 # Debian packages: Fashion-MNIST data, the aarch64 cross linker, clang + lld (Android), qemu-user. Best effort where not root.
 system-deps:
-	@if [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && command -v aarch64-linux-gnu-gcc >/dev/null && command -v aarch64-linux-gnu-objdump >/dev/null && command -v clang >/dev/null && command -v ld.lld >/dev/null; then \
+	@if [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && command -v aarch64-linux-gnu-gcc >/dev/null && command -v aarch64-linux-gnu-objdump >/dev/null && command -v clang >/dev/null && command -v ld.lld >/dev/null && command -v qemu-aarch64 >/dev/null; then \
 	  echo "system packages present"; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user clang lld >/dev/null; \
