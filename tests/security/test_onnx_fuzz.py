@@ -130,6 +130,7 @@ def run_case(args: list[str], log: Path) -> int:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # also under pytest's capture
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             signal.alarm(CASE_SECONDS)
             try:  # without standalone mode click returns the code a handled error exits with
