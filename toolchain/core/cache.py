@@ -147,6 +147,13 @@ def _lock_dir(d: Path) -> int | None:
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return None
+    return _exclusive(fd)
+
+
+def _exclusive(fd: int | None) -> int | None:
+    """``fd`` with an exclusive flock taken without waiting; None (``fd`` closed) when another process holds it."""
+    if fd is None:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -240,15 +247,7 @@ class Cache:
 
     def try_lock_exclusive(self, key: str) -> int | None:
         """An exclusive lock on ``key`` when no process holds the entry (an fd for ``unlock``), else None."""
-        fd = self._open_lock(key)
-        if fd is None:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return None
-        return fd
+        return _exclusive(self._open_lock(key))
 
     def close(self) -> None:
         """Release the locks this Cache holds (they also go when the process exits)."""
