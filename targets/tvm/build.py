@@ -74,25 +74,36 @@ def android_link_options(profile: Profile) -> list[str]:
             "-Wl,-z,separate-loadable-segments", "-Wl,-z,text", "-Wl,--hash-style=both"]
 
 
-def _export(ex: Any, profile: Profile, out: Path) -> None:
-    from tvm.support import cc
-
+def library_linker(profile: Profile) -> tuple[str | None, list[str]]:
+    """(compiler, options) that link a library for ``profile`` (None: the host compiler). The final build and
+    MetaSchedule's tuning candidates (targets.tvm.tuning) both link with it, so what is timed is what ships."""
     if profile.os == "android":
         missing = [t for t in ("clang", "ld.lld") if which(t) is None]
         if missing:
             raise SdkMissing(f"{' and '.join(missing)} not found: the Android library is linked by clang + lld "
                              "(apt-get install clang lld)")
-        ex.export_library(str(out), fcompile=cc.cross_compiler("clang", options=android_link_options(profile)))
-        problems = android_problems(out)
-        if problems:
-            out.unlink()
-            raise InfraError(f"the {profile.id} library would not load on Android: {'; '.join(problems)}")
-    elif profile.cpu.cross_cc:
+        return "clang", android_link_options(profile)
+    if profile.cpu.cross_cc:
         if which(profile.cpu.cross_cc) is None:
             raise SdkMissing(
                 f"cross compiler {profile.cpu.cross_cc} not found; apt-get install gcc-aarch64-linux-gnu"
             )
-        ex.export_library(str(out), fcompile=cc.cross_compiler(profile.cpu.cross_cc))
+        return profile.cpu.cross_cc, []
+    return None, []
+
+
+def _export(ex: Any, profile: Profile, out: Path) -> None:
+    from tvm.support import cc
+
+    compiler, options = library_linker(profile)
+    if profile.os == "android":
+        ex.export_library(str(out), fcompile=cc.cross_compiler(compiler, options=options))
+        problems = android_problems(out)
+        if problems:
+            out.unlink()
+            raise InfraError(f"the {profile.id} library would not load on Android: {'; '.join(problems)}")
+    elif compiler is not None:
+        ex.export_library(str(out), fcompile=cc.cross_compiler(compiler, options=options))
     else:
         ex.export_library(str(out))
 

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ import onnx
 
 from kernels.tvm.schedule.vector_rule import covers_fully, schedule_naive
 from targets.base import TuneOptions
+from targets.tvm.build import library_linker
 from targets.tvm.database import apply_database, naive_kernels, open_database
 from targets.tvm.frontend import import_onnx, tvm_target
 from targets.tvm.pipeline import pipeline
@@ -390,19 +391,24 @@ def _last_line(msg: str) -> str:
 
 def _builder(profile: Profile, cfg: TuneConfig) -> Any:
     """LocalBuilder with a long timeout. For a remote device (a tracker) or a cross profile, every
-    candidate is linked into a shared library HERE (with the profile's cross compiler for ARM) so the
-    device loads it without a compiler; MetaSchedule's default exports a .tar the loader must link."""
+    candidate is linked into a shared library HERE, exactly as the final build links the library
+    (``library_linker``: the cross compiler for ARM Linux, clang + lld for the Android triple), so the device
+    loads it without a compiler and what is timed is what ships; MetaSchedule's default exports a .tar the
+    loader must link."""
     from tvm.s_tir import meta_schedule as ms
 
-    if not profile.cpu.cross_cc and cfg.tracker is None:
+    if not profile.cpu.cross_cc and profile.os != "android" and cfg.tracker is None:
         return ms.builder.LocalBuilder(timeout_sec=cfg.builder_timeout_s, max_workers=1)
+    compiler, options = library_linker(profile)
     return ms.builder.LocalBuilder(timeout_sec=cfg.builder_timeout_s, max_workers=1,
-                                   f_export=candidate_exporter(profile.cpu.cross_cc))
+                                   f_export=candidate_exporter(compiler, options))
 
 
-def candidate_exporter(cross_cc: str | None) -> Callable[[Any], str]:
-    """The builder's export step for a device: link the candidate into ``edgec-ms-*.so`` with
-    ``cross_cc`` (None: the host compiler). Runs in the builder's worker process (pickled by value)."""
+def candidate_exporter(compiler: str | None, options: Sequence[str] = ()) -> Callable[[Any], str]:
+    """The builder's export step for a device: link the candidate into ``edgec-ms-*.so`` with ``compiler``
+    and ``options`` (None: the host compiler; see ``library_linker``). Runs in the builder's worker process
+    (pickled by value)."""
+    link_options = list(options)
 
     def export(mod: Any) -> str:
         import os
@@ -412,7 +418,8 @@ def candidate_exporter(cross_cc: str | None) -> Callable[[Any], str]:
 
         d = tempfile.mkdtemp(prefix="edgec-ms-")
         path = os.path.join(d, os.path.basename(d) + ".so")  # a unique name: the device logs it
-        mod.export_library(path, fcompile=cc.cross_compiler(cross_cc) if cross_cc else cc.create_shared)
+        fcompile = cc.cross_compiler(compiler, options=link_options) if compiler else cc.create_shared
+        mod.export_library(path, fcompile=fcompile)
         return path
 
     return export

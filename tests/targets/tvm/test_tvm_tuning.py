@@ -186,3 +186,32 @@ def test_cli_default_auto_tunes_a_conv_model_until_no_kernel_is_naive(tmp_path: 
     records.write_text(records.read_text().splitlines()[0] + "\n")
     again = tune_once(art, prof, cfg, db, cache)
     assert "skipped" not in again and again["measured"] > 0
+
+
+def test_phone_candidates_are_linked_like_the_phone_library(tmp_path: Path) -> None:
+    """phone-arm64's tuning candidates go through the final build's link (clang + lld for the Android triple, no C
+    library, 16 KB pages), not the Linux cross compiler: each passes the Android loader checks the build runs."""
+    import shutil
+
+    import tvm
+    from tvm import te
+
+    from targets.tvm.build import library_linker
+    from targets.tvm.elf import ANDROID_PAGE, android_problems, read_elf
+    from targets.tvm.frontend import tvm_target
+    from targets.tvm.tuning import candidate_exporter
+
+    if shutil.which("clang") is None or shutil.which("ld.lld") is None:
+        pytest.skip("clang and lld link the Android library: apt-get install clang lld")
+    prof = load_profile("phone-arm64")
+    compiler, options = library_linker(prof)
+    assert compiler == "clang" and any("android" in o for o in options)
+    a = te.placeholder((64,), name="a")
+    add = te.create_prim_func([a, te.compute((64,), lambda i: a[i] + 1.0, name="b")])
+    lib = tvm.compile(tvm.IRModule({"main": add}), tvm_target(prof))
+    path = Path(candidate_exporter(compiler, options)(lib))
+    assert path.name.startswith("edgec-ms-") and path.suffix == ".so"
+    assert android_problems(path) == [] and read_elf(path).loads[0].align == ANDROID_PAGE
+    if shutil.which(prof.cpu.cross_cc or ""):  # the GNU cross link it replaced: its own page size (64 KB)
+        old = Path(candidate_exporter(prof.cpu.cross_cc)(lib))
+        assert read_elf(old).loads[0].align != ANDROID_PAGE
