@@ -38,8 +38,10 @@ TOKEN_ENV = "EDGEC_DEVICE_TOKEN"
 # When set, the device appends one JSON line here per upload / module load: what it actually received and
 # ran (tuning candidates, benchmarks), readable by its operator.
 LOG_ENV = "EDGEC_DEVICE_LOG"
-# Artifact kind -> the device function that benchmarks it.
-KIND_FUNCS = {"tvm-lib": "edgec.tvm_bench", "ort-model": "edgec.ort_bench", "trt-engine": "edgec.trt_bench"}
+# Artifact kind -> the device function that benchmarks it. "trt-onnx": an ONNX the device builds a TensorRT
+# engine from (and caches) itself; "trt-engine": an engine built elsewhere (``edgec device serve`` only).
+KIND_FUNCS = {"tvm-lib": "edgec.tvm_bench", "ort-model": "edgec.ort_bench", "trt-engine": "edgec.trt_bench",
+              "trt-onnx": "edgec.trt_onnx_bench"}
 
 MAGIC = b"EDGC"  # TVM's RPC magic is 0x000FF271: a plain TVM client or server fails on the first 4 bytes
 PROTOCOL_VERSION = 1

@@ -1,6 +1,6 @@
 """Runners for compiled payloads that need nothing but numpy and the payload's own runtime (TVM's, ONNX
-Runtime's): the one implementation the TVM target, the lean device runtime and the benchmarks load artifacts
-with. Each is a context manager with ``infer(feed) -> [arrays]``."""
+Runtime's, TensorRT's): the one implementation the targets, the lean device runtime and the benchmarks load
+artifacts with. Each is a context manager with ``infer(feed) -> [arrays]``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from toolchain.core.errors import UsageError
+from toolchain.device.tensorrt_engine import (
+    MIN_WORKSPACE_BYTES,
+    CudaDriver,
+    EngineRunner,
+    EngineSpec,
+    device_cache_root,
+    import_tensorrt,
+    load_or_build_engine,
+    workspace_for_memory,
+)
 
 
 class TvmLibRunner:
@@ -103,3 +115,28 @@ class OrtModelRunner:
 
     def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return list(self.sess.run(self.output_names, feed))
+
+
+class TrtOnnxRunner(EngineRunner):
+    """An ONNX model built into a TensorRT engine here, on the device that runs it (a Jetson's engine must come
+    from its own TensorRT and GPU), through the engine cache under ``device_cache_root()``: a verified cached
+    engine is reused, anything else is rebuilt. ``workspace_bytes`` (default: a quarter of the GPU's memory)
+    and ``sparse`` come from the host's profile; the client cannot choose where the cache lies."""
+
+    def __init__(self, path: Path, input_names: list[str], threads: int, workspace_bytes: int | None = None,
+                 sparse: bool = False) -> None:
+        trt = import_tensorrt()
+        cuda = CudaDriver()
+        gpu, sm, total = cuda.identity()
+        if workspace_bytes is None:
+            workspace_bytes = workspace_for_memory(total)
+        if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) \
+                or not MIN_WORKSPACE_BYTES <= workspace_bytes <= total:
+            raise UsageError(f"workspace_bytes {workspace_bytes!r} must be an integer from {MIN_WORKSPACE_BYTES} "
+                             f"to the GPU's {total} bytes")
+        if not isinstance(sparse, bool):
+            raise UsageError(f"sparse must be true or false, got {sparse!r}")
+        spec = EngineSpec(str(trt.__version__), gpu, sm, workspace_bytes, sparse)
+        engine, self.built = load_or_build_engine(trt, Path(path).read_bytes(), spec, device_cache_root())
+        self.spec = spec
+        super().__init__(trt, engine, cuda)

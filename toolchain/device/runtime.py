@@ -3,7 +3,8 @@
 It serves benchmark sessions behind a TVM RPC tracker, authenticates every connection with edgec's handshake
 (``device.protocol``) before TVM sees a byte, loads an uploaded artifact, times it with edgec's one timing
 path (its rounds and warm-up) and returns the raw samples and the outputs. It imports only the standard
-library, numpy, TVM's runtime (onnxruntime when present, for ``ort-model`` artifacts) and edgec's own
+library, numpy, TVM's runtime (onnxruntime when present, for ``ort-model`` artifacts; tensorrt when present
+with a GPU, for ``trt-onnx`` artifacts, whose engines it builds and caches here) and edgec's own
 standard-library-and-numpy modules (``core.errors``, ``core.versions``, ``device.protocol``,
 ``measure.timing``): no torch, no onnx, no scipy, no compiler side. Python >= 3.10. It times; the client
 computes the statistics from the raw samples it returns.
@@ -63,7 +64,8 @@ from toolchain.device.protocol import (
     version_mismatch,
     versions,
 )
-from toolchain.device.runners import OrtModelRunner, TvmLibRunner
+from toolchain.device.runners import OrtModelRunner, TrtOnnxRunner, TvmLibRunner
+from toolchain.device.tensorrt_engine import gpu_visible
 from toolchain.measure.timing import (
     MeasureConfig,
     MemoryProbe,
@@ -73,8 +75,9 @@ from toolchain.measure.timing import (
 
 log = logging.getLogger("edgec.device")
 
-# (payload path, input names, threads) -> a runner: a context manager with ``infer(feed) -> [arrays]``.
-RunnerFactory = Callable[[Path, list[str], int], Any]
+# (payload path, input names, threads, **the artifact's runner options) -> a runner: a context manager with
+# ``infer(feed) -> [arrays]``.
+RunnerFactory = Callable[..., Any]
 
 RPC_TRACKER_MAGIC = 0x2F271  # TVM's tracker protocol (tvm.rpc.base), spoken here without importing tvm.rpc
 TRACKER_SUCCESS, TRACKER_PUT, TRACKER_UPDATE_INFO, TRACKER_GET_PENDING = 0, 3, 5, 7
@@ -84,10 +87,13 @@ TRACKER_WAIT_S = 30.0  # at start: no tracker within this, and the device cannot
 
 def available_runners() -> dict[str, RunnerFactory]:
     """The artifact kinds this device can run: TVM libraries always, ONNX models where onnxruntime is
-    installed (looked up, not imported: a broken onnxruntime fails its own sessions, not the server)."""
+    installed, ONNX models built into TensorRT engines here where tensorrt is installed and an NVIDIA GPU is
+    visible (looked up, not imported: a broken SDK fails its own sessions, not the server)."""
     runners: dict[str, RunnerFactory] = {"tvm-lib": TvmLibRunner}
     if importlib.util.find_spec("onnxruntime") is not None:
         runners["ort-model"] = OrtModelRunner
+    if importlib.util.find_spec("tensorrt") is not None and gpu_visible():
+        runners["trt-onnx"] = TrtOnnxRunner
     return runners
 
 
@@ -101,9 +107,10 @@ def bench(make: RunnerFactory, path: Path, cfg_json: str, x_bytes: bytes, emulat
         shape = tuple(cfg["shape"])
         x = np.frombuffer(bytes(x_bytes), dtype=np.float32).reshape(-1, *shape[1:])
         names, threads = list(cfg["input_names"]), int(cfg["threads"])
+        options = dict(cfg.get("runner_options") or {})  # e.g. a TensorRT build's workspace; validated by the runner
 
         def runner() -> Any:
-            return make(path, names, threads)
+            return make(path, names, threads, **options)
 
         memory = MemoryProbe()
         feed = {cfg["input_name"]: x[:1].reshape(shape)}
