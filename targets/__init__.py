@@ -22,7 +22,8 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
 }
 
 # The artifact kind each target's compile step produces, so a payload can be routed to its runner.
-KIND_TO_TARGET = {"ort-model": "ort", "tvm-lib": "tvm", "trt-engine": "tensorrt"}
+# "trt-onnx": the ONNX a device builds its own TensorRT engine from (``TensorRTTarget.device_artifact``).
+KIND_TO_TARGET = {"ort-model": "ort", "tvm-lib": "tvm", "trt-engine": "tensorrt", "trt-onnx": "tensorrt"}
 
 
 def get_target(name: str) -> Target:

@@ -41,7 +41,7 @@ def run_job(sess: Any, job: BenchJob) -> dict[str, Any]:
     remote_name = f"{job.art.key[:16]}-{job.art.payload.name}"
     cfg = {"shape": list(job.shape), "input_name": job.input_name, "threads": job.cfg.threads,
            "input_names": [i["name"] for i in job.art.meta.get("inputs", [])] or [job.input_name],
-           "measure": asdict(job.cfg)}
+           "measure": asdict(job.cfg), "runner_options": job.art.meta.get("runner_options") or {}}
     try:
         sess.upload(str(job.art.payload), target=remote_name)
         fn = sess.get_function(fname)
