@@ -4,122 +4,76 @@ Networks are built strongly typed on both (``NetworkDefinitionCreationFlag.STRON
 other kind and no FP16/INT8 builder flags): precision comes from the ONNX itself, i.e. edgec's fp16 pass (casts)
 and int8 pass (Q/DQ, symmetric with zero-point 0 for this target). Engines are specific to the TensorRT version
 and the GPU: both key the engine, and the builder's timing cache persists per (TensorRT version, GPU) under
-the cache's ``tensorrt/timing`` folder. Never run here (no NVIDIA GPU): its tests are marked ``gpu``.
+the cache's ``tensorrt/timing`` folder. The building itself is ``toolchain.device.tensorrt_engine``, the one
+implementation the device runtime uses too.
+
+Two artifacts: ``compile`` builds an engine here ("trt-engine"; needs TensorRT and a GPU on this machine);
+``device_artifact`` is the ONNX with the profile's build settings ("trt-onnx"; needs nothing here), which a
+remote device builds into its own engine and caches (a Jetson's engine must come from JetPack's TensorRT on that
+Jetson). A bench on a remote device sends the "trt-onnx" one (``toolchain.bench.RpcFarm``).
 
 This machine has no NVIDIA GPU, so ``available()`` explains why the target cannot run and every
-entry point raises SdkMissing (exit code 3) with the fix. The import is lazy so ``import targets``
-works without the SDK.
+entry point that needs TensorRT raises SdkMissing (exit code 3) with the fix. The import is lazy so ``import
+targets`` works without the SDK; the tests that need it are marked ``gpu``.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
-from targets.base import CompileOptions, Coverage, SimpleRunner
+from targets.base import CompileOptions, Coverage
 from toolchain.core.cache import Artifact, Cache, StepKey
-from toolchain.core.errors import SdkMissing
+from toolchain.core.errors import SdkMissing, UsageError
 from toolchain.core.profile import Profile
+from toolchain.device.runners import TrtOnnxRunner
+from toolchain.device.tensorrt_engine import (
+    EngineRunner,
+    EngineSpec,
+    build_engine,
+    check_tensorrt_version,
+    gpu_identity,
+    gpu_name,
+    import_tensorrt,
+    strongly_typed_network,
+    timing_cache_path,
+    workspace_for_memory,
+)
 
-NEEDS = "the tensorrt target needs an NVIDIA GPU and the tensorrt package (pip install edgec[tensorrt])"
+__all__ = ["TensorRTRunner", "TensorRTTarget", "device_build_options", "engine_config", "gpu_name",
+           "strongly_typed_network", "timing_cache_path"]
 
 
-def _import_trt():  # -> module
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise SdkMissing(f"{NEEDS}; tensorrt is not installed") from None
-    if not _has_gpu():
-        raise SdkMissing(f"{NEEDS}; no NVIDIA GPU is visible on this machine")
-    return trt
+class TensorRTRunner(EngineRunner):
+    """A "trt-engine" payload (built by ``compile``) on this machine's GPU."""
 
-
-def _has_gpu() -> bool:
-    return Path("/dev/nvidia0").exists() or Path("/dev/nvhost-ctrl").exists()
-
-
-class TensorRTRunner(SimpleRunner):
     def __init__(self, engine_path: Path) -> None:
-        trt = _import_trt()
-        import torch  # device buffers through torch's CUDA allocator
-
-        self._torch = torch
-        logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if n not in self.input_names]
-
-    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        torch = self._torch
-        stream = torch.cuda.current_stream()
-        bufs = {}
-        for n in self.input_names:
-            bufs[n] = torch.from_numpy(np.ascontiguousarray(feed[n])).cuda()
-            self.context.set_input_shape(n, tuple(bufs[n].shape))
-        for n in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(n))
-            bufs[n] = torch.empty(shape, dtype=torch.float32, device="cuda")
-        for n, b in bufs.items():
-            self.context.set_tensor_address(n, b.data_ptr())
-        self.context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        return [bufs[n].cpu().numpy() for n in self.output_names]
+        super().__init__(import_tensorrt(), Path(engine_path).read_bytes())
 
 
-MIN_TRT_MAJOR = 10  # strongly typed networks
-
-
-def gpu_name() -> str:
-    """The GPU this process builds on (engines and timing caches are specific to it): CUDA's device name, else
-    nvidia-smi's, else a Jetson's device-tree model."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return str(torch.cuda.get_device_name(0))
-    except ImportError:
-        pass
-    if shutil.which("nvidia-smi"):
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
-                           capture_output=True, text=True)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip().splitlines()[0]
-    model = Path("/proc/device-tree/model")
-    return model.read_text().strip("\0 \n") if model.is_file() else "unknown-gpu"
-
-
-def engine_config(profile: Profile, trt_version: str, gpu: str | None = None) -> dict[str, Any]:
-    """What keys an engine: engines are specific to the GPU (its name and compute capability) and the TensorRT
-    version; networks are strongly typed; the builder's workspace is bounded by the profile's GPU memory (a
-    quarter of it)."""
+def device_build_options(profile: Profile) -> dict[str, Any]:
+    """What the profile decides about an engine beyond the TensorRT version and the GPU: the builder's workspace
+    (a quarter of the profile's GPU memory) and sparse weights (where the GPU has sparse tensor cores)."""
     spec = profile.gpu
     if spec is None:
         raise SdkMissing(f"profile {profile.id} has no [gpu] table; the tensorrt target needs one")
-    major = int(trt_version.split(".")[0])
-    if major < MIN_TRT_MAJOR:
-        raise SdkMissing(f"TensorRT {trt_version} is too old: edgec builds strongly typed networks, TensorRT "
-                         f"{MIN_TRT_MAJOR} or later (JetPack 6 ships 10)")
-    return {"strongly_typed": True, "sparse": spec.sparse_tensor_cores, "sm": spec.sm, "tensorrt": trt_version,
-            "gpu": gpu or spec.name, "workspace_bytes": spec.memory_mb * 1024 * 1024 // 4}
+    return {"workspace_bytes": workspace_for_memory(spec.memory_mb * 1024 * 1024),
+            "sparse": bool(spec.sparse_tensor_cores)}
 
 
-def timing_cache_path(cache_root: Path, cfg: dict[str, Any]) -> Path:
-    """One builder timing cache per (TensorRT version, GPU)."""
-    gpu = re.sub(r"[^A-Za-z0-9.]+", "-", str(cfg["gpu"])).strip("-").lower()
-    return Path(cache_root) / "tensorrt" / "timing" / f"trt{cfg['tensorrt']}-{gpu}-sm{cfg['sm']}.cache"
-
-
-def strongly_typed_network(trt: Any, builder: Any) -> Any:
-    return builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+def engine_config(profile: Profile, trt_version: str, gpu: str | None = None, sm: int | None = None
+                  ) -> dict[str, Any]:
+    """What keys an engine: engines are specific to the GPU (its name and compute capability, the profile's
+    unless measured) and the TensorRT version; networks are strongly typed; the builder's workspace is bounded
+    by the profile's GPU memory (a quarter of it)."""
+    opts = device_build_options(profile)
+    check_tensorrt_version(trt_version)
+    assert profile.gpu is not None  # device_build_options refused a profile without one
+    return EngineSpec(trt_version, gpu or profile.gpu.name, sm if sm is not None else profile.gpu.sm,
+                      opts["workspace_bytes"], opts["sparse"]).to_json()
 
 
 class TensorRTTarget:
@@ -127,7 +81,7 @@ class TensorRTTarget:
 
     def available(self) -> str | None:
         try:
-            _import_trt()
+            import_tensorrt()
         except SdkMissing as e:
             return str(e)
         return None
@@ -137,7 +91,7 @@ class TensorRTTarget:
         if reason is not None:
             ops = {n.op_type for n in model.graph.node}
             return Coverage(self.name, {}, {op: reason for op in ops})
-        trt = _import_trt()
+        trt = import_tensorrt()
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network = strongly_typed_network(trt, builder)
@@ -157,40 +111,39 @@ class TensorRTTarget:
 
     def compile(self, art: Artifact, profile: Profile, cache: Cache,
                 options: CompileOptions = CompileOptions()) -> tuple[Artifact, bool]:
-        trt = _import_trt()
-        cfg = engine_config(profile, trt.__version__, gpu_name())
-        timing = timing_cache_path(cache.root, cfg)
+        """An engine built here, for this machine's GPU ("trt-engine")."""
+        trt = import_tensorrt()
+        gpu, sm = gpu_identity()  # the GPU here, measured: not the profile's
+        cfg = engine_config(profile, str(trt.__version__), gpu, sm)
+        spec = EngineSpec(**cfg)
+        timing = timing_cache_path(cache.root, spec)
 
         def write(d: Path) -> tuple[str, dict[str, Any]]:
-            logger = trt.Logger(trt.Logger.WARNING)
-            builder = trt.Builder(logger)
-            network = strongly_typed_network(trt, builder)
-            parser = trt.OnnxParser(network, logger)
-            if not parser.parse(art.payload.read_bytes()):
-                errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-                raise SdkMissing(f"TensorRT could not parse the model: {errs}")
-            config = builder.create_builder_config()
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg["workspace_bytes"])
-            # No FP16/INT8 flags: a strongly typed network takes its precision from the ONNX (edgec's passes).
-            if cfg["sparse"] and hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
-                config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-            config.set_timing_cache(config.create_timing_cache(timing.read_bytes() if timing.is_file() else b""),
-                                    False)
-            engine = builder.build_serialized_network(network, config)
-            if engine is None:
-                raise SdkMissing(f"TensorRT {cfg['tensorrt']} could not build an engine for {art.key[:12]}; "
-                                 "see its log above")
-            (d / "model.engine").write_bytes(bytes(engine))
-            timing.parent.mkdir(parents=True, exist_ok=True)
-            tmp = timing.with_name(f".{timing.name}.{os.getpid()}")
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-            os.replace(tmp, timing)  # concurrent builds: the last whole cache wins
+            (d / "model.engine").write_bytes(build_engine(trt, art.payload.read_bytes(), spec, timing))
             return "model.engine", {"source": art.key, **cfg, "timing_cache": str(timing)}
 
-        sk = StepKey("compile:tensorrt", (art.key,), cfg, 2, profile.id)
+        sk = StepKey("compile:tensorrt", (art.key,), cfg, 3, profile.id)
         return cache.get_or_build(sk, "trt-engine", write)
 
-    def load(self, art: Artifact) -> TensorRTRunner:
+    def device_artifact(self, art: Artifact, profile: Profile, cache: Cache) -> tuple[Artifact, bool]:
+        """The ONNX a remote device builds its own engine from ("trt-onnx"): the payload is ``art``'s ONNX
+        unchanged, the profile's build settings travel as runner options. Needs no TensorRT here."""
+        if art.kind != "onnx":
+            raise UsageError(f"device_artifact takes an ONNX artifact, got a {art.kind!r}")
+        opts = device_build_options(profile)
+
+        def write(d: Path) -> tuple[str, dict[str, Any]]:
+            shutil.copyfile(art.payload, d / "model.onnx")
+            assert profile.gpu is not None  # device_build_options refused a profile without one
+            return "model.onnx", {"source": art.key, "runner_options": opts, "strongly_typed": True,
+                                  "builds_on": "device", "profile_gpu": profile.gpu.name, "sm": profile.gpu.sm}
+
+        sk = StepKey("device-artifact:tensorrt", (art.key,), opts, 1, profile.id)
+        return cache.get_or_build(sk, "trt-onnx", write)
+
+    def load(self, art: Artifact) -> EngineRunner:
+        if art.kind == "trt-onnx":  # built into an engine here, through the engine cache, as a device does
+            return TrtOnnxRunner(art.payload, [], 1, **art.meta.get("runner_options", {}))
         return TensorRTRunner(art.payload)
 
     def kernels(self, art: Artifact) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from targets import get_target, target_name_for_kind
 from targets.ort import OrtRunner
+from targets.tensorrt import TensorRTTarget
 from toolchain.core.cache import Artifact, Cache
 from toolchain.core.errors import UsageError
 from toolchain.core.onnx_io import check_input_size, fix_batch, input_specs, load_onnx
@@ -156,8 +157,23 @@ def _loader(job: BenchJob) -> RunnerFactory:
     return lambda: target.load(job.art)
 
 
+def remote_job(job: BenchJob) -> BenchJob:
+    """The job as a remote device runs it. A TensorRT engine is built on the device that runs it (its TensorRT,
+    its GPU: a Jetson's comes from JetPack), so a "trt-engine" job ships the engine's source ONNX as a
+    "trt-onnx" artifact (``TensorRTTarget.device_artifact``, in the engine's cache) and the device builds and
+    caches the engine; every other job goes as it is."""
+    if job.art.kind != "trt-engine":
+        return job
+    cache = Cache(job.art.dir.parent.parent)  # the cache holding the engine (entries lie at root/<2 hex>/<key>)
+    if not cache.holds(job.art):
+        raise UsageError(f"artifact {job.art.dir} lies outside an edgec cache; rebuild it")
+    sent, _ = TensorRTTarget().device_artifact(source_onnx(job.art, cache), load_profile(job.profile), cache)
+    return dataclasses.replace(job, art=sent)
+
+
 class RpcFarm:
-    """The devices registered under one key at a TVM RPC tracker (``toolchain.device.farm``)."""
+    """The devices registered under one key at a TVM RPC tracker (``toolchain.device.farm``). Results are keyed
+    by the artifacts the jobs came with, though a TensorRT job runs as its ONNX (``remote_job``)."""
 
     def __init__(self, spec: RemoteSpec) -> None:
         self.spec = spec
@@ -168,7 +184,10 @@ class RpcFarm:
             if job.more_inputs:  # the device protocol sends one input array per job
                 raise UsageError(f"{job.art.key[:12]} has {1 + len(job.more_inputs)} inputs; remote benches take "
                                  "single-input models for now: bench it here, without --tracker")
-        return bench_many(jobs, self.spec, on_event)
+        sent = {job.art.key: remote_job(job) for job in jobs}
+        unique = list({job.art.key: job for job in sent.values()}.values())
+        measured = bench_many(unique, self.spec, on_event)
+        return {key: measured[job.art.key] for key, job in sent.items()}
 
 
 def device_for(remote: RemoteSpec | None) -> Device:
