@@ -3,6 +3,11 @@
 Matches ``matmul(reshape(B(z)), W)`` with W a constant (n*K, out): ``extract_basis`` reads the per-feature
 graph B off the Relax IR (elementwise ops, comparisons, slices and concats along the basis axis,
 constants shared by all features), with no knowledge of which basis it is.
+
+After the int8 pass (dynamic) the contraction is ``DynamicQuantizeLinear`` + ``MatMulInteger`` + a scale
+(substitute_gemv's ``match_dynamic_layer``) over the same reshaped basis: that layer becomes the int8 fused
+kernel (``kan.fused_kan_int8_kernel``: basis fp32 in L1, quantized per call as the graph says, int8 weights
+per output column on the CPU's int8 dot products) where the profile has them and they multiply W exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 from kernels.tvm.passes._rewrite import (
     NoMatch,
     RewritePass,
+    bindings_and_uses,
     const_array,
     const_ints,
     require_shape,
@@ -21,9 +27,11 @@ from kernels.tvm.passes._rewrite import (
     static_shape,
     value_of,
 )
+from kernels.tvm.passes.substitute_gemv import match_dynamic_layer
 from kernels.tvm.tir import kan
 from kernels.tvm.tir._elementwise import BINARY, CONCAT, CONST, INPUT, SLICE, UNARY, Node
 from kernels.tvm.tir.bf16 import bf16_constant_array, to_bf16_bits
+from kernels.tvm.tir.int8_dot import ISAS, column_sums, pack_int8
 
 # The Relax elementwise ops a basis graph may use (all in the shared op table; ``power`` only as a square).
 UNARY_OPS = ("exp", "tanh", "sigmoid", "negative", "sqrt", "square")
@@ -173,8 +181,8 @@ class FuseKan(RewritePass):
         op_reshape = tvm.ir.Op.get("relax.reshape")
         lanes = self.cfg.lanes
 
-        def plan(rw: Any, vexpr: Any, w: np.ndarray, mm: Any) -> Any:
-            vs, ys = static_shape(vexpr), static_shape(mm)
+        def plan(rw: Any, vexpr: Any, w: np.ndarray, ys: tuple[int, ...] | None) -> Any:
+            vs = static_shape(vexpr)
             if vs is None or ys is None or len(vs) < 2 or int(np.prod(vs[:-2])) != 1:
                 return None
             n, kk = vs[-2], vs[-1]
@@ -187,19 +195,25 @@ class FuseKan(RewritePass):
             root_shape = static_shape(g.root)
             if root_shape is None or int(np.prod(root_shape)) != n:
                 return None
-            return g, n, kk, w.astype(np.float32), ys
+            return g, n, kk, ys
 
-        def fuse(rw: Any, binding: Any) -> tuple[Any, str] | None:
-            v = binding.value
-            found = None
-            if isinstance(v, relax.Call) and v.op == op_matmul:
-                w = const_array(v.args[1])
-                rs = value_of(rw, v.args[0])
-                if w is not None and w.ndim == 2 and isinstance(rs, relax.Call) and rs.op == op_reshape:
-                    found = plan(rw, rs.args[0], w, v)
+        def basis_of(rw: Any, e: Any) -> Any:
+            """The expression reshaped into ``e`` (the (..., n, K) basis), or None."""
+            rs = value_of(rw, e)
+            return rs.args[0] if isinstance(rs, relax.Call) and rs.op == op_reshape else None
+
+        def fuse_fp32(rw: Any, v: Any) -> tuple[Any, str] | None:
+            if not (isinstance(v, relax.Call) and v.op == op_matmul):
+                return None
+            w = const_array(v.args[1])
+            vexpr = basis_of(rw, v.args[0])
+            if w is None or w.ndim != 2 or vexpr is None or np.issubdtype(w.dtype, np.integer):
+                return None
+            found = plan(rw, vexpr, w, static_shape(v))
             if found is None:
                 return None
-            g, n, kk, w, yshape = found
+            g, n, kk, yshape = found
+            w = w.astype(np.float32)
             name = f"edgec_kan_{len(self.report)}"
             wq = kan.pack_coefficients(w, lanes)
             bits = to_bf16_bits(wq)  # coefficients bf16 holds exactly (the bf16 pass): stored as bf16
@@ -213,7 +227,47 @@ class FuseKan(RewritePass):
                                 "out": int(w.shape[1]), "nodes": len(g.nodes)})
             return call, "kan"
 
-        return rewrite_bindings(relax.transform.FoldConstant()(mod), lambda _func: fuse)
+        def fuse_int8(rw: Any, v: Any, bound: dict[Any, Any], uses: dict[Any, int]) -> tuple[Any, str] | None:
+            """The int8 pass's dynamic-int8 layer over a basis (DynamicQuantizeLinear + MatMulInteger + scale
+            [+ bias]) as one kernel, on a CPU whose int8 dot products multiply W exactly."""
+            layer = match_dynamic_layer(v, bound, uses, [], self.cfg.int8_isa)
+            if layer is None or layer.relu:
+                return None
+            vexpr = basis_of(rw, layer.x)
+            xs = static_shape(layer.x)
+            if vexpr is None or xs is None:
+                return None
+            found = plan(rw, vexpr, layer.w, (*xs[:-1], layer.w.shape[1]))
+            if found is None:
+                return None
+            g, n, kk, yshape = found
+            isa, out = self.cfg.int8_isa, int(layer.w.shape[1])
+            wmajor = kan.basis_major(layer.w, n, kk)
+            p = kan.Int8Layer(n=n, k=kk, out=out, isa=isa, block_n=kan.int8_block_n(out, isa), lanes=lanes,
+                              x_shape=static_shape(g.root), y_shape=yshape, bias=layer.bias is not None)
+            func = kan.fused_kan_int8_kernel(g, p)
+            name = f"edgec_kan_i8_{len(self.report)}"
+            gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
+            consts = [pack_int8(wmajor, p.block_n, ISAS[isa].lanes), column_sums(wmajor), layer.wscale,
+                      layer.bias if layer.bias is not None else np.zeros((1,), np.float32)]
+            call = relax.call_tir(gv, [rw.visit_expr(g.root), *(relax.const(c) for c in consts)],
+                                  relax.TensorType(yshape, "float32"))
+            self.report.append({"kernel": kan.KERNEL_NAME_INT8, "func": name, "in": n, "basis": kk, "out": out,
+                                "nodes": len(g.nodes), "isa": isa, "dynamic_quantization": True})
+            return call, "kan"
+
+        def rewrite_for(func: Any) -> Any:
+            if not isinstance(func.body, relax.SeqExpr):
+                return None
+            bound, uses = bindings_and_uses(func)
+
+            def fuse(rw: Any, binding: Any) -> tuple[Any, str] | None:
+                return fuse_fp32(rw, binding.value) or fuse_int8(rw, binding.value, bound, uses)
+
+            return fuse
+
+        folded = relax.transform.FoldConstant()(mod)
+        return rewrite_bindings(folded, rewrite_for)
 
 
 __all__ = ["FuseKan", "extract_basis"]
