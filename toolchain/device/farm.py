@@ -46,7 +46,7 @@ def run_job(sess: Any, job: BenchJob) -> dict[str, Any]:
         sess.upload(str(job.art.payload), target=remote_name)
         fn = sess.get_function(fname)
     except Exception as e:  # noqa: BLE001  (any RPC failure here is a lost connection)
-        if "not found" in str(e).lower() or "cannot find" in str(e).lower():
+        if _no_such_function(e):
             raise UsageError(f"the device cannot run {kind!r} artifacts ({fname} is not registered there)") from None
         raise DeviceLost(_last_line(e)) from None
     x = bytearray(np.ascontiguousarray(job.x, np.float32).tobytes())
@@ -55,6 +55,9 @@ def run_job(sess: Any, job: BenchJob) -> dict[str, Any]:
         try:
             raw = fn(remote_name, json.dumps({**cfg, **extra}), x)
         except Exception as e:  # noqa: BLE001
+            if _no_such_function(e):  # TVM's RPC looks the function up at its first call
+                raise UsageError(f"the device cannot run {kind!r} artifacts ({fname} is not registered "
+                                 "there)") from None
             raise DeviceLost(_last_line(e)) from None
         got = json.loads(str(raw))
         if "error" in got:
@@ -72,6 +75,11 @@ def run_job(sess: Any, job: BenchJob) -> dict[str, Any]:
     if getattr(sess, "edgec_device", {}).get("emulated"):  # from the device's authenticated hello
         dev["emulated"] = True
     return dev
+
+
+def _no_such_function(e: BaseException) -> bool:
+    msg = str(e).lower()
+    return "not found" in msg or "cannot find" in msg or "has no function" in msg
 
 
 def _f32(b64: str) -> np.ndarray:
