@@ -1,5 +1,6 @@
-"""TensorRT on 10 and 11: what keys an engine and its timing cache (runs here), and strongly typed builds of
-edgec's fp16 and int8 (symmetric Q/DQ) models (marked gpu: this machine has no NVIDIA GPU, never run here)."""
+"""TensorRT on 10 and 11: what keys an engine and its timing cache, and the ONNX a remote bench sends instead of
+a host-built engine (run here); strongly typed builds of edgec's fp16 and int8 (symmetric Q/DQ) models (marked
+gpu: this machine has no NVIDIA GPU, never run here)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from targets.tensorrt import engine_config, timing_cache_path
+from targets.tensorrt import TensorRTTarget, engine_config, timing_cache_path
 from tests.device_models import fit_linear, save
 from toolchain import api
-from toolchain.core.cache import Cache
-from toolchain.core.errors import SdkMissing
+from toolchain.bench import prepare_job, remote_job
+from toolchain.core.cache import Cache, StepKey
+from toolchain.core.errors import SdkMissing, UsageError
 from toolchain.core.profile import load_profile
+from toolchain.device.protocol import KIND_FUNCS
 from toolchain.export import import_onnx_file
 
 JETSON = load_profile("jetson-orin-nano")
@@ -34,6 +37,31 @@ def test_engines_and_timing_caches_are_keyed_by_tensorrt_version_and_gpu(tmp_pat
 def test_tensorrt_before_10_is_refused() -> None:
     with pytest.raises(SdkMissing, match="strongly typed"):
         engine_config(JETSON, "8.6.1", "Orin (nvgpu)")
+
+
+def test_a_remote_tensorrt_bench_sends_the_onnx_with_the_profiles_build_settings(tmp_path: Path,
+                                                                                  fashion: object) -> None:
+    cache = Cache(tmp_path / "cache")
+    src, _ = import_onnx_file(save(fit_linear(fashion), tmp_path / "lin.onnx"), cache)
+
+    def write(d: Path) -> tuple[str, dict[str, object]]:  # stands for a host-built engine: TensorRT cannot build
+        (d / "model.engine").write_bytes(b"host-built engine")  # here, and a remote bench never sends it
+        return "model.engine", {"source": src.key}
+
+    eng, _ = cache.get_or_build(StepKey("compile:tensorrt", (src.key,), {}, 1, JETSON.id), "trt-engine", write)
+    job = prepare_job(eng, cache, profile=JETSON, data="fashion-mnist", samples=50, duration_s=0.1)
+    sent = remote_job(job)
+    assert sent.art.kind == "trt-onnx" and sent.art.kind in KIND_FUNCS and sent.target == "tensorrt"
+    assert sent.art.payload.read_bytes() == src.payload.read_bytes()  # the ONNX itself, unchanged
+    assert sent.art.meta["runner_options"] == {"workspace_bytes": 8192 * 1024 * 1024 // 4, "sparse": True}
+    assert sent.art.meta["source"] == src.key and cache.verify(sent.art)
+    np.testing.assert_array_equal(sent.ref_out, job.ref_out)  # judged against the same reference
+    assert sent.art == TensorRTTarget().device_artifact(src, JETSON, cache)[0]  # cached: built once
+    plain = api.compile(src, profile=load_profile("x86-avx512"), target="ort", cache=cache)[0]
+    ort_job = prepare_job(plain, cache, data="fashion-mnist", samples=10, duration_s=0.1)
+    assert remote_job(ort_job) is ort_job  # other kinds go as they are
+    with pytest.raises(UsageError, match="ONNX artifact"):
+        TensorRTTarget().device_artifact(eng, JETSON, cache)
 
 
 @pytest.mark.gpu  # needs an NVIDIA GPU and the tensorrt package: never run on this CPU-only machine
