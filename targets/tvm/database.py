@@ -4,6 +4,11 @@ and which kernels it left naive.
 ``<cache>/tuning/<profile>/database_{workload,tuning_record}.json`` (MetaSchedule's JSONDatabase). Records
 are keyed by workload (the fused PrimFunc's structure), so a layer tuned for one model is reused by every
 model with the same layer shape.
+
+``kernel_choices.json`` next to them: per conv layer (``kernels.tvm.passes.substitute_conv.conv_layer_key``), the
+tuned schedule's and the hand-written kernel's time measured interleaved after tuning, and which one the build
+keeps (``origin``: "tuned" or "hand"). A choice is kept only for the hand-written kernel sources it was measured
+against: editing the conv kernel makes every layer hand-written again until tuning measures them anew.
 """
 
 from __future__ import annotations
@@ -15,9 +20,47 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import kernels.tvm.passes.substitute_conv as substitute_conv_module
+import kernels.tvm.tir.conv2d as conv2d_kernel_module
 from toolchain.core.errors import InfraError
 
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+CHOICES = "kernel_choices.json"
+
+
+def conv_kernel_digest() -> str:
+    """Hash of the direct conv kernel's sources: the hand-written side of every recorded choice."""
+    h = hashlib.sha256()
+    for mod in (conv2d_kernel_module, substitute_conv_module):
+        h.update(Path(str(mod.__file__)).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def kernel_choices(db_dir: Path) -> dict[str, dict[str, Any]]:
+    """Layer key -> {origin, hand_us, tuned_us, ...} for the choices measured against the current conv kernel."""
+    path = Path(db_dir) / CHOICES
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("kernel_sources") != conv_kernel_digest():
+        return {}
+    layers = data.get("layers")
+    return {str(k): dict(v) for k, v in layers.items() if isinstance(v, dict)} if isinstance(layers, dict) else {}
+
+
+def record_kernel_choices(db_dir: Path, choices: dict[str, dict[str, Any]]) -> None:
+    """Merge ``choices`` into the database's kernel choices (written atomically)."""
+    merged = {**kernel_choices(db_dir), **choices}
+    Path(db_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(db_dir) / f".{CHOICES}.tmp"
+    tmp.write_text(json.dumps({"kernel_sources": conv_kernel_digest(), "layers": merged}, indent=1, sort_keys=True))
+    os.replace(tmp, Path(db_dir) / CHOICES)
+
+
+def tuned_conv_layers(db_dir: Path) -> frozenset[str]:
+    """The conv layers whose tuned schedule measured faster than the hand-written kernel."""
+    return frozenset(k for k, v in kernel_choices(db_dir).items() if v.get("origin") == "tuned")
 
 
 def database_dir(cache_root: Path, profile_id: str) -> Path:
@@ -27,7 +70,7 @@ def database_dir(cache_root: Path, profile_id: str) -> Path:
 def database_digest(db_dir: Path) -> str:
     """Content hash of a database: a tuned build's cache key changes when the database does."""
     h = hashlib.sha256()
-    for name in (WORKLOADS, RECORDS):
+    for name in (WORKLOADS, RECORDS, CHOICES):
         p = db_dir / name
         if p.is_file():
             h.update(p.read_bytes())

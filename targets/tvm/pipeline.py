@@ -11,7 +11,7 @@ from kernels.tvm import KernelConfig
 from kernels.tvm.passes import FastMath, FuseGemvChains, substitution_passes
 from kernels.tvm.passes.bf16_weights import StoreWeightsBf16
 from kernels.tvm.schedule.vector_rule import schedule_naive
-from targets.tvm.database import apply_database
+from targets.tvm.database import apply_database, tuned_conv_layers
 from targets.tvm.frontend import tvm_target
 from toolchain.core.profile import Profile
 
@@ -20,7 +20,8 @@ Step = tuple[str, Callable[[Any], Any]]
 
 def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...]:
     """The named Relax -> TIR steps for this profile, in order. With ``tuning_db`` (a MetaSchedule
-    database directory, see targets.tvm.tuning) the fused kernels take their tuned schedules."""
+    database directory, see targets.tvm.tuning) the fused kernels take their tuned schedules, and the conv layers
+    whose tuned schedule measured faster than the direct kernel (the database's kernel choices) keep it."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -42,9 +43,12 @@ def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...
         return schedule_naive(mod, k.lanes)[0]
 
     k = KernelConfig.from_profile(profile)
+    conv_generic = tuned_conv_layers(tuning_db) if tuning_db is not None else frozenset()
     return (
         # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
-        ("substitute-kernels", tvm.transform.Sequential(substitution_passes(k), name="SubstituteKernels")),
+        # Conv layers where a tuned schedule measured faster than the direct kernel stay generic for the database.
+        ("substitute-kernels", tvm.transform.Sequential(substitution_passes(k, conv_generic),
+                                                        name="SubstituteKernels")),
         # Dense layers whose weights are exactly bf16 (the bf16 pass) keep them as bf16: half the bytes.
         ("bf16-weights", StoreWeightsBf16.create(k)),
         # Then a tiny MLP's dense layers become one kernel: one VM call instead of four per layer.

@@ -17,6 +17,7 @@ import numpy as np
 
 from kernels.tvm.passes._rewrite import (
     RewritePass,
+    _module_pass_class,
     bindings_and_uses,
     const_array,
     const_ints,
@@ -32,6 +33,7 @@ from kernels.tvm.tir.conv2d import (
     conv2d_kernel,
     depthwise_kernel,
     pack_conv_weight,
+    tile_ow_for_block,
 )
 
 # A matched layer: (x, W, bias or None, relu, the conv2d's attributes, the residual tensor or None).
@@ -134,11 +136,44 @@ def match_conv(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed:
     return x, wa, bias, relu, at, residual
 
 
+def conv_layer_key(x_shape: tuple[int, ...], w_shape: tuple[int, ...], at: Any, bias: bool, relu: bool,
+                   residual: bool) -> str:
+    """A conv layer's identity, independent of tiling: what it computes (shapes, stride, padding, dilation, groups,
+    epilogue). Two layers with the same key are the same workload; the per-layer choice between the hand-written
+    kernel and a tuned schedule (targets.tvm.tuning) is keyed by it."""
+    n, ic, ih, iw = x_shape
+    oc, icg, kh, kw = w_shape
+    pad = const_ints(at.padding)
+    pad4 = (pad[0], pad[1], pad[0], pad[1]) if len(pad) == 2 else tuple(pad[:4])
+    stride, dil = const_ints(at.strides), const_ints(at.dilation)
+    return (f"conv2d n{n} in{ic}x{ih}x{iw} out{oc} k{kh}x{kw}g{int(at.groups)}/{icg} "
+            f"s{'x'.join(map(str, stride))} d{'x'.join(map(str, dil))} p{','.join(map(str, pad4))}"
+            f"{' +bias' if bias else ''}{' +residual' if residual else ''}{' +relu' if relu else ''}")
+
+
+def key_of(conv: Conv) -> str:
+    x, w, b, relu, at, residual = conv
+    xs = static_shape(x)
+    assert xs is not None
+    return conv_layer_key(tuple(xs), tuple(w.shape), at, b is not None, relu, residual is not None)
+
+
 class SubstituteConv(RewritePass):
-    """Replaces each fp32 conv2d with a constant weight (groups 1 or depthwise) by the direct kernels;
-    ``report``: one row per layer."""
+    """Replaces each fp32 conv2d with a constant weight (groups 1 or depthwise) by the direct kernels, except
+    the layers whose key (``conv_layer_key``) is in ``generic``: those stay with the generic lowering, where a
+    tuned schedule measured faster than the kernel (targets.tvm.tuning). ``report``: one row per layer, the
+    kernel's (``kernel``: its name) or the one left (``kernel``: "generic")."""
 
     pass_name = "SubstituteConv"
+
+    def __init__(self, cfg: Any, generic: frozenset[str] = frozenset()) -> None:
+        super().__init__(cfg)
+        self.generic = frozenset(generic)
+
+    @classmethod
+    def create(cls, cfg: Any, generic: frozenset[str] = frozenset()) -> Any:
+        """This rewrite as a ``tvm.transform.ModulePass``, leaving the ``generic`` layers alone."""
+        return _module_pass_class(cls)(cfg, frozenset(generic))
 
     def rewrite(self, mod: Any) -> Any:
         from tvm import relax
@@ -157,6 +192,11 @@ class SubstituteConv(RewritePass):
                     inner_vars += swallowed
             for v in inner_vars:  # a conv absorbed by a bias / relu head is rewritten there, not on its own
                 heads.pop(v, None)
+            for var, conv in list(heads.items()):
+                key = key_of(conv)
+                if key in self.generic:
+                    self.report.append({"kernel": "generic", "layer": key})
+                    del heads[var]
             if not heads:
                 return None
             return lambda rw, binding: self._replace(rw, heads[binding.var]) if binding.var in heads else None
@@ -176,11 +216,12 @@ class SubstituteConv(RewritePass):
         pad4 = (pad[0], pad[1], pad[0], pad[1]) if len(pad) == 2 else tuple(pad[:4])
         depthwise = int(at.groups) > 1
         boc = choose_block_oc(oc, cfg.conv_block_oc, cfg.lanes)
+        tile_ow = tile_ow_for_block(boc, cfg.conv_block_oc, cfg.conv_tile_ow, cfg.lanes)
         p = ConvParams(n=n, ic=ic, ih=ih, iw=iw, oc=oc, kh=kh, kw=kw, stride=tuple(const_ints(at.strides)),
                        dilation=tuple(const_ints(at.dilation)), pad=pad4, bias=b is not None, relu=relu,
                        residual=residual is not None,
-                       block_oc=boc, tile_ow=cfg.conv_tile_ow, lanes=cfg.lanes)
-        index = len(self.report)
+                       block_oc=boc, tile_ow=tile_ow, lanes=cfg.lanes)
+        index = len([r for r in self.report if r["kernel"] != "generic"])
         bias = relax.const(b if b is not None else np.zeros((1,), np.float32))
         if depthwise:
             name, kname = f"edgec_conv2d_dw_{index}", DEPTHWISE_KERNEL_NAME
@@ -191,13 +232,14 @@ class SubstituteConv(RewritePass):
             func = conv2d_kernel(p)
             wc = relax.const(pack_conv_weight(w, boc))
         gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
-        self.report.append({"kernel": kname, "func": name, "in": [ic, ih, iw], "out": [oc, p.oh, p.ow],
-                            "kernel_hw": [kh, kw], "stride": list(p.stride), "pad": list(pad4),
-                            "block_oc": boc, "tile_ow": choose_tile_ow(p.ow, p.tile_ow), "bias": b is not None,
-                            "relu": relu, "residual": residual is not None, "mflops": round(p.mflops, 2)})
+        self.report.append({"kernel": kname, "func": name, "layer": key_of(conv), "in": [ic, ih, iw],
+                            "out": [oc, p.oh, p.ow], "kernel_hw": [kh, kw], "stride": list(p.stride),
+                            "pad": list(pad4), "block_oc": boc, "tile_ow": choose_tile_ow(p.ow, p.tile_ow),
+                            "bias": b is not None, "relu": relu, "residual": residual is not None,
+                            "mflops": round(p.mflops, 2)})
         yshape = (n, oc, p.oh, p.ow)
         args = [rw.visit_expr(x), wc, bias, *([rw.visit_expr(residual)] if residual is not None else [])]
         return relax.call_tir(gv, args, relax.TensorType(yshape, "float32")), "conv"
 
 
-__all__ = ["SubstituteConv", "match_conv"]
+__all__ = ["SubstituteConv", "conv_layer_key", "key_of", "match_conv"]

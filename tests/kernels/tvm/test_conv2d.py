@@ -9,8 +9,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from kernels.tvm import KernelConfig
+from kernels.tvm.passes import substitution_passes
 from kernels.tvm.testing import build_vm, substitute, with_kernels
-from kernels.tvm.tir.conv2d import choose_block_oc, choose_tile_ow, pack_conv_weight
+from kernels.tvm.tir.conv2d import FLT_MIN, choose_block_oc, choose_tile_ow, pack_conv_weight, tile_ow_for_block
+from targets.tvm.frontend import import_onnx
 from toolchain.core.profile import load_profile
 
 RTOL = 1e-4  # max |tvm - ort| / max |ort|
@@ -69,6 +72,27 @@ def test_tile_choices() -> None:
     assert choose_tile_ow(7, 12) == 7
     assert choose_tile_ow(56, 12) == 8  # a divisor of the row: no remainder tile
     assert choose_tile_ow(19, 12) == 12  # no divisor in [6, 12]: 12 + a 7-wide tile
+    # the profile's accumulators (AVX-512: 12 columns x 2 vectors) spent on more columns for a 1-vector block
+    assert tile_ow_for_block(32, 32, 12, 16) == 12
+    assert tile_ow_for_block(16, 32, 12, 16) == 24
+    assert tile_ow_for_block(8, 16, 6, 8) == 12  # AVX2: 6 x 2 ymm
+    assert choose_tile_ow(28, tile_ow_for_block(16, 32, 12, 16)) == 14  # Conv-KAN's first conv: 2 tiles of 14
+
+
+def test_subnormal_inputs_are_flushed_to_zero() -> None:
+    """RBF channels (exp(-d^2)) are mostly subnormal; an FMA on one is a ~100-cycle microcode assist, so the padded
+    copy flushes them: a conv of an all-subnormal input is exactly 0 (unflushed it is ~9e-39 per output)."""
+    w = np.ones((16, 4, 3, 3), np.float32)
+    model = _model([helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+                   [numpy_helper.from_array(w, "w")], [1, 4, 9, 9], "y")
+    run, table = build_vm(model, load_profile("x86-avx512"))
+    assert [r["kernel"] for r in table] == ["conv2d-direct-f32"]
+    x = np.full((1, 4, 9, 9), FLT_MIN / 4, np.float32)
+    assert np.all(x > 0) and np.all(x < FLT_MIN)
+    assert np.all(run(x) == 0)
+    x[0, 0, 4, 4] = 1.0  # normal values still count
+    out = run(x)
+    assert out[0, 0, 4, 4] == 1.0 and out[0, 0, 0, 0] == 0.0
 
 
 # (ic, oc, k, stride, pads, bias, relu, hw, dilation): 3x3 / 1x1 / 7x7, stride 1 / 2, with and without
@@ -177,3 +201,23 @@ def test_small_cnn_matches_ort() -> None:
     assert not any("add" in r["name"] for r in table)
     rows = substitute(model, load_profile("x86-avx512"))[1]
     assert sum(bool(r.get("residual")) for r in rows) == 2
+
+
+def test_layers_keyed_generic_stay_with_the_generic_lowering() -> None:
+    """The conv layers whose tuned schedule measured faster (their keys in ``conv_generic``) are left to the generic
+    lowering; every other conv still takes the direct kernel."""
+    import tvm
+
+    cfg = KernelConfig.from_profile(load_profile("x86-avx512"))
+    mod = import_onnx(small_cnn())
+    passes = substitution_passes(cfg)
+    tvm.transform.Sequential(passes)(mod)
+    rows = [r for p in passes for r in p.report if "layer" in r]
+    keys = [r["layer"] for r in rows]
+    assert len(keys) == 6 and len(set(keys)) == 6 and all(r["kernel"] != "generic" for r in rows)
+    assert any("+residual +relu" in k for k in keys) and any("k7x7" in k and "s2x2" in k for k in keys)
+    passes = substitution_passes(cfg, frozenset(keys[:2]))
+    tvm.transform.Sequential(passes)(mod)
+    rows = [r for p in passes for r in p.report if "layer" in r]
+    assert [r["kernel"] == "generic" for r in rows].count(True) == 2
+    assert {r["layer"] for r in rows if r["kernel"] == "generic"} == set(keys[:2])
