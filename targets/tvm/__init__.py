@@ -17,7 +17,7 @@ import onnx
 from targets.base import CompileOptions, Coverage
 from targets.tvm.build import build_library, kernel_sources_digest
 from targets.tvm.database import database_digest, database_dir
-from targets.tvm.frontend import import_tvm
+from targets.tvm.frontend import import_tvm, onnx_converters
 from targets.tvm.inspect import kernel_times
 from targets.tvm.tuning import TuneConfig, plan_auto_tuning, tune_once
 from toolchain.core.cache import Artifact, Cache, StepKey
@@ -42,9 +42,7 @@ class TvmTarget:
         return None
 
     def supports(self, model: onnx.ModelProto, profile: Profile) -> Coverage:
-        from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
-
-        known = set(_get_convert_map())
+        known = set(onnx_converters())  # TVM's frontend and edgec's converters (ConvInteger)
         sup: dict[str, int] = {}
         unsup: dict[str, str] = {}
         for n in model.graph.node:

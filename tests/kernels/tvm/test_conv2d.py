@@ -221,3 +221,42 @@ def test_layers_keyed_generic_stay_with_the_generic_lowering() -> None:
     rows = [r for p in passes for r in p.report if "layer" in r]
     assert [r["kernel"] == "generic" for r in rows].count(True) == 2
     assert {r["layer"] for r in rows if r["kernel"] == "generic"} == set(keys[:2])
+
+
+def _conv_integer(w: np.ndarray, x_zp: int, hw: int) -> onnx.ModelProto:
+    """ConvInteger(x uint8, w int8 constant, zero points) -> int32, 3x3 with padding 1 (what the dynamic int8 pass
+    makes of a Conv; the input zero point is a graph input here, as DynamicQuantizeLinear computes it)."""
+    oc, ic = w.shape[:2]
+    g = helper.make_graph(
+        [helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+        "convinteger", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, ic, hw, hw]),
+                        helper.make_tensor_value_info("xz", TensorProto.UINT8, [])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, oc, hw, hw])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0, np.int8), "wz")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize(("ic", "direct"), [(8, True), (80, False)])
+def test_conv_integer_equals_ort_exactly(ic: int, direct: bool) -> None:
+    """TVM's frontend has no ConvInteger converter; edgec's gives ONNX Runtime's int32 result bit for bit: in float32
+    through the direct conv kernel while 255 x sum |w| stays below 2^24 (8 channels), else as an int32 conv2d
+    (80 channels of weights at +-127: 255 x 127 x 720 > 2^24)."""
+    rng = np.random.default_rng(5)
+    w = rng.integers(-128, 128, (16, ic, 3, 3)).astype(np.int8)
+    if not direct:
+        w[:] = np.where(rng.random(w.shape) < 0.5, -127, 127).astype(np.int8)
+    model = _conv_integer(w, 7, 10)
+    run, table = build_vm(model, load_profile("x86-avx512"))
+    x = rng.integers(0, 256, (1, ic, 10, 10)).astype(np.uint8)
+    xz = np.array(7, np.uint8)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"x": x, "xz": xz})[0]
+    import tvm
+
+    out = run.raw(tvm.runtime.tensor(x), tvm.runtime.tensor(xz)).numpy()  # type: ignore[attr-defined]
+    assert out.dtype == np.int32 and np.array_equal(out, ref)
+    assert ("conv2d-direct-f32" in [r["kernel"] for r in table]) == direct
+    if not direct:
+        assert 255 * int(np.abs(w.astype(np.int64)).reshape(16, -1).sum(1).max()) >= 1 << 24  # beyond float32
