@@ -15,12 +15,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from tests.device_farm import TOKEN, Farm, free_port, start_tracker
+from tests.device.emulated_helpers import need_emulator, quick_job, run_emulated, start_emulated_device, zoo_onnx
+from tests.device_farm import TOKEN, Farm
 from tests.device_models import fit_linear, save
 from toolchain import api
 from toolchain.bench import prepare_job
@@ -30,54 +30,18 @@ from toolchain.device import emulate as emulator
 from toolchain.device.farm import bench_many
 from toolchain.device.protocol import RemoteSpec
 from toolchain.export import import_onnx_file
-from toolchain.measure.timing import MeasureConfig
 from toolchain.report import render_bench
 
 pytestmark = pytest.mark.rpc
 KEY = "rpi5-emulated"
-# Under emulation a run is 10-100x slower and its time means nothing: one short round, no re-run.
-QUICK = MeasureConfig(duration_s=0.05, min_runs=5, warmup_max_s=0.2, rounds=1, rerun_unstable=False)
-
-
-def need_emulator() -> None:
-    why = emulator.missing_tools()
-    if why:
-        pytest.skip(f"no aarch64 emulation on this machine: {why}")
-    if not emulator.is_ready() and os.environ.get(emulator.EMULATOR_DIR_ENV):
-        # CI provisions it ('make emulator') and points the tests at it: a missing one there is a failure.
-        pytest.fail(f"${emulator.EMULATOR_DIR_ENV} is set but {emulator.emulator_dir()} is not provisioned: "
-                    "run 'make emulator'")
-    if not emulator.is_ready():
-        pytest.skip("the aarch64 emulator is not provisioned (once, a few minutes and ~150 MB of downloads): run "
-                    "'edgec device emulate --profile rpi5 --provision-only' or 'make test-slow'")
 
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory: pytest.TempPathFactory) -> Any:
     need_emulator()
-    logs = tmp_path_factory.mktemp("emulated")
-    farm = start_tracker(KEY, log_dir=logs)
-    port = free_port()
-    argv, env = emulator.runtime_command(farm.tracker, KEY, port, port + 1)
-    addr = f"127.0.0.1:{port}"
-    farm.logs[addr] = logs / "device.log"
-    farm.calls = logs / "calls.jsonl"  # type: ignore[attr-defined]
-    env = {**env, "EDGEC_DEVICE_TOKEN": TOKEN, "EDGEC_DEVICE_LOG": str(farm.calls)}  # type: ignore[attr-defined]
-    farm.procs[addr] = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                        stderr=farm.logs[addr].open("w"))
-    farm.device = addr  # type: ignore[attr-defined]
-    try:
-        farm.wait_devices(1, timeout=300)  # an aarch64 interpreter importing TVM under qemu: 10-60 s
-    except BaseException:
-        farm.close()
-        raise
+    farm = start_emulated_device(KEY, tmp_path_factory.mktemp("emulated"))
     yield farm
     farm.close()
-
-
-def quick_job(art: Any, cache: Cache, samples: int) -> Any:
-    job = prepare_job(art, cache, data="fashion-mnist", samples=samples)
-    return dataclasses.replace(job, cfg=dataclasses.replace(QUICK, threads=job.cfg.threads))
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +50,6 @@ def mlp(tmp_path_factory: pytest.TempPathFactory, fashion: object) -> tuple[Cach
     cache = Cache(d / "cache")
     src, _ = import_onnx_file(save(fit_linear(fashion, hidden=64), d / "mlp.onnx"), cache)
     return cache, src
-
-
-def run_emulated(emulated: Farm, cache: Cache, art: Any, job: Any = None) -> dict[str, Any]:
-    head = art.payload.read_bytes()[:20]
-    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
-    res = bench_many([job or quick_job(art, cache, 200)],
-                     RemoteSpec("127.0.0.1", emulated.tracker_port, KEY, TOKEN, request_timeout_s=120))[art.key]
-    assert res["emulated"] is True and res["device"].startswith(f"rpc://{emulated.device}")  # type: ignore[attr-defined]
-    assert res["accuracy"]["samples"] == 200 and np.isfinite(res["latency"]["p50_ms"])
-    assert "Traceback" not in emulated.log_text(emulated.device)  # type: ignore[attr-defined]
-    return res
 
 
 def test_rpi5_fp32_runs_on_emulated_aarch64(emulated: Farm, mlp: tuple[Cache, Any]) -> None:
@@ -167,29 +120,13 @@ INT8_FAMILIES = ("mlp", "kan")
 
 def tiny_family_model(family: str, cache: Cache, planetoid: Path | None) -> tuple[Any, str, Path | None]:
     """(the ONNX artifact of the family's tiny model, its dataset name, its data folder)."""
-    from toolchain.export import export_module
-    from toolchain.zoo.datasets import load_dataset
     from toolchain.zoo.registry import get_entry
-    from toolchain.zoo.trained import load_trained
 
     name, over, form = TINY_FAMILIES[family]
-    e = get_entry(name)
     if over.get("supernet_recipe") == "tiny":
-        over = {"supernet_recipe": {**e.recipe["supernet_recipe"], "stem": 32, "expert": 8, "epochs": 1,
-                                    "train_limit": 2000}}
-    e = dataclasses.replace(e, recipe={**e.recipe, **over})
-    data_dir = planetoid if e.dataset in ("cora", "citeseer") else None
-    data = load_dataset(e.dataset, data_dir)
-    module, _metrics, wart, _ = load_trained(e, cache, data=data, progress=False)
-    exp = e.export_module(module, form) if e.export_module else module
-    example = None
-    if e.example_inputs is not None:
-        import torch
-
-        example = e.example_inputs(module, form, torch.from_numpy(data.x_test[:1]))
-    art, _ = export_module(exp, e.input_shape, cache, wart.key, form=form, example=example,
-                           check_inputs=data.x_test[:200])
-    return art, e.dataset, data_dir
+        over = {"supernet_recipe": {**get_entry(name).recipe["supernet_recipe"], "stem": 32, "expert": 8,
+                                    "epochs": 1, "train_limit": 2000}}
+    return zoo_onnx(name, cache, planetoid, overrides=over, form=form)
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +142,7 @@ def planetoid_or_none() -> Path | None:
 
 
 def run_family(emulated: Farm, cache: Cache, art: Any, dataset: str, data_dir: Path | None) -> dict[str, Any]:
-    job = prepare_job(art, cache, data=dataset, data_dir=data_dir, samples=200)
-    job = dataclasses.replace(job, cfg=dataclasses.replace(QUICK, threads=job.cfg.threads))
-    return run_emulated(emulated, cache, art, job)
+    return run_emulated(emulated, cache, art, quick_job(art, cache, 200, dataset, data_dir))
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))

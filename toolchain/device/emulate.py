@@ -37,6 +37,11 @@ WHEEL_PLATFORM = "manylinux_2_28_aarch64"
 # Besides TVM and tvm-ffi: what they import at start (scipy, xgboost and the compiler's extras are not needed).
 WHEEL_DEPS = ("ml_dtypes", "typing_extensions", "psutil", "cloudpickle", "tornado", "packaging")
 REPO = Path(__file__).resolve().parents[2]
+# qemu-user's CPU model per profile ``mcpu``: the emulated CPU has that core's instruction set, so a library that
+# uses an extension the device lacks (i8mm, SVE) stops with SIGILL instead of running. QEMU 7.2 models no
+# Cortex-A78; its instruction set as the profiles use it (Armv8.2-A, NEON, dotprod) is the Cortex-A76's.
+QEMU_CPUS = {"cortex-a76": "cortex-a76", "cortex-a78": "cortex-a76"}
+QEMU_CPU_FALLBACK = "max"  # a core QEMU does not model: every extension it emulates
 
 
 def emulator_dir() -> Path:
@@ -57,6 +62,11 @@ def _host_version(dist: str) -> str:
 
 def key_for(profile: Profile) -> str:
     return f"{profile.id}-emulated"
+
+
+def qemu_cpu(profile: Profile) -> str:
+    """The ``qemu-aarch64 -cpu`` model of the profile's core (``QEMU_CPUS``), else ``max``."""
+    return QEMU_CPUS.get(profile.cpu.mcpu, QEMU_CPU_FALLBACK)
 
 
 def check_profile(profile: Profile) -> None:
@@ -138,13 +148,13 @@ def _say(log: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def runtime_command(tracker: str, key: str, port: int, port_end: int,
-                    d: Path | None = None) -> tuple[list[str], dict[str, str]]:
-    """argv and environment of the lean device runtime under qemu-aarch64 (the token comes from the caller's
-    ``$EDGEC_DEVICE_TOKEN``)."""
+def runtime_command(tracker: str, key: str, port: int, port_end: int, d: Path | None = None,
+                    cpu: str = QEMU_CPU_FALLBACK) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of the lean device runtime under qemu-aarch64 emulating CPU model ``cpu``
+    (``qemu_cpu(profile)``); the token comes from the caller's ``$EDGEC_DEVICE_TOKEN``."""
     d = d or emulator_dir()
     sysroot = d / "sysroot"
-    argv = ["qemu-aarch64", "-cpu", "max", "-L", str(sysroot), str(sysroot / "usr" / "bin" / PYTHON),
+    argv = ["qemu-aarch64", "-cpu", cpu, "-L", str(sysroot), str(sysroot / "usr" / "bin" / PYTHON),
             "-m", "toolchain.device.runtime", "--tracker", tracker, "--key", key, "--port", str(port),
             "--port-end", str(port_end), "--emulated"]
     env = {**os.environ, "QEMU_LD_PREFIX": str(sysroot), "PYTHONPATH": os.pathsep.join((str(d / "site"), str(REPO))),
