@@ -18,10 +18,12 @@ from toolchain.core.profile import Profile
 Step = tuple[str, Callable[[Any], Any]]
 
 
-def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...]:
+def pipeline(profile: Profile, tuning_db: Path | None = None,
+             conv_generic: frozenset[str] | None = None) -> tuple[Step, ...]:
     """The named Relax -> TIR steps for this profile, in order. With ``tuning_db`` (a MetaSchedule
     database directory, see targets.tvm.tuning) the fused kernels take their tuned schedules, and the conv layers
-    whose tuned schedule measured faster than the direct kernel (the database's kernel choices) keep it."""
+    whose tuned schedule measured faster than the direct kernel (the database's kernel choices) keep it.
+    ``conv_generic``: the conv layer keys left to the generic lowering instead (None: the database's choices)."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -43,7 +45,8 @@ def pipeline(profile: Profile, tuning_db: Path | None = None) -> tuple[Step, ...
         return schedule_naive(mod, k.lanes)[0]
 
     k = KernelConfig.from_profile(profile)
-    conv_generic = tuned_conv_layers(tuning_db) if tuning_db is not None else frozenset()
+    if conv_generic is None:
+        conv_generic = tuned_conv_layers(tuning_db) if tuning_db is not None else frozenset()
     return (
         # Hand-written kernels first, on the Relax graph, while matmul/add/relu are still visible.
         # Conv layers where a tuned schedule measured faster than the direct kernel stay generic for the database.
