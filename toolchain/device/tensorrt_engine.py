@@ -224,11 +224,15 @@ def build_engine(trt: Any, onnx_bytes: bytes, spec: EngineSpec, timing_path: Pat
     return bytes(engine)
 
 
+def engine_cache_path(root: Path, onnx_bytes: bytes, spec: EngineSpec) -> Path:
+    """Where the engine for ``onnx_bytes`` and ``spec`` is cached under ``root`` (its digest beside it)."""
+    return Path(root) / "tensorrt" / "engines" / f"{engine_key(hashlib.sha256(onnx_bytes).hexdigest(), spec)}.engine"
+
+
 def load_or_build_engine(trt: Any, onnx_bytes: bytes, spec: EngineSpec, root: Path) -> tuple[bytes, bool]:
     """(serialized engine, built): from the engine cache under ``root`` when its digest holds, else built here
     (the timing cache under ``root`` too) and stored with its digest."""
-    key = engine_key(hashlib.sha256(onnx_bytes).hexdigest(), spec)
-    path = Path(root) / "tensorrt" / "engines" / f"{key}.engine"
+    path = engine_cache_path(root, onnx_bytes, spec)
     cached = read_verified(path)
     if cached is not None:
         return cached, False
@@ -316,20 +320,25 @@ class CudaDriver:
         self.lib.cuStreamDestroy_v2(stream)
 
 
-def gpu_name() -> str:
-    """The GPU this process builds on: the CUDA driver's name for device 0, else nvidia-smi's, else a Jetson's
-    device-tree model."""
+def gpu_identity() -> tuple[str, int | None]:
+    """(name, sm) of the GPU this process builds on: the CUDA driver's for device 0; else nvidia-smi's name, else
+    a Jetson's device-tree model, with the sm unknown (None)."""
     try:
-        return CudaDriver().identity()[0]
+        name, sm, _ = CudaDriver().identity()
+        return name, sm
     except SdkMissing:
         pass
     if shutil.which("nvidia-smi"):
         r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
                            capture_output=True, text=True, check=False)
         if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip().splitlines()[0]
+            return r.stdout.strip().splitlines()[0], None
     model = Path("/proc/device-tree/model")
-    return model.read_text().strip("\0 \n") if model.is_file() else "unknown-gpu"
+    return (model.read_text().strip("\0 \n") if model.is_file() else "unknown-gpu"), None
+
+
+def gpu_name() -> str:
+    return gpu_identity()[0]
 
 
 # -- running ------------------------------------------------------------------------------------------------------
