@@ -208,6 +208,42 @@ def value_of(rw: Any, e: Any) -> Any:
     return rw.lookup_binding(e) if isinstance(e, relax.Var) else None
 
 
+def single_use_runs(inputs: dict[Any, Any], uses: dict[Any, int]) -> list[list[Any]]:
+    """The maximal runs ``v0 -> v1 -> ...`` over ``inputs`` (a binding's variable -> the variable it reads), in
+    which each ``v(i+1)`` reads ``vi`` and ``vi`` has no other use; every variable in exactly one run."""
+    nxt = {x: v for v, x in inputs.items() if x in inputs and uses.get(x, 0) == 1}
+    runs: list[list[Any]] = []
+    for v in inputs:
+        if inputs[v] in nxt:
+            continue  # not the start of a run
+        run = [v]
+        while run[-1] in nxt:
+            run.append(nxt[run[-1]])
+        runs.append(run)
+    return runs
+
+
+def drop_uncalled(mod: Any, names: set[str]) -> Any:
+    """``mod`` without the PrimFuncs in ``names`` that no Relax function calls any more (a rewrite replaced
+    their calls): they would still be compiled into the library and listed as kernels."""
+    import tvm
+    from tvm import relax
+
+    used: set[str] = set()
+
+    def visit(e: Any) -> None:
+        if isinstance(e, tvm.ir.GlobalVar):
+            used.add(e.name_hint)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    for gv in [gv for gv, f in mod.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint in names and gv.name_hint not in used]:
+        del mod[gv]
+    return mod
+
+
 __all__ = ["BindingRewrite", "CallRewrite", "NoMatch", "RewritePass", "bindings_and_uses", "const_array",
-           "const_ints", "mutate_functions", "require_shape", "rewrite_bindings", "rewrite_calls", "rewrite_matches",
-           "static_shape", "value_of"]
+           "const_ints", "drop_uncalled", "mutate_functions", "require_shape", "rewrite_bindings", "rewrite_calls",
+           "rewrite_matches", "single_use_runs", "static_shape", "value_of"]

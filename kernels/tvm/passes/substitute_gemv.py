@@ -35,7 +35,7 @@ from kernels.tvm.tir.block_sparse import (
 from kernels.tvm.tir.gemv import KERNEL_NAME as GEMV_NAME
 from kernels.tvm.tir.gemv import KERNEL_NAME_INT8 as GEMV_I8_NAME
 from kernels.tvm.tir.gemv import GemvParams, choose_block_n, gemv_kernel, pack_weight
-from kernels.tvm.tir.int8_dot import ISAS, DotParams, column_sums, dot_kernel, exact_on, pack_int8
+from kernels.tvm.tir.int8_dot import ISAS, DotParams, PostOp, column_sums, dot_kernel, exact_on, pack_int8
 
 # Rows above this go to the generic (tunable) matmul: the GEMV kernel re-reads each weight block once
 # per block of rows, which stops paying against a tiled GEMM somewhere past the T*B of a spiking layer.
@@ -59,6 +59,21 @@ class DynamicLayer:
     wscale: np.ndarray  # float32 (N,)
     bias: np.ndarray | None
     relu: bool
+
+
+@dataclass(frozen=True)
+class StaticLayer:
+    """A whole static-int8 layer (the int8 pass's integer form): ``post(float(MatMulInteger(quantize(x, sx,
+    zx), W)) * scale [+ bias])`` with x float and ``post`` the relu / quantize-dequantize steps after it; one
+    kernel quantizes, multiplies, dequantizes and requantizes (``DotParams.x_scale``)."""
+
+    x: Any
+    w: np.ndarray  # int8 (K, N)
+    scale: np.ndarray  # float32 (N,): sx * the weight's scale
+    bias: np.ndarray | None
+    x_scale: float
+    x_zero: int
+    post: tuple[PostOp, ...]
 
 
 def _is_int8_matmul(call: Any, x: Any, w: np.ndarray) -> bool:
@@ -187,7 +202,8 @@ def match_dynamic_layer(call: Any, bound: dict[Any, Any], uses: dict[Any, int], 
     if not exact_on(int8_isa, w8):
         return None
     qin = quantized_input(mm.args[0], inner)
-    quant = inner(qin[0]) if qin is not None else None
+    # A quantized activation several layers read (parallel branches) is quantized again in each kernel.
+    quant = None if qin is None else inner(qin[0]) if uses.get(qin[0], 0) == 1 else bound.get(qin[0])
     if not is_call(quant, "quantize") or not quant.args[1].same_as(s) or not quant.args[2].same_as(qin[1]):
         return None
     x = quant.args[0]
@@ -202,6 +218,103 @@ def match_dynamic_layer(call: Any, bound: dict[Any, Any], uses: dict[Any, int], 
     absorbed += taken
     return DynamicLayer(x, w8, np.broadcast_to(wscale.astype(np.float32).reshape(-1), (n,)).copy(),
                         None if bias is None else bias.reshape(n), relu)
+
+
+def _scalar(e: Any) -> float | None:
+    """The value of a one-element Relax constant, None for anything else."""
+    a = const_array(e)
+    return float(a.reshape(-1)[0]) if a is not None and a.size == 1 else None
+
+
+def match_static_layer(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any],
+                       int8_isa: str) -> StaticLayer | None:
+    """The whole static-int8 layer ending at ``call``: ``post(astype(MatMulInteger(xq - zx, W)) * scale
+    [+ bias])`` with ``xq = quantize(x, sx, zx)`` (constant, per tensor; xq may have other users: the kernel
+    quantizes x again) and ``post`` any steps of relu and quantize -> dequantize (constant, per tensor, uint8),
+    on a CPU with int8 dot products that multiply W exactly; None otherwise. Absorbed bindings are appended
+    to ``absorbed``."""
+    import tvm
+    from tvm import relax
+
+    if int8_isa not in ISAS:
+        return None
+    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu", "add", "multiply", "astype", "matmul", "quantize",
+                                                      "dequantize")}
+    taken: list[Any] = []
+
+    def inner(e: Any) -> Any:
+        if isinstance(e, relax.Var) and uses.get(e, 0) == 1 and e in bound:
+            taken.append(e)
+            return bound[e]
+        return None
+
+    def is_call(e: Any, op: str) -> bool:
+        return isinstance(e, relax.Call) and e.op == ops[op]
+
+    def qparams(e: Any) -> tuple[float, int] | None:
+        """(scale, zero point) of a per-tensor uint8 quantize / dequantize with constant parameters."""
+        s, z = _scalar(e.args[1]), _scalar(e.args[2])
+        if s is None or z is None or not s > 0 or not 0 <= z <= 255 or z != int(z):
+            return None
+        return s, int(z)
+
+    node: Any = call
+    post: list[PostOp] = []
+    while True:
+        if is_call(node, "nn.relu"):
+            post.insert(0, ("relu", 0.0, 0))
+            node = inner(node.args[0])
+            continue
+        if is_call(node, "dequantize") and (qp := qparams(node)) is not None:
+            q = inner(node.args[0])
+            if not is_call(q, "quantize") or str(q.attrs.out_dtype) != "uint8" or qparams(q) != qp:
+                return None
+            post.insert(0, ("qdq", *qp))
+            node = inner(q.args[0])
+            continue
+        break
+    bias = None
+    if is_call(node, "add"):
+        a, c = node.args
+        if const_array(c) is None:
+            a, c = c, a
+        bias, node = const_array(c), inner(a)
+        if bias is None:
+            return None
+    if not is_call(node, "multiply"):
+        return None
+    a, c = node.args
+    if const_array(c) is None:
+        a, c = c, a
+    scale, cast = const_array(c), inner(a)
+    if scale is None or not is_call(cast, "astype") or str(cast.attrs.dtype) != "float32":
+        return None
+    mm = inner(cast.args[0])
+    if not is_call(mm, "matmul"):
+        return None
+    wa = const_array(mm.args[1])
+    if wa is None or wa.ndim != 2 or not _is_int8_matmul(mm, mm.args[0], wa):
+        return None
+    w8 = wa.astype(np.int8)
+    qin = quantized_input(mm.args[0], inner) if exact_on(int8_isa, w8) else None
+    quant = bound.get(qin[0]) if qin is not None and isinstance(qin[0], relax.Var) else None
+    if qin is None or not is_call(quant, "quantize") or str(quant.attrs.out_dtype) != "uint8":
+        return None
+    xqp, zp = qparams(quant), _scalar(qin[1])
+    x, n = quant.args[0], wa.shape[1]
+    xs = static_shape(x)
+    if xqp is None or zp != xqp[1] or str(getattr(x.ty, "dtype", "")) != "float32":
+        return None
+    if xs is None or len(xs) < 2 or xs[-1] != wa.shape[0] or int(np.prod(xs[:-1])) > MAX_GEMV_ROWS:
+        return None
+    if scale.size not in (1, n) or scale.dtype != np.float32 or \
+            (bias is not None and (bias.size != n or bias.dtype != np.float32)):
+        return None
+    absorbed += taken
+    if uses.get(qin[0], 0) == 1:
+        absorbed.append(qin[0])
+    return StaticLayer(x, w8, np.broadcast_to(scale.reshape(-1), (n,)).copy(),
+                       None if bias is None else bias.reshape(n), xqp[0], xqp[1], tuple(post))
 
 
 def match_dense(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any],
@@ -291,11 +404,18 @@ class SubstituteGemv(RewritePass):
             if not isinstance(func.body, relax.SeqExpr):
                 return None
             bound, uses = bindings_and_uses(func)
-            heads: dict[Any, Dense | DynamicLayer] = {}
+            heads: dict[Any, Dense | DynamicLayer | StaticLayer] = {}
             inner_vars: list[Any] = []
             for var, value in bound.items():
                 swallowed: list[Any] = []
-                m: Dense | DynamicLayer | None = match_dynamic_layer(value, bound, uses, swallowed, self.cfg.int8_isa)
+                m: Dense | DynamicLayer | StaticLayer | None = match_dynamic_layer(value, bound, uses, swallowed,
+                                                                                  self.cfg.int8_isa)
+                if m is None:
+                    swallowed = []
+                    m = match_static_layer(value, bound, uses, swallowed, self.cfg.int8_isa)
+                    rows = int(np.prod(static_shape(m.x)[:-1])) if m is not None else 0  # type: ignore[index]
+                    if m is not None and self._grouped_int8(m.w, rows) is not None:
+                        m = None  # block-sparse: the grouped int8 kernel, on the MatMulInteger alone
                 if m is None:
                     swallowed = []
                     m = match_dense(value, bound, uses, swallowed, self.cfg.int8_isa)
@@ -308,13 +428,15 @@ class SubstituteGemv(RewritePass):
 
         return rewrite_bindings(mod, rewrite_for)
 
-    def _replace(self, rw: Any, dense: Dense | DynamicLayer) -> tuple[Any, str]:
+    def _replace(self, rw: Any, dense: Dense | DynamicLayer | StaticLayer) -> tuple[Any, str]:
         """The call_tir of the kernel for ``dense`` (its PrimFunc added to the module)."""
         from tvm import relax
 
         cfg = self.cfg
         if isinstance(dense, DynamicLayer):
             return self._replace_dynamic(rw, dense)
+        if isinstance(dense, StaticLayer):
+            return self._replace_static(rw, dense)
         x, w, b, relu, zp = dense
         xshape = static_shape(x)
         assert xshape is not None
@@ -417,6 +539,30 @@ class SubstituteGemv(RewritePass):
                             **extra})
         return relax.call_tir(gv, [rw.visit_expr(layer.x), *args], relax.TensorType(yshape, "float32")), "gemv"
 
+    def _replace_static(self, rw: Any, layer: StaticLayer) -> tuple[Any, str]:
+        """The call_tir of the whole static-int8 layer kernel (packed GEMV on dot products)."""
+        from tvm import relax
+
+        cfg, w = self.cfg, layer.w
+        isa = ISAS[cfg.int8_isa]
+        xshape = static_shape(layer.x)
+        assert xshape is not None
+        mrows, k, n = int(np.prod(xshape[:-1])), xshape[-1], w.shape[1]
+        yshape = (*xshape[:-1], n)
+        bn = choose_block_n(n, cfg.block_n, isa.lanes)
+        name = f"edgec_gemv_i8_{len(self.report)}"
+        func = dot_kernel(DotParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, isa=isa.name, x_shape=xshape,
+                                    y_shape=yshape, bias=layer.bias is not None, x_scale=layer.x_scale,
+                                    x_zero=layer.x_zero, post=layer.post))
+        b = layer.bias if layer.bias is not None else np.zeros((1,), np.float32)
+        consts = [pack_int8(w, bn, isa.lanes), column_sums(w), layer.scale, b]
+        gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
+        self.report.append({"kernel": GEMV_I8_NAME, "func": name, "m": mrows, "k": k, "n": n, "block_n": bn,
+                            "bias": layer.bias is not None, "relu": ("relu", 0.0, 0) in layer.post, "isa": isa.name,
+                            "static_quantization": True, "post": [op for op, _, _ in layer.post]})
+        args = [rw.visit_expr(layer.x), *(relax.const(a) for a in consts)]
+        return relax.call_tir(gv, args, relax.TensorType(yshape, "float32")), "gemv"
+
     def _grouped_int8(self, w: np.ndarray, mrows: int) -> BlockSparseInt8 | None:
         """The block-sparse int8 packing of ``w`` when the grouped kernel is on and it keeps at most
         MAX_GROUPED_DENSITY of the rows (outputs regrouped where that keeps fewer), else None."""
@@ -431,4 +577,5 @@ class SubstituteGemv(RewritePass):
         return bq if bq.density <= MAX_GROUPED_DENSITY else None
 
 
-__all__ = ["MAX_GEMV_ROWS", "SubstituteGemv", "match_dense"]
+__all__ = ["MAX_GEMV_ROWS", "DynamicLayer", "StaticLayer", "SubstituteGemv", "match_dense", "match_dynamic_layer",
+           "match_static_layer"]

@@ -115,6 +115,17 @@ def pack_weight(w: np.ndarray, block_n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([head, tw.reshape(-1)]))
 
 
+def bias_relu(p: GemvParams, v: Any, j: Any, bias: Any) -> Any:
+    """A dense layer's epilogue on the accumulated value ``v`` of output column j: ``[relu](v [+ bias[j]])``."""
+    from tvm.script.ir_builder import tirx as T
+
+    if p.bias:
+        v = v + bias[j]
+    if p.relu:
+        v = T.max(v, T.float32(0) if p.acc_dtype == "float32" else T.int32(0))
+    return v
+
+
 def emit_layer(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: Any) -> None:
     """Emit, into the PrimFunc the IRBuilder is building, the whole dense layer ``p``:
     ``y = act(x @ W + b)`` with x / y 2-D (M, K) / (M, N) buffers, W packed at ``wp[woff:]`` and the bias
@@ -130,11 +141,7 @@ def emit_layer(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: 
     ZERO = T.float32(0) if AT == "float32" else T.int32(0)
 
     def act(v: Any, j: Any, bias: Any) -> Any:
-        if p.bias:
-            v = v + bias[j]
-        if p.relu:
-            v = T.max(v, ZERO)
-        return v
+        return bias_relu(p, v, j, bias)
 
     def mac(acc_v: Any, xv: Any, wv: Any) -> Any:
         if AT == "float32":
@@ -223,5 +230,5 @@ def gemv_params(func: Any) -> GemvParams | None:
                       unroll=int(a["unroll"]), bias=bool(a["bias"]), relu=bool(a["relu"]))
 
 
-__all__ = ["ATTR_GEMV", "KERNEL_NAME", "KERNEL_NAME_INT8", "TAIL_ALIGN", "GemvParams", "choose_block_n", "emit_layer",
-           "gemv_kernel", "gemv_params", "pack_weight", "tail_chunk", "tail_width"]
+__all__ = ["ATTR_GEMV", "KERNEL_NAME", "KERNEL_NAME_INT8", "TAIL_ALIGN", "GemvParams", "bias_relu", "choose_block_n",
+           "emit_layer", "gemv_kernel", "gemv_params", "pack_weight", "tail_chunk", "tail_width"]

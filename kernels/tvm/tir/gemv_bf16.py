@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
-from kernels.tvm.tir.gemv import FULL_CHAINS, MAX_ROW_BLOCK, TAIL_CHAINS, GemvParams, tail_chunk, tail_width
+from kernels.tvm.tir.gemv import (
+    FULL_CHAINS,
+    MAX_ROW_BLOCK,
+    TAIL_CHAINS,
+    GemvParams,
+    bias_relu,
+    tail_chunk,
+    tail_width,
+)
 
 KERNEL_NAME = "gemv-packed-bf16w"
 ATTR_GEMV_BF16 = "edgec.gemv_bf16"  # PrimFunc attribute: the GemvParams of a bf16-weight GEMV kernel
@@ -57,11 +65,7 @@ def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int
         raise ValueError(f"paired bf16 layout needs even block widths, got BN={BN}, tail {TBN}")
 
     def act(v: Any, j: Any, bias: Any) -> Any:
-        if p.bias:
-            v = v + bias[j]
-        if p.relu:
-            v = T.max(v, ZERO)
-        return v
+        return bias_relu(p, v, j, bias)
 
     def lo(wv: Any) -> Any:  # the word's low bf16 as fp32
         return T.reinterpret("float32", T.shift_left(wv, T.uint32(16)))
@@ -134,40 +138,15 @@ def gemv_bf16_kernel(p: GemvParams) -> Any:
                                                "bias": p.bias, "relu": p.relu})
 
 
+def gemv_bf16_params(func: Any) -> GemvParams | None:
+    """The layer a bf16-weight GEMV PrimFunc (``gemv_bf16_kernel``'s) computes, from its attributes; None for
+    any other PrimFunc."""
+    attrs = func.attrs or {}
+    if str(attrs.get(ATTR_KERNEL, "")) != KERNEL_NAME or ATTR_GEMV_BF16 not in attrs:
+        return None
+    a = attrs[ATTR_GEMV_BF16]
+    return GemvParams(m=int(a["m"]), k=int(a["k"]), n=int(a["n"]), block_n=int(a["block_n"]),
+                      unroll=int(a["unroll"]), bias=bool(a["bias"]), relu=bool(a["relu"]))
 
 
-CHAIN_KERNEL_NAME = "gemv-chain-bf16w"
-
-
-def chain_bf16_kernel(layers: list[GemvParams], x_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> Any:
-    """``kernels.tvm.tir.chain.chain_kernel`` with bf16 weights: the PrimFunc ``(x, w_all u32 (each layer's
-    ``pack_pairs``), b_all f32, y)`` running ``layers`` in order in one call (intermediates in two scratch buffers)."""
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
-
-    if not layers:
-        raise ValueError("a chain needs at least one layer")
-    m = layers[0].m
-    woffs = np.cumsum([0] + [p.packed_size // 2 for p in layers]).tolist()  # in words
-    boffs = np.cumsum([0] + [p.n if p.bias else 0 for p in layers]).tolist()
-    widest = max([p.n for p in layers[:-1]] + [1])
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name("chain_bf16")
-        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: CHAIN_KERNEL_NAME, "tirx.is_scheduled": True})
-        xg = T.arg("xg", T.buffer(x_shape, "float32"))
-        wp = T.arg("wp", T.buffer((max(1, woffs[-1]),), "uint32"))
-        b = T.arg("b", T.buffer((max(1, boffs[-1]),), "float32"))
-        yg = T.arg("yg", T.buffer(y_shape, "float32"))
-        x = T.decl_buffer((m, layers[0].k), "float32", data=xg.data)
-        y = T.decl_buffer((m, layers[-1].n), "float32", data=yg.data)
-        scratch = (T.alloc_buffer((m, widest), "float32", scope="local"),
-                   T.alloc_buffer((m, widest), "float32", scope="local"))
-        for j, p in enumerate(layers):
-            src = x if j == 0 else scratch[(j - 1) % 2]
-            dst = y if j == len(layers) - 1 else scratch[j % 2]
-            emit_layer_bf16(p, src, wp, woffs[j], b, boffs[j], dst)
-    return ib.get()
-
-
-__all__ = ["ATTR_GEMV_BF16", "CHAIN_KERNEL_NAME", "KERNEL_NAME", "chain_bf16_kernel", "emit_layer_bf16",
-           "gemv_bf16_kernel", "pack_pairs"]
+__all__ = ["ATTR_GEMV_BF16", "KERNEL_NAME", "emit_layer_bf16", "gemv_bf16_kernel", "gemv_bf16_params", "pack_pairs"]

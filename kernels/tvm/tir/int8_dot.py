@@ -23,6 +23,8 @@ bytes), BN / lanes int32 accumulator vectors live, S partial sums over k to hide
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +138,11 @@ def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int,
     return xq, T.decl_buffer((rows, k4), "int32", data=xq.data, scope=scope)
 
 
+# An elementwise step after a float layer's scale and bias: ("relu", 0, 0), or ("qdq", scale, zero point): a
+# static QuantizeLinear to uint8 and its DequantizeLinear (what the int8 pass puts after each static layer).
+PostOp = tuple[str, float, int]
+
+
 @dataclass(frozen=True)
 class DotParams:
     """Shape and tiling of one int8 dense layer."""
@@ -153,6 +160,20 @@ class DotParams:
     dynamic: bool = False
     bias: bool = False
     relu: bool = False
+    # The whole static-int8 layer (the int8 pass's integer form): float x quantized in the kernel with this
+    # constant scale (> 0) and zero point, float y = post(float(MatMulInteger) * scale[j] [+ bias]).
+    x_scale: float = 0.0
+    x_zero: int = 0
+    post: tuple[PostOp, ...] = ()
+
+    @property
+    def static(self) -> bool:
+        return self.x_scale > 0
+
+    @property
+    def float_io(self) -> bool:
+        """Float x in, float y out (the whole layer), not uint8 in / int32 out (MatMulInteger alone)."""
+        return self.dynamic or self.static
 
     @property
     def packed_size(self) -> int:
@@ -167,7 +188,7 @@ def emit_dynamic_quantization(x: Any, rows: int, k: int) -> tuple[Any, Any, Call
     from tvm.tirx import Cast
 
     L = 16  # partial extrema per vector lane; the rest scalar
-    flat = T.decl_buffer((rows * k,), "float32", data=x.data)
+    flat = T.decl_buffer((rows * k,), "float32", data=x.data, elem_offset=x.elem_offset, strides=None)
     main = rows * k // L * L
     ext = T.alloc_buffer((2, L), "float32", scope="local")
     with T.vectorized(L) as i:
@@ -194,14 +215,87 @@ def emit_dynamic_quantization(x: Any, rows: int, k: int) -> tuple[Any, Any, Call
     return scale, zp, quantize
 
 
-def dot_kernel(p: DotParams) -> Any:
-    """The PrimFunc ``(xq[M, K] uint8, zp[] uint8, wp[packed] int8, colsum[N] int32, y[M, N] int32)``:
-    MatMulInteger of ``xq`` (zero point ``zp``) by the weight ``pack_int8`` packed, with ``colsum`` its
-    column sums. ``p.dynamic``: ``(x[M, K] float32, wp, colsum, wscale[N] float32, b[N or 1] float32,
-    y[M, N] float32)``, the whole dynamic-int8 layer ``act(float(MatMulInteger(q(x), W)) * (sx * wscale) + b)``."""
-    from tvm.script.ir_builder import IRBuilder
+def static_quantize(scale: float, zero: int) -> Callable[[Any], Any]:
+    """QuantizeLinear to uint8 with a constant scale and zero point, as TVM lowers ``relax.quantize``:
+    ``clip(round(v / scale) + zero, 0, 255)``, element -> uint8."""
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
+
+    def quantize(v: Any) -> Any:
+        q = T.round(v / T.float32(scale)) + T.float32(zero)
+        return Cast("uint8", T.max(T.min(q, T.float32(255)), T.float32(0)))
+
+    return quantize
+
+
+@dataclass(frozen=True)
+class ActivationPrologue:
+    """What an int8 kernel's prologue leaves for its loops: the quantized activation copy, and what the
+    epilogue needs to turn an int32 dot product into the layer's value (``dot_output``)."""
+
+    xq: Any  # (rows, K4 * 4) bytes, in the form the ISA multiplies
+    words: Any  # its (rows, K4) int32 view, one word per group of 4 k
+    zeff: Any  # int32: the zero point as the dot products see it (zp + the ISA's shift)
+    sx: Any  # the dynamic activation scale (a float32 expression), None otherwise
+
+
+def emit_activation_prologue(isa: DotIsa, x: Any, rows: int, k: int, zp: Any = None, dynamic: bool = False,
+                             x_scale: float = 0.0, x_zero: int = 0) -> ActivationPrologue:
+    """The prologue of an int8 dense kernel, emitted into the PrimFunc being built: ``x`` (rows, K) uint8
+    with the runtime zero point ``zp`` (MatMulInteger), or float quantized on the way, per tensor, either
+    ``dynamic`` (DynamicQuantizeLinear) or static (``x_scale`` > 0 and ``x_zero``)."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    sx = None
+    if dynamic:
+        sx, zp, quantize = emit_dynamic_quantization(x, rows, k)
+        xq, words = emit_quantized_copy(isa, x, rows, k, quantize)
+    elif x_scale > 0:
+        zp = T.uint8(x_zero)
+        xq, words = emit_quantized_copy(isa, x, rows, k, static_quantize(x_scale, x_zero))
+    else:
+        if zp is None:
+            raise ValueError("a uint8 activation needs its zero point")
+        xq, words = emit_quantized_copy(isa, x, rows, k)
+    # sum (xq - zp) w = sum (xq + shift) w - (zp + shift) colsum: the dot multiplies xq + shift
+    zeff = T.bind(Cast("int32", zp) + T.int32(isa.x_shift))
+    return ActivationPrologue(xq, words, zeff, sx)
+
+
+def dot_output(pro: ActivationPrologue, v: Any, j: Any, colsum: Any, scale: Any = None, bias: Any = None,
+               relu: bool = False, post: tuple[PostOp, ...] = ()) -> Any:
+    """The stored value of column j from its int32 accumulator ``v``: MatMulInteger's int32 without ``scale``,
+    else ``post(act(float * scale[j] (times the dynamic activation scale) [+ bias[j]]))``."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    v = v - pro.zeff * colsum[j]
+    if scale is None:
+        return v
+    f = Cast("float32", v) * (scale[j] if pro.sx is None else pro.sx * scale[j])
+    if bias is not None:
+        f = f + bias[j]
+    if relu:
+        f = T.max(f, T.float32(0))
+    for op, s, z in post:
+        if op == "relu":
+            f = T.max(f, T.float32(0))
+        elif op == "qdq":
+            q = Cast("float32", static_quantize(s, z)(f))
+            f = (q - T.float32(z)) * T.float32(s)
+        else:
+            raise ValueError(f"unknown step after an int8 layer: {op!r}")
+    return f
+
+
+def emit_dot_layer(p: DotParams, x: Any, wp: Any, cs: Any, y: Any, zp: Any = None, ws: Any = None,
+                   bb: Any = None) -> None:
+    """Emit, into the PrimFunc the IRBuilder is building, the int8 layer ``p``: x / y (M, K) / (M, N)
+    buffers, the ``pack_int8`` weight in ``wp``, its column sums in ``cs``; MatMulInteger of uint8 x with
+    the zero point ``zp``, or (``p.float_io``) the whole layer with the per-column scales ``ws`` and bias
+    ``bb``. ``dot_kernel`` emits one layer per PrimFunc; ``kernels.tvm.tir.chain`` several."""
+    from tvm.script.ir_builder import tirx as T
 
     isa = ISAS[p.isa]
     M, K, N, BN, U, V = p.m, p.k, p.n, p.block_n, max(1, p.unroll), isa.lanes
@@ -212,78 +306,95 @@ def dot_kernel(p: DotParams) -> Any:
     MO = M // RB
     SF = max(1, FULL_CHAINS // (RB * (BN // V)))
     ST = max(1, TAIL_CHAINS // (RB * (TBN // V)))
+    pro = emit_activation_prologue(isa, x, M, K, zp, p.dynamic, p.x_scale, p.x_zero)
+    x32 = pro.words
 
+    def out(v: Any, j: Any) -> Any:
+        if not p.float_io:
+            return dot_output(pro, v, j, cs)
+        return dot_output(pro, v, j, cs, ws, bb if p.bias else None, p.relu, p.post)
+
+    def block(woff: Any, col0: Any, W: int, S: int, NOUT: int, acc: Any) -> None:
+        KMAIN = K4 // (S * U) * S * U
+        OC = NOUT // V
+        with T.serial(MO) as mo:
+            with T.unroll(S) as s, T.serial(RB) as m, T.unroll(W // V) as c:
+                T.buffer_store(acc, T.Broadcast(T.int32(0), V), [s, m, T.Ramp(c * V, 1, V)])
+
+            def step(s: Any, m: Any, c: Any, kk: Any) -> None:
+                a = acc[s, m, T.Ramp(c * V, 1, V)]
+                w = wp[T.Ramp(woff + kk * W * 4 + c * V * 4, 1, 4 * V)]
+                T.buffer_store(acc, dot4(isa, a, x32[mo * RB + m, kk], w), [s, m, T.Ramp(c * V, 1, V)])
+
+            with T.serial(KMAIN // (S * U)) as ko, T.unroll(U) as ku, T.unroll(S) as s, T.serial(RB) as m, \
+                    T.unroll(W // V) as c:
+                step(s, m, c, (ko * U + ku) * S + s)
+            with T.serial(K4 - KMAIN) as kr, T.serial(RB) as m, T.unroll(W // V) as c:
+                step(0, m, c, KMAIN + kr)
+            with T.unroll(S - 1) as s, T.serial(RB) as m, T.unroll(W // V) as c:
+                T.buffer_store(acc, acc[0, m, T.Ramp(c * V, 1, V)] + acc[s + 1, m, T.Ramp(c * V, 1, V)],
+                               [0, m, T.Ramp(c * V, 1, V)])
+            with T.serial(RB) as m:
+                with T.unroll(OC) as c, T.vectorized(V) as i:
+                    j = col0 + c * V + i
+                    T.buffer_store(y, out(acc[0, m, c * V + i], j), [mo * RB + m, j])
+                with T.serial(NOUT - OC * V) as i:
+                    j = col0 + OC * V + i
+                    T.buffer_store(y, out(acc[0, m, OC * V + i], j), [mo * RB + m, j])
+
+    if FULL > 0:
+        acc = T.alloc_buffer((SF, RB, BN), "int32", scope="local")
+        with T.serial(FULL) as nb:
+            block(nb * K4 * BN * 4, nb * BN, BN, SF, BN, acc)
+    if TAIL > 0:
+        acc_t = T.alloc_buffer((ST, RB, TBN), "int32", scope="local")
+        block(FULL * K4 * BN * 4, FULL * BN, TBN, ST, TAIL, acc_t)
+
+
+ATTR_DOT = "edgec.dot"  # PrimFunc attribute: the DotParams of a whole-layer int8 kernel, as JSON
+
+
+def dot_kernel(p: DotParams) -> Any:
+    """The PrimFunc ``(xq[M, K] uint8, zp[] uint8, wp[packed] int8, colsum[N] int32, y[M, N] int32)``:
+    MatMulInteger of ``xq`` (zero point ``zp``) by the weight ``pack_int8`` packed, with ``colsum`` its
+    column sums. ``p.float_io``: ``(x[M, K] float32, wp, colsum, wscale[N] float32, b[N or 1] float32,
+    y[M, N] float32)``, the whole layer ``post(act(float(MatMulInteger(q(x), W)) * scale + b))`` with the
+    dynamic ``scale = sx * wscale`` or the static ``wscale``; it carries its ``DotParams`` (``dot_params``)."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    M, K, N = p.m, p.k, p.n
     with IRBuilder() as ib, T.prim_func():
         T.func_name("gemv_i8")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
-        XT, YT = ("float32", "float32") if p.dynamic else ("uint8", "int32")
+        XT, YT = ("float32", "float32") if p.float_io else ("uint8", "int32")
         xg = T.arg("xg", T.buffer(p.x_shape or (M, K), XT))
-        zpb = None if p.dynamic else T.arg("zp", T.buffer((), "uint8"))
+        zpb = None if p.float_io else T.arg("zp", T.buffer((), "uint8"))
         wp = T.arg("wp", T.buffer((max(1, p.packed_size),), "int8"))
         cs = T.arg("colsum", T.buffer((N,), "int32"))
-        if p.dynamic:
+        ws = bb = None
+        if p.float_io:
             ws = T.arg("wscale", T.buffer((N,), "float32"))
             bb = T.arg("b", T.buffer((N if p.bias else 1,), "float32"))
         yg = T.arg("yg", T.buffer(p.y_shape or (M, N), YT))
         x = T.decl_buffer((M, K), XT, data=xg.data)
         y = T.decl_buffer((M, N), YT, data=yg.data)
-        if p.dynamic:
-            sx, zp, quantize = emit_dynamic_quantization(x, M, K)
-            _, x32 = emit_quantized_copy(isa, x, M, K, quantize)
-        else:
-            assert zpb is not None
-            zp = zpb[()]
-            _, x32 = emit_quantized_copy(isa, x, M, K)
-        # sum (xq - zp) w = sum (xq + shift) w - (zp + shift) colsum: the dot multiplies xq + shift
-        zeff = T.bind(Cast("int32", zp) + T.int32(isa.x_shift))
-
-        def out(v: Any, j: Any) -> Any:
-            """The stored value of column j from its int32 accumulator ``v``."""
-            v = v - zeff * cs[j]
-            if not p.dynamic:
-                return v
-            f = Cast("float32", v) * (sx * ws[j])
-            if p.bias:
-                f = f + bb[j]
-            return T.max(f, T.float32(0)) if p.relu else f
-
-        def block(woff: Any, col0: Any, W: int, S: int, NOUT: int, acc: Any) -> None:
-            KMAIN = K4 // (S * U) * S * U
-            OC = NOUT // V
-            with T.serial(MO) as mo:
-                with T.unroll(S) as s, T.serial(RB) as m, T.unroll(W // V) as c:
-                    T.buffer_store(acc, T.Broadcast(T.int32(0), V), [s, m, T.Ramp(c * V, 1, V)])
-
-                def step(s: Any, m: Any, c: Any, kk: Any) -> None:
-                    a = acc[s, m, T.Ramp(c * V, 1, V)]
-                    w = wp[T.Ramp(woff + kk * W * 4 + c * V * 4, 1, 4 * V)]
-                    T.buffer_store(acc, dot4(isa, a, x32[mo * RB + m, kk], w), [s, m, T.Ramp(c * V, 1, V)])
-
-                with T.serial(KMAIN // (S * U)) as ko, T.unroll(U) as ku, T.unroll(S) as s, T.serial(RB) as m, \
-                        T.unroll(W // V) as c:
-                    step(s, m, c, (ko * U + ku) * S + s)
-                with T.serial(K4 - KMAIN) as kr, T.serial(RB) as m, T.unroll(W // V) as c:
-                    step(0, m, c, KMAIN + kr)
-                with T.unroll(S - 1) as s, T.serial(RB) as m, T.unroll(W // V) as c:
-                    T.buffer_store(acc, acc[0, m, T.Ramp(c * V, 1, V)] + acc[s + 1, m, T.Ramp(c * V, 1, V)],
-                                   [0, m, T.Ramp(c * V, 1, V)])
-                with T.serial(RB) as m:
-                    with T.unroll(OC) as c, T.vectorized(V) as i:
-                        j = col0 + c * V + i
-                        T.buffer_store(y, out(acc[0, m, c * V + i], j), [mo * RB + m, j])
-                    with T.serial(NOUT - OC * V) as i:
-                        j = col0 + OC * V + i
-                        T.buffer_store(y, out(acc[0, m, OC * V + i], j), [mo * RB + m, j])
-
-        if FULL > 0:
-            acc = T.alloc_buffer((SF, RB, BN), "int32", scope="local")
-            with T.serial(FULL) as nb:
-                block(nb * K4 * BN * 4, nb * BN, BN, SF, BN, acc)
-        if TAIL > 0:
-            acc_t = T.alloc_buffer((ST, RB, TBN), "int32", scope="local")
-            block(FULL * K4 * BN * 4, FULL * BN, TBN, ST, TAIL, acc_t)
-    return ib.get()
+        emit_dot_layer(p, x, wp, cs, y, None if zpb is None else zpb[()], ws, bb)
+    func = ib.get()
+    return func.with_attr(ATTR_DOT, json.dumps(dataclasses.asdict(p))) if p.float_io else func
 
 
-__all__ = ["ISAS", "KERNEL_NAME", "DotIsa", "DotParams", "column_sums", "dot4", "dot_kernel", "emit_quantized_copy",
-           "exact_on", "pack_int8", "packed_size"]
+def dot_params(func: Any) -> DotParams | None:
+    """The whole int8 layer (float in, float out) a ``dot_kernel`` PrimFunc computes; None for any other."""
+    attrs = func.attrs or {}
+    if str(attrs.get(ATTR_KERNEL, "")) != KERNEL_NAME or ATTR_DOT not in attrs:
+        return None
+    d = json.loads(str(attrs[ATTR_DOT]))
+    d["x_shape"], d["y_shape"] = tuple(d["x_shape"]), tuple(d["y_shape"])
+    d["post"] = tuple((str(op), float(s), int(z)) for op, s, z in d["post"])
+    return DotParams(**d)
+
+
+__all__ = ["ATTR_DOT", "ISAS", "KERNEL_NAME", "ActivationPrologue", "DotIsa", "DotParams", "PostOp", "column_sums",
+           "dot4", "dot_kernel", "dot_output", "dot_params", "emit_activation_prologue", "emit_dot_layer",
+           "emit_quantized_copy", "exact_on", "pack_int8", "packed_size", "static_quantize"]

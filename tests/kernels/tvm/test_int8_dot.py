@@ -1,7 +1,8 @@
 """The int8 GEMV on the CPU's dot products: the instructions in the built library per profile (VNNI
 ``vpdpbusd`` on x86-avx512, ``vpmaddubsw`` and no VNNI on x86-avx2, ``sdot`` on aarch64), exactness against
-the generic lowering (MatMulInteger alone, and whole dynamic-int8 layers fused into one kernel, dense and
-grouped), and agreement with ONNX Runtime's int8 on real Fashion-MNIST inputs."""
+the generic lowering (MatMulInteger alone, whole dynamic-int8 layers fused into one kernel, dense and
+grouped, and a chain of them fused into one kernel), and agreement with ONNX Runtime's int8 on real
+Fashion-MNIST inputs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import onnx
 import pytest
 
 from kernels.tvm import int8_isa
-from kernels.tvm.testing import block_diagonal, build_vm, dense_onnx
+from kernels.tvm.testing import block_diagonal, build_vm, dense_onnx, with_kernels
 from kernels.tvm.tir.block_sparse import pack_block_sparse_int8
 from kernels.tvm.tir.int8_dot import exact_on, pack_int8
 from targets.tvm.build import build_library
@@ -38,8 +39,9 @@ def int8_mlp(dims: list[int], profile_id: str, seed: int = 0) -> onnx.ModelProto
 
 
 def kernel_disassembly(lib: Path, objdump: str) -> dict[str, str]:
-    """symbol -> its disassembly, for every function of the library whose name has ``gemv_i8`` (the
-    kernels' bodies, ``*_compute_``; not the FFI wrappers), and ``"*"`` -> the whole library's."""
+    """symbol -> its disassembly, for every function of the library whose name has ``gemv_i8`` or
+    ``gemv_chain`` (the kernels' bodies, ``*_compute_``; not the FFI wrappers), and ``"*"`` -> the whole
+    library's."""
     if shutil.which(objdump) is None:
         pytest.skip(f"{objdump} missing: apt-get install binutils-aarch64-linux-gnu (make system-deps)")
     text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
@@ -48,7 +50,7 @@ def kernel_disassembly(lib: Path, objdump: str) -> dict[str, str]:
     out = {"*": text}
     for f in funcs:
         m = re.match(r"[0-9a-f]+ <([^>]+)>:", f)
-        if m and "gemv_i8" in m.group(1) and not m.group(1).startswith("__tvm_ffi"):
+        if m and ("gemv_i8" in m.group(1) or "gemv_chain" in m.group(1)) and not m.group(1).startswith("__tvm_ffi"):
             out[m.group(1)] = f
     return out
 
@@ -91,10 +93,9 @@ def test_pack_int8_layout() -> None:
 def test_x86_int8_kernels_use_dot_products(profile_id: str, present: list[str], absent: list[str],
                                            tmp_path: Path) -> None:
     lib, meta = build(int8_mlp([97, 70, 10], profile_id), profile_id, tmp_path)
-    rows = [r for r in meta["kernels"] if "i8" in str(r.get("kernel", ""))]
-    assert len(rows) == 2, meta["kernels"]
+    assert [r["kernel"] for r in meta["kernels"]] == ["gemv-chain-i8"]  # the two int8 layers: one kernel
     funcs = kernel_disassembly(lib, "objdump")
-    assert len(funcs) == 3, f"expected the two int8 GEMV bodies, got {sorted(funcs)}"
+    assert len(funcs) == 2, f"expected the int8 chain body, got {sorted(funcs)}"
     for name, asm in funcs.items():  # the whole library too: one VNNI instruction on a Haswell is a crash
         for insn in present:
             assert insn in asm, f"{insn} missing from {name}"
@@ -106,8 +107,9 @@ def test_x86_int8_kernels_use_dot_products(profile_id: str, present: list[str], 
 def test_aarch64_int8_kernels_use_sdot(profile_id: str, tmp_path: Path) -> None:
     lib, meta = build(int8_mlp([97, 70, 10], profile_id), profile_id, tmp_path)
     assert meta["elf_machine"] == "aarch64"
+    assert [r["kernel"] for r in meta["kernels"]] == ["gemv-chain-i8"]
     funcs = kernel_disassembly(lib, "aarch64-linux-gnu-objdump")
-    assert len(funcs) == 3, f"expected the two int8 GEMV bodies, got {sorted(funcs)}"
+    assert len(funcs) == 2, f"expected the int8 chain body, got {sorted(funcs)}"
     for name, asm in funcs.items():
         assert re.search(r"\bsdot\b", asm), f"sdot missing from {name}"
 
@@ -115,17 +117,20 @@ def test_aarch64_int8_kernels_use_sdot(profile_id: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
 def test_int8_dot_is_exact_vs_generic(profile_id: str) -> None:
     """MatMulInteger is integer arithmetic: the dot-product kernels match TVM's generic lowering bit for bit
-    (odd K and N: padding in k groups and tails; 3 rows: a row block)."""
+    (odd K and N: padding in k groups and tails), per layer and with the layers chained into one kernel."""
     model = int8_mlp([97, 70, 33, 10], profile_id, seed=1)
     prof = load_profile(profile_id)
-    fast, table = build_vm(model, prof)
+    chained, table = build_vm(model, prof)
+    per_layer, ltable = build_vm(model, with_kernels(prof, gemv_chain_max_kb=0))
     generic, _ = build_vm(model, prof, substitute=False)
-    # Each layer is one kernel: dynamic quantization, dot products and dequantization fused.
-    assert [r["kernel"] for r in table] == ["gemv-packed-i8"] * 3, table
+    # Each layer is one kernel (dynamic quantization, dot products and dequantization fused); chained, one.
+    assert [r["kernel"] for r in ltable] == ["gemv-packed-i8"] * 3, ltable
+    assert [r["kernel"] for r in table] == ["gemv-chain-i8"], table
     rng = np.random.default_rng(2)
     for _ in range(3):
         x = rng.standard_normal((1, 97)).astype(np.float32)
-        np.testing.assert_array_equal(fast(x), generic(x))
+        np.testing.assert_array_equal(per_layer(x), generic(x))
+        np.testing.assert_array_equal(chained(x), generic(x))
 
 
 @pytest.mark.parametrize("profile_id", ["x86-avx512", "x86-avx2"])
@@ -141,7 +146,7 @@ def test_int8_matches_onnx_runtime_on_fashion_mnist(profile_id: str, fashion: ob
     model = run(dense_onnx([w1, w2[:-1]], [b1, w2[-1]], gemm=True), Config(mode="dynamic"),
                 PassContext(profile=load_profile(profile_id), target="tvm")).model
     fast, table = build_vm(model, load_profile(profile_id))
-    assert [r["kernel"] for r in table].count("gemv-packed-i8") == 2
+    assert [r["kernel"] for r in table] == ["gemv-chain-i8"]
     sess = ort_session(model, 1)
     xs = fashion.x_test[:500]  # type: ignore[attr-defined]
     ours = np.concatenate([fast(x[None]) for x in xs])

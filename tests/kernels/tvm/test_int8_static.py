@@ -1,6 +1,8 @@
 """Static (calibrated) int8 on TVM: the int8 pass gives the tvm target the integer form (MatMulInteger with
-int8 weights) instead of QDQ, whose dequantized constant weights TVM folds back to fp32; TVM runs it on the
-int8 dot-product kernels and agrees with ONNX Runtime's QDQ model on real Fashion-MNIST inputs."""
+int8 weights) instead of QDQ, whose dequantized constant weights TVM folds back to fp32; TVM runs each layer as
+one int8 dot-product kernel (the activation's QuantizeLinear in its prologue, the dequantization, bias and the
+QDQ / relu steps after it in its epilogue), a chain of them as one kernel, and agrees with ONNX Runtime's QDQ
+model on real Fashion-MNIST inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from kernels.tvm.testing import build_vm, dense_onnx
+from kernels.tvm.testing import build_vm, dense_onnx, with_kernels
 from toolchain.core.cache import Cache
 from toolchain.core.onnx_io import ort_session
 from toolchain.core.profile import load_profile
@@ -56,11 +58,15 @@ def test_static_int8_for_tvm_keeps_int8_weights(fashion: Dataset, tmp_path: Path
     assert float_bytes < 4096  # scales and biases only: no fp32 copy of a weight
 
     fast, table = build_vm(integer, load_profile("x86-avx512"))
-    assert [r["kernel"] for r in table].count("gemv-packed-i8") == 2
+    assert [r["kernel"] for r in table] == ["gemv-chain-i8"]  # both layers, quantize to dequantize: one kernel
+    # Per layer: one kernel each, nothing else (no separate quantize / dequantize / relu kernels).
+    per_layer, ltable = build_vm(integer, with_kernels(load_profile("x86-avx512"), gemv_chain_max_kb=0))
+    assert [r["kernel"] for r in ltable] == ["gemv-packed-i8"] * 2
     xs = fashion.x_test[:400]
     ort = ort_session(qdq, 1)
     theirs = np.concatenate([ort.run(None, {"x": x[None]})[0] for x in xs])
     ours = np.concatenate([fast(x[None]) for x in xs])
+    np.testing.assert_array_equal(ours[:50], np.concatenate([per_layer(x[None]) for x in xs[:50]]))
     assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= ORT_AGREEMENT
     assert np.max(np.abs(ours - theirs)) <= 0.05 * np.max(np.abs(theirs))
     ref = ort_session(integer, 1)  # the integer form itself, on ONNX Runtime: the same model
