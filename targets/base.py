@@ -8,7 +8,7 @@ is missing; ``available()`` says why a target cannot run here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -69,6 +69,10 @@ class CompileOptions:
     # Inputs per call the artifact is built for. Edge deployments run batch 1 (every hand-written kernel is a
     # batch-1 kernel); a larger batch is for throughput measurements.
     batch: int = 1
+    # The artifact runs on a remote device that builds its final form itself (a target implementing
+    # BuildsOnDevice, i.e. TensorRT: engines are specific to the device's TensorRT and GPU). compile then returns
+    # what the device builds from, and needs no SDK here.
+    for_device: bool = False
 
 
 class Runner(Protocol):
@@ -98,6 +102,14 @@ class Target(Protocol):
 
     def kernels(self, art: Artifact) -> list[dict[str, Any]]:
         """What runs where in a compiled artifact: one row per kernel with its origin."""
+
+
+@runtime_checkable
+class BuildsOnDevice(Protocol):
+    """A target whose final build happens on the device (TensorRT engines are built with the device's own
+    TensorRT for its own GPU): ``device_artifact`` is what the host sends instead."""
+
+    def device_artifact(self, art: Artifact, profile: Profile, cache: Cache) -> tuple[Artifact, bool]: ...
 
 
 class SimpleRunner:

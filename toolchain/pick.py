@@ -18,6 +18,7 @@ from typing import Any
 import tomllib
 from tqdm import tqdm
 
+from targets.base import CompileOptions
 from toolchain.bench import device_for, prepare_job
 from toolchain.core.cache import Artifact, Cache, StepKey
 from toolchain.core.errors import EdgecError, UsageError
@@ -66,7 +67,7 @@ def zoo_candidates(profile: Profile, task: str = "fashion-mnist", runs_here: boo
     target x fp32 / int8 / bf16 / modular), so "the most accurate model within the budget" considers every
     build. Entries of other tasks (Cora, a Fashion-MNIST class subset) are left out: their accuracies are not
     comparable with this task's. The whole zoo is a long sweep (make test-slow runs it)."""
-    variants = variants_for(profile, runs_here)
+    variants = variants_for(profile, runs_here, on_device=not runs_here)
     names = [name for name, e in entries().items() if e.dataset == task]
     if not names:
         tasks = sorted({e.dataset for e in entries().values()})
@@ -89,7 +90,7 @@ def file_candidates(path: Path, profile: Profile, runs_here: bool = True) -> lis
         chains, targets = c.get("passes", d.get("passes")), c.get("targets", d.get("targets"))
         if chains is None and targets is None:  # nothing said: every way edgec builds it for the profile
             out += [Candidate(str(c["model"]), v.passes, v.target, c.get("data", d.get("data")))
-                    for v in variants_for(profile, runs_here)]
+                    for v in variants_for(profile, runs_here, on_device=not runs_here)]
             continue
         chains = [["cleanup"]] if chains is None else chains
         if chains and isinstance(chains[0], str):
@@ -127,7 +128,7 @@ def cached_bench(comp: Artifact, cache: Cache, profile: Profile, reference: Arti
 
 def measure_candidate(c: Candidate, profile: Profile, cache: Cache, cfg: PickConfig) -> dict[str, Any]:
     comp, onnx_art = build_artifact(c.model, profile, c.target, cache, passes=list(c.passes), data=c.data,
-                                    data_dir=cfg.data_dir)
+                                    data_dir=cfg.data_dir, options=CompileOptions(for_device=cfg.remote is not None))
     res, hit = cached_bench(comp, cache, profile, onnx_art, c.data, cfg.data_dir, cfg.samples, cfg.duration_s,
                             cfg.remote)
     return {"result": res, "bench_cache_hit": hit, "artifact": comp.key}

@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from targets import get_target
-from targets.base import CompileOptions
+from targets.base import BuildsOnDevice, CompileOptions
 from toolchain.bench import LocalDevice, prepare_job, random_inputs
 from toolchain.core.cache import Artifact, Cache
 from toolchain.core.errors import SdkMissing, UsageError
@@ -27,13 +27,16 @@ from toolchain.passes.manager import parse_passes, run_passes
 def compile_artifact(art: Artifact, profile: Profile, target_name: str, cache: Cache,
                      options: CompileOptions = CompileOptions()) -> tuple[Artifact, bool]:
     """Compile an ONNX artifact for ``profile`` through ``target_name``, after checking the target is listed
-    by the profile, available here, and takes every op."""
+    by the profile, available here, and takes every op. With ``options.for_device``, a target that builds on the
+    device (TensorRT) returns what the device builds from instead, with no SDK needed here."""
     if art.kind != "onnx":
         raise UsageError(f"compile takes an ONNX artifact, got a {art.kind!r}")
     if target_name not in profile.targets:
         raise UsageError(f"profile {profile.id} does not list target {target_name!r}; "
                          f"use one of {', '.join(profile.targets)}")
     target = get_target(target_name)
+    if options.for_device and isinstance(target, BuildsOnDevice):
+        return target.device_artifact(art, profile, cache)  # the device builds it (and reports what it cannot)
     reason = target.available()
     if reason:
         raise SdkMissing(reason)

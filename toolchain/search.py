@@ -11,6 +11,7 @@ A variant that fails to build or run is reported with its reason, never silently
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from targets import get_target
-from targets.base import CompileOptions
+from targets.base import BuildsOnDevice, CompileOptions
 from toolchain.bench import device_for, prepare_job
 from toolchain.core.cache import Artifact, Cache
 from toolchain.core.errors import EdgecError, UsageError
@@ -55,13 +56,15 @@ class Variant:
         return f"{self.target} [{'+'.join(self.passes)}]"
 
 
-def variants_for(profile: Profile, runs_here: bool = False) -> list[Variant]:
+def variants_for(profile: Profile, runs_here: bool = False, on_device: bool = False) -> list[Variant]:
     """Every (target, pass chain) edgec can build for ``profile`` on this machine. ``runs_here``: the variants
     will run on this machine, so ones its CPU cannot execute (bf16 on a CPU without avx512_bf16, whatever the
-    profile's CPU has) are left out (``skipped_here`` says why)."""
+    profile's CPU has) are left out (``skipped_here`` says why). ``on_device``: they run on a remote device, so a
+    target that builds there (TensorRT) counts even where this machine lacks its SDK."""
     out = []
     for target in profile.targets:
-        if get_target(target).available() is not None:
+        t = get_target(target)
+        if t.available() is not None and not (on_device and isinstance(t, BuildsOnDevice)):
             continue
         for chain in PASS_CHAINS:
             if "bf16" in chain and target not in BF16_TARGETS:
@@ -129,7 +132,10 @@ def fastest(model: str, profile: Profile, cache: Cache, *, max_drop: float = 1.0
     rows: list[dict[str, Any]] = []
     jobs: dict[str, BenchJob] = {}
     labels: dict[str, str] = {}
-    bar = tqdm(variants_for(profile), desc="variants", unit="build", disable=None if progress else True)
+    if remote is not None:
+        options = dataclasses.replace(options, for_device=True)
+    bar = tqdm(variants_for(profile, on_device=remote is not None), desc="variants", unit="build",
+               disable=None if progress else True)
     for v in bar:
         bar.set_postfix_str(v.label)
         row: dict[str, Any] = {"label": v.label, "target": v.target, "passes": list(v.passes)}

@@ -4,11 +4,15 @@ gpu: this machine has no NVIDIA GPU, never run here)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from cli import app
+from targets.base import CompileOptions
 from targets.tensorrt import TensorRTTarget, engine_config, timing_cache_path
 from tests.device_models import fit_linear, save
 from toolchain import api
@@ -18,6 +22,7 @@ from toolchain.core.errors import SdkMissing, UsageError
 from toolchain.core.profile import load_profile
 from toolchain.device.protocol import KIND_FUNCS
 from toolchain.export import import_onnx_file
+from toolchain.search import variants_for
 
 JETSON = load_profile("jetson-orin-nano")
 
@@ -62,6 +67,26 @@ def test_a_remote_tensorrt_bench_sends_the_onnx_with_the_profiles_build_settings
     assert remote_job(ort_job) is ort_job  # other kinds go as they are
     with pytest.raises(UsageError, match="ONNX artifact"):
         TensorRTTarget().device_artifact(eng, JETSON, cache)
+
+
+def test_a_host_without_tensorrt_compiles_for_a_jetson_that_builds_its_engine(tmp_path: Path, fashion: object) -> None:
+    """The Jetson builds its engine with JetPack's TensorRT: a host with neither TensorRT nor a GPU compiles the
+    artifact it sends (``--for-device``), and the device-side variants of pick / --optimize fastest include it."""
+    if TensorRTTarget().available() is None:
+        pytest.skip("this machine can build TensorRT engines itself")
+    cache = Cache(tmp_path / "cache")
+    model = save(fit_linear(fashion), tmp_path / "lin.onnx")
+    src, _ = import_onnx_file(model, cache)
+    with pytest.raises(SdkMissing):  # an engine for this host: needs TensorRT here
+        api.compile(src, profile=JETSON, target="tensorrt", cache=cache)
+    art, _ = api.compile(src, profile=JETSON, target="tensorrt", cache=cache, options=CompileOptions(for_device=True))
+    assert art.kind == "trt-onnx" and art == TensorRTTarget().device_artifact(src, JETSON, cache)[0]
+    r = CliRunner().invoke(app, ["--cache-dir", str(tmp_path / "cache"), "compile", str(model), "--profile",
+                                 JETSON.id, "--target", "tensorrt", "--for-device", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["artifact"] == art.key
+    assert not any(v.target == "tensorrt" for v in variants_for(JETSON, runs_here=True))
+    assert any(v.target == "tensorrt" for v in variants_for(JETSON, on_device=True))
 
 
 @pytest.mark.gpu  # needs an NVIDIA GPU and the tensorrt package: never run on this CPU-only machine

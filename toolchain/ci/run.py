@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import mannwhitneyu
 
+from targets.base import CompileOptions
 from toolchain.bench import device_for, prepare_job
 from toolchain.ci.config import ModelSpec, Project, load_baseline, load_project
 from toolchain.ci.report import markdown, write_reports
@@ -42,7 +43,8 @@ def _measure(proj: Project, cache: Cache, token: str | None, on_event: Event | N
     jobs = {}
     for m in proj.models:
         prof = load_profile(m.profile)
-        comp, src = build_artifact(m.source, prof, m.target, cache, passes=list(m.passes), data_dir=proj.data_dir)
+        comp, src = build_artifact(m.source, prof, m.target, cache, passes=list(m.passes), data_dir=proj.data_dir,
+                                   options=CompileOptions(for_device=proj.remote is not None))
         jobs[m.name] = prepare_job(comp, cache, profile=prof, data=m.data, data_dir=proj.data_dir,
                                    samples=proj.samples, duration_s=proj.duration_s, reference=src)
     remote = None

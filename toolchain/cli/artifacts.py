@@ -99,6 +99,10 @@ def register(app: typer.Typer) -> None:
         profile: ProfileOpt,
         target: Annotated[str | None, typer.Option("--target", "-t", help="ort | tvm | tensorrt (default: profile's first available).")] = None,
         tune_trials: TuneTrialsOpt = None,
+        for_device: Annotated[bool, typer.Option(
+            "--for-device", help="The artifact will run on a remote device that builds its final form itself "
+                                 "(tensorrt: the Jetson builds its engine from the ONNX with its own TensorRT); "
+                                 "needs no TensorRT or GPU here. Bench it with --tracker.")] = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Compile an ONNX model for a device profile; prints the artifact key to bench."""
@@ -106,8 +110,8 @@ def register(app: typer.Typer) -> None:
         prof = load_profile(profile)
         art, _ = api.import_onnx(model, cache=cache)
         name = target or next((t for t in prof.targets if get_target(t).available() is None), prof.targets[0])
-        out, hit = api.compile(art, profile=prof, target=name, cache=cache,
-                               options=compile_options(tune_trials, not as_json))
+        options = dataclasses.replace(compile_options(tune_trials, not as_json), for_device=for_device)
+        out, hit = api.compile(art, profile=prof, target=name, cache=cache, options=options)
         data = {"artifact": out.key, "kind": out.kind, "target": name, "profile": prof.id, "cache_hit": hit,
                 "path": str(out.payload), "meta": out.meta}
         emit(data, as_json, lambda: f"{name} artifact {out.key} ({'cache hit' if hit else 'built'}): {out.payload}")
