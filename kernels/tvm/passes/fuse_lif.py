@@ -3,7 +3,10 @@
 Matches ``concat((p_0, ..., p_{T-1}), axis=0)`` whose parts are elementwise graphs over row slices of one
 current matrix C and scalar constants (``extract_recurrence``; the LIF shape is not hard-coded). Where C
 is a constant-weight matmul [+ bias] and the layer has at most ``lif_layer_max_rows`` rows, the matmul
-goes into the kernel too (the event-driven layer kernel); otherwise only the recurrence is fused.
+goes into the kernel too (the event-driven layer kernel); where C is the int8 pass's dynamic-int8 layer
+(``substitute_gemv.match_dynamic_layer``: DynamicQuantizeLinear, MatMulInteger, the scales [+ bias]) on a
+CPU with int8 dot products, the int8 layer kernel (int8 weights, spikes as quantized bytes); otherwise only
+the recurrence is fused.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 from kernels.tvm.passes._rewrite import (
     NoMatch,
     RewritePass,
+    bindings_and_uses,
     const_array,
     const_ints,
     require_shape,
@@ -22,9 +26,11 @@ from kernels.tvm.passes._rewrite import (
     static_shape,
     value_of,
 )
+from kernels.tvm.passes.substitute_gemv import DynamicLayer, match_dynamic_layer
 from kernels.tvm.tir import lif
 from kernels.tvm.tir._elementwise import BINARY, CONST, ROW, UNARY, Node
 from kernels.tvm.tir.bf16 import bf16_constant_array, to_bf16_bits
+from kernels.tvm.tir.int8_dot import ISAS, column_sums, pack_int8
 
 # The Relax elementwise ops a recurrence may use (all in the shared op table).
 UNARY_OPS = ("negative", "floor", "exp", "tanh", "sigmoid", "abs")
@@ -145,7 +151,17 @@ class FuseLif(RewritePass):
                 return None
             return s_in, w, b
 
-        def fuse(rw: Any, binding: Any) -> tuple[Any, str] | None:
+        def int8_layer(c: Any, bound: dict[Any, Any], uses: dict[Any, int]) -> DynamicLayer | None:
+            """The dynamic-int8 layer (no relu) whose output is ``c``, on a CPU with int8 dot products."""
+            if not isinstance(c, relax.Var) or c not in bound:
+                return None
+            dyn = match_dynamic_layer(bound[c], bound, uses, [], cfg.int8_isa)
+            ss = static_shape(dyn.x) if dyn is not None else None
+            if dyn is None or dyn.relu or ss is None or len(ss) != 2:
+                return None
+            return dyn
+
+        def fuse(rw: Any, binding: Any, bound: dict[Any, Any], uses: dict[Any, int]) -> tuple[Any, str] | None:
             v = binding.value
             g = None
             if (isinstance(v, relax.Call) and v.op == op_concat and int(v.attrs.axis) == 0
@@ -161,7 +177,18 @@ class FuseLif(RewritePass):
             # Up to lif_layer_max_rows (T*B) rows the whole layer is one event-driven kernel; beyond, the
             # matmul is left to the packed GEMV and only the recurrence is fused (see KernelSpec).
             found = layer(rw, g.source, n) if g.rows <= cfg.lif_layer_max_rows else None
-            if found is not None:  # C = S @ W [+ b]: matmul and recurrence in one event-driven kernel
+            dyn = int8_layer(g.source, bound, uses) if found is None and g.rows <= cfg.lif_layer_max_rows else None
+            if dyn is not None:  # C = dynamic-int8 layer of S: quantization, int8 matmul, recurrence in one kernel
+                isa = ISAS[cfg.int8_isa]
+                bn = lif.int8_layer_block_n(g.rows, isa.lanes)
+                xs = static_shape(dyn.x)
+                assert xs is not None
+                func = lif.fused_layer_int8_kernel(g, dyn.w.shape[0], n, bn, isa.name, dyn.bias is not None, xs)
+                consts = [pack_int8(dyn.w, bn, isa.lanes), column_sums(dyn.w), dyn.wscale,
+                          dyn.bias if dyn.bias is not None else np.zeros((1,), np.float32)]
+                args = [rw.visit_expr(dyn.x), *(relax.const(a) for a in consts)]
+                info = {"kernel": lif.LAYER_KERNEL_NAME_INT8, "in": int(dyn.w.shape[0]), "block_n": bn, "isa": isa.name}
+            elif found is not None:  # C = S @ W [+ b]: matmul and recurrence in one event-driven kernel
                 s_in, w, b = found
                 bn = lif.layer_block_n(g.rows, cfg.lanes)
                 wp, bp = lif.pack_layer(w, b, bn)
@@ -180,7 +207,13 @@ class FuseLif(RewritePass):
             self.report.append({**info, "func": name, "steps": t, "neurons": n, "nodes": len(g.nodes)})
             return relax.call_tir(gv, args, relax.TensorType((t, n), "float32")), "lif"
 
-        return rewrite_bindings(relax.transform.FoldConstant()(mod), lambda _func: fuse)
+        def fuse_in(func: Any) -> Any:
+            if not isinstance(func.body, relax.SeqExpr):
+                return None
+            bound, uses = bindings_and_uses(func)
+            return lambda rw, binding: fuse(rw, binding, bound, uses)
+
+        return rewrite_bindings(relax.transform.FoldConstant()(mod), fuse_in)
 
 
 __all__ = ["FuseLif", "extract_recurrence"]

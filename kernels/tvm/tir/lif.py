@@ -39,10 +39,12 @@ import numpy as np
 from kernels.tvm import ATTR_KERNEL
 from kernels.tvm.tir._elementwise import CONST, ROW, Node, apply_op
 from kernels.tvm.tir.bf16 import widened
+from kernels.tvm.tir.int8_dot import ISAS, dot4, emit_dynamic_quantization, emit_quantized_copy, packed_size
 
 KERNEL_NAME = "lif-fused-f32"
 LAYER_KERNEL_NAME = "lif-layer-f32"
 LAYER_KERNEL_NAME_BF16W = "lif-layer-bf16w"  # weights stored as bfloat16 (exact ones only), fp32 arithmetic
+LAYER_KERNEL_NAME_INT8 = "lif-layer-i8"  # dynamic-int8 layer: int8 weights on the CPU's int8 dot products
 MAX_ACC_VECTORS = 16  # T x BN accumulators kept in vector registers (AVX-512 has 32)
 
 
@@ -164,6 +166,110 @@ def fused_layer_kernel(g: Recurrence, k: int, n: int, block_n: int, has_bias: bo
     return ib.get()
 
 
+def int8_layer_block_n(rows: int, lanes: int) -> int:
+    """Output neurons per block of the int8 layer kernel: as many int32 vectors as keep RB x BN
+    accumulators within MAX_ACC_VECTORS (RB = ``row_block``)."""
+    return layer_block_n(rows, lanes)
+
+
+def fused_layer_int8_kernel(g: Recurrence, k: int, n: int, block_n: int, isa_name: str, has_bias: bool,
+                            s_shape: tuple[int, ...]) -> Any:
+    """PrimFunc ``(s[R, K] float32, wp[packed] int8, colsum[N] int32, wscale[N] float32, b[N or 1] float32,
+    out[T, N] float32)``: the dynamic-int8 layer (ONNX Runtime's DynamicQuantizeLinear of s, MatMulInteger by
+    the ``int8_dot.pack_int8``-packed weight, ``* (sx * wscale) [+ b]``) and the recurrence on its output, in
+    one kernel on ``isa_name``'s int8 dot products. Event-driven like ``fused_layer_kernel``, per group of 4
+    inputs: groups whose quantized bytes are zero at every step are compacted away (an exact zero term), so
+    spikes cost only where some step fires. The products are exact integers, the dequantization the graph's
+    own float operations: bit-identical to the generic lowering of the same graph."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast, Select
+
+    f32, rows, t_out = "float32", g.rows, len(g.outputs)
+    isa = ISAS[isa_name]
+    V, BN, K4 = isa.lanes, block_n, -(-k // 4)
+    full, tail = n // BN, n % BN
+    tbn = -(-tail // V) * V
+    rb = row_block(rows)
+    # A group is inactive when all its bytes are the quantized zero, as stored (shifted by the ISA's x_shift).
+    zero_byte = isa.x_shift & 0xFF
+    zero_word = int(np.array([zero_byte * 0x01010101], np.uint32).view(np.int32)[0])
+    ones_word = 0x01010101
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("lif_layer_i8")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: LAYER_KERNEL_NAME_INT8, "tirx.is_scheduled": True,
+                     "op_pattern": 8})
+        sg = T.arg("s", T.buffer(s_shape, f32))
+        wp = T.arg("wp", T.buffer((max(1, packed_size(k, n, BN, V)),), "int8"))
+        cs = T.arg("colsum", T.buffer((n,), "int32"))
+        ws = T.arg("wscale", T.buffer((n,), f32))
+        bb = T.arg("b", T.buffer((n if has_bias else 1,), f32))
+        out = T.arg("out", T.buffer((t_out, n), f32))
+        s = T.decl_buffer((rows, k), f32, data=sg.data)
+        sx, zp, quantize = emit_dynamic_quantization(s, rows, k)
+        _, words = emit_quantized_copy(isa, s, rows, k, quantize)
+        zeff = T.bind(Cast("int32", zp) + T.int32(isa.x_shift))
+        # Compaction: the active groups' words, transposed (one row of R words per group), and their index.
+        idx = T.alloc_buffer((K4,), "int32")
+        xc = T.alloc_buffer((K4, rows), "int32")
+        cnt = T.alloc_buffer((1,), "int32", scope="local")
+        T.buffer_store(cnt, 0, [0])
+        with T.serial(0, K4) as kk:
+            active = words[0, kk] != T.int32(zero_word)
+            for r in range(1, rows):
+                active = active | (words[r, kk] != T.int32(zero_word))
+            with T.serial(0, rows) as r:  # branch-free: always write at the cursor, advance only when active
+                T.buffer_store(xc, words[r, kk], [cnt[0], r])
+            T.buffer_store(idx, kk, [cnt[0]])
+            T.buffer_store(cnt, cnt[0] + Cast("int32", Select(active, 1, 0)), [0])
+
+        def block(col0: Any, woff: Any, width: int, nout: int) -> None:
+            """Output neurons col0 .. col0 + nout (``width`` packed columns, whole vectors) at weight offset woff."""
+            acc = T.alloc_buffer((rows, width), "int32", scope="local")
+            # With shifted activations (sdot) a skipped group still has a nonzero shifted term: the sum over
+            # the active groups of the weight (a dot with ones) puts it back.
+            act_sum = T.alloc_buffer((width,), "int32", scope="local") if isa.x_shift else None
+            for r in range(rows):
+                with T.unroll(width // V) as c:
+                    T.buffer_store(acc, T.Broadcast(T.int32(0), V), [r, T.Ramp(c * V, 1, V)])
+            if act_sum is not None:
+                with T.unroll(width // V) as c:
+                    T.buffer_store(act_sum, T.Broadcast(T.int32(0), V), [T.Ramp(c * V, 1, V)])
+            for r0 in range(0, rows, rb):  # RB x width accumulators in registers; the weight vector read once per RB
+                with T.serial(0, cnt[0]) as j:
+                    grp = T.bind(idx[j])
+                    with T.unroll(width // V) as c:
+                        w = T.bind(wp[T.Ramp(woff + grp * (width * 4) + c * (V * 4), 1, 4 * V)])
+                        for r in range(r0, r0 + rb):
+                            lanes = T.Ramp(c * V, 1, V)
+                            T.buffer_store(acc, dot4(isa, acc[r, lanes], xc[j, r], w), [r, lanes])
+                        if act_sum is not None and r0 == 0:
+                            lanes = T.Ramp(c * V, 1, V)
+                            T.buffer_store(act_sum, dot4(isa, act_sum[lanes], T.int32(ones_word), w), [lanes])
+            scratch = T.alloc_buffer((len(g.nodes), width), f32, scope="local")
+            with T.vectorized(0, nout) as i:
+                col = col0 + i
+                # sum (q - zp) w = acc - zeff colsum; with the shift and skipped groups:
+                # acc - zp colsum - shift active_sum = acc - (zeff - shift) colsum - shift active_sum.
+                if act_sum is None:
+                    fix = zeff * cs[col]
+                else:
+                    fix = (zeff - T.int32(isa.x_shift)) * cs[col] + T.int32(isa.x_shift) * act_sum[i]
+
+                def current(r: int, i: Any = i, col: Any = col, fix: Any = fix) -> Any:
+                    f = Cast(f32, acc[r, i] - fix) * (sx * ws[col])
+                    return f + bb[col] if has_bias else f
+
+                _emit_recurrence(g, current, scratch, out, i, col)
+
+        if full:
+            with T.serial(0, full) as nb:
+                block(nb * BN, nb * (K4 * BN * 4), BN, BN)
+        if tail:
+            block(full * BN, full * (K4 * BN * 4), tbn, tail)
+    return ib.get()
+
+
 def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
     """PrimFunc ``(c[T, N], s[T, N])``: every output step of the recurrence for all neurons."""
     from tvm.script.ir_builder import IRBuilder
@@ -193,5 +299,6 @@ def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
     return ib.get()
 
 
-__all__ = ["KERNEL_NAME", "LAYER_KERNEL_NAME", "LAYER_KERNEL_NAME_BF16W", "Recurrence", "fused_layer_kernel",
-           "fused_recurrence_kernel", "layer_block_n", "pack_layer", "row_block"]
+__all__ = ["KERNEL_NAME", "LAYER_KERNEL_NAME", "LAYER_KERNEL_NAME_BF16W", "LAYER_KERNEL_NAME_INT8", "Recurrence",
+           "fused_layer_int8_kernel", "fused_layer_kernel", "fused_recurrence_kernel", "int8_layer_block_n",
+           "layer_block_n", "pack_layer", "row_block"]

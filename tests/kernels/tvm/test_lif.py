@@ -1,16 +1,31 @@
 """Fused LIF kernels vs the generic lowering and ONNX Runtime: the zoo's SpikingMLP (unrolled T), whose
 layers become one event-driven kernel each (matmul + recurrence), and a bare recurrence (current as
-the graph input), which keeps the recurrence-only kernel. Spike outputs must match exactly."""
+the graph input), which keeps the recurrence-only kernel. Spike outputs must match exactly. The int8 form
+(the int8 pass's dynamic-int8 layers) takes the int8 layer kernel: bit-exact vs TVM's generic lowering of
+the same graph, agreeing with ONNX Runtime's int8 on real Fashion-MNIST images, on the CPU's dot products
+(vpdpbusd with AVX-512 VNNI, vpmaddubsw on AVX2, sdot on aarch64)."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from kernels.tvm.testing import build_vm, with_kernels
-from toolchain.core.profile import load_profile
+from kernels.tvm.testing import build_vm, substitute, with_kernels
+from targets.tvm.build import build_library
+from toolchain.core.onnx_io import ort_session
+from toolchain.core.profile import Profile, load_profile
 from toolchain.export import run_ort, torch_to_onnx
+from toolchain.passes import PassContext
+from toolchain.passes.int8 import Config as Int8Config
+from toolchain.passes.int8 import run as run_int8
 from toolchain.zoo.spiking import LIF, SpikingMLP
 
 
@@ -82,3 +97,100 @@ def test_fused_lif_off_in_profile() -> None:
     model = torch_to_onnx(net, (torch.rand(1, 784),), dynamic_batch=False)
     _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), use_fused_lif=False))
     assert not {"lif-fused-f32", "lif-layer-f32"} & {r["kernel"] for r in table}
+
+
+# --- int8: the dynamic-int8 layer (int8 pass) + recurrence as one kernel on the CPU's int8 dot products ---
+
+ORT_AGREEMENT = 0.99  # share of real Fashion-MNIST test images whose output argmax matches ONNX Runtime's int8
+
+
+def _int8_snn(profile_id: str, steps: int, hidden: int = 37, seed: int = 0) -> onnx.ModelProto:
+    """A SpikingMLP 784-hidden-10 (subtract reset, weights scaled up so neurons spike) through the int8 pass
+    (dynamic, as the search builds it) for ``profile_id``."""
+    torch.manual_seed(seed)
+    net = SpikingMLP(hidden=[hidden], steps=steps, beta=0.875, threshold=1.0, reset="subtract",
+                     surrogate="fast_sigmoid").eval()
+    with torch.no_grad():
+        for fc in net.fcs:
+            fc.weight.mul_(4.0)
+    model = torch_to_onnx(net, (torch.rand(1, 784),), dynamic_batch=False)
+    ctx = PassContext(profile=load_profile(profile_id), target="tvm")
+    return run_int8(model, Int8Config(mode="dynamic"), ctx).model
+
+
+@pytest.mark.parametrize(("profile_id", "steps"), [
+    ("x86-avx512", 8),
+    pytest.param("x86-avx512", 16, marks=pytest.mark.slow),  # the zoo's T (its generic build is slow)
+    pytest.param("x86-avx512", 5, marks=pytest.mark.slow),  # odd rows
+    pytest.param("x86-avx2", 8, marks=pytest.mark.slow),
+])
+def test_int8_lif_layer_is_exact_vs_generic_and_agrees_with_ort(profile_id: str, steps: int,
+                                                                fashion: object) -> None:
+    """Both layers become the int8 LIF layer kernel; spike counts are bit-identical to TVM's generic lowering
+    of the same int8 graph (integer products, the graph's own float operations), and agree with ONNX Runtime's
+    int8 on real Fashion-MNIST test images."""
+    model = _int8_snn(profile_id, steps)
+    prof = with_kernels(load_profile(profile_id), lif_layer_max_rows=steps)
+    fast, table = build_vm(model, prof)
+    assert [r["kernel"] for r in table if r["kernel"].startswith("lif")] == ["lif-layer-i8"] * 2, table
+    generic, _ = build_vm(model, prof, substitute=False)
+    xs = fashion.x_test[:200].reshape(200, 784).astype(np.float32)  # type: ignore[attr-defined]
+    for x in [*_inputs(np.random.default_rng(1))[:3], *xs[:8, None]]:  # random, sparse, all-ones, real
+        np.testing.assert_array_equal(fast(x), generic(x))
+    sess = ort_session(model, 1)
+    ours = np.concatenate([fast(x[None]) for x in xs])
+    want = np.concatenate([sess.run(None, {model.graph.input[0].name: x[None]})[0] for x in xs])
+    assert ours.sum() > 0  # output spikes: the comparison saw real recurrences
+    assert np.mean(ours.argmax(1) == want.argmax(1)) >= ORT_AGREEMENT
+    assert np.mean(ours == want) >= ORT_AGREEMENT  # spike counts, not only the argmax
+
+
+def test_int8_lif_layer_needs_the_row_bound_and_an_int8_isa() -> None:
+    """Above lif_layer_max_rows the int8 layer keeps the int8 GEMV + fused recurrence; a CPU without int8 dot
+    products (int8_isa none) never gets the int8 layer kernel."""
+    model = _int8_snn("x86-avx512", 8, hidden=16)
+    base = load_profile("x86-avx512")
+    _, rows = substitute(model, with_kernels(base, lif_layer_max_rows=8))
+    assert [r["kernel"] for r in rows if r["kernel"].startswith("lif")] == ["lif-layer-i8"] * 2
+    _, rows = substitute(model, with_kernels(base, lif_layer_max_rows=4))
+    names = [r["kernel"] for r in rows]
+    assert "lif-layer-i8" not in names and names.count("lif-fused-f32") == 2, names
+    nodot = replace(base, cpu=replace(base.cpu, int8_dot="none", vector_bits=128))
+    _, rows = substitute(model, with_kernels(nodot, lif_layer_max_rows=8))
+    assert "lif-layer-i8" not in [r["kernel"] for r in rows]
+
+
+def _lif_disassembly(model: onnx.ModelProto, profile: Profile, tmp_path: Path, objdump: str) -> dict[str, str]:
+    """symbol -> disassembly of the int8 LIF kernels' bodies in the library built for ``profile``."""
+    if profile.cpu.cross_cc and shutil.which(profile.cpu.cross_cc) is None:
+        pytest.skip("aarch64 cross compiler missing: apt-get install gcc-aarch64-linux-gnu")
+    if shutil.which(objdump) is None:
+        pytest.skip(f"{objdump} missing: apt-get install binutils-aarch64-linux-gnu (make system-deps)")
+    lib = tmp_path / "lib.so"
+    meta = build_library(model, profile, lib)
+    assert [r["kernel"] for r in meta["kernels"] if r["kernel"].startswith("lif")] == ["lif-layer-i8"] * 2
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+    out = {"*": text}
+    for f in re.split(r"\n(?=[0-9a-f]+ <[^>]+>:\n)", text):
+        m = re.match(r"[0-9a-f]+ <([^>]+)>:", f)
+        if m and "lif" in m.group(1) and m.group(1).endswith("_compute_"):
+            out[m.group(1)] = f
+    assert len(out) == 3, sorted(out)  # the two layer kernels' bodies and the whole library
+    return out
+
+
+@pytest.mark.parametrize(("profile_id", "present", "absent"), [
+    ("x86-avx512", [r"\bvpdpbusd\b"], []),
+    ("x86-avx2", [r"\bvpmaddubsw\b", r"\bvpmaddwd\b"], [r"\bvpdpbusd\b", r"zmm"]),  # a Haswell: no VNNI, no AVX-512
+    ("rpi5", [r"\bsdot\b"], []),
+])
+def test_int8_lif_layer_uses_the_dot_product_instructions(profile_id: str, present: list[str], absent: list[str],
+                                                          tmp_path: Path) -> None:
+    prof = with_kernels(load_profile(profile_id), lif_layer_max_rows=8)
+    objdump = "aarch64-linux-gnu-objdump" if prof.cpu.arch == "aarch64" else "objdump"
+    for name, asm in _lif_disassembly(_int8_snn(profile_id, 8, hidden=24), prof, tmp_path, objdump).items():
+        for insn in present:
+            assert re.search(insn, asm), f"{insn} missing from {name}"
+        for insn in absent:  # the whole library too: one VNNI instruction on a Haswell is a crash
+            assert not re.search(insn, asm), f"{insn} in {name}"
