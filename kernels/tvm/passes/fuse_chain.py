@@ -8,7 +8,9 @@ whole int8 layer on dot products (dynamic or static quantization inside, ``subst
 - parallel branches: >= 2 runs that all read one variable and whose ends are exactly the fields of a
   concatenation along the last axis (used by nothing else), with the run that computes that variable when
   the branches are its only users (a supernet's stem and experts): one kernel writing each branch's
-  columns of the concatenation.
+  columns of the concatenation;
+- either of them followed by a constant gather of its columns (``take`` along the last axis, or the
+  transpose / ``gather_nd`` / transpose TVM imports ``logits[:, idx]`` as): copied out at the kernel's end.
 
 Only chains whose constants total at most ``chain_max_kb`` KB are fused; the per-layer PrimFuncs nothing
 calls any more are dropped.
@@ -16,8 +18,11 @@ calls any more are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from kernels.tvm.passes._rewrite import (
     RewritePass,
@@ -28,7 +33,7 @@ from kernels.tvm.passes._rewrite import (
     single_use_runs,
     static_shape,
 )
-from kernels.tvm.tir.chain import ChainLayer, ChainStep, chain_kernel, kernel_name
+from kernels.tvm.tir.chain import MAX_GATHER_COLUMNS, ChainLayer, ChainStep, chain_kernel, kernel_name
 from kernels.tvm.tir.gemv import gemv_params
 from kernels.tvm.tir.gemv_bf16 import gemv_bf16_params
 from kernels.tvm.tir.int8_dot import dot_params
@@ -42,6 +47,7 @@ class Program:
     x: Any  # the input expression
     stem: list[Any]  # layer variables
     branches: list[list[Any]]
+    columns: tuple[int, ...] = ()  # y[:, j] = result[:, columns[j]] (``kernels.tvm.tir.chain.chain_kernel``)
 
     @property
     def layers(self) -> list[Any]:
@@ -106,6 +112,10 @@ class FuseGemvChains(RewritePass):
                     and sum(layers[u][1].nbytes for u in p.layers) <= max_kb * 1024}
             if not plan:
                 return None
+            for end in list(plan):  # a column gather after the chain ends it instead
+                gather = _column_gather(end, bound, uses)
+                if gather is not None:
+                    plan[gather[0]] = dataclasses.replace(plan.pop(end), columns=gather[1])
             return lambda rw, binding: self._chain(rw, binding, plan[binding.var], layers) \
                 if binding.var in plan else None
 
@@ -165,17 +175,64 @@ class FuseGemvChains(RewritePass):
             for b in prog.branches:
                 run_steps(b, src, -1, col)
                 col += layers[b[-1]][1].params.n
-        func, pools = chain_kernel(steps, widths, xs, ys)
+        func, pools = chain_kernel(steps, widths, xs, ys, prog.columns)
         name = f"edgec_gemv_chain_{len(self.report)}"
         gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
         self.report.append({"kernel": kernel_name(steps), "func": name, "layers": len(steps),
                             "kinds": sorted({s.layer.kind for s in steps}), "branches": len(prog.branches),
+                            "column_gather": bool(prog.columns),
                             "shape": [steps[0].layer.params.k] + [s.layer.params.n for s in steps],
                             "weight_kb": round(sum(p.nbytes for p in pools) / 1024, 1),
                             "replaces": sorted({layers[v][2] for v in prog.layers})})
         call = relax.call_tir(gv, [rw.visit_expr(prog.x), *(relax.const(p) for p in pools)],
                               relax.TensorType(ys, "float32"))
         return call, "gemv_chain"
+
+
+
+def _column_gather(var: Any, bound: dict[Any, Any], uses: dict[Any, int]) -> tuple[Any, tuple[int, ...]] | None:
+    """(the variable, the constant columns) when the 2-D ``var`` is used only by a gather of its columns along the
+    last axis: ``take(var, idx, axis=-1)``, or ``permute_dims(gather_nd(permute_dims(var), idx[:, None]))`` (how
+    TVM imports ONNX's ``Transpose -> GatherND -> Transpose``, torch's ``logits[:, idx]``); None otherwise."""
+    from tvm import relax
+
+    def user(v: Any, op: str) -> tuple[Any, Any] | None:
+        """The binding (variable, call) that is the only use of ``v``, when it calls ``relax.<op>`` on it first."""
+        if uses.get(v, 0) != 1:
+            return None
+        for u, value in bound.items():
+            if isinstance(value, relax.Call) and getattr(value.op, "name", "") == f"relax.{op}" and \
+                    value.args and value.args[0].same_as(v):
+                return u, value
+        return None
+
+    def transposed(call: Any) -> bool:
+        axes = call.attrs.axes
+        return axes is not None and [int(a) for a in axes] == [1, 0]
+
+    shape = static_shape(var)
+    if shape is None or len(shape) != 2:
+        return None
+    width = shape[1]
+    if (take := user(var, "take")) is not None:
+        idx, axis = const_array(take[1].args[1]), take[1].attrs.axis
+        if idx is None or idx.ndim != 1 or axis is None or int(axis) not in (1, -1):
+            return None
+        end, cols = take[0], idx
+    else:
+        t1 = user(var, "permute_dims")
+        g = user(t1[0], "gather_nd") if t1 is not None and transposed(t1[1]) else None
+        t2 = user(g[0], "permute_dims") if g is not None and int(g[1].attrs.batch_dims) == 0 else None
+        idx = const_array(g[1].args[1]) if g is not None else None
+        if t2 is None or not transposed(t2[1]) or idx is None or idx.ndim != 2 or idx.shape[1] != 1:
+            return None
+        end, cols = t2[0], idx[:, 0]
+    if not 0 < cols.size <= MAX_GATHER_COLUMNS or not np.issubdtype(cols.dtype, np.integer):
+        return None
+    cols = np.where(cols < 0, cols + width, cols)
+    if cols.min() < 0 or cols.max() >= width:
+        return None
+    return end, tuple(int(c) for c in cols)
 
 
 __all__ = ["FuseGemvChains"]

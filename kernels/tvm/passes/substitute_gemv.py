@@ -16,6 +16,7 @@ the end of each chain is rewritten; the absorbed bindings are dead code afterwar
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,38 +150,60 @@ def _is_dynamic_zero_point(z: Any, s: Any, bound: dict[Any, Any]) -> bool:
     return div is not None and div.args[1].same_as(s) and str(cast.attrs.dtype) == "uint8"
 
 
+def _split_const(call: Any) -> tuple[Any, np.ndarray | None]:
+    """(the other operand, the constant's value) of a binary call with a constant operand (None: neither is)."""
+    a, c = call.args
+    if const_array(c) is None:
+        a, c = c, a
+    return a, const_array(c)
+
+
+class _Walk:
+    """Walks a layer's bindings back from its end: ``inner`` looks through a binding used once (only then may
+    the layer's kernel absorb it), recording it in ``taken``; ``is_call`` tests for a call of ``relax.<op>``."""
+
+    def __init__(self, bound: dict[Any, Any], uses: dict[Any, int]) -> None:
+        self.bound, self.uses = bound, uses
+        self.taken: list[Any] = []
+
+    def inner(self, e: Any) -> Any:
+        from tvm import relax
+
+        if isinstance(e, relax.Var) and self.uses.get(e, 0) == 1 and e in self.bound:
+            self.taken.append(e)
+            return self.bound[e]
+        return None
+
+    def through_bias(self, node: Any) -> tuple[Any, np.ndarray | None]:
+        """(what ``node`` adds its constant bias to, the bias) when it is such an add, else (node, None); an add
+        of no constant gives (None, None)."""
+        if not self.is_call(node, "add"):
+            return node, None
+        a, bias = _split_const(node)
+        return (self.inner(a), bias) if bias is not None else (None, None)
+
+    @staticmethod
+    def is_call(e: Any, op: str) -> bool:
+        from tvm import relax
+
+        return isinstance(e, relax.Call) and getattr(e.op, "name", "") == f"relax.{op}"
+
+
 def match_dynamic_layer(call: Any, bound: dict[Any, Any], uses: dict[Any, int], absorbed: list[Any],
                         int8_isa: str) -> DynamicLayer | None:
     """The whole dynamic-int8 layer ending at ``call`` (``[relu](astype(MatMulInteger) * (sx * wscale)
     [+ bias])`` over ``quantize(x, sx, zx)`` with sx / zx computed from x), on a CPU with int8 dot products
     that multiply W exactly; None otherwise. Absorbed bindings are appended to ``absorbed``."""
-    import tvm
-    from tvm import relax
 
     if int8_isa not in ISAS:
         return None
-    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu", "add", "multiply", "astype", "matmul", "quantize")}
-    taken: list[Any] = []
+    walk = _Walk(bound, uses)
+    inner, is_call, taken = walk.inner, walk.is_call, walk.taken
 
-    def inner(e: Any) -> Any:
-        if isinstance(e, relax.Var) and uses.get(e, 0) == 1 and e in bound:
-            taken.append(e)
-            return bound[e]
-        return None
-
-    def is_call(e: Any, op: str) -> bool:
-        return isinstance(e, relax.Call) and e.op == ops[op]
-
-    node, relu, bias = call, False, None
+    node, relu = call, False
     if is_call(node, "nn.relu"):
         relu, node = True, inner(node.args[0])
-    if is_call(node, "add"):
-        a, c = node.args
-        if const_array(c) is None:
-            a, c = c, a
-        bias, node = const_array(c), inner(a)
-        if bias is None:
-            return None
+    node, bias = walk.through_bias(node)
     if not is_call(node, "multiply"):
         return None
     p, q = (inner(a) for a in node.args)
@@ -233,23 +256,12 @@ def match_static_layer(call: Any, bound: dict[Any, Any], uses: dict[Any, int], a
     quantizes x again) and ``post`` any steps of relu and quantize -> dequantize (constant, per tensor, uint8),
     on a CPU with int8 dot products that multiply W exactly; None otherwise. Absorbed bindings are appended
     to ``absorbed``."""
-    import tvm
     from tvm import relax
 
     if int8_isa not in ISAS:
         return None
-    ops = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("nn.relu", "add", "multiply", "astype", "matmul", "quantize",
-                                                      "dequantize")}
-    taken: list[Any] = []
-
-    def inner(e: Any) -> Any:
-        if isinstance(e, relax.Var) and uses.get(e, 0) == 1 and e in bound:
-            taken.append(e)
-            return bound[e]
-        return None
-
-    def is_call(e: Any, op: str) -> bool:
-        return isinstance(e, relax.Call) and e.op == ops[op]
+    walk = _Walk(bound, uses)
+    inner, is_call, taken = walk.inner, walk.is_call, walk.taken
 
     def qparams(e: Any) -> tuple[float, int] | None:
         """(scale, zero point) of a per-tensor uint8 quantize / dequantize with constant parameters."""
@@ -273,20 +285,11 @@ def match_static_layer(call: Any, bound: dict[Any, Any], uses: dict[Any, int], a
             node = inner(q.args[0])
             continue
         break
-    bias = None
-    if is_call(node, "add"):
-        a, c = node.args
-        if const_array(c) is None:
-            a, c = c, a
-        bias, node = const_array(c), inner(a)
-        if bias is None:
-            return None
+    node, bias = walk.through_bias(node)
     if not is_call(node, "multiply"):
         return None
-    a, c = node.args
-    if const_array(c) is None:
-        a, c = c, a
-    scale, cast = const_array(c), inner(a)
+    a, scale = _split_const(node)
+    cast = inner(a)
     if scale is None or not is_call(cast, "astype") or str(cast.attrs.dtype) != "float32":
         return None
     mm = inner(cast.args[0])
@@ -433,10 +436,8 @@ class SubstituteGemv(RewritePass):
         from tvm import relax
 
         cfg = self.cfg
-        if isinstance(dense, DynamicLayer):
-            return self._replace_dynamic(rw, dense)
-        if isinstance(dense, StaticLayer):
-            return self._replace_static(rw, dense)
+        if isinstance(dense, DynamicLayer | StaticLayer):
+            return self._replace_whole(rw, dense)
         x, w, b, relu, zp = dense
         xshape = static_shape(x)
         assert xshape is not None
@@ -498,8 +499,9 @@ class SubstituteGemv(RewritePass):
         return relax.call_tir(gv, [rw.visit_expr(x), *args], relax.TensorType(yshape, out_dtype)), "gemv"
 
 
-    def _replace_dynamic(self, rw: Any, layer: DynamicLayer) -> tuple[Any, str]:
-        """The call_tir of the fused dynamic-int8 layer kernel (packed GEMV on dot products)."""
+    def _replace_whole(self, rw: Any, layer: DynamicLayer | StaticLayer) -> tuple[Any, str]:
+        """The call_tir of a whole int8 layer kernel, float in and float out: the packed GEMV on dot products,
+        or for a block-sparse dynamic layer the grouped one."""
         from tvm import relax
 
         cfg, w = self.cfg, layer.w
@@ -509,9 +511,12 @@ class SubstituteGemv(RewritePass):
         mrows, k, n = int(np.prod(xshape[:-1])), xshape[-1], w.shape[1]
         yshape = (*xshape[:-1], n)
         has_bias = layer.bias is not None
+        b = layer.bias if layer.bias is not None else np.zeros((1,), np.float32)
         index = len(self.report)
-        bq = self._grouped_int8(w, mrows)
-        if bq is not None:  # block-sparse: the grouped kernel, scales and bias in packed column order
+        bq = self._grouped_int8(w, mrows) if isinstance(layer, DynamicLayer) else None
+        extra: dict[str, Any]
+        if isinstance(layer, DynamicLayer) and bq is not None:
+            # block-sparse: the grouped kernel, scales and bias in packed column order
             name, bn, kname = f"edgec_grouped_gemv_i8_{index}", bq.block_n, GROUPED_I8_NAME
             func = grouped_dot_kernel(bq, mrows, isa.name, xshape, yshape, dynamic=True, bias=has_bias,
                                       relu=layer.relu)
@@ -526,40 +531,22 @@ class SubstituteGemv(RewritePass):
         else:
             name, kname = f"edgec_gemv_i8_{index}", GEMV_I8_NAME
             bn = choose_block_n(n, cfg.block_n, isa.lanes)
-            func = dot_kernel(DotParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, isa=isa.name,
-                                        x_shape=xshape, y_shape=yshape, dynamic=True, bias=has_bias,
-                                        relu=layer.relu))
-            b = layer.bias if layer.bias is not None else np.zeros((1,), np.float32)
-            consts = [pack_int8(w, bn, isa.lanes), column_sums(w), layer.wscale, b]
-            extra = {}
-        args = [relax.const(a) for a in consts]
+            p = DotParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, isa=isa.name, x_shape=xshape,
+                          y_shape=yshape, bias=has_bias)
+            if isinstance(layer, DynamicLayer):
+                p, scale, extra = dataclasses.replace(p, dynamic=True, relu=layer.relu), layer.wscale, {}
+            else:
+                p = dataclasses.replace(p, x_scale=layer.x_scale, x_zero=layer.x_zero, post=layer.post)
+                scale = layer.scale
+                extra = {"relu": ("relu", 0.0, 0) in layer.post, "static_quantization": True,
+                         "post": [op for op, _, _ in layer.post]}
+            func = dot_kernel(p)
+            consts = [pack_int8(w, bn, isa.lanes), column_sums(w), scale, b]
+        if isinstance(layer, DynamicLayer):
+            extra = {"relu": layer.relu, "dynamic_quantization": True, **extra}
         gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
         self.report.append({"kernel": kname, "func": name, "m": mrows, "k": k, "n": n, "block_n": bn,
-                            "bias": has_bias, "relu": layer.relu, "isa": isa.name, "dynamic_quantization": True,
-                            **extra})
-        return relax.call_tir(gv, [rw.visit_expr(layer.x), *args], relax.TensorType(yshape, "float32")), "gemv"
-
-    def _replace_static(self, rw: Any, layer: StaticLayer) -> tuple[Any, str]:
-        """The call_tir of the whole static-int8 layer kernel (packed GEMV on dot products)."""
-        from tvm import relax
-
-        cfg, w = self.cfg, layer.w
-        isa = ISAS[cfg.int8_isa]
-        xshape = static_shape(layer.x)
-        assert xshape is not None
-        mrows, k, n = int(np.prod(xshape[:-1])), xshape[-1], w.shape[1]
-        yshape = (*xshape[:-1], n)
-        bn = choose_block_n(n, cfg.block_n, isa.lanes)
-        name = f"edgec_gemv_i8_{len(self.report)}"
-        func = dot_kernel(DotParams(m=mrows, k=k, n=n, block_n=bn, unroll=cfg.unroll, isa=isa.name, x_shape=xshape,
-                                    y_shape=yshape, bias=layer.bias is not None, x_scale=layer.x_scale,
-                                    x_zero=layer.x_zero, post=layer.post))
-        b = layer.bias if layer.bias is not None else np.zeros((1,), np.float32)
-        consts = [pack_int8(w, bn, isa.lanes), column_sums(w), layer.scale, b]
-        gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
-        self.report.append({"kernel": GEMV_I8_NAME, "func": name, "m": mrows, "k": k, "n": n, "block_n": bn,
-                            "bias": layer.bias is not None, "relu": ("relu", 0.0, 0) in layer.post, "isa": isa.name,
-                            "static_quantization": True, "post": [op for op, _, _ in layer.post]})
+                            "bias": has_bias, "isa": isa.name, **extra})
         args = [rw.visit_expr(layer.x), *(relax.const(a) for a in consts)]
         return relax.call_tir(gv, args, relax.TensorType(yshape, "float32")), "gemv"
 

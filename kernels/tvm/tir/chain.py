@@ -18,7 +18,8 @@ layer is identical:
 
 Steps need not form a line: a step reads any earlier intermediate and writes a column range of any
 intermediate or of the output, so parallel branches that read one input and end in a concatenation along
-the last axis (a supernet's experts) are one kernel too.
+the last axis (a supernet's experts) are one kernel too, with a constant column gather after it (the
+supernet's class order) copied out at the end.
 
 Only chains whose constants total at most the profile's ``gemv_chain_max_kb`` are fused: past a few hundred
 KB a model is bound by weight streaming and the saved dispatch is noise (0 turns it off).
@@ -47,6 +48,7 @@ CONST_DTYPES = {"f32": ("float32", "float32"),  # packed weight, bias
                 "i8": ("int8", "int32", "float32", "float32")}  # packed weight, column sums, scales, bias
 POOL_ALIGN = 64  # bytes: each constant starts on a cache line
 LOCAL_SCRATCH_BYTES = 16384  # an intermediate up to this size lives on the stack, a larger one in a workspace
+MAX_GATHER_COLUMNS = 256  # a column gather after the chain is unrolled: one store per column
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,12 @@ def pool_constants(steps: list[ChainStep]) -> tuple[dict[str, np.ndarray], list[
     return pools, offsets
 
 
-def chain_kernel(steps: list[ChainStep], widths: list[int], x_shape: tuple[int, ...],
-                 y_shape: tuple[int, ...]) -> tuple[Any, list[np.ndarray]]:
+def chain_kernel(steps: list[ChainStep], widths: list[int], x_shape: tuple[int, ...], y_shape: tuple[int, ...],
+                 columns: tuple[int, ...] = ()) -> tuple[Any, list[np.ndarray]]:
     """(the PrimFunc ``(x, pools..., y)`` running ``steps`` in order, its pool constants in argument order);
-    ``widths[i]``: the columns of intermediate i. Every step has the same row count."""
+    ``widths[i]``: the columns of intermediate i. Every step has the same row count. ``columns``: the steps'
+    result (``r``, what they write as y) is not y itself but ``y[:, j] = r[:, columns[j]]`` (a column gather
+    after a concatenation, e.g. a supernet's class order), copied from a scratch buffer at the end."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
@@ -114,8 +118,10 @@ def chain_kernel(steps: list[ChainStep], widths: list[int], x_shape: tuple[int, 
         pool = {d: T.arg(f"c_{d}", T.buffer(pools[d].shape, d)) for d in pools}
         yg = T.arg("yg", T.buffer(y_shape, "float32"))
         x = T.decl_buffer((m, steps[0].layer.params.k), "float32", data=xg.data)
-        y_width = int(np.prod(y_shape)) // m
-        y = T.decl_buffer((m, y_width), "float32", data=yg.data)
+        out_width = int(np.prod(y_shape)) // m
+        out = T.decl_buffer((m, out_width), "float32", data=yg.data)
+        y_width = max(s.col0 + s.layer.params.n for s in steps if s.dst < 0) if columns else out_width
+        y = T.alloc_buffer((m, y_width), "float32", scope="local") if columns else out
         scratch = [T.alloc_buffer((m, w), "float32", scope="local" if m * w * 4 <= LOCAL_SCRATCH_BYTES else "global")
                    for w in widths]
         for s, offs in zip(steps, offsets, strict=True):
@@ -135,8 +141,22 @@ def chain_kernel(steps: list[ChainStep], widths: list[int], x_shape: tuple[int, 
                 views = [T.decl_buffer((max(1, c.size),), d, data=pool[d].data, elem_offset=o)
                          for c, d, o in zip(s.layer.consts, CONST_DTYPES["i8"], offs, strict=True)]
                 emit_dot_layer(p, src, views[0], views[1], dst, None, views[2], views[3])
+        if columns:
+            with T.serial(m) as r:
+                for j, c in enumerate(columns):
+                    T.buffer_store(out, y[r, c], [r, j])
     return ib.get(), [pools[d] for d in POOL_DTYPES if d in pools]
 
 
-__all__ = ["CONST_DTYPES", "KERNEL_NAME", "KERNEL_NAME_BF16", "KERNEL_NAME_INT8", "ChainLayer", "ChainStep",
-           "chain_kernel", "kernel_name", "pool_constants"]
+__all__ = [
+    "CONST_DTYPES",
+    "KERNEL_NAME",
+    "KERNEL_NAME_BF16",
+    "KERNEL_NAME_INT8",
+    "MAX_GATHER_COLUMNS",
+    "ChainLayer",
+    "ChainStep",
+    "chain_kernel",
+    "kernel_name",
+    "pool_constants",
+]

@@ -21,6 +21,7 @@ multiple of the profile's fp32 lanes (AVX-512: 16, NEON: 4).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,23 @@ def bias_relu(p: GemvParams, v: Any, j: Any, bias: Any) -> Any:
     return v
 
 
+def emit_sum_and_store(acc: Any, y: Any, out: Callable[[Any, Any], Any], row0: Any, rows: int, W: int, VC: int,
+                       S: int, NOUT: int, col0: Any) -> None:
+    """The end of one block of a dense layer: the S partial sums of the (S, rows, W) accumulators ``acc`` added
+    into the first, then columns [col0, col0 + NOUT) stored, ``y[row0 + m, j] = out(sum, j)``, in VC-wide
+    vectors (the last, partial chunk of a tail as scalar stores)."""
+    from tvm.script.ir_builder import tirx as T
+
+    OC = NOUT // VC
+    with T.unroll(S - 1) as s, T.serial(rows) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
+        T.buffer_store(acc, acc[0, m, c * VC + i] + acc[s + 1, m, c * VC + i], [0, m, c * VC + i])
+    with T.serial(rows) as m:
+        with T.unroll(OC) as c, T.vectorized(VC) as i:
+            T.buffer_store(y, out(acc[0, m, c * VC + i], col0 + c * VC + i), [row0 + m, col0 + c * VC + i])
+        with T.serial(NOUT - OC * VC) as i:
+            T.buffer_store(y, out(acc[0, m, OC * VC + i], col0 + OC * VC + i), [row0 + m, col0 + OC * VC + i])
+
+
 def emit_layer(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: Any) -> None:
     """Emit, into the PrimFunc the IRBuilder is building, the whole dense layer ``p``:
     ``y = act(x @ W + b)`` with x / y 2-D (M, K) / (M, N) buffers, W packed at ``wp[woff:]`` and the bias
@@ -174,15 +192,7 @@ def emit_layer(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: 
             with T.serial(K - KMAIN) as kr, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
                 T.buffer_store(acc, mac(acc[0, m, c * VC + i], x[mo * RB + m, KMAIN + kr],
                                         wp[woff + (KMAIN + kr) * W + c * VC + i]), [0, m, c * VC + i])
-            with T.unroll(S - 1) as s, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
-                T.buffer_store(acc, acc[0, m, c * VC + i] + acc[s + 1, m, c * VC + i], [0, m, c * VC + i])
-            with T.serial(RB) as m:
-                with T.unroll(OC) as c, T.vectorized(VC) as i:
-                    T.buffer_store(y, act(acc[0, m, c * VC + i], col0 + c * VC + i, bias),
-                                   [mo * RB + m, col0 + c * VC + i])
-                with T.serial(NOUT - OC * VC) as i:  # the last, partial chunk of a tail: scalar stores
-                    T.buffer_store(y, act(acc[0, m, OC * VC + i], col0 + OC * VC + i, bias),
-                                   [mo * RB + m, col0 + OC * VC + i])
+            emit_sum_and_store(acc, y, lambda v, j: act(v, j, bias), mo * RB, RB, W, VC, S, NOUT, col0)
 
     acc = T.alloc_buffer((SF, RB, BN), AT, scope="local")
     bv = T.decl_buffer((b.shape[0] - boff,), AT, data=b.data, elem_offset=boff)
@@ -193,8 +203,10 @@ def emit_layer(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: 
         block(bv, woff + TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
 
 
-def gemv_kernel(p: GemvParams) -> Any:
-    """The PrimFunc ``(x[M, K], wp[packed], b[N], y[M, N])`` for ``p``, marked hand-written."""
+def layer_kernel(p: GemvParams, func_name: str, kernel: str, attr: str, w_dtype: str, w_size: int,
+                 emit: Callable[..., None]) -> Any:
+    """The PrimFunc ``(x[M, K], wp[w_size] w_dtype, b[N], y[M, N])`` running ``emit(p, x, wp, 0, b, 0, y)``,
+    marked hand-written as ``kernel``, the layer's parameters in its attribute ``attr`` (``layer_params``)."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
@@ -202,33 +214,44 @@ def gemv_kernel(p: GemvParams) -> Any:
     # signature does not depend on the pattern.
     M, K, N = p.m, p.k, p.n
     with IRBuilder() as ib, T.prim_func():
-        T.func_name("gemv")
-        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME if p.acc_dtype == "float32" else KERNEL_NAME_INT8,
-                     "tirx.is_scheduled": True})
+        T.func_name(func_name)
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: kernel, "tirx.is_scheduled": True})
         xg = T.arg("xg", T.buffer(p.x_shape or (M, K), p.x_dtype))
-        wp = T.arg("wp", T.buffer((max(1, p.packed_size),), p.w_dtype))
+        wp = T.arg("wp", T.buffer((max(1, w_size),), w_dtype))
         b = T.arg("b", T.buffer((p.n if p.bias else 1,), p.acc_dtype))
         yg = T.arg("yg", T.buffer(p.y_shape or (M, N), p.acc_dtype))
         x = T.decl_buffer((M, K), p.x_dtype, data=xg.data)  # flat 2-D views of the graph's tensors
         y = T.decl_buffer((M, N), p.acc_dtype, data=yg.data)
-        emit_layer(p, x, wp, 0, b, 0, y)
+        emit(p, x, wp, 0, b, 0, y)
     # The layer's parameters ride along, so later passes (fuse-gemv-chains) can rebuild it.
-    return ib.get().with_attr(ATTR_GEMV, {"m": M, "k": K, "n": N, "block_n": p.block_n, "unroll": p.unroll,
-                                          "bias": p.bias, "relu": p.relu, "dtype": p.acc_dtype})
+    return ib.get().with_attr(attr, {"m": M, "k": K, "n": N, "block_n": p.block_n, "unroll": p.unroll,
+                                     "bias": p.bias, "relu": p.relu, "dtype": p.acc_dtype})
 
 
-def gemv_params(func: Any) -> GemvParams | None:
-    """The float32 layer a packed-GEMV PrimFunc (``gemv_kernel``'s) computes, from its attributes; None for
-    any other PrimFunc."""
+def layer_params(func: Any, kernel: str, attr: str) -> GemvParams | None:
+    """The float32 layer a PrimFunc ``layer_kernel`` built as ``kernel`` computes, from its attribute ``attr``;
+    None for any other PrimFunc."""
     attrs = func.attrs or {}
-    if str(attrs.get(ATTR_KERNEL, "")) != KERNEL_NAME or ATTR_GEMV not in attrs:
+    if str(attrs.get(ATTR_KERNEL, "")) != kernel or attr not in attrs:
         return None
-    a = attrs[ATTR_GEMV]
+    a = attrs[attr]
     if str(a["dtype"]) != "float32":
         return None
     return GemvParams(m=int(a["m"]), k=int(a["k"]), n=int(a["n"]), block_n=int(a["block_n"]),
                       unroll=int(a["unroll"]), bias=bool(a["bias"]), relu=bool(a["relu"]))
 
 
+def gemv_kernel(p: GemvParams) -> Any:
+    """The PrimFunc ``(x[M, K], wp[packed], b[N], y[M, N])`` for ``p``, marked hand-written."""
+    kernel = KERNEL_NAME if p.acc_dtype == "float32" else KERNEL_NAME_INT8
+    return layer_kernel(p, "gemv", kernel, ATTR_GEMV, p.w_dtype, p.packed_size, emit_layer)
+
+
+def gemv_params(func: Any) -> GemvParams | None:
+    """The float32 layer a packed-GEMV PrimFunc (``gemv_kernel``'s) computes; None for any other PrimFunc."""
+    return layer_params(func, KERNEL_NAME, ATTR_GEMV)
+
+
 __all__ = ["ATTR_GEMV", "KERNEL_NAME", "KERNEL_NAME_INT8", "TAIL_ALIGN", "GemvParams", "bias_relu", "choose_block_n",
-           "emit_layer", "gemv_kernel", "gemv_params", "pack_weight", "tail_chunk", "tail_width"]
+           "emit_layer", "emit_sum_and_store", "gemv_kernel", "gemv_params", "layer_kernel", "layer_params",
+           "pack_weight", "tail_chunk", "tail_width"]

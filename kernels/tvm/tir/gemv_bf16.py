@@ -24,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from kernels.tvm import ATTR_KERNEL
 from kernels.tvm.tir.gemv import (
     FULL_CHAINS,
     MAX_ROW_BLOCK,
     TAIL_CHAINS,
     GemvParams,
     bias_relu,
+    emit_sum_and_store,
+    layer_kernel,
+    layer_params,
     tail_chunk,
     tail_width,
 )
@@ -98,15 +100,7 @@ def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int
                 mac2(s, m, c * VH + i, H, x[mo * RB + m, kk], wp[woff + kk * H + c * VH + i])
             with T.serial(K - KMAIN) as kr, T.serial(RB) as m, T.unroll(H // VH) as c, T.vectorized(VH) as i:
                 mac2(0, m, c * VH + i, H, x[mo * RB + m, KMAIN + kr], wp[woff + (KMAIN + kr) * H + c * VH + i])
-            with T.unroll(S - 1) as s, T.serial(RB) as m, T.unroll(W // VC) as c, T.vectorized(VC) as i:
-                T.buffer_store(acc, acc[0, m, c * VC + i] + acc[s + 1, m, c * VC + i], [0, m, c * VC + i])
-            with T.serial(RB) as m:
-                with T.unroll(OC) as c, T.vectorized(VC) as i:
-                    T.buffer_store(y, act(acc[0, m, c * VC + i], col0 + c * VC + i, bias),
-                                   [mo * RB + m, col0 + c * VC + i])
-                with T.serial(NOUT - OC * VC) as i:
-                    T.buffer_store(y, act(acc[0, m, OC * VC + i], col0 + OC * VC + i, bias),
-                                   [mo * RB + m, col0 + OC * VC + i])
+            emit_sum_and_store(acc, y, lambda v, j: act(v, j, bias), mo * RB, RB, W, VC, S, NOUT, col0)
 
     acc = T.alloc_buffer((SF, RB, BN), "float32", scope="local")
     bv = T.decl_buffer((b.shape[0] - boff,), "float32", data=b.data, elem_offset=boff)
@@ -120,33 +114,12 @@ def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int
 def gemv_bf16_kernel(p: GemvParams) -> Any:
     """The PrimFunc ``(x[M, K] f32, wp[packed / 2] u32 bf16 pairs, b[N] f32, y[M, N] f32)`` for ``p``, marked
     hand-written."""
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
-
-    M, K, N = p.m, p.k, p.n
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name("gemv_bf16")
-        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
-        xg = T.arg("xg", T.buffer(p.x_shape or (M, K), "float32"))
-        wp = T.arg("wp", T.buffer((max(1, p.packed_size // 2),), "uint32"))
-        b = T.arg("b", T.buffer((N if p.bias else 1,), "float32"))
-        yg = T.arg("yg", T.buffer(p.y_shape or (M, N), "float32"))
-        x = T.decl_buffer((M, K), "float32", data=xg.data)
-        y = T.decl_buffer((M, N), "float32", data=yg.data)
-        emit_layer_bf16(p, x, wp, 0, b, 0, y)
-    return ib.get().with_attr(ATTR_GEMV_BF16, {"m": M, "k": K, "n": N, "block_n": p.block_n, "unroll": p.unroll,
-                                               "bias": p.bias, "relu": p.relu})
+    return layer_kernel(p, "gemv_bf16", KERNEL_NAME, ATTR_GEMV_BF16, "uint32", p.packed_size // 2, emit_layer_bf16)
 
 
 def gemv_bf16_params(func: Any) -> GemvParams | None:
-    """The layer a bf16-weight GEMV PrimFunc (``gemv_bf16_kernel``'s) computes, from its attributes; None for
-    any other PrimFunc."""
-    attrs = func.attrs or {}
-    if str(attrs.get(ATTR_KERNEL, "")) != KERNEL_NAME or ATTR_GEMV_BF16 not in attrs:
-        return None
-    a = attrs[ATTR_GEMV_BF16]
-    return GemvParams(m=int(a["m"]), k=int(a["k"]), n=int(a["n"]), block_n=int(a["block_n"]),
-                      unroll=int(a["unroll"]), bias=bool(a["bias"]), relu=bool(a["relu"]))
+    """The layer a bf16-weight GEMV PrimFunc (``gemv_bf16_kernel``'s) computes; None for any other PrimFunc."""
+    return layer_params(func, KERNEL_NAME, ATTR_GEMV_BF16)
 
 
 __all__ = ["ATTR_GEMV_BF16", "KERNEL_NAME", "emit_layer_bf16", "gemv_bf16_kernel", "gemv_bf16_params", "pack_pairs"]
