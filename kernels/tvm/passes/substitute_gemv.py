@@ -10,8 +10,11 @@ variant: on a CPU with int8 dot products (``KernelConfig.int8_isa``) and an acti
 takes ``xq`` and ``zp`` themselves and multiplies on VNNI / AVX2 / sdot (``kernels.tvm.tir.int8_dot``),
 otherwise it sign-extends to int32. A whole dynamic-int8 layer (DynamicQuantizeLinear's min / max / scale /
 zero point / quantize, MatMulInteger, ``* (sx * wscale)`` [+ bias] [relu]: about ten kernels as imported)
-becomes one kernel (``match_dynamic_layer``); a block-sparse int8 weight takes the grouped int8 kernel. Only
-the end of each chain is rewritten; the absorbed bindings are dead code afterwards.
+becomes one kernel (``match_dynamic_layer``), and so does a whole static-int8 layer (the int8 pass's integer
+form: the activation's QuantizeLinear with constant parameters, MatMulInteger, ``* scale`` [+ bias], then any
+relu / QuantizeLinear -> DequantizeLinear steps: ``match_static_layer``); a block-sparse int8 weight takes the
+grouped int8 kernel. Such whole layers (float in, float out) are what ``fuse-gemv-chains`` chains. Only the end
+of each chain is rewritten; the absorbed bindings are dead code afterwards.
 """
 
 from __future__ import annotations
