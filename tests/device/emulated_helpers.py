@@ -100,11 +100,13 @@ def zoo_onnx(name: str, cache: Cache, planetoid: Path | None, overrides: dict[st
     data = load_dataset(e.dataset, data_dir)
     module, _metrics, wart, _ = load_trained(e, weights_cache or cache, data_dir, data=data, progress=False)
     exp = e.export_module(module, form) if e.export_module else module
+    check: Any = data.x_test[:200].reshape(-1, *e.input_shape[1:])  # as 'edgec export' checks a zoo model
     example = None
     if e.example_inputs is not None:
         import torch
 
-        example = e.example_inputs(module, form, torch.from_numpy(data.x_test[:1]))
-    art, _ = export_module(exp, e.input_shape, cache, wart.key, form=form, example=example,
-                           check_inputs=data.x_test[:200])
+        example = e.example_inputs(module, form, torch.from_numpy(check[:1]))
+        if len(example) > 1:  # every input of a multi-input form on real data
+            check = tuple(t.numpy() for t in e.example_inputs(module, form, torch.from_numpy(check)))
+    art, _ = export_module(exp, e.input_shape, cache, wart.key, form=form, example=example, check_inputs=check)
     return art, e.dataset, data_dir
