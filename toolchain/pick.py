@@ -66,9 +66,10 @@ def zoo_candidates(profile: Profile, task: str = "fashion-mnist", runs_here: boo
     """Every zoo entry for ``task`` x every way edgec builds it for the profile (``search.variants_for``: each
     target x fp32 / int8 / bf16 / modular), so "the most accurate model within the budget" considers every
     build. Entries of other tasks (Cora, a Fashion-MNIST class subset) are left out: their accuracies are not
-    comparable with this task's. The whole zoo is a long sweep (make test-slow runs it)."""
+    comparable with this task's; training-time-only entries (the GNN teachers) are not candidates. The whole zoo
+    is a long sweep (make test-slow runs it)."""
     variants = variants_for(profile, runs_here, on_device=not runs_here)
-    names = [name for name, e in entries().items() if e.dataset == task]
+    names = [name for name, e in entries().items() if e.dataset == task and e.deployable]
     if not names:
         tasks = sorted({e.dataset for e in entries().values()})
         raise UsageError(f"no zoo model is trained for task {task!r}; use --task with one of {', '.join(tasks)}")

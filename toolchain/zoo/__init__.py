@@ -48,3 +48,8 @@ class ZooEntry:
     # Feed builder for a form: (module, x batch) -> tuple of example inputs. Default: (x,)
     example_inputs: Callable[[torch.nn.Module, str, torch.Tensor], tuple[Any, ...]] | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def deployable(self) -> bool:
+        """False for training-time-only entries (the GNN teachers take the whole graph): nothing to deploy."""
+        return "no-export" not in self.tags
