@@ -10,7 +10,9 @@ from typing import Any
 import onnx
 
 import kernels.tvm as kernels_pkg
-from targets.tvm.database import naive_kernels
+from kernels.tvm.tir.conv2d import DEPTHWISE_KERNEL_NAME
+from kernels.tvm.tir.conv2d import KERNEL_NAME as CONV_KERNEL_NAME
+from targets.tvm.database import kernel_choices, naive_kernels
 from targets.tvm.elf import android_problems
 from targets.tvm.frontend import import_onnx, import_tvm, tvm_target
 from targets.tvm.inspect import kernel_table
@@ -37,14 +39,21 @@ def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
     samples (the batch-1 kernels take batch 1 only; a larger batch runs the generic lowering + vector rule)."""
     check_llvm_target(profile)
     tvm = import_tvm()
-    mod = import_onnx(model, batch)
-    steps = pipeline(profile, tuning_db)
-    naive: list[str] = []
-    for name, step in steps:
-        mod = step(mod)
-        if name == "apply-tuning-db":
-            naive = naive_kernels(mod)  # checked right after applying, before the vector rule
+    choices = kernel_choices(tuning_db) if tuning_db is not None else {}
+    generic = frozenset(k for k, c in choices.items() if c.get("origin") == "tuned")
+    steps, mod, naive = _lower(model, profile, tuning_db, generic, batch)
+    if generic and any("conv2d" in n for n in naive):
+        # A conv layer left to its tuned schedule found no record in the whole model (its fused kernel is not the
+        # one the layer was tuned and compared as): every conv takes the hand-written kernel rather than run naive.
+        generic = frozenset()
+        steps, mod, naive = _lower(model, profile, tuning_db, generic, batch)
     kernels = kernel_table(mod)
+    if tuning_db is not None:  # which conv kernel each layer kept: the hand-written one or its tuned schedule
+        for row in kernels:
+            if row["kernel"] in (CONV_KERNEL_NAME, DEPTHWISE_KERNEL_NAME):
+                row["choice"] = "hand"
+            elif row["origin"] == "tuned" and "conv2d" in row["name"]:
+                row["choice"] = "tuned"
     target = tvm_target(profile)
     ex = tvm.compile(mod, target, relax_pipeline=None)
     _export(ex, profile, out)
@@ -60,7 +69,22 @@ def build_library(model: onnx.ModelProto, profile: Profile, out: Path,
         "naive_after_tuning": naive,
         # ... and those that run as naive loops in this library (neither hand-written, tuned nor rule).
         "naive": naive_kernels(mod),
+        # conv layers whose tuned schedule measured faster than the hand-written kernel, with both times
+        **({"conv_tuned": {k: choices[k] for k in sorted(generic)}} if tuning_db is not None else {}),
     }
+
+
+def _lower(model: onnx.ModelProto, profile: Profile, tuning_db: Path | None, conv_generic: frozenset[str],
+           batch: int) -> tuple[Any, Any, list[str]]:
+    """(steps, the lowered module, kernels the tuning database left naive) of ``model`` for ``profile``."""
+    mod = import_onnx(model, batch)
+    steps = pipeline(profile, tuning_db, conv_generic)
+    naive: list[str] = []
+    for name, step in steps:
+        mod = step(mod)
+        if name == "apply-tuning-db":
+            naive = naive_kernels(mod)  # checked right after applying, before the vector rule
+    return steps, mod, naive
 
 
 # Android: no NDK offline. clang + lld link for the Android triple without the C library (the kernels call

@@ -43,7 +43,8 @@ import onnx
 from kernels.tvm.schedule.vector_rule import covers_fully, schedule_naive
 from targets.base import TuneOptions
 from targets.tvm.build import library_linker
-from targets.tvm.database import apply_database, naive_kernels, open_database
+from targets.tvm.conv_choice import COMPARE_S, ConvLayer, compare, conv_layers, conv_tasks
+from targets.tvm.database import apply_database, naive_kernels, open_database, record_kernel_choices
 from targets.tvm.frontend import import_onnx, tvm_target
 from targets.tvm.pipeline import pipeline
 from toolchain.core.cache import Artifact, Cache, StepKey
@@ -61,6 +62,8 @@ FIRST_TRIAL_S = 2.0
 # The parent kills a tuning process still running this long after its deadline (a batch that overran its
 # estimate); the records of every finished batch stay in the database.
 DEADLINE_GRACE_S = 10.0
+# Under a time budget, the share kept for comparing each conv layer's tuned schedule with the hand-written kernel.
+COMPARE_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,22 @@ def run_tuning(model_path: Path, profile: Profile, cfg: TuneConfig, db_dir: Path
                      if worth_tuning(t.dispatched[0]["main"], cfg.min_mflops, _rule_lanes(profile))[0]]
     elif cfg.min_mflops > 0:
         light = [t for t in extracted if _mflops(t.dispatched[0]) < cfg.min_mflops]
+    # The hand-written conv layers compete: their generic form is tuned too (after the layers that run naive),
+    # then each layer is timed both ways and the faster is recorded (targets.tvm.conv_choice). Measured here,
+    # so only where the candidates run on this machine.
+    import tvm_ffi
+
+    layers = conv_layers(onnx.load(str(model_path)), profile, cfg.min_mflops) \
+        if cfg.tracker is None and profile.is_host_native else []
+    seen = {tvm_ffi.structural_hash(t.dispatched[0]) for t in extracted}
+    competitors: set[int] = set()
+    for layer in layers:
+        for t in conv_tasks(layer, profile):
+            h = tvm_ffi.structural_hash(t.dispatched[0])
+            if h not in seen:
+                seen.add(h)
+                extracted.append(t)
+                competitors.add(id(t))
     total = cfg.trials + cfg.trials_per_batch * len(light)
     per_task = cfg.max_trials_per_task or total
     plans: list[_TaskPlan] = []
@@ -271,7 +290,8 @@ def run_tuning(model_path: Path, profile: Profile, cfg: TuneConfig, db_dir: Path
         done_before += min(have, cap)
         if have < cap:
             plans.append(_TaskPlan(t, t.task_name, _mflops(t.dispatched[0]), have, cap))
-    plans.sort(key=lambda p: -float(p.task.weight) * (p.mflops if p.mflops != float("inf") else 1e12))
+    plans.sort(key=lambda p: (id(p.task) in competitors,
+                              -float(p.task.weight) * (p.mflops if p.mflops != float("inf") else 1e12)))
     budget = max(0, total - done_before)
     _emit({"event": "start", "tasks": len(extracted), "to_tune": len(plans), "budget": budget,
            "resumed_trials": done_before, "plan": [p.uncovered() for p in plans]})
@@ -324,6 +344,24 @@ def run_tuning(model_path: Path, profile: Profile, cfg: TuneConfig, db_dir: Path
     _emit(result)
     del tvm
     return result
+
+
+def choose_conv_kernels(layers: list[ConvLayer], profile: Profile, db_dir: Path,
+                        deadline: float | None) -> dict[str, dict[str, Any]]:
+    """Per conv layer (heaviest first, while a comparison still fits before ``deadline``): the hand-written kernel
+    vs the tuned schedule, timed interleaved; each choice is recorded in the database as soon as it is made (a
+    run killed at its deadline keeps the ones before). Layers not compared keep the hand-written kernel."""
+    choices: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        if deadline is not None and time.time() + COMPARE_S > deadline:
+            _emit({"event": "budget", "stopped_before": f"comparing {layer.key}",
+                   "left_s": round(deadline - time.time(), 1)})
+            break
+        rec = compare(layer, profile, db_dir)
+        choices[layer.key] = rec
+        record_kernel_choices(db_dir, {layer.key: rec})
+        _emit({"event": "kernel_choice", "layer": layer.key, **rec})
+    return choices
 
 
 def _tune_batches(plans: list[_TaskPlan], budget: int, batch: int, deadline: float | None, work: Path,
@@ -437,12 +475,41 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Run tuning in a child process (no torch there) with a progress bar; returns its summary."""
+    """Run tuning in a child process (no torch there) with a progress bar, then (locally, for a model with direct
+    conv layers) compare each conv layer's tuned schedule with the hand-written kernel here and record the choices
+    (``conv_choices`` in the summary). Under a time budget the comparisons get ``COMPARE_SHARE`` of it (at most
+    ``COMPARE_S`` per conv): the tuning child's deadline is that much earlier. Returns the summary."""
     if cfg.trials == 0:
         return {"event": "done", "measured": 0, "failed": 0, "naive": [], "database": str(db_dir)}
+    t_start = time.time()
     spec = cfg.remote_spec()  # bad --tracker / missing token: a UsageError before anything starts
     device = _preflight(spec) if spec is not None else None  # wrong key/token: fails in seconds, not N trials
-    deadline = time.time() + cfg.budget_s if cfg.budget_s is not None else None
+    profile = load_profile(profile_id)
+    convs = _direct_conv_count(model_path, profile) if spec is None and profile.is_host_native else 0
+    deadline = t_start + cfg.budget_s if cfg.budget_s is not None else None
+    tune_deadline = deadline
+    if deadline is not None and convs and cfg.budget_s is not None:
+        tune_deadline = deadline - min(COMPARE_SHARE * cfg.budget_s, COMPARE_S * convs)
+    result = _tune_child(model_path, profile_id, cfg, db_dir, spec, tune_deadline, t_start, progress)
+    if convs:
+        layers = conv_layers(onnx.load(str(model_path)), profile, cfg.min_mflops)
+        result["conv_choices"] = choose_conv_kernels(layers, profile, db_dir, deadline)
+        result["elapsed_s"] = round(time.time() - t_start, 1)
+    if device is not None:
+        result["device"] = f"rpc://{device} (key {cfg.device_key})"
+    return result
+
+
+def _direct_conv_count(model_path: Path, profile: Profile) -> int:
+    """How many Conv nodes ``model_path`` has where the profile has the direct conv kernel (0 otherwise)."""
+    if not profile.kernels.use_direct_conv:
+        return 0
+    return sum(1 for n in onnx.load(str(model_path), load_external_data=False).graph.node if n.op_type == "Conv")
+
+
+def _tune_child(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, spec: RemoteSpec | None,
+                deadline: float | None, t_start: float, progress: bool) -> dict[str, Any]:
+    """The tuning process: started, followed (progress bar), killed with its workers at ``deadline`` + grace."""
     cmd = [sys.executable, "-m", "targets.tvm.tuning", "--model", str(model_path), "--profile", profile_id,
            "--db", str(db_dir), "--config", json.dumps(cfg.public())]
     if deadline is not None:
@@ -509,15 +576,13 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
         uncovered = [{**p, "trials": p["trials"] + tuned.get(p["task"], 0)} for p in plan
                      if p["trials"] + tuned.get(p["task"], 0) < p["wanted"]]
         return {"event": "done", "measured": measured, "failed": None, "naive": None, "database": str(db_dir),
-                "config": cfg.public(), "elapsed_s": round(time.time() - deadline + (cfg.budget_s or 0), 1),
+                "config": cfg.public(), "elapsed_s": round(time.time() - t_start, 1),
                 "stopped_by_budget": True, "killed_at_deadline": True, "uncovered": uncovered}
     if failure is not None:  # an edgec error in the child: the same class and one-line message here
         raise _ERRORS.get(str(failure.get("type")), InfraError)(str(failure["message"]))
     if rc != 0 or result is None:
         tail = (err.strip().splitlines() or ["no output"])[-1][:200]
         raise InfraError(f"tuning process failed (exit {rc}): {tail}; rerun to resume from {db_dir}")
-    if device is not None:
-        result["device"] = f"rpc://{device} (key {cfg.device_key})"
     return result
 
 

@@ -236,7 +236,7 @@ class SubstituteConv(RewritePass):
                             "out": [oc, p.oh, p.ow], "kernel_hw": [kh, kw], "stride": list(p.stride),
                             "pad": list(pad4), "block_oc": boc, "tile_ow": choose_tile_ow(p.ow, p.tile_ow),
                             "bias": b is not None, "relu": relu, "residual": residual is not None,
-                            "mflops": round(p.mflops, 2)})
+                            "mflops": round(p.mflops / (ic if depthwise else 1), 2)})  # one input channel each
         yshape = (n, oc, p.oh, p.ow)
         args = [rw.visit_expr(x), wc, bias, *([rw.visit_expr(residual)] if residual is not None else [])]
         return relax.call_tir(gv, args, relax.TensorType(yshape, "float32")), "conv"

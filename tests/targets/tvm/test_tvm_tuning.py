@@ -215,3 +215,106 @@ def test_phone_candidates_are_linked_like_the_phone_library(tmp_path: Path) -> N
     if shutil.which(prof.cpu.cross_cc or ""):  # the GNU cross link it replaced: its own page size (64 KB)
         old = Path(candidate_exporter(prof.cpu.cross_cc)(lib))
         assert read_elf(old).loads[0].align != ANDROID_PAGE
+
+
+def _resblock_model(tmp_path: Path) -> Path:
+    """A ResNet-style block with a downsample: conv 3x3/2 + relu, conv 3x3, 1x1/2 downsample conv, the two summed,
+    relu. The Add is absorbed by one of the two convs it sums (two layer shapes share it)."""
+    rng = np.random.default_rng(2)
+
+    def w(oc: int, ic: int, k: int) -> np.ndarray:
+        return (rng.standard_normal((oc, ic, k, k)) / np.sqrt(ic * k * k)).astype(np.float32)
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wd", "bd"], ["cd"], kernel_shape=[1, 1], strides=[2, 2]),
+             helper.make_node("Add", ["c2", "cd"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    inits = {"w1": w(32, 16, 3), "b1": np.zeros(32, np.float32), "w2": w(32, 32, 3),
+             "b2": np.full(32, 0.1, np.float32), "wd": w(32, 16, 1), "bd": np.zeros(32, np.float32)}
+    return _save(tmp_path / "resblock.onnx", nodes, [1, 16, 24, 24], [1, 32, 12, 12], inits)
+
+
+def _commit_plain_record(layer: object, prof: object, db_dir: Path) -> None:
+    """A tuning record for the layer's generic conv: its loop nest unchanged (a valid schedule MetaSchedule would
+    measure like any other), so the database covers the layer without running a search."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from targets.tvm.conv_choice import conv_tasks
+    from targets.tvm.database import open_database
+    from targets.tvm.frontend import tvm_target
+
+    (task,) = conv_tasks(layer, prof)  # type: ignore[arg-type]
+    mod = task.dispatched[0]
+    db = open_database(db_dir)
+    sch = tvm.s_tir.Schedule(mod)
+    sch.get_loops(sch.get_child_blocks(sch.get_sblock("root"))[-1])  # a trace of one step (an empty one is skipped)
+    db.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, db.commit_workload(mod), [tvm.tirx.FloatImm("float64", 1e-5)], tvm_target(prof),  # type: ignore[arg-type]
+        ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+
+
+def test_conv_layers_are_sliced_as_the_build_matches_them(tmp_path: Path) -> None:
+    from kernels.tvm import KernelConfig
+    from kernels.tvm.passes import SubstituteConv
+    from targets.tvm.conv_choice import conv_layers
+    from targets.tvm.frontend import import_onnx
+
+    model = onnx.load(str(_resblock_model(tmp_path)))
+    prof = load_profile("x86-avx512")
+    layers = conv_layers(model, prof)
+    whole = SubstituteConv.create(KernelConfig.from_profile(prof))
+    whole(import_onnx(model))
+    assert sorted(c.key for c in layers) == sorted(r["layer"] for r in whole.report)  # all 3, as the build has them
+    assert sum("+residual" in c.key for c in layers) == 1  # the Add went to one conv, not both
+    assert [c.mflops for c in layers] == sorted((c.mflops for c in layers), reverse=True)
+    assert [c.key for c in conv_layers(model, prof, min_mflops=1.0)] == [c.key for c in layers if c.mflops >= 1.0]
+
+
+def test_build_keeps_the_tuned_conv_only_where_chosen_and_recorded(tmp_path: Path) -> None:
+    """The database's kernel choice decides per layer: a layer chosen "tuned" with a record leaves the direct kernel
+    for its tuned schedule (the kernels list says which); chosen without a record, the build falls back to the
+    hand-written kernel instead of running naive loops; a comparison needs a record to pick anything but "hand"."""
+    import onnxruntime as ort
+
+    from targets.tvm.build import build_library
+    from targets.tvm.conv_choice import compare, conv_layers
+    from targets.tvm.database import database_digest, record_kernel_choices, tuned_conv_layers
+    from toolchain.device.runners import TvmLibRunner
+
+    path = _resblock_model(tmp_path)
+    model = onnx.load(str(path))
+    prof = load_profile("x86-avx512")
+    layer = conv_layers(model, prof)[0]
+    x = np.random.default_rng(0).standard_normal((1, 16, 24, 24)).astype(np.float32)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    def build(db: Path) -> dict:
+        meta = build_library(model, prof, tmp_path / "m.so", tuning_db=db)
+        out = TvmLibRunner(tmp_path / "m.so", ["x"], 1).infer({"x": x})[0]
+        assert np.abs(np.asarray(out) - ref).max() <= 1e-4 * np.abs(ref).max()
+        assert meta["naive"] == []
+        return meta
+
+    empty = tmp_path / "empty"
+    assert compare(layer, prof, empty)["origin"] == "hand"  # nothing tuned: nothing to compare
+    record_kernel_choices(empty, {layer.key: {"origin": "tuned"}})  # chosen, but the database has no record
+    assert tuned_conv_layers(empty) == {layer.key}
+    meta = build(empty)
+    assert meta["conv_tuned"] == {} and [k.get("choice") for k in meta["kernels"]].count("hand") == 3
+
+    db = tmp_path / "db"
+    _commit_plain_record(layer, prof, db)
+    before = database_digest(db)
+    rec = compare(layer, prof, db)
+    assert rec["hand_us"] > 0 and rec["tuned_us"] > 0
+    assert rec["origin"] == ("tuned" if rec["tuned_us"] < rec["hand_us"] else "hand")
+    record_kernel_choices(db, {layer.key: {**rec, "origin": "tuned"}})  # as if it had measured faster
+    assert database_digest(db) != before  # a new choice is a new tuned build
+    meta = build(db)
+    assert list(meta["conv_tuned"]) == [layer.key]
+    choices = [(k["origin"], k["choice"]) for k in meta["kernels"] if "choice" in k]
+    assert sorted(choices) == [("hand-written", "hand"), ("hand-written", "hand"), ("tuned", "tuned")]
