@@ -501,10 +501,19 @@ def tune(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, progr
 
 
 def _direct_conv_count(model_path: Path, profile: Profile) -> int:
-    """How many Conv nodes ``model_path`` has where the profile has the direct conv kernel (0 otherwise)."""
+    """How many Conv nodes of ``model_path`` the direct conv kernels can take (a constant weight, groups 1 or one
+    input channel per group), where the profile has them (0 otherwise): an upper bound, read without TVM."""
     if not profile.kernels.use_direct_conv:
         return 0
-    return sum(1 for n in onnx.load(str(model_path), load_external_data=False).graph.node if n.op_type == "Conv")
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name: list(i.dims) for i in graph.initializer}
+    count = 0
+    for n in graph.node:
+        groups = next((int(a.i) for a in n.attribute if a.name == "group"), 1)
+        dims = weights.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        if dims is not None and len(dims) == 4 and (groups == 1 or dims[1] == 1):
+            count += 1
+    return count
 
 
 def _tune_child(model_path: Path, profile_id: str, cfg: TuneConfig, db_dir: Path, spec: RemoteSpec | None,
