@@ -35,7 +35,7 @@ import numpy as np
 from kernels.tvm import ATTR_KERNEL
 from kernels.tvm.tir.gemv import GemvParams, emit_layer
 from kernels.tvm.tir.gemv_bf16 import emit_layer_bf16
-from kernels.tvm.tir.int8_dot import DotParams, emit_dot_layer
+from kernels.tvm.tir.int8_dot import ActivationPrologue, DotParams, emit_dot_layer
 
 KERNEL_NAME = "gemv-chain-f32"
 KERNEL_NAME_BF16 = "gemv-chain-bf16w"
@@ -124,6 +124,7 @@ def chain_kernel(steps: list[ChainStep], widths: list[int], x_shape: tuple[int, 
         y = T.alloc_buffer((m, y_width), "float32", scope="local") if columns else out
         scratch = [T.alloc_buffer((m, w), "float32", scope="local" if m * w * 4 <= LOCAL_SCRATCH_BYTES else "global")
                    for w in widths]
+        quantized: dict[tuple[Any, ...], ActivationPrologue] = {}  # (src, quantization) -> its prologue
         for s, offs in zip(steps, offsets, strict=True):
             p, n = s.layer.params, s.layer.params.n
             src = x if s.src < 0 else scratch[s.src]
@@ -140,7 +141,10 @@ def chain_kernel(steps: list[ChainStep], widths: list[int], x_shape: tuple[int, 
                 assert isinstance(p, DotParams)
                 views = [T.decl_buffer((max(1, c.size),), d, data=pool[d].data, elem_offset=o)
                          for c, d, o in zip(s.layer.consts, CONST_DTYPES["i8"], offs, strict=True)]
-                emit_dot_layer(p, src, views[0], views[1], dst, None, views[2], views[3])
+                # Branches reading one input quantized alike share its quantized copy.
+                key = (s.src, p.isa, p.dynamic, p.x_scale, p.x_zero)
+                quantized[key] = emit_dot_layer(p, src, views[0], views[1], dst, None, views[2], views[3],
+                                                quantized.get(key))
         if columns:
             with T.serial(m) as r:
                 for j, c in enumerate(columns):

@@ -290,11 +290,13 @@ def dot_output(pro: ActivationPrologue, v: Any, j: Any, colsum: Any, scale: Any 
 
 
 def emit_dot_layer(p: DotParams, x: Any, wp: Any, cs: Any, y: Any, zp: Any = None, ws: Any = None,
-                   bb: Any = None) -> None:
+                   bb: Any = None, pro: ActivationPrologue | None = None) -> ActivationPrologue:
     """Emit, into the PrimFunc the IRBuilder is building, the int8 layer ``p``: x / y (M, K) / (M, N)
     buffers, the ``pack_int8`` weight in ``wp``, its column sums in ``cs``; MatMulInteger of uint8 x with
     the zero point ``zp``, or (``p.float_io``) the whole layer with the per-column scales ``ws`` and bias
-    ``bb``. ``dot_kernel`` emits one layer per PrimFunc; ``kernels.tvm.tir.chain`` several."""
+    ``bb``. ``pro``: x already quantized as this layer quantizes it (by an earlier layer reading the same x),
+    so no prologue. Returns the prologue. ``dot_kernel`` emits one layer per PrimFunc; ``kernels.tvm.tir.chain``
+    several."""
     from tvm.script.ir_builder import tirx as T
 
     isa = ISAS[p.isa]
@@ -306,7 +308,8 @@ def emit_dot_layer(p: DotParams, x: Any, wp: Any, cs: Any, y: Any, zp: Any = Non
     MO = M // RB
     SF = max(1, FULL_CHAINS // (RB * (BN // V)))
     ST = max(1, TAIL_CHAINS // (RB * (TBN // V)))
-    pro = emit_activation_prologue(isa, x, M, K, zp, p.dynamic, p.x_scale, p.x_zero)
+    if pro is None:
+        pro = emit_activation_prologue(isa, x, M, K, zp, p.dynamic, p.x_scale, p.x_zero)
     x32 = pro.words
 
     def out(v: Any, j: Any) -> Any:
@@ -349,6 +352,7 @@ def emit_dot_layer(p: DotParams, x: Any, wp: Any, cs: Any, y: Any, zp: Any = Non
     if TAIL > 0:
         acc_t = T.alloc_buffer((ST, RB, TBN), "int32", scope="local")
         block(FULL * K4 * BN * 4, FULL * BN, TBN, ST, TAIL, acc_t)
+    return pro
 
 
 ATTR_DOT = "edgec.dot"  # PrimFunc attribute: the DotParams of a whole-layer int8 kernel, as JSON
