@@ -180,12 +180,16 @@ class FuseLif(RewritePass):
             dyn = int8_layer(g.source, bound, uses) if found is None and g.rows <= cfg.lif_layer_max_rows else None
             if dyn is not None:  # C = dynamic-int8 layer of S: quantization, int8 matmul, recurrence in one kernel
                 isa = ISAS[cfg.int8_isa]
-                bn = lif.int8_layer_block_n(g.rows, isa.lanes)
+                _, bn = lif.int8_layer_tiles(g.rows, isa.lanes)
                 xs = static_shape(dyn.x)
                 assert xs is not None
                 func = lif.fused_layer_int8_kernel(g, dyn.w.shape[0], n, bn, isa.name, dyn.bias is not None, xs)
-                consts = [pack_int8(dyn.w, bn, isa.lanes), column_sums(dyn.w), dyn.wscale,
-                          dyn.bias if dyn.bias is not None else np.zeros((1,), np.float32)]
+                cols = np.zeros((3, lif.padded_columns(n, bn, isa.lanes)), np.float32)  # zero-padded per column
+                cols[0, :n], cols[1, :n] = column_sums(dyn.w), dyn.wscale
+                if dyn.bias is not None:
+                    cols[2, :n] = dyn.bias
+                consts = [pack_int8(dyn.w, bn, isa.lanes), cols[0].astype(np.int32), cols[1],
+                          cols[2] if dyn.bias is not None else cols[2, :1]]
                 args = [rw.visit_expr(dyn.x), *(relax.const(a) for a in consts)]
                 info = {"kernel": lif.LAYER_KERNEL_NAME_INT8, "in": int(dyn.w.shape[0]), "block_n": bn, "isa": isa.name}
             elif found is not None:  # C = S @ W [+ b]: matmul and recurrence in one event-driven kernel
