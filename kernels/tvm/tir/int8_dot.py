@@ -188,7 +188,7 @@ def emit_dynamic_quantization(x: Any, rows: int, k: int) -> tuple[Any, Any, Call
     from tvm.tirx import Cast
 
     L = 16  # partial extrema per vector lane; the rest scalar
-    flat = T.decl_buffer((rows * k,), "float32", data=x.data, elem_offset=x.elem_offset, strides=None)
+    flat = T.decl_buffer((rows * k,), "float32", data=x.data)
     main = rows * k // L * L
     ext = T.alloc_buffer((2, L), "float32", scope="local")
     with T.vectorized(L) as i:
