@@ -12,6 +12,7 @@ per output column on the CPU's int8 dot products) where the profile has them and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from kernels.tvm.passes._rewrite import (
     static_shape,
     value_of,
 )
-from kernels.tvm.passes.substitute_gemv import match_dynamic_layer
+from kernels.tvm.passes.substitute_gemv import DynamicLayer, match_dynamic_layer
 from kernels.tvm.tir import kan
 from kernels.tvm.tir._elementwise import BINARY, CONCAT, CONST, INPUT, SLICE, UNARY, Node
 from kernels.tvm.tir.bf16 import bf16_constant_array, to_bf16_bits
@@ -39,15 +40,16 @@ BINARY_OPS = ("add", "subtract", "multiply", "divide", "greater_equal", "greater
               "logical_and", "logical_or", "maximum", "minimum", "power")
 
 
-def extract_basis(v_expr: Any, lookup: Any) -> kan.BasisGraph:
+def extract_basis(v_expr: Any, lookup: Any, elementwise: bool = False) -> kan.BasisGraph:
     """Per-feature graph producing ``v_expr`` (shape (..., n, K)), ``lookup(var)`` giving a variable's bound
-    value; raises NoMatch."""
+    value; raises NoMatch. ``elementwise``: ``v_expr`` has the input's own shape (..., n), one value per
+    feature (a base branch's SiLU)."""
     import tvm
     from tvm import relax
 
     vshape = require_shape(v_expr)
-    root_shape = vshape[:-1]
-    rank = len(vshape)
+    root_shape = vshape if elementwise else vshape[:-1]
+    rank = len(root_shape) + 1
     g = kan.BasisGraph()
     memo: dict[Any, int] = {}
 
@@ -168,6 +170,111 @@ def extract_basis(v_expr: Any, lookup: Any) -> kan.BasisGraph:
     return g
 
 
+@dataclass(frozen=True)
+class Int8Plan:
+    """One dynamic-int8 KAN layer to emit as ``kan.fused_kan_int8_kernel``: its input, the basis graph, the
+    contraction's int8 weight (basis-major rows), and the optional LayerNorm and base branch."""
+
+    x: Any  # the Relax var the kernel reads
+    graph: kan.BasisGraph
+    params: kan.Int8Layer
+    spline: DynamicLayer
+    norm: tuple[np.ndarray, np.ndarray] | None = None  # gamma, beta
+    base: DynamicLayer | None = None
+
+
+def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int) -> dict[Any, Int8Plan]:
+    """var -> the int8 KAN layer ending at its binding, for every dynamic-int8 contraction over a basis in one
+    function (``bound`` / ``uses`` from ``bindings_and_uses``). Where the layer's output is only added to a
+    dynamic-int8 base branch over the same input (``add(spline, base)``), the plan is the whole layer, at the
+    add; a LayerNorm of that input feeding only the basis is taken in too."""
+    import tvm
+    from tvm import relax
+
+    if isa not in ISAS:
+        return {}
+    op_reshape, op_add = tvm.ir.Op.get("relax.reshape"), tvm.ir.Op.get("relax.add")
+    op_norm = tvm.ir.Op.get("relax.nn.layer_norm")
+
+    def lookup(e: Any) -> Any:
+        return bound.get(e) if isinstance(e, relax.Var) else None
+
+    def spline_of(value: Any) -> tuple[DynamicLayer, kan.BasisGraph, int, int, tuple[int, ...]] | None:
+        layer = match_dynamic_layer(value, bound, uses, [], isa)
+        rs = lookup(layer.x) if layer is not None else None
+        if layer is None or layer.relu or not (isinstance(rs, relax.Call) and rs.op == op_reshape):
+            return None
+        vs, xs = static_shape(rs.args[0]), static_shape(layer.x)
+        if vs is None or xs is None or len(vs) < 2 or int(np.prod(vs[:-2])) != 1 or int(np.prod(xs[:-1])) != 1:
+            return None
+        n, kk = vs[-2], vs[-1]
+        out = int(layer.w.shape[1])
+        if kk < 2 or layer.w.shape[0] != n * kk or out > kan.MAX_OUT:
+            return None
+        try:
+            g = extract_basis(rs.args[0], lookup)
+        except NoMatch:
+            return None
+        root_shape = static_shape(g.root)
+        if root_shape is None or int(np.prod(root_shape)) != n:
+            return None
+        return layer, g, n, kk, (*xs[:-1], out)
+
+    def layer_norm_of(root: Any, x: Any | None, n: int) -> tuple[Any, np.ndarray, np.ndarray, float] | None:
+        """(its input, gamma, beta, eps) when ``root`` is only a LayerNorm over the last axis of a tensor
+        (``x`` where given) with constant gamma and beta."""
+        ln = lookup(root)
+        if not (isinstance(ln, relax.Call) and ln.op == op_norm) or uses.get(root, 0) != 1:
+            return None
+        src = ln.args[0]
+        rank = len(static_shape(src) or ())
+        axes = [int(a) for a in ln.attrs.axes]
+        gamma, beta = const_array(ln.args[1]), const_array(ln.args[2])
+        if (x is not None and not src.same_as(x)) or axes not in ([-1], [rank - 1]) or gamma is None \
+                or beta is None or gamma.size != n or beta.size != n or not (ln.attrs.center and ln.attrs.scale):
+            return None
+        return src, gamma.reshape(n).astype(np.float32), beta.reshape(n).astype(np.float32), float(ln.attrs.epsilon)
+
+    def make(x: Any, found: Any, norm: Any, base: DynamicLayer | None, base_graph: Any) -> Int8Plan:
+        layer, g, n, kk, yshape = found
+        out = int(layer.w.shape[1])
+        branch = kan.BaseBranch(base_graph, out, base.bias is not None) if base is not None else None
+        p = kan.Int8Layer(n=n, k=kk, out=out, isa=isa, block_n=kan.int8_block_n(out, isa), lanes=lanes,
+                          x_shape=static_shape(x), y_shape=yshape, bias=layer.bias is not None,
+                          norm_eps=norm[3] if norm is not None else None, base=branch)
+        return Int8Plan(x, g, p, layer, (norm[1], norm[2]) if norm is not None else None, base)
+
+    plans: dict[Any, Int8Plan] = {}
+    covered: set[Any] = set()
+    for var, value in bound.items():
+        if not (isinstance(value, relax.Call) and value.op == op_add):
+            continue
+        for a, b in (value.args, tuple(reversed(value.args))):
+            found = spline_of(lookup(a)) if uses.get(a, 0) == 1 else None
+            base = match_dynamic_layer(lookup(b), bound, uses, [], isa) if found and uses.get(b, 0) == 1 else None
+            if found is None or base is None or base.relu or base.w.shape != (found[2], found[0].w.shape[1]):
+                continue
+            try:
+                bg = extract_basis(base.x, lookup, elementwise=True)
+            except NoMatch:
+                continue
+            g = found[1]
+            norm = None if g.root.same_as(bg.root) else layer_norm_of(g.root, bg.root, found[2])
+            if norm is None and not g.root.same_as(bg.root):
+                continue
+            plans[var] = make(bg.root, found, norm, base, bg)
+            covered.add(a)
+            break
+    for var, value in bound.items():
+        if var in plans or var in covered:
+            continue
+        found = spline_of(value)
+        if found is not None:
+            norm = layer_norm_of(found[1].root, None, found[2])
+            plans[var] = make(norm[0] if norm is not None else found[1].root, found, norm, None, None)
+    return plans
+
+
 class FuseKan(RewritePass):
     """Folds constants, then replaces each KAN layer by one fused kernel; ``report``: one row per layer."""
 
@@ -227,47 +334,47 @@ class FuseKan(RewritePass):
                                 "out": int(w.shape[1]), "nodes": len(g.nodes)})
             return call, "kan"
 
-        def fuse_int8(rw: Any, v: Any, bound: dict[Any, Any], uses: dict[Any, int]) -> tuple[Any, str] | None:
-            """The int8 pass's dynamic-int8 layer over a basis (DynamicQuantizeLinear + MatMulInteger + scale
-            [+ bias]) as one kernel, on a CPU whose int8 dot products multiply W exactly."""
-            layer = match_dynamic_layer(v, bound, uses, [], self.cfg.int8_isa)
-            if layer is None or layer.relu:
-                return None
-            vexpr = basis_of(rw, layer.x)
-            xs = static_shape(layer.x)
-            if vexpr is None or xs is None:
-                return None
-            found = plan(rw, vexpr, layer.w, (*xs[:-1], layer.w.shape[1]))
-            if found is None:
-                return None
-            g, n, kk, yshape = found
-            isa, out = self.cfg.int8_isa, int(layer.w.shape[1])
-            wmajor = kan.basis_major(layer.w, n, kk)
-            p = kan.Int8Layer(n=n, k=kk, out=out, isa=isa, block_n=kan.int8_block_n(out, isa), lanes=lanes,
-                              x_shape=static_shape(g.root), y_shape=yshape, bias=layer.bias is not None)
-            func = kan.fused_kan_int8_kernel(g, p)
-            name = f"edgec_kan_i8_{len(self.report)}"
-            gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
-            consts = [pack_int8(wmajor, p.block_n, ISAS[isa].lanes), column_sums(wmajor), layer.wscale,
-                      layer.bias if layer.bias is not None else np.zeros((1,), np.float32)]
-            call = relax.call_tir(gv, [rw.visit_expr(g.root), *(relax.const(c) for c in consts)],
-                                  relax.TensorType(yshape, "float32"))
-            self.report.append({"kernel": kan.KERNEL_NAME_INT8, "func": name, "in": n, "basis": kk, "out": out,
-                                "nodes": len(g.nodes), "isa": isa, "dynamic_quantization": True})
-            return call, "kan"
-
         def rewrite_for(func: Any) -> Any:
             if not isinstance(func.body, relax.SeqExpr):
                 return None
             bound, uses = bindings_and_uses(func)
+            plans = int8_plans(bound, uses, self.cfg.int8_isa, lanes)
 
             def fuse(rw: Any, binding: Any) -> tuple[Any, str] | None:
-                return fuse_fp32(rw, binding.value) or fuse_int8(rw, binding.value, bound, uses)
+                plan_i8 = plans.get(binding.var)
+                if plan_i8 is not None:
+                    return self._emit_int8(rw, plan_i8)
+                return fuse_fp32(rw, binding.value)
 
             return fuse
 
         folded = relax.transform.FoldConstant()(mod)
         return rewrite_bindings(folded, rewrite_for)
+
+
+    def _emit_int8(self, rw: Any, plan: Int8Plan) -> tuple[Any, str]:
+        """The call_tir of the int8 fused kernel for ``plan`` (its PrimFunc added to the module)."""
+        from tvm import relax
+
+        p = plan.params
+        isa_lanes = ISAS[p.isa].lanes
+        wmajor = kan.basis_major(plan.spline.w, p.n, p.k)
+        func = kan.fused_kan_int8_kernel(plan.graph, p)
+        name = f"edgec_kan_i8_{len(self.report)}"
+        gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
+        zeros = np.zeros((1,), np.float32)
+        consts: list[np.ndarray] = [*(plan.norm or ()), pack_int8(wmajor, p.block_n, isa_lanes), column_sums(wmajor),
+                                    plan.spline.wscale, plan.spline.bias if plan.spline.bias is not None else zeros]
+        if plan.base is not None:
+            base = plan.base
+            consts += [pack_int8(base.w, p.block_n, isa_lanes), column_sums(base.w), base.wscale,
+                       base.bias if base.bias is not None else zeros]
+        call = relax.call_tir(gv, [rw.visit_expr(plan.x), *(relax.const(c) for c in consts)],
+                              relax.TensorType(p.y_shape, "float32"))
+        self.report.append({"kernel": kan.KERNEL_NAME_INT8, "func": name, "in": p.n, "basis": p.k, "out": p.out,
+                            "nodes": len(plan.graph.nodes), "isa": p.isa, "dynamic_quantization": True,
+                            "layer_norm": plan.norm is not None, "base_branch": plan.base is not None})
+        return call, "kan"
 
 
 __all__ = ["FuseKan", "extract_basis"]

@@ -90,7 +90,7 @@ def _table(exact_exp: bool) -> dict[str, Any]:
         "sqrt": tvm.tirx.sqrt,
         "exp": tvm.tirx.exp if exact_exp else fast_exp,
         "tanh": tvm.tirx.tanh,
-        "sigmoid": tvm.tirx.sigmoid,
+        "sigmoid": tvm.tirx.sigmoid if exact_exp else fast_sigmoid,
         "to_bool": lambda a: Select(a != zero, one, zero),
         "add": lambda a, b: a + b,
         "subtract": lambda a, b: a - b,
@@ -110,8 +110,9 @@ def _table(exact_exp: bool) -> dict[str, Any]:
 
 
 def apply_op(op: str, *args: Any, exact_exp: bool = False) -> Any:
-    """The float32 TIR expression for ``op`` (a name of UNARY_OPS / BINARY_OPS) on ``args``. ``exp`` is
-    ``fast_exp`` unless ``exact_exp`` (then ``llvm.exp``, bit-identical to TVM's generic lowering)."""
+    """The float32 TIR expression for ``op`` (a name of UNARY_OPS / BINARY_OPS) on ``args``. ``exp`` and
+    ``sigmoid`` are ``fast_exp`` / ``fast_sigmoid`` unless ``exact_exp`` (then ``llvm.exp``, bit-identical to
+    TVM's generic lowering, which scalarizes into one libm call per element)."""
     return _table(exact_exp)[op](*args)
 
 

@@ -38,7 +38,6 @@ from kernels.tvm.tir.int8_dot import (
     ISAS,
     dot4,
     emit_dynamic_quantization,
-    emit_quantized_copy,
     packed_size,
     tail_width,
 )
@@ -49,6 +48,7 @@ KERNEL_NAME_INT8 = "kan-fused-i8"  # dynamic int8: basis quantized per call, int
 MAX_OUT = 512  # accumulators for all outputs stay live: beyond this, leave the layer to the GEMV path
 LOCAL_BASIS_BYTES = 65536  # the int8 kernel's fp32 basis scratch lives on the stack up to this size
 CHAINS = 8  # independent int32 accumulator vectors per block of the int8 kernel (partial sums x vectors)
+QUANT_LANES = 16  # values per vector of the per-call quantization
 BLOCK_VECTORS = 4  # int32 accumulator vectors (output columns / isa lanes) per block of the int8 kernel
 
 
@@ -167,9 +167,21 @@ def fused_kan_kernel(g: BasisGraph, n: int, k: int, out: int, lanes: int, x_shap
 
 
 @dataclass(frozen=True)
+class BaseBranch:
+    """The layer's base branch over its input x, in dynamic int8: ``S(x) @ Wb * scales + bias`` with S a
+    per-element graph (efficient-kan / FastKAN's SiLU), quantized per call like the basis."""
+
+    graph: BasisGraph  # width-1 nodes over x
+    out: int
+    bias: bool
+
+
+@dataclass(frozen=True)
 class Int8Layer:
     """Shape and int8 form of one dynamic-int8 KAN layer (the int8 pass's DynamicQuantizeLinear + MatMulInteger
-    + scale over the basis): per-call uint8 basis values, int8 weights per output column."""
+    + scale over the basis): per-call uint8 basis values, int8 weights per output column. With ``norm_eps``
+    the basis input z is LayerNorm(x) over the n features (gamma, beta given), computed in the kernel; with
+    ``base`` the base branch over x is computed too and added (the whole layer in one kernel)."""
 
     n: int  # input features
     k: int  # basis functions per feature
@@ -180,6 +192,8 @@ class Int8Layer:
     x_shape: tuple[int, ...]
     y_shape: tuple[int, ...]
     bias: bool = False
+    norm_eps: float | None = None
+    base: BaseBranch | None = None
 
     @property
     def packed_size(self) -> int:
@@ -192,89 +206,205 @@ def basis_major(w: np.ndarray, n: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n, k, -1).transpose(1, 0, 2).reshape(n * k, -1))
 
 
-def fused_kan_int8_kernel(g: BasisGraph, p: Int8Layer) -> Any:
-    """PrimFunc ``(z[x_shape] f32, wp[packed] int8, colsum[out] int32, wscale[out] f32, b[out or 1] f32,
-    y[y_shape] f32)``: the whole dynamic-int8 KAN contraction, ONNX semantics of the int8 pass's graph:
+def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any) -> None:
+    """``v[0, j*n + i] = phi_j(z[i])`` for every feature i, ``lanes`` features at a time (a tail chunk for
+    the rest), the graph's intermediate values in a (rows, lanes) register scratch."""
+    from tvm.script.ir_builder import tirx as T
 
+    rows, nrows = scratch_rows(g)
+    s = T.alloc_buffer((max(1, nrows), lanes), "float32", scope="local")
+    chunks, rem = n // lanes, n % lanes
+    for count, width in ((chunks, lanes), (1 if rem else 0, rem)):
+        if count == 0:
+            continue
+        start = 0 if width == lanes else chunks * lanes
+        with T.serial(0, count) as ci:
+            base = start + ci * width
+            with T.vectorized(0, width) as lane:
+                phi = emit_basis(g, k, rows, z, s, base, lane)
+                for j in range(k):
+                    T.buffer_store(v, basis_value(phi[j], z, s, base, lane), [0, j * n + base + lane])
+
+
+def emit_layer_norm(x: Any, gamma: Any, beta: Any, n: int, lanes: int, eps: float) -> Any:
+    """A local (n,) buffer ``z = (x - mean) / sqrt(var + eps) * gamma + beta`` (mean and variance over the n
+    values of x, two passes, lane-wise partial sums)."""
+    from tvm.script.ir_builder import tirx as T
+
+    f32 = "float32"
+    main = n // lanes * lanes
+    part = T.alloc_buffer((2, lanes), f32, scope="local")
+    z = T.alloc_buffer((n,), f32, scope="local" if n * 4 <= LOCAL_BASIS_BYTES else "global")
+    with T.vectorized(lanes) as i:
+        T.buffer_store(part, T.float32(0), [0, i])
+        T.buffer_store(part, T.float32(0), [1, i])
+    with T.serial(main // lanes) as o, T.vectorized(lanes) as i:
+        T.buffer_store(part, part[0, i] + x[o * lanes + i], [0, i])
+    with T.serial(n - main) as r:
+        T.buffer_store(part, part[0, 0] + x[main + r], [0, 0])
+    with T.serial(lanes - 1) as i:
+        T.buffer_store(part, part[0, 0] + part[0, i + 1], [0, 0])
+    mean = T.bind(part[0, 0] / T.float32(n))
+    with T.serial(main // lanes) as o, T.vectorized(lanes) as i:
+        d = x[o * lanes + i] - mean
+        T.buffer_store(part, part[1, i] + d * d, [1, i])
+    with T.serial(n - main) as r:
+        d = x[main + r] - mean
+        T.buffer_store(part, part[1, 0] + d * d, [1, 0])
+    with T.serial(lanes - 1) as i:
+        T.buffer_store(part, part[1, 0] + part[1, i + 1], [1, 0])
+    inv = T.bind(T.float32(1) / T.sqrt(part[1, 0] / T.float32(n) + T.float32(eps)))
+    with T.serial(main // lanes) as o, T.vectorized(lanes) as i:
+        j = o * lanes + i
+        T.buffer_store(z, (x[j] - mean) * inv * gamma[j] + beta[j], [j])
+    with T.serial(n - main) as r:
+        T.buffer_store(z, (x[main + r] - mean) * inv * gamma[main + r] + beta[main + r], [main + r])
+    return z
+
+
+def emit_quantized_words(isa: Any, v: Any, nk: int, quantize: Any) -> Any:
+    """int8_dot's ``emit_quantized_copy`` for one row, in vectors of QUANT_LANES values (its single
+    nk-wide vector loop compiles to slow code at n*K in the thousands): the (1, K4) int32 view of the
+    zero-padded uint8 (sdot: shifted int8) copy of ``quantize(v)``."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    k4 = -(-nk // 4)
+    scope = "local" if k4 * 4 <= LOCAL_BASIS_BYTES else "global"
+    xq = T.alloc_buffer((k4 * 4,), isa.x_dtype, scope=scope)
+    main = nk // QUANT_LANES * QUANT_LANES
+
+    def put(i: Any) -> None:
+        u = quantize(v[0, i])
+        T.buffer_store(xq, u if not isa.x_shift else Cast("int8", Cast("int16", u) + T.int16(isa.x_shift)), [i])
+
+    with T.serial(main // QUANT_LANES) as o, T.vectorized(QUANT_LANES) as i:
+        put(o * QUANT_LANES + i)
+    with T.serial(nk - main) as r:
+        put(main + r)
+    with T.serial(k4 * 4 - nk) as r:
+        T.buffer_store(xq, T.Cast(isa.x_dtype, 0), [nk + r])
+    return T.decl_buffer((1, k4), "int32", data=xq.data, scope=scope)
+
+
+def emit_int8_contraction(isa_name: str, v: Any, nk: int, wp: Any, out: int, block_n: int,
+                          store: Any) -> None:
+    """Quantize the fp32 (1, nk) ``v`` as DynamicQuantizeLinear does and multiply it by the packed int8 weight
+    ``wp`` (``pack_int8(W, block_n, isa lanes)``) on the isa's dot products; ``store(acc, col, sx, zeff)`` gets
+    each output column's int32 sum of ``(vq + shift) * W`` (subtract ``zeff * colsum`` for the exact
+    ``(vq - zp) W``)."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    isa = ISAS[isa_name]
+    V, BN = isa.lanes, block_n
+    K4 = -(-nk // 4)
+    FULL, TAIL = out // BN, out % BN
+    # DynamicQuantizeLinear's scale and zero point as the graph computes them; the values are multiplied by
+    # 1 / scale instead of divided by it (a division per value costs more than the rest of the quantization;
+    # the quotient can differ in its last bit, moving a value that lies on a rounding tie by one step)
+    sx, zp, _ = emit_dynamic_quantization(v, 1, nk)
+    inv = T.bind(T.float32(1) / sx)
+    zpf = T.bind(Cast("float32", zp))
+
+    def quantize(e: Any) -> Any:
+        return Cast("uint8", T.max(T.min(T.round(e * inv) + zpf, T.float32(255)), T.float32(0)))
+
+    x32 = emit_quantized_words(isa, v, nk, quantize)
+    zeff = T.bind(Cast("int32", zp) + T.int32(isa.x_shift))  # the dot multiplies vq + shift
+
+    def block(woff: Any, col0: Any, W: int, NOUT: int) -> None:
+        S = max(1, CHAINS // (W // V))  # partial sums over k: independent dot chains
+        acc = T.alloc_buffer((S, W), "int32", scope="local")
+        with T.unroll(S) as si, T.unroll(W // V) as c:
+            T.buffer_store(acc, T.Broadcast(T.int32(0), V), [si, T.Ramp(c * V, 1, V)])
+
+        def step(si: Any, c: Any, kk: Any) -> None:
+            a = acc[si, T.Ramp(c * V, 1, V)]
+            w = wp[T.Ramp(woff + kk * W * 4 + c * V * 4, 1, 4 * V)]
+            T.buffer_store(acc, dot4(isa, a, x32[0, kk], w), [si, T.Ramp(c * V, 1, V)])
+
+        kmain = K4 // S * S
+        with T.serial(kmain // S) as ko, T.unroll(S) as si, T.unroll(W // V) as c:
+            step(si, c, ko * S + si)
+        with T.serial(K4 - kmain) as kr, T.unroll(W // V) as c:
+            step(0, c, kmain + kr)
+        with T.unroll(S - 1) as si, T.unroll(W // V) as c:
+            T.buffer_store(acc, acc[0, T.Ramp(c * V, 1, V)] + acc[si + 1, T.Ramp(c * V, 1, V)],
+                           [0, T.Ramp(c * V, 1, V)])
+        with T.serial(NOUT) as c:
+            store(acc[0, c], col0 + c, sx, zeff)
+
+    if FULL > 0:
+        with T.serial(FULL) as nb:
+            block(nb * K4 * BN * 4, nb * BN, BN, BN)
+    if TAIL > 0:
+        block(FULL * K4 * BN * 4, FULL * BN, tail_width(TAIL, V), TAIL)
+
+
+def fused_kan_int8_kernel(g: BasisGraph, p: Int8Layer) -> Any:
+    """PrimFunc ``(x[x_shape] f32, [gamma[n], beta[n] f32,] wp[packed] int8, colsum[out] int32, wscale[out]
+    f32, b[out or 1] f32, [wpb, colsum_b, wscale_b, b_b: the same for the base branch,] y[y_shape] f32)``: the
+    whole dynamic-int8 KAN layer, ONNX semantics of the int8 pass's graph:
+
+        z = LayerNorm(x) (``norm_eps``) or x
         v = phi(z) (n*K values, fp32, in basis-major order j*n + i)
         sx, zp = DynamicQuantizeLinear's scale and zero point of v; vq = quantize(v) (uint8)
         y[c] = float(sum_r (vq[r] - zp) W[r, c]) * (sx * wscale[c]) [+ b[c]]
+        [+ the same for u = S(x) by Wb, with its own scale and zero point, + b_b[c]  (``base``)]
 
-    with ``wp`` = ``pack_int8(basis_major(W), block_n, isa lanes)`` and ``colsum`` its column sums. The basis is
-    evaluated vectorised across features into an fp32 scratch (L1), quantized as the graph does (int8_dot's
-    ``emit_dynamic_quantization``), then multiplied on the CPU's int8 dot products (``dot4``)."""
+    with ``wp`` = ``pack_int8(basis_major(W), block_n, isa lanes)`` and ``colsum`` its column sums (the base
+    weight packed as it is). The basis is evaluated vectorised across features into an fp32 scratch (L1),
+    quantized as the graph does (int8_dot's ``emit_dynamic_quantization``), then multiplied on the CPU's int8
+    dot products (``dot4``)."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
 
     f32 = "float32"
-    isa = ISAS[p.isa]
-    n, k, out, lanes, V = p.n, p.k, p.out, p.lanes, isa.lanes
+    n, k, out, lanes = p.n, p.k, p.out, p.lanes
     nk = n * k
-    K4 = -(-nk // 4)
-    BN = p.block_n
-    FULL, TAIL = out // BN, out % BN
-    TBN = tail_width(TAIL, V)
-    rows, nrows = scratch_rows(g)
-    chunks, rem = n // lanes, n % lanes
+    scope = "local" if nk * 4 <= LOCAL_BASIS_BYTES else "global"
     with IRBuilder() as ib, T.prim_func():
         T.func_name("kan_fused_i8")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME_INT8, "tirx.is_scheduled": True})
-        zg = T.arg("z", T.buffer(p.x_shape, f32))
+        xg = T.arg("x", T.buffer(p.x_shape, f32))
+        if p.norm_eps is not None:
+            gamma = T.arg("gamma", T.buffer((n,), f32))
+            beta = T.arg("beta", T.buffer((n,), f32))
         wp = T.arg("wp", T.buffer((max(1, p.packed_size),), "int8"))
         cs = T.arg("colsum", T.buffer((out,), "int32"))
         ws = T.arg("wscale", T.buffer((out,), f32))
         bb = T.arg("b", T.buffer((out if p.bias else 1,), f32))
+        if p.base is not None:
+            bisa = ISAS[p.isa]
+            bpacked = packed_size(n, out, p.block_n, bisa.lanes)
+            wpb = T.arg("wp_base", T.buffer((max(1, bpacked),), "int8"))
+            csb = T.arg("colsum_base", T.buffer((out,), "int32"))
+            wsb = T.arg("wscale_base", T.buffer((out,), f32))
+            bbb = T.arg("b_base", T.buffer((out if p.base.bias else 1,), f32))
         yg = T.arg("y", T.buffer(p.y_shape, f32))
-        z = T.decl_buffer((n,), f32, data=zg.data)
+        x = T.decl_buffer((n,), f32, data=xg.data)
         y = T.decl_buffer((out,), f32, data=yg.data)
-        s = T.alloc_buffer((max(1, nrows), lanes), f32, scope="local")
-        v = T.alloc_buffer((1, nk), f32, scope="local" if nk * 4 <= LOCAL_BASIS_BYTES else "global")
-        for count, width in ((chunks, lanes), (1 if rem else 0, rem)):
-            if count == 0:
-                continue
-            start = 0 if width == lanes else chunks * lanes
-            with T.serial(0, count) as ci:
-                base = start + ci * width
-                with T.vectorized(0, width) as lane:
-                    phi = emit_basis(g, k, rows, z, s, base, lane)
-                    for j in range(k):
-                        T.buffer_store(v, basis_value(phi[j], z, s, base, lane), [0, j * n + base + lane])
-        sx, zp, quantize = emit_dynamic_quantization(v, 1, nk)
-        _, x32 = emit_quantized_copy(isa, v, 1, nk, quantize)
-        zeff = T.bind(Cast("int32", zp) + T.int32(isa.x_shift))  # the dot multiplies vq + shift
+        z = emit_layer_norm(x, gamma, beta, n, lanes, p.norm_eps) if p.norm_eps is not None else x
+        v = T.alloc_buffer((1, nk), f32, scope=scope)
+        emit_features(g, k, n, lanes, z, v)
 
-        def result(a: Any, c: Any) -> Any:
+        def spline_out(a: Any, c: Any, sx: Any, zeff: Any) -> None:
             f = Cast(f32, a - zeff * cs[c]) * (sx * ws[c])
-            return f + bb[c] if p.bias else f
+            T.buffer_store(y, f + bb[c] if p.bias else f, [c])
 
-        def block(woff: Any, col0: Any, W: int, NOUT: int) -> None:
-            S = max(1, CHAINS // (W // V))  # partial sums over k: independent dot chains
-            acc = T.alloc_buffer((S, W), "int32", scope="local")
-            with T.unroll(S) as si, T.unroll(W // V) as c:
-                T.buffer_store(acc, T.Broadcast(T.int32(0), V), [si, T.Ramp(c * V, 1, V)])
+        emit_int8_contraction(p.isa, v, nk, wp, out, p.block_n, spline_out)
+        if p.base is not None:
+            base = p.base
 
-            def step(si: Any, c: Any, kk: Any) -> None:
-                a = acc[si, T.Ramp(c * V, 1, V)]
-                w = wp[T.Ramp(woff + kk * W * 4 + c * V * 4, 1, 4 * V)]
-                T.buffer_store(acc, dot4(isa, a, x32[0, kk], w), [si, T.Ramp(c * V, 1, V)])
+            def base_out(a: Any, c: Any, sx: Any, zeff: Any) -> None:
+                f = Cast(f32, a - zeff * csb[c]) * (sx * wsb[c])
+                T.buffer_store(y, y[c] + (f + bbb[c] if base.bias else f), [c])
 
-            KMAIN = K4 // S * S
-            with T.serial(KMAIN // S) as ko, T.unroll(S) as si, T.unroll(W // V) as c:
-                step(si, c, ko * S + si)
-            with T.serial(K4 - KMAIN) as kr, T.unroll(W // V) as c:
-                step(0, c, KMAIN + kr)
-            with T.unroll(S - 1) as si, T.unroll(W // V) as c:
-                T.buffer_store(acc, acc[0, T.Ramp(c * V, 1, V)] + acc[si + 1, T.Ramp(c * V, 1, V)],
-                               [0, T.Ramp(c * V, 1, V)])
-            with T.serial(NOUT) as c:
-                T.buffer_store(y, result(acc[0, c], col0 + c), [col0 + c])
-
-        if FULL > 0:
-            with T.serial(FULL) as nb:
-                block(nb * K4 * BN * 4, nb * BN, BN, BN)
-        if TAIL > 0:
-            block(FULL * K4 * BN * 4, FULL * BN, TBN, TAIL)
+            u = T.alloc_buffer((1, n), f32, scope="local" if n * 4 <= LOCAL_BASIS_BYTES else "global")
+            emit_features(base.graph, 1, n, lanes, x, u)
+            emit_int8_contraction(p.isa, u, n, wpb, out, p.block_n, base_out)
     return ib.get()
 
 
@@ -293,5 +423,5 @@ def pack_coefficients(w: np.ndarray, lanes: int) -> np.ndarray:
     return out
 
 
-__all__ = ["KERNEL_NAME", "KERNEL_NAME_BF16W", "KERNEL_NAME_INT8", "MAX_OUT", "BasisGraph", "Int8Layer", "basis_major",
-           "fused_kan_int8_kernel", "fused_kan_kernel", "int8_block_n", "pack_coefficients"]
+__all__ = ["KERNEL_NAME", "KERNEL_NAME_BF16W", "KERNEL_NAME_INT8", "MAX_OUT", "BaseBranch", "BasisGraph", "Int8Layer",
+           "basis_major", "fused_kan_int8_kernel", "fused_kan_kernel", "int8_block_n", "pack_coefficients"]
