@@ -38,11 +38,16 @@ BINARY_OPS = ("add", "subtract", "multiply", "divide", "greater", "greater_equal
               "maximum", "minimum", "logical_and", "logical_or")
 
 
-def extract_recurrence(concat: Any, lookup: Any) -> lif.Recurrence:
+def extract_recurrence(concat: Any, lookup: Any, whole_input: bool = False) -> lif.Recurrence:
     """The graph behind ``concat((p_0, ..., p_{T-1}), axis=0)`` with every p_t of shape (1, N),
-    ``lookup(var)`` giving a variable's bound value; raises NoMatch."""
+    ``lookup(var)`` giving a variable's bound value; raises NoMatch. ``whole_input``: the parts are
+    elementwise graphs of one (1, N) float32 tensor itself (``source``, one row) instead of row slices, e.g. a
+    spiking net's rate code of its input image."""
     import tvm
     from tvm import relax
+
+    slicing = () if whole_input else ("strided_slice",)
+    own_ops = {f"relax.{name}" for name in (*UNARY_OPS, *BINARY_OPS, "astype", *slicing)}
 
     parts = list(concat.args[0].fields)
     part_shape = require_shape(parts[0])
@@ -67,9 +72,19 @@ def extract_recurrence(concat: Any, lookup: Any) -> lif.Recurrence:
             nid = add(Node(CONST, values=(float(a[0]),)))
         else:
             val = lookup(e) if isinstance(e, relax.Var) else e
-            if not isinstance(val, relax.Call) or not isinstance(val.op, tvm.ir.Op):
+            computed = isinstance(val, relax.Call) and isinstance(val.op, tvm.ir.Op) and val.op.name in own_ops
+            if whole_input and isinstance(e, relax.Var) and not computed:
+                if require_shape(e) != (1, n) or str(e.ty.dtype) != "float32":
+                    raise NoMatch("input leaf is not (1, N) float32")
+                if g.source is None:
+                    g.source, g.rows = e, 1
+                elif not g.source.same_as(e):
+                    raise NoMatch("two input tensors")
+                nid = add(Node(ROW, start=0))
+            elif not isinstance(val, relax.Call) or not isinstance(val.op, tvm.ir.Op):
                 raise NoMatch("leaf that is not a row slice")
-            nid = visit_call(val)
+            else:
+                nid = visit_call(val)
         memo[e] = nid
         return nid
 
@@ -101,7 +116,7 @@ def extract_recurrence(concat: Any, lookup: Any) -> lif.Recurrence:
         raise NoMatch(f"op {name}")
 
     g.outputs = [visit(p) for p in parts]
-    if g.source is None or g.rows != len(parts):
+    if g.source is None or g.rows != (1 if whole_input else len(parts)):
         raise NoMatch("outputs do not follow the rows of one tensor")
     return g
 
@@ -161,6 +176,18 @@ class FuseLif(RewritePass):
                 return None
             return dyn
 
+        def input_code(rw: Any, s_in: Any, k: int) -> lif.Recurrence | None:
+            """The per-step input S = ``concat(p_0 .. p_{T-1})`` as elementwise graphs of one (1, K) tensor, or None."""
+            v = value_of(rw, s_in)
+            if not (isinstance(v, relax.Call) and v.op == op_concat and int(v.attrs.axis) == 0
+                    and isinstance(v.args[0], relax.Tuple) and len(v.args[0].fields) >= 2):
+                return None
+            try:
+                code = extract_recurrence(v, lambda e: value_of(rw, e), whole_input=True)
+            except NoMatch:
+                return None
+            return code if static_shape(code.source) == (1, k) else None
+
         def fuse(rw: Any, binding: Any, bound: dict[Any, Any], uses: dict[Any, int]) -> tuple[Any, str] | None:
             v = binding.value
             g = None
@@ -181,17 +208,22 @@ class FuseLif(RewritePass):
             if dyn is not None:  # C = dynamic-int8 layer of S: quantization, int8 matmul, recurrence in one kernel
                 isa = ISAS[cfg.int8_isa]
                 _, bn = lif.int8_layer_tiles(g.rows, isa.lanes)
-                xs = static_shape(dyn.x)
+                s_in, code = dyn.x, input_code(rw, dyn.x, dyn.w.shape[0])
+                if code is not None:  # S itself is elementwise in one (1, K) tensor: computed in the kernel
+                    s_in = code.source
+                xs = static_shape(s_in)
                 assert xs is not None
-                func = lif.fused_layer_int8_kernel(g, dyn.w.shape[0], n, bn, isa.name, dyn.bias is not None, xs)
+                func = lif.fused_layer_int8_kernel(g, dyn.w.shape[0], n, bn, isa.name, dyn.bias is not None, xs,
+                                                   input_code=code)
                 cols = np.zeros((3, lif.padded_columns(n, bn, isa.lanes)), np.float32)  # zero-padded per column
                 cols[0, :n], cols[1, :n] = column_sums(dyn.w), dyn.wscale
                 if dyn.bias is not None:
                     cols[2, :n] = dyn.bias
                 consts = [pack_int8(dyn.w, bn, isa.lanes), cols[0].astype(np.int32), cols[1],
                           cols[2] if dyn.bias is not None else cols[2, :1]]
-                args = [rw.visit_expr(dyn.x), *(relax.const(a) for a in consts)]
-                info = {"kernel": lif.LAYER_KERNEL_NAME_INT8, "in": int(dyn.w.shape[0]), "block_n": bn, "isa": isa.name}
+                args = [rw.visit_expr(s_in), *(relax.const(a) for a in consts)]
+                info = {"kernel": lif.LAYER_KERNEL_NAME_INT8, "in": int(dyn.w.shape[0]), "block_n": bn, "isa": isa.name,
+                        "input_code": code is not None}
             elif found is not None:  # C = S @ W [+ b]: matmul and recurrence in one event-driven kernel
                 s_in, w, b = found
                 bn = lif.layer_block_n(g.rows, cfg.lanes)

@@ -264,7 +264,7 @@ def _emit_spike_quantization(isa: Any, s: Any, rows: int, k: int) -> tuple[Any, 
 
 
 def fused_layer_int8_kernel(g: Recurrence, k: int, n: int, block_n: int, isa_name: str, has_bias: bool,
-                            s_shape: tuple[int, ...], row_block: int = 0) -> Any:
+                            s_shape: tuple[int, ...], row_block: int = 0, input_code: Recurrence | None = None) -> Any:
     """PrimFunc ``(s[R, K] float32, wp[packed] int8, colsum[NP] int32, wscale[NP] float32, b[NP or 1] float32,
     out[T, N] float32)``: the dynamic-int8 layer (ONNX Runtime's DynamicQuantizeLinear of s, MatMulInteger by
     the ``int8_dot.pack_int8``-packed weight, ``* (sx * wscale) [+ b]``) and the recurrence on its output, in
@@ -272,7 +272,9 @@ def fused_layer_int8_kernel(g: Recurrence, k: int, n: int, block_n: int, isa_nam
     ``padded_columns`` NP. Event-driven like ``fused_layer_kernel``, per group of 4 inputs: groups whose
     quantized bytes are zero at every step are skipped (an exact zero term), so spikes cost only where some
     step fires. Products are exact integers and the dequantization the graph's own float operations:
-    bit-identical to the generic lowering of the same graph. ``row_block``: RB (0: ``int8_layer_tiles``)."""
+    bit-identical to the generic lowering of the same graph. ``row_block``: RB (0: ``int8_layer_tiles``).
+    ``input_code``: s is not the argument but computed from it, row t = ``input_code``'s output t of the (1, K)
+    argument (the elementwise rate code of an image; ``fuse_lif.extract_recurrence(whole_input=True)``)."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
@@ -294,7 +296,21 @@ def fused_layer_int8_kernel(g: Recurrence, k: int, n: int, block_n: int, isa_nam
         ws = T.arg("wscale", T.buffer((np_cols,), f32))
         bb = T.arg("b", T.buffer((np_cols if has_bias else 1,), f32))
         out = T.arg("out", T.buffer((t_out, n), f32))
-        s = T.decl_buffer((rows, k), f32, data=sg.data)
+        if input_code is None:
+            s = T.decl_buffer((rows, k), f32, data=sg.data)
+        else:  # every step's input from the one argument row, all steps per vector of inputs
+            x = T.decl_buffer((1, k), f32, data=sg.data)
+            s = T.alloc_buffer((rows, k), f32, scope="local" if rows * k * 4 <= LOCAL_X_BYTES else "global")
+            code_scratch = T.alloc_buffer((len(input_code.nodes), 16), f32, scope="local")
+
+            def code(base: int | Any, width: int) -> None:
+                with T.vectorized(0, width) as i:
+                    _emit_recurrence(input_code, lambda _r, i=i: x[0, base + i], code_scratch, s, i, base + i)
+
+            with T.serial(0, k // 16) as o:
+                code(o * 16, 16)
+            if k % 16:
+                code(k // 16 * 16, k % 16)
         sx, zeff, words, seen, K4 = _emit_spike_quantization(isa, s, rows, k)
         # The active groups: some step's byte is nonzero in one of their 4 inputs. Branch-free: always write
         # at the cursor, advance it only for an active group.

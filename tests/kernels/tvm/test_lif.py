@@ -133,6 +133,7 @@ def test_int8_lif_layer_is_exact_vs_generic_and_agrees_with_ort(profile_id: str,
     prof = with_kernels(load_profile(profile_id), lif_layer_max_rows=steps)
     fast, table = build_vm(model, prof)
     assert [r["kernel"] for r in table if r["kernel"].startswith("lif")] == ["lif-layer-i8"] * 2, table
+    assert not any("floor" in r["name"] for r in table), table  # the rate code went into the first kernel
     generic, _ = build_vm(model, prof, substitute=False)
     xs = fashion.x_test[:200].reshape(200, 784).astype(np.float32)  # type: ignore[attr-defined]
     for x in [*_inputs(np.random.default_rng(1))[:3], *xs[:8, None]]:  # random, sparse, all-ones, real
@@ -146,12 +147,16 @@ def test_int8_lif_layer_is_exact_vs_generic_and_agrees_with_ort(profile_id: str,
 
 
 def test_int8_lif_layer_needs_the_row_bound_and_an_int8_isa() -> None:
-    """Above lif_layer_max_rows the int8 layer keeps the int8 GEMV + fused recurrence; a CPU without int8 dot
-    products (int8_isa none) never gets the int8 layer kernel."""
+    """Both int8 layers take the int8 layer kernel, the first with the rate code computed inside; above
+    lif_layer_max_rows the int8 layer keeps the int8 GEMV + fused recurrence; a CPU without int8 dot products
+    (int8_isa none) never gets the int8 layer kernel."""
     model = _int8_snn("x86-avx512", 8, hidden=16)
     base = load_profile("x86-avx512")
     _, rows = substitute(model, with_kernels(base, lif_layer_max_rows=8))
-    assert [r["kernel"] for r in rows if r["kernel"].startswith("lif")] == ["lif-layer-i8"] * 2
+    lifs = [r for r in rows if r["kernel"].startswith("lif")]
+    assert [r["kernel"] for r in lifs] == ["lif-layer-i8"] * 2
+    # The first layer's input is the rate code of the image, elementwise in it: computed inside the kernel.
+    assert [r["input_code"] for r in lifs] == [True, False]
     _, rows = substitute(model, with_kernels(base, lif_layer_max_rows=4))
     names = [r["kernel"] for r in rows]
     assert "lif-layer-i8" not in names and names.count("lif-fused-f32") == 2, names
