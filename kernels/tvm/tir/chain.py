@@ -5,9 +5,9 @@ instructions (allocate storage, allocate the tensor, free, call the kernel), eac
 call. The ``fuse-gemv-chains`` pass (``kernels.tvm.passes.fuse_chain``) rewrites a run of dense-layer
 ``call_tir``s in which every intermediate is used once, by the next layer only, into one ``call_tir`` of
 ``chain_kernel``: the layers' loop nests one after another in a single PrimFunc, built with the IRBuilder in
-a plain loop over the layers, each intermediate in a scratch buffer on the stack, all constants in one pool
-per dtype. The loop nest of a layer is the one its per-layer kernel emits (same function), so the code per
-layer is identical:
+a plain loop over the layers, each intermediate in a scratch buffer (on the stack below 1 KB:
+``gemv.SCRATCH_SCOPE``), all constants in one pool per dtype. The loop nest of a layer is the one its
+per-layer kernel emits (same function), so the code per layer is identical:
 
 - ``f32``: the packed fp32 GEMV (``kernels.tvm.tir.gemv.emit_layer``);
 - ``bf16``: the bf16-weight GEMV (``kernels.tvm.tir.gemv_bf16.emit_layer_bf16``);
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
-from kernels.tvm.tir.gemv import GemvParams, emit_layer
+from kernels.tvm.tir.gemv import SCRATCH_SCOPE, GemvParams, emit_layer
 from kernels.tvm.tir.gemv_bf16 import emit_layer_bf16
 from kernels.tvm.tir.int8_dot import ActivationPrologue, DotParams, emit_dot_layer
 
@@ -47,7 +47,6 @@ CONST_DTYPES = {"f32": ("float32", "float32"),  # packed weight, bias
                 "bf16": ("uint32", "float32"),  # bf16 pairs, bias
                 "i8": ("int8", "int32", "float32", "float32")}  # packed weight, column sums, scales, bias
 POOL_ALIGN = 64  # bytes: each constant starts on a cache line
-LOCAL_SCRATCH_BYTES = 16384  # an intermediate up to this size lives on the stack, a larger one in a workspace
 MAX_GATHER_COLUMNS = 256  # a column gather after the chain is unrolled: one store per column
 
 
@@ -121,9 +120,8 @@ def chain_kernel(steps: list[ChainStep], widths: list[int], x_shape: tuple[int, 
         out_width = int(np.prod(y_shape)) // m
         out = T.decl_buffer((m, out_width), "float32", data=yg.data)
         y_width = max(s.col0 + s.layer.params.n for s in steps if s.dst < 0) if columns else out_width
-        y = T.alloc_buffer((m, y_width), "float32", scope="local") if columns else out
-        scratch = [T.alloc_buffer((m, w), "float32", scope="local" if m * w * 4 <= LOCAL_SCRATCH_BYTES else "global")
-                   for w in widths]
+        y = T.alloc_buffer((m, y_width), "float32", scope=SCRATCH_SCOPE) if columns else out
+        scratch = [T.alloc_buffer((m, w), "float32", scope=SCRATCH_SCOPE) for w in widths]
         quantized: dict[tuple[Any, ...], ActivationPrologue] = {}  # (src, quantization) -> its prologue
         for s, offs in zip(steps, offsets, strict=True):
             p, n = s.layer.params, s.layer.params.n

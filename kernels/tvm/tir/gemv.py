@@ -45,6 +45,12 @@ TAIL_CHUNK = 16
 # would spill on 16-register ISAs: full blocks keep one partial sum.
 FULL_CHAINS = 1
 TAIL_CHAINS = 8
+# The scope of a kernel's scratch buffers (accumulators, activation copies, a chain's intermediates). TVM 0.27's
+# LowerTVMBuiltin puts a "global" allocation of constant size under 1024 bytes on the stack (an alloca, which
+# LLVM keeps in registers where it can) and turns every other one, "local" ones of any size included, into a
+# TVMBackendAllocWorkspace / FreeWorkspace call pair: an int8 supernet chain made 25 of them per call, its
+# accumulators behind heap pointers.
+SCRATCH_SCOPE = "global"
 
 
 def tail_width(tail: int) -> int:
@@ -194,12 +200,12 @@ def emit_layer(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int, y: 
                                         wp[woff + (KMAIN + kr) * W + c * VC + i]), [0, m, c * VC + i])
             emit_sum_and_store(acc, y, lambda v, j: act(v, j, bias), mo * RB, RB, W, VC, S, NOUT, col0)
 
-    acc = T.alloc_buffer((SF, RB, BN), AT, scope="local")
+    acc = T.alloc_buffer((SF, RB, BN), AT, scope=SCRATCH_SCOPE)
     bv = T.decl_buffer((b.shape[0] - boff,), AT, data=b.data, elem_offset=boff)
     with T.serial(FULL) as nb:
         block(bv, woff + nb * K * BN, nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
     if TAIL > 0:
-        acc_t = T.alloc_buffer((ST, RB, TBN), AT, scope="local")
+        acc_t = T.alloc_buffer((ST, RB, TBN), AT, scope=SCRATCH_SCOPE)
         block(bv, woff + TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
 
 
@@ -252,6 +258,6 @@ def gemv_params(func: Any) -> GemvParams | None:
     return layer_params(func, KERNEL_NAME, ATTR_GEMV)
 
 
-__all__ = ["ATTR_GEMV", "KERNEL_NAME", "KERNEL_NAME_INT8", "TAIL_ALIGN", "GemvParams", "bias_relu", "choose_block_n",
-           "emit_layer", "emit_sum_and_store", "gemv_kernel", "gemv_params", "layer_kernel", "layer_params",
-           "pack_weight", "tail_chunk", "tail_width"]
+__all__ = ["ATTR_GEMV", "KERNEL_NAME", "KERNEL_NAME_INT8", "SCRATCH_SCOPE", "TAIL_ALIGN", "GemvParams", "bias_relu",
+           "choose_block_n", "emit_layer", "emit_sum_and_store", "gemv_kernel", "gemv_params", "layer_kernel",
+           "layer_params", "pack_weight", "tail_chunk", "tail_width"]

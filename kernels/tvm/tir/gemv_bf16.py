@@ -27,6 +27,7 @@ import numpy as np
 from kernels.tvm.tir.gemv import (
     FULL_CHAINS,
     MAX_ROW_BLOCK,
+    SCRATCH_SCOPE,
     TAIL_CHAINS,
     GemvParams,
     bias_relu,
@@ -102,12 +103,12 @@ def emit_layer_bf16(p: GemvParams, x: Any, wp: Any, woff: int, b: Any, boff: int
                 mac2(0, m, c * VH + i, H, x[mo * RB + m, KMAIN + kr], wp[woff + (KMAIN + kr) * H + c * VH + i])
             emit_sum_and_store(acc, y, lambda v, j: act(v, j, bias), mo * RB, RB, W, VC, S, NOUT, col0)
 
-    acc = T.alloc_buffer((SF, RB, BN), "float32", scope="local")
+    acc = T.alloc_buffer((SF, RB, BN), "float32", scope=SCRATCH_SCOPE)
     bv = T.decl_buffer((b.shape[0] - boff,), "float32", data=b.data, elem_offset=boff)
     with T.serial(FULL) as nb:
         block(bv, woff + nb * K * (BN // 2), nb * BN, BN, VCF, SF, BN, KMF, BN // VCF, acc)
     if TAIL > 0:
-        acc_t = T.alloc_buffer((ST, RB, TBN), "float32", scope="local")
+        acc_t = T.alloc_buffer((ST, RB, TBN), "float32", scope=SCRATCH_SCOPE)
         block(bv, woff + TOFF, FULL * BN, TBN, VCT, ST, TAIL, KMT, TAIL // VCT, acc_t)
 
 

@@ -33,11 +33,12 @@ import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
 from kernels.tvm.tir.gemv import KERNEL_NAME_INT8 as KERNEL_NAME  # the packed int8 GEMV, on dot products
+from kernels.tvm.tir.gemv import SCRATCH_SCOPE
 
 MAX_ROW_BLOCK = 4  # rows sharing one pass over a weight block
 FULL_CHAINS = 8  # independent accumulator chains wanted per block (k partial sums x vectors x rows)
 TAIL_CHAINS = 8
-LOCAL_X_BYTES = 16384  # the padded activation copy lives on the stack up to this size, else in a workspace
+LOCAL_X_BYTES = 16384  # (lif.py's) a padded activation copy up to this size in a 'local' scratch buffer
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,7 @@ def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int,
     from tvm.tirx import Cast
 
     k4 = -(-k // 4)
-    scope = "local" if rows * k4 * 4 <= LOCAL_X_BYTES else "global"
-    xq = T.alloc_buffer((rows, k4 * 4), isa.x_dtype, scope=scope)
+    xq = T.alloc_buffer((rows, k4 * 4), isa.x_dtype, scope=SCRATCH_SCOPE)
     with T.serial(rows) as m:
         with T.vectorized(k) as i:
             u = x[m, i] if quantize is None else quantize(x[m, i])
@@ -135,7 +135,7 @@ def emit_quantized_copy(isa: DotIsa, x: Any, rows: int, k: int,
             T.buffer_store(xq, v, [m, i])
         with T.serial(k4 * 4 - k) as i:
             T.buffer_store(xq, T.Cast(isa.x_dtype, 0), [m, k + i])
-    return xq, T.decl_buffer((rows, k4), "int32", data=xq.data, scope=scope)
+    return xq, T.decl_buffer((rows, k4), "int32", data=xq.data, scope=SCRATCH_SCOPE)
 
 
 # An elementwise step after a float layer's scale and bias: ("relu", 0, 0), or ("qdq", scale, zero point): a
@@ -190,7 +190,7 @@ def emit_dynamic_quantization(x: Any, rows: int, k: int) -> tuple[Any, Any, Call
     L = 16  # partial extrema per vector lane; the rest scalar
     flat = T.decl_buffer((rows * k,), "float32", data=x.data)
     main = rows * k // L * L
-    ext = T.alloc_buffer((2, L), "float32", scope="local")
+    ext = T.alloc_buffer((2, L), "float32", scope=SCRATCH_SCOPE)
     with T.vectorized(L) as i:
         T.buffer_store(ext, T.min_value("float32"), [0, i])
         T.buffer_store(ext, T.max_value("float32"), [1, i])
@@ -346,11 +346,11 @@ def emit_dot_layer(p: DotParams, x: Any, wp: Any, cs: Any, y: Any, zp: Any = Non
                     T.buffer_store(y, out(acc[0, m, OC * V + i], j), [mo * RB + m, j])
 
     if FULL > 0:
-        acc = T.alloc_buffer((SF, RB, BN), "int32", scope="local")
+        acc = T.alloc_buffer((SF, RB, BN), "int32", scope=SCRATCH_SCOPE)
         with T.serial(FULL) as nb:
             block(nb * K4 * BN * 4, nb * BN, BN, SF, BN, acc)
     if TAIL > 0:
-        acc_t = T.alloc_buffer((ST, RB, TBN), "int32", scope="local")
+        acc_t = T.alloc_buffer((ST, RB, TBN), "int32", scope=SCRATCH_SCOPE)
         block(FULL * K4 * BN * 4, FULL * BN, TBN, ST, TAIL, acc_t)
     return pro
 
