@@ -1,7 +1,13 @@
 """Grouped (block-sparse) GEMV vs the generic lowering: dense masked graphs and the modular pass's
-Gather + batched MatMul form."""
+Gather + batched MatMul form; the grouped int8 GEMV on a G2GNet-shaped int8 net vs ONNX Runtime's int8 on real
+Fashion-MNIST images, and its dot-product instructions per ISA (vpdpbusd, vpmaddubsw, sdot)."""
 
 from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,10 +17,13 @@ from onnx import numpy_helper
 
 from kernels.tvm.testing import block_diagonal, build_vm, dense_onnx, substitute, with_kernels
 from kernels.tvm.tir.block_sparse import pack_block_sparse, regroup_columns
+from targets.tvm.build import build_library
 from tests.fixtures.synthetic import g2g_masked_mlp
 from toolchain.core.profile import load_profile
 from toolchain.passes import PassContext
 from toolchain.passes._speed import single_layer_model
+from toolchain.passes.int8 import Config as Int8Config
+from toolchain.passes.int8 import run as run_int8
 from toolchain.passes.modular import Config, detect, lowered_nodes, run, timing_models
 
 
@@ -123,3 +132,68 @@ def test_dense_masked_mixer_layer_is_regrouped_onto_the_grouped_kernel() -> None
     x = np.random.default_rng(8).standard_normal((1, 64)).astype(np.float32)
     ref = base(x)
     assert float(np.abs(fast(x) - ref).max() / np.abs(ref).max()) < 1e-5
+
+
+# --- int8: the grouped GEMV on the CPU's int8 dot products, on the int8 pass's dynamic-int8 layers ---
+
+ORT_AGREEMENT = 0.99  # share of real Fashion-MNIST test images whose argmax matches ONNX Runtime's int8
+
+
+def _int8_g2g(profile_id: str, seed: int = 11) -> onnx.ModelProto:
+    """A G2GNet-shaped 784-256-256-10 net (8 groups, 25 % dense, foreign inputs per group; the first layer in
+    the mixer grouping) through the int8 pass (dynamic, as the search builds it) for ``profile_id``."""
+    m = g2g_masked_mlp((784, 256, 256, 10), groups=8, density=0.25, seed=seed, gemm=True)
+    perm = np.arange(256).reshape(8, 32).T.ravel()  # contiguous groups -> interleaved
+    inits = {t.name: t for t in m.graph.initializer}
+    for name, f in (("w0", lambda a: a[perm]), ("b0", lambda a: a[perm]), ("w1", lambda a: a[:, perm])):
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(f(numpy_helper.to_array(inits[name]))), name))
+    return run_int8(m, Int8Config(mode="dynamic"), PassContext(profile=load_profile(profile_id), target="tvm")).model
+
+
+@pytest.mark.parametrize("profile_id", ["x86-avx512", pytest.param("x86-avx2", marks=pytest.mark.slow)])
+def test_grouped_int8_agrees_with_ort_int8_on_fashion_mnist(profile_id: str, fashion: object) -> None:
+    """Both sparse layers (one regrouped) take the grouped int8 kernel with the dynamic quantization fused;
+    on real Fashion-MNIST test images the logits agree with ONNX Runtime's int8 on the same ONNX."""
+    model = _int8_g2g(profile_id)
+    fast, table = build_vm(model, load_profile(profile_id))
+    names = [r["kernel"] for r in table]
+    assert names.count("grouped-gemv-i8") == 2 and all(r["origin"] != "generic" for r in table), table
+    _, replaced = substitute(model, load_profile(profile_id))
+    assert [r.get("regrouped") for r in replaced if r["kernel"] == "grouped-gemv-i8"] == [True, False]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    xs = fashion.x_test[:300].reshape(300, 784).astype(np.float32)  # type: ignore[attr-defined]
+    ours = np.concatenate([fast(x[None]) for x in xs])
+    want = np.concatenate([sess.run(None, {model.graph.input[0].name: x[None]})[0] for x in xs])
+    assert np.mean(ours.argmax(1) == want.argmax(1)) >= ORT_AGREEMENT
+    assert float(np.abs(ours - want).max()) <= 0.05 * float(np.abs(want).max())
+
+
+@pytest.mark.parametrize(("profile_id", "present", "absent"), [
+    ("x86-avx512", [r"\bvpdpbusd\b"], []),
+    ("x86-avx2", [r"\bvpmaddubsw\b", r"\bvpmaddwd\b"], [r"\bvpdpbusd\b", r"zmm"]),  # a Haswell: no VNNI, no AVX-512
+    ("rpi5", [r"\bsdot\b"], []),
+])
+def test_grouped_int8_uses_the_dot_product_instructions(profile_id: str, present: list[str], absent: list[str],
+                                                        tmp_path: Path) -> None:
+    prof = load_profile(profile_id)
+    objdump = "aarch64-linux-gnu-objdump" if prof.cpu.arch == "aarch64" else "objdump"
+    if prof.cpu.cross_cc and shutil.which(prof.cpu.cross_cc) is None:
+        pytest.skip("aarch64 cross compiler missing: apt-get install gcc-aarch64-linux-gnu")
+    if shutil.which(objdump) is None:
+        pytest.skip(f"{objdump} missing: apt-get install binutils-aarch64-linux-gnu (make system-deps)")
+    lib = tmp_path / "lib.so"
+    meta = build_library(_int8_g2g(profile_id), prof, lib)
+    assert [r["kernel"] for r in meta["kernels"]].count("grouped-gemv-i8") == 2, meta["kernels"]
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+    bodies = {"*": text}
+    for f in re.split(r"\n(?=[0-9a-f]+ <[^>]+>:\n)", text):
+        m = re.match(r"[0-9a-f]+ <([^>]+)>:", f)
+        if m and "grouped_gemv_i8" in m.group(1) and m.group(1).endswith("_compute_"):
+            bodies[m.group(1)] = f
+    assert len(bodies) == 3, sorted(bodies)  # the two grouped kernels' bodies and the whole library
+    for name, asm in bodies.items():
+        for insn in present:
+            assert re.search(insn, asm), f"{insn} missing from {name}"
+        for insn in absent:  # the whole library too: one VNNI instruction on a Haswell is a crash
+            assert not re.search(insn, asm), f"{insn} in {name}"
