@@ -1,15 +1,29 @@
-"""Fused KAN kernel vs the generic lowering on the zoo's three KAN layer types (exported by torch)."""
+"""Fused KAN kernels on the zoo's three KAN layer types (exported by torch): fp32 vs the generic lowering;
+after the int8 pass, one int8 kernel per layer that agrees with ONNX Runtime's int8 on real Fashion-MNIST
+inputs and multiplies on the profile's int8 dot products (vpdpbusd, vpmaddubsw, sdot)."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from kernels.tvm.testing import build_vm, with_kernels
+from targets.tvm.build import build_library
+from toolchain.core.onnx_io import ort_session
 from toolchain.core.profile import load_profile
 from toolchain.export import torch_to_onnx
+from toolchain.passes import PassContext
+from toolchain.passes.int8 import Config, run
 from toolchain.zoo import kan_bases as kb
+from toolchain.zoo.kan import KANNet
 
 
 def _export(layer: object, n: int) -> object:
@@ -43,3 +57,122 @@ def test_fused_kan_off_in_profile() -> None:
     model = _export(kb.ChebyKANLayer(8, 4).eval(), 8)
     _, table = build_vm(model, with_kernels(load_profile("x86-avx512"), use_fused_kan=False))
     assert "kan-fused-f32" not in [r["kernel"] for r in table]
+
+
+# --- int8: the int8 pass's dynamic-int8 KAN layers as one kernel each, on the CPU's int8 dot products ---
+
+ORT_AGREEMENT = 0.99  # share of Fashion-MNIST test images with the same argmax as ONNX Runtime's int8
+
+
+@pytest.fixture(scope="module")
+def trained_kan_onnx(fashion: object) -> Callable[[str], onnx.ModelProto]:
+    """kind -> the fp32 ONNX of a KAN 784-16-10 of that kind trained briefly on 2000 Fashion-MNIST images (a
+    real classifier, so the agreement below is on real activations, not on noise); trained once per kind."""
+    made: dict[str, onnx.ModelProto] = {}
+
+    def get(kind: str) -> onnx.ModelProto:
+        if kind not in made:
+            torch.manual_seed(0)
+            model = KANNet(kind, [784, 16, 10], 8)
+            xs = torch.from_numpy(fashion.x_train[:2000])  # type: ignore[attr-defined]
+            ys = torch.from_numpy(fashion.y_train[:2000])  # type: ignore[attr-defined]
+            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            for i in range(0, 2000, 100):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xs[i:i + 100]), ys[i:i + 100]).backward()
+                opt.step()
+            made[kind] = _export(model.eval(), 784)
+        return made[kind]
+
+    return get
+
+
+def _int8(model: onnx.ModelProto, profile_id: str) -> onnx.ModelProto:
+    return run(model, Config(mode="dynamic"), PassContext(profile=load_profile(profile_id), target="tvm")).model
+
+
+@pytest.mark.parametrize("profile_id,kind", [
+    ("x86-avx512", "rbf"), ("x86-avx512", "cheby"), ("x86-avx2", "rbf"),
+    # B-spline training and export take ~10 s each on a busy machine: test_int8_kan_layer_matches_onnx_runtime
+    # covers its basis in the default tier
+    pytest.param("x86-avx512", "bspline", marks=pytest.mark.slow),
+    pytest.param("x86-avx2", "bspline", marks=pytest.mark.slow),
+    pytest.param("x86-avx2", "cheby", marks=pytest.mark.slow),
+])
+def test_int8_kan_agrees_with_onnx_runtime(kind: str, profile_id: str, fashion: object,
+                                           trained_kan_onnx: Callable[[str], onnx.ModelProto]) -> None:
+    """The int8 pass's KAN (dynamic int8 contraction and SiLU base branch): every layer is one fused int8
+    kernel (LayerNorm, basis, quantization, dot products, base branch), and its logits on real test images
+    agree with ONNX Runtime running the same int8 ONNX."""
+    model = _int8(trained_kan_onnx(kind), profile_id)
+    fast, table = build_vm(model, load_profile(profile_id))
+    rows = [r for r in table if r["kernel"]]
+    assert [r["kernel"] for r in rows] == ["kan-fused-i8"] * 2, table
+    sess = ort_session(model, 1)
+    name = sess.get_inputs()[0].name
+    xs = fashion.x_test[:300]  # type: ignore[attr-defined]
+    ours = np.concatenate([fast(x[None]) for x in xs])
+    ref = np.concatenate([sess.run(None, {name: x[None]})[0] for x in xs])
+    assert np.mean(ours.argmax(1) == ref.argmax(1)) >= ORT_AGREEMENT
+    assert np.max(np.abs(ours - ref)) <= 0.02 * np.max(np.abs(ref))
+    assert np.mean(ours.argmax(1) == fashion.y_test[:300]) > 0.6  # type: ignore[attr-defined]  # a real classifier
+
+
+@pytest.mark.parametrize("kind", ["bspline", "cheby"])
+def test_int8_kan_layer_matches_onnx_runtime(kind: str) -> None:
+    """One int8 KAN layer (n not a multiple of the lanes: a tail chunk; 12 outputs: a tail block), spline
+    weights large enough that a wrong basis would show: close to ONNX Runtime on the same int8 ONNX."""
+    torch.manual_seed(1)
+    n, out = 37, 12
+    layer = {"bspline": kb.BSplineKANLayer, "cheby": kb.ChebyKANLayer}[kind](n, out)
+    with torch.no_grad():
+        layer.spline_weight.mul_(10)
+    model = _int8(_export(layer.eval(), n), "x86-avx512")
+    fast, table = build_vm(model, load_profile("x86-avx512"))
+    assert [r["kernel"] for r in table if r["kernel"]] == ["kan-fused-i8"], table
+    sess = ort_session(model, 1)
+    rng = np.random.default_rng(2)
+    for scale in (0.5, 2.0):  # inside and partly outside the spline grid
+        x = (rng.standard_normal((1, n)) * scale).astype(np.float32)
+        ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        np.testing.assert_allclose(fast(x), ref, rtol=0, atol=0.01 * np.max(np.abs(ref)))
+
+
+def _kan_i8_disassembly(model: onnx.ModelProto, profile_id: str, tmp_path: Path) -> dict[str, str]:
+    """symbol -> disassembly of every fused int8 KAN kernel body in the library built for ``profile_id``,
+    and ``"*"`` -> the whole library's."""
+    prof = load_profile(profile_id)
+    objdump = "aarch64-linux-gnu-objdump" if prof.cpu.arch == "aarch64" else "objdump"
+    if prof.cpu.cross_cc and shutil.which(prof.cpu.cross_cc) is None:
+        pytest.skip("aarch64 cross compiler missing: apt-get install gcc-aarch64-linux-gnu")
+    if shutil.which(objdump) is None:
+        pytest.skip(f"{objdump} missing: apt-get install binutils-aarch64-linux-gnu (make system-deps)")
+    lib = tmp_path / f"{profile_id}.so"
+    meta = build_library(model, prof, lib)
+    assert [r["kernel"] for r in meta["kernels"] if r.get("kernel")] == ["kan-fused-i8"] * 2, meta["kernels"]
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+    out = {"*": text}
+    for f in re.split(r"\n(?=[0-9a-f]+ <[^>]+>:\n)", text):
+        m = re.match(r"[0-9a-f]+ <([^>]+)>:", f)
+        if m and "kan_i8" in m.group(1) and not m.group(1).startswith("__tvm_ffi"):
+            out[m.group(1)] = f
+    return out
+
+
+@pytest.mark.parametrize("profile_id,present,absent", [
+    ("x86-avx512", [r"\bvpdpbusd\b"], []),
+    ("x86-avx2", [r"\bvpmaddubsw\b", r"\bvpmaddwd\b"], [r"\bvpdpbusd\b", r"zmm"]),  # a Haswell: no VNNI, no AVX-512
+    ("rpi5", [r"\bsdot\b"], []),
+    ("phone-arm64", [r"\bsdot\b"], []),
+])
+def test_int8_kan_uses_dot_products(profile_id: str, present: list[str], absent: list[str], tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = _int8(_export(KANNet("rbf", [37, 12, 10], 8).eval(), 37), profile_id)
+    funcs = _kan_i8_disassembly(model, profile_id, tmp_path)
+    assert len(funcs) == 3, f"expected the two fused int8 KAN bodies, got {sorted(funcs)}"
+    for name, asm in funcs.items():  # the whole library too: one VNNI instruction on a Haswell is a crash
+        for insn in present:
+            assert re.search(insn, asm), f"{insn} missing from {name}"
+        for insn in absent:
+            assert not re.search(insn, asm), f"{insn} in {name}"
