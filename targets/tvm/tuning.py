@@ -10,6 +10,11 @@
 - Builder timeouts: a busy machine made the default 30 s LocalBuilder time out and store every trial as
   a 1e10 record. The builder timeout is raised, failed records are counted and reported, and after the
   database is applied every PrimFunc is checked for ``tirx.is_scheduled`` (see ``naive_kernels``).
+- Hand-written conv layers compete (local, host-native runs): their generic form is tuned after the layers that run
+  naive, then ``tune`` times each conv layer alone with its tuned schedule and with the direct kernel, interleaved,
+  and records the faster per layer in the database (``targets.tvm.conv_choice``); the build keeps the choice. Under a
+  time budget the comparisons get ``COMPARE_SHARE`` of it, and the batches a smaller evolutionary search.
+- Candidates are linked exactly as the final library is (``targets.tvm.build.library_linker``).
 - Remote profiles measure on the device through TVM RPC, never on the build host: the builder links
   every candidate into a shared library on the host (the profile's cross compiler for ARM), and
   MetaSchedule's RPCRunner asks the tracker for a device under ``--key``, does edgec's token handshake
