@@ -274,6 +274,7 @@ def test_conv_layers_are_sliced_as_the_build_matches_them(tmp_path: Path) -> Non
     assert [c.key for c in conv_layers(model, prof, min_mflops=1.0)] == [c.key for c in layers if c.mflops >= 1.0]
 
 
+@pytest.mark.slow  # three builds and two comparisons: ~30 s on the shared machine
 def test_build_keeps_the_tuned_conv_only_where_chosen_and_recorded(tmp_path: Path) -> None:
     """The database's kernel choice decides per layer: a layer chosen "tuned" with a record leaves the direct kernel
     for its tuned schedule (the kernels list says which); chosen without a record, the build falls back to the
