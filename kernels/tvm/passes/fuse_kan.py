@@ -176,11 +176,23 @@ class Int8Plan:
     contraction's int8 weight (basis-major rows), and the optional LayerNorm and base branch."""
 
     x: Any  # the Relax var the kernel reads
-    graph: kan.BasisGraph
     params: kan.Int8Layer
     spline: DynamicLayer
     norm: tuple[np.ndarray, np.ndarray] | None = None  # gamma, beta
     base: DynamicLayer | None = None
+    gathers: tuple[np.ndarray, ...] = ()  # int32 feature indices of the gathered segments, in order
+
+
+@dataclass(frozen=True)
+class SplineMatch:
+    """A dynamic-int8 contraction over the concatenated bases of one tensor z (one basis, or S-KAN's several
+    over constant gathers of z)."""
+
+    layer: DynamicLayer
+    segments: list[tuple[kan.BasisGraph, int, int, Any, np.ndarray | None]]  # graph, n, K, z, gather indices
+    z: Any
+    n: int  # features of z
+    yshape: tuple[int, ...]
 
 
 def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int) -> dict[Any, Int8Plan]:
@@ -195,36 +207,66 @@ def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int
         return {}
     op_reshape, op_add = tvm.ir.Op.get("relax.reshape"), tvm.ir.Op.get("relax.add")
     op_norm = tvm.ir.Op.get("relax.nn.layer_norm")
+    op_take, op_concat = tvm.ir.Op.get("relax.take"), tvm.ir.Op.get("relax.concat")
 
     def lookup(e: Any) -> Any:
         return bound.get(e) if isinstance(e, relax.Var) else None
 
-    def spline_of(value: Any) -> tuple[DynamicLayer, kan.BasisGraph, int, int, tuple[int, ...]] | None:
-        layer = match_dynamic_layer(value, bound, uses, [], isa)
-        rs = lookup(layer.x) if layer is not None else None
-        if layer is None or layer.relu or not (isinstance(rs, relax.Call) and rs.op == op_reshape):
+    def segment_of(e: Any) -> tuple[kan.BasisGraph, int, int, Any, np.ndarray | None] | None:
+        """(basis graph, n, K, z, gather indices or None) when ``e`` is ``reshape(B(z[idx] or z))``."""
+        rs = lookup(e)
+        if not (isinstance(rs, relax.Call) and rs.op == op_reshape):
             return None
-        vs, xs = static_shape(rs.args[0]), static_shape(layer.x)
-        if vs is None or xs is None or len(vs) < 2 or int(np.prod(vs[:-2])) != 1 or int(np.prod(xs[:-1])) != 1:
-            return None
-        n, kk = vs[-2], vs[-1]
-        out = int(layer.w.shape[1])
-        if kk < 2 or layer.w.shape[0] != n * kk or out > kan.MAX_OUT:
+        vs = static_shape(rs.args[0])
+        if vs is None or len(vs) < 2 or int(np.prod(vs[:-2])) != 1 or vs[-1] < 2:
             return None
         try:
             g = extract_basis(rs.args[0], lookup)
         except NoMatch:
             return None
+        z, idx = g.root, None
+        tk = lookup(g.root)
+        if isinstance(tk, relax.Call) and tk.op == op_take and uses.get(g.root, 0) == 1:
+            ix = const_array(tk.args[1])
+            zs = static_shape(tk.args[0])
+            rank = len(zs or ())
+            if ix is not None and ix.ndim == 1 and zs is not None and int(tk.attrs.axis) in (rank - 1, -1) \
+                    and int(np.prod(zs)) == zs[-1] and ix.size and 0 <= int(ix.min()) <= int(ix.max()) < zs[-1]:
+                z, idx = tk.args[0], ix.astype(np.int32)
         root_shape = static_shape(g.root)
-        if root_shape is None or int(np.prod(root_shape)) != n:
+        if root_shape is None or int(np.prod(root_shape)) != vs[-2]:
             return None
-        return layer, g, n, kk, (*xs[:-1], out)
+        return g, vs[-2], vs[-1], z, idx
 
-    def layer_norm_of(root: Any, x: Any | None, n: int) -> tuple[Any, np.ndarray, np.ndarray, float] | None:
-        """(its input, gamma, beta, eps) when ``root`` is only a LayerNorm over the last axis of a tensor
-        (``x`` where given) with constant gamma and beta."""
+    def spline_of(value: Any) -> SplineMatch | None:
+        layer = match_dynamic_layer(value, bound, uses, [], isa)
+        if layer is None or layer.relu:
+            return None
+        xs = static_shape(layer.x)
+        if xs is None or int(np.prod(xs[:-1])) != 1 or int(layer.w.shape[1]) > kan.MAX_OUT:
+            return None
+        cat = lookup(layer.x)
+        parts = list(cat.args[0].fields) if isinstance(cat, relax.Call) and cat.op == op_concat and \
+            int(cat.attrs.axis) in (len(xs) - 1, -1) else [layer.x]
+        segs = [segment_of(e) for e in parts]
+        if any(sg is None for sg in segs) or (len(parts) > 1 and any(uses.get(e, 0) != 1 for e in parts)):
+            return None
+        z = segs[0][3]  # type: ignore[index]
+        if any(not sg[3].same_as(z) for sg in segs) or static_shape(z) is None:  # type: ignore[index]
+            return None
+        if sum(sg[1] * sg[2] for sg in segs) != layer.w.shape[0]:  # type: ignore[index]
+            return None
+        n = int(np.prod(static_shape(z)))
+        if any(sg[4] is None and sg[1] != n for sg in segs):  # type: ignore[index]
+            return None
+        return SplineMatch(layer, segs, z, n, (*xs[:-1], int(layer.w.shape[1])))  # type: ignore[arg-type]
+
+    def layer_norm_of(sp: SplineMatch, x: Any | None) -> tuple[Any, np.ndarray, np.ndarray, float] | None:
+        """(its input, gamma, beta, eps) when the basis input ``sp.z`` is a LayerNorm over the last axis of a
+        tensor (``x`` where given) with constant gamma and beta, used by the layer's bases only."""
+        root, n = sp.z, sp.n
         ln = lookup(root)
-        if not (isinstance(ln, relax.Call) and ln.op == op_norm) or uses.get(root, 0) != 1:
+        if not (isinstance(ln, relax.Call) and ln.op == op_norm) or uses.get(root, 0) != len(sp.segments):
             return None
         src = ln.args[0]
         rank = len(static_shape(src) or ())
@@ -235,14 +277,16 @@ def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int
             return None
         return src, gamma.reshape(n).astype(np.float32), beta.reshape(n).astype(np.float32), float(ln.attrs.epsilon)
 
-    def make(x: Any, found: Any, norm: Any, base: DynamicLayer | None, base_graph: Any) -> Int8Plan:
-        layer, g, n, kk, yshape = found
+    def make(x: Any, sp: SplineMatch, norm: Any, base: DynamicLayer | None, base_graph: Any) -> Int8Plan:
+        layer = sp.layer
         out = int(layer.w.shape[1])
         branch = kan.BaseBranch(base_graph, out, base.bias is not None) if base is not None else None
-        p = kan.Int8Layer(n=n, k=kk, out=out, isa=isa, block_n=kan.int8_block_n(out, isa), lanes=lanes,
-                          x_shape=static_shape(x), y_shape=yshape, bias=layer.bias is not None,
+        segs = tuple(kan.Segment(g, nb, kb, idx is not None) for g, nb, kb, _, idx in sp.segments)
+        p = kan.Int8Layer(n=sp.n, segments=segs, out=out, isa=isa, block_n=kan.int8_block_n(out, isa),
+                          lanes=lanes, x_shape=static_shape(x), y_shape=sp.yshape, bias=layer.bias is not None,
                           norm_eps=norm[3] if norm is not None else None, base=branch)
-        return Int8Plan(x, g, p, layer, (norm[1], norm[2]) if norm is not None else None, base)
+        gathers = tuple(idx for *_, idx in sp.segments if idx is not None)
+        return Int8Plan(x, p, layer, (norm[1], norm[2]) if norm is not None else None, base, gathers)
 
     plans: dict[Any, Int8Plan] = {}
     covered: set[Any] = set()
@@ -252,15 +296,14 @@ def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int
         for a, b in (value.args, tuple(reversed(value.args))):
             found = spline_of(lookup(a)) if uses.get(a, 0) == 1 else None
             base = match_dynamic_layer(lookup(b), bound, uses, [], isa) if found and uses.get(b, 0) == 1 else None
-            if found is None or base is None or base.relu or base.w.shape != (found[2], found[0].w.shape[1]):
+            if found is None or base is None or base.relu or base.w.shape != (found.n, found.layer.w.shape[1]):
                 continue
             try:
                 bg = extract_basis(base.x, lookup, elementwise=True)
             except NoMatch:
                 continue
-            g = found[1]
-            norm = None if g.root.same_as(bg.root) else layer_norm_of(g.root, bg.root, found[2])
-            if norm is None and not g.root.same_as(bg.root):
+            norm = None if found.z.same_as(bg.root) else layer_norm_of(found, bg.root)
+            if norm is None and not found.z.same_as(bg.root):
                 continue
             plans[var] = make(bg.root, found, norm, base, bg)
             covered.add(a)
@@ -270,8 +313,8 @@ def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int
             continue
         found = spline_of(value)
         if found is not None:
-            norm = layer_norm_of(found[1].root, None, found[2])
-            plans[var] = make(norm[0] if norm is not None else found[1].root, found, norm, None, None)
+            norm = layer_norm_of(found, None)
+            plans[var] = make(norm[0] if norm is not None else found.z, found, norm, None, None)
     return plans
 
 
@@ -358,12 +401,15 @@ class FuseKan(RewritePass):
 
         p = plan.params
         isa_lanes = ISAS[p.isa].lanes
-        wmajor = kan.basis_major(plan.spline.w, p.n, p.k)
-        func = kan.fused_kan_int8_kernel(plan.graph, p)
+        starts = np.cumsum([0, *(sg.n * sg.k for sg in p.segments)])
+        wmajor = np.concatenate([kan.basis_major(plan.spline.w[starts[i]:starts[i + 1]], sg.n, sg.k)
+                                 for i, sg in enumerate(p.segments)])
+        func = kan.fused_kan_int8_kernel(p)
         name = f"edgec_kan_i8_{len(self.report)}"
         gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
         zeros = np.zeros((1,), np.float32)
-        consts: list[np.ndarray] = [*(plan.norm or ()), pack_int8(wmajor, p.block_n, isa_lanes), column_sums(wmajor),
+        consts: list[np.ndarray] = [*(plan.norm or ()), *plan.gathers, pack_int8(wmajor, p.block_n, isa_lanes),
+                                    column_sums(wmajor),
                                     plan.spline.wscale, plan.spline.bias if plan.spline.bias is not None else zeros]
         if plan.base is not None:
             base = plan.base
@@ -371,8 +417,10 @@ class FuseKan(RewritePass):
                        base.bias if base.bias is not None else zeros]
         call = relax.call_tir(gv, [rw.visit_expr(plan.x), *(relax.const(c) for c in consts)],
                               relax.TensorType(p.y_shape, "float32"))
-        self.report.append({"kernel": kan.KERNEL_NAME_INT8, "func": name, "in": p.n, "basis": p.k, "out": p.out,
-                            "nodes": len(plan.graph.nodes), "isa": p.isa, "dynamic_quantization": True,
+        self.report.append({"kernel": kan.KERNEL_NAME_INT8, "func": name, "in": p.n,
+                            "basis": "+".join(str(sg.k) for sg in p.segments), "out": p.out,
+                            "nodes": sum(len(sg.graph.nodes) for sg in p.segments), "segments": len(p.segments),
+                            "isa": p.isa, "dynamic_quantization": True,
                             "layer_norm": plan.norm is not None, "base_branch": plan.base is not None})
         return call, "kan"
 

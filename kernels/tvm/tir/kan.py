@@ -177,6 +177,17 @@ class BaseBranch:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One basis over (a subset of) the layer's features: S-KAN concatenates several, each over a constant
+    gather of the normalized input; a plain KAN layer has one over all features (``gather`` False)."""
+
+    graph: BasisGraph
+    n: int  # features it expands
+    k: int  # basis functions per feature
+    gather: bool  # its features are z[idx] for a constant int32 idx (a kernel argument), else z itself
+
+
+@dataclass(frozen=True)
 class Int8Layer:
     """Shape and int8 form of one dynamic-int8 KAN layer (the int8 pass's DynamicQuantizeLinear + MatMulInteger
     + scale over the basis): per-call uint8 basis values, int8 weights per output column. With ``norm_eps``
@@ -184,7 +195,7 @@ class Int8Layer:
     ``base`` the base branch over x is computed too and added (the whole layer in one kernel)."""
 
     n: int  # input features
-    k: int  # basis functions per feature
+    segments: tuple[Segment, ...]  # the bases whose values are concatenated (their rows of W, in order)
     out: int  # output columns
     isa: str  # int8 dot-product family (int8_dot.ISAS)
     block_n: int  # output columns per accumulator block (whole vectors of the isa)
@@ -196,8 +207,13 @@ class Int8Layer:
     base: BaseBranch | None = None
 
     @property
+    def nk(self) -> int:
+        """Rows of the contraction: basis values per call."""
+        return sum(sg.n * sg.k for sg in self.segments)
+
+    @property
     def packed_size(self) -> int:
-        return packed_size(self.n * self.k, self.out, self.block_n, ISAS[self.isa].lanes)
+        return packed_size(self.nk, self.out, self.block_n, ISAS[self.isa].lanes)
 
 
 def basis_major(w: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -206,8 +222,8 @@ def basis_major(w: np.ndarray, n: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n, k, -1).transpose(1, 0, 2).reshape(n * k, -1))
 
 
-def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any) -> None:
-    """``v[0, j*n + i] = phi_j(z[i])`` for every feature i, ``lanes`` features at a time (a tail chunk for
+def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any, offset: int = 0) -> None:
+    """``v[0, offset + j*n + i] = phi_j(z[i])`` for every feature i, ``lanes`` features at a time (a tail chunk for
     the rest), the graph's intermediate values in a (rows, lanes) register scratch."""
     from tvm.script.ir_builder import tirx as T
 
@@ -223,7 +239,7 @@ def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any) -> 
             with T.vectorized(0, width) as lane:
                 phi = emit_basis(g, k, rows, z, s, base, lane)
                 for j in range(k):
-                    T.buffer_store(v, basis_value(phi[j], z, s, base, lane), [0, j * n + base + lane])
+                    T.buffer_store(v, basis_value(phi[j], z, s, base, lane), [0, offset + j * n + base + lane])
 
 
 def emit_layer_norm(x: Any, gamma: Any, beta: Any, n: int, lanes: int, eps: float) -> Any:
@@ -342,19 +358,20 @@ def emit_int8_contraction(isa_name: str, v: Any, nk: int, wp: Any, out: int, blo
         block(FULL * K4 * BN * 4, FULL * BN, tail_width(TAIL, V), TAIL)
 
 
-def fused_kan_int8_kernel(g: BasisGraph, p: Int8Layer) -> Any:
-    """PrimFunc ``(x[x_shape] f32, [gamma[n], beta[n] f32,] wp[packed] int8, colsum[out] int32, wscale[out]
-    f32, b[out or 1] f32, [wpb, colsum_b, wscale_b, b_b: the same for the base branch,] y[y_shape] f32)``: the
-    whole dynamic-int8 KAN layer, ONNX semantics of the int8 pass's graph:
+def fused_kan_int8_kernel(p: Int8Layer) -> Any:
+    """PrimFunc ``(x[x_shape] f32, [gamma[n], beta[n] f32,] [idx[n_s] int32 per gathered segment,] wp[packed] int8,
+    colsum[out] int32, wscale[out] f32, b[out or 1] f32, [wpb, colsum_b, wscale_b, b_b: the same for the base
+    branch,] y[y_shape] f32)``: the whole dynamic-int8 KAN layer, ONNX semantics of the int8 pass's graph:
 
         z = LayerNorm(x) (``norm_eps``) or x
-        v = phi(z) (n*K values, fp32, in basis-major order j*n + i)
+        v = phi(z) (n*K values, fp32, in basis-major order j*n + i; per segment: its basis of z[idx], its
+            values after the previous segments')
         sx, zp = DynamicQuantizeLinear's scale and zero point of v; vq = quantize(v) (uint8)
         y[c] = float(sum_r (vq[r] - zp) W[r, c]) * (sx * wscale[c]) [+ b[c]]
         [+ the same for u = S(x) by Wb, with its own scale and zero point, + b_b[c]  (``base``)]
 
-    with ``wp`` = ``pack_int8(basis_major(W), block_n, isa lanes)`` and ``colsum`` its column sums (the base
-    weight packed as it is). The basis is evaluated vectorised across features into an fp32 scratch (L1),
+    with ``wp`` = ``pack_int8(basis_major(W), block_n, isa lanes)`` (per segment) and ``colsum`` its column sums
+    (the base weight packed as it is). The basis is evaluated vectorised across features into an fp32 scratch (L1),
     quantized as the graph does (int8_dot's ``emit_dynamic_quantization``), then multiplied on the CPU's int8
     dot products (``dot4``)."""
     from tvm.script.ir_builder import IRBuilder
@@ -362,8 +379,8 @@ def fused_kan_int8_kernel(g: BasisGraph, p: Int8Layer) -> Any:
     from tvm.tirx import Cast
 
     f32 = "float32"
-    n, k, out, lanes = p.n, p.k, p.out, p.lanes
-    nk = n * k
+    n, out, lanes = p.n, p.out, p.lanes
+    nk = p.nk
     scope = "local" if nk * 4 <= LOCAL_BASIS_BYTES else "global"
     with IRBuilder() as ib, T.prim_func():
         T.func_name("kan_fused_i8")
@@ -372,6 +389,7 @@ def fused_kan_int8_kernel(g: BasisGraph, p: Int8Layer) -> Any:
         if p.norm_eps is not None:
             gamma = T.arg("gamma", T.buffer((n,), f32))
             beta = T.arg("beta", T.buffer((n,), f32))
+        idx = [T.arg(f"idx{i}", T.buffer((sg.n,), "int32")) if sg.gather else None for i, sg in enumerate(p.segments)]
         wp = T.arg("wp", T.buffer((max(1, p.packed_size),), "int8"))
         cs = T.arg("colsum", T.buffer((out,), "int32"))
         ws = T.arg("wscale", T.buffer((out,), f32))
@@ -388,7 +406,15 @@ def fused_kan_int8_kernel(g: BasisGraph, p: Int8Layer) -> Any:
         y = T.decl_buffer((out,), f32, data=yg.data)
         z = emit_layer_norm(x, gamma, beta, n, lanes, p.norm_eps) if p.norm_eps is not None else x
         v = T.alloc_buffer((1, nk), f32, scope=scope)
-        emit_features(g, k, n, lanes, z, v)
+        offset = 0
+        for sg, ix in zip(p.segments, idx, strict=True):
+            zs = z
+            if ix is not None:  # this basis's features: a constant gather of z
+                zs = T.alloc_buffer((sg.n,), f32, scope="local" if sg.n * 4 <= LOCAL_BASIS_BYTES else "global")
+                with T.serial(sg.n) as i:
+                    T.buffer_store(zs, z[ix[i]], [i])
+            emit_features(sg.graph, sg.k, sg.n, lanes, zs, v, offset)
+            offset += sg.n * sg.k
 
         def spline_out(a: Any, c: Any, sx: Any, zeff: Any) -> None:
             f = Cast(f32, a - zeff * cs[c]) * (sx * ws[c])
@@ -424,4 +450,4 @@ def pack_coefficients(w: np.ndarray, lanes: int) -> np.ndarray:
 
 
 __all__ = ["KERNEL_NAME", "KERNEL_NAME_BF16W", "KERNEL_NAME_INT8", "MAX_OUT", "BaseBranch", "BasisGraph", "Int8Layer",
-           "basis_major", "fused_kan_int8_kernel", "fused_kan_kernel", "int8_block_n", "pack_coefficients"]
+           "Segment", "basis_major", "fused_kan_int8_kernel", "fused_kan_kernel", "int8_block_n", "pack_coefficients"]
