@@ -27,6 +27,14 @@ so the cost follows the spike count, and in the dense worst case it is still one
 T steps. The sum over k runs in the same order as the generic lowering's matmul, so results are
 bit-identical to it. Otherwise (C not a constant-weight matmul) the stateless matmul stays one
 GEMV-shaped kernel (M = T*B rows) before ``fused_recurrence_kernel``.
+
+Where C is the int8 pass's dynamic-int8 layer of S (DynamicQuantizeLinear, MatMulInteger by an int8 W, the
+scales [+ bias]), ``fused_layer_int8_kernel`` does it on the CPU's int8 dot products (``int8_dot.dot4``: 4
+inputs x one int32 lane per instruction). Spikes are 0 / 1, so their quantized bytes take two values, picked
+without a division per element; a group of 4 inputs whose bytes are zero at every step is skipped; RB steps x
+BN neurons of int32 accumulators per pass over the active groups, the weight vector read once per RB steps;
+then the dequantization (the graph's float operations) and the recurrence in registers. The first layer's S,
+when it is elementwise in one (1, K) tensor (the rate code of the image), is computed in the kernel too.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ import numpy as np
 from kernels.tvm import ATTR_KERNEL
 from kernels.tvm.tir._elementwise import CONST, ROW, Node, apply_op
 from kernels.tvm.tir.bf16 import widened
-from kernels.tvm.tir.int8_dot import ISAS, LOCAL_X_BYTES, dot4, packed_size
+from kernels.tvm.tir.gemv import SCRATCH_SCOPE
+from kernels.tvm.tir.int8_dot import ISAS, dot4, packed_size
 
 KERNEL_NAME = "lif-fused-f32"
 LAYER_KERNEL_NAME = "lif-layer-f32"
@@ -124,9 +133,9 @@ def fused_layer_kernel(g: Recurrence, k: int, n: int, block_n: int, has_bias: bo
         s = T.decl_buffer((rows, k), f32, data=sg.data)
         idx = T.alloc_buffer((k,), "int32")
         sc = T.alloc_buffer((k, rows), f32)  # active columns of s, transposed: one row per active input
-        cnt = T.alloc_buffer((1,), "int32", scope="local")
-        acc = T.alloc_buffer((rows, bn), f32, scope="local")
-        scratch = T.alloc_buffer((len(g.nodes), bn), f32, scope="local")
+        cnt = T.alloc_buffer((1,), "int32", scope=SCRATCH_SCOPE)
+        acc = T.alloc_buffer((rows, bn), f32, scope=SCRATCH_SCOPE)
+        scratch = T.alloc_buffer((len(g.nodes), bn), f32, scope=SCRATCH_SCOPE)
         T.buffer_store(cnt, 0, [0])
         with T.serial(0, k) as kk:
             active = s[0, kk] != zero
@@ -195,7 +204,7 @@ def _emit_spike_quantization(isa: Any, s: Any, rows: int, k: int) -> tuple[Any, 
     total = rows * k
     main = total // (L * U) * (L * U)
     flat = T.decl_buffer((total,), f32, data=s.data)
-    ext = T.alloc_buffer((3, U, L), f32, scope="local")  # max, min, "an element is neither 0 nor 1"
+    ext = T.alloc_buffer((3, U, L), f32, scope=SCRATCH_SCOPE)  # max, min, "an element is neither 0 nor 1"
     with T.unroll(U) as u, T.vectorized(L) as i:
         T.buffer_store(ext, T.min_value(f32), [0, u, i])
         T.buffer_store(ext, T.max_value(f32), [1, u, i])
@@ -229,9 +238,8 @@ def _emit_spike_quantization(isa: Any, s: Any, rows: int, k: int) -> tuple[Any, 
         return Cast("uint8", T.max(T.min(T.round(v / scale) + Cast(f32, zp), T.float32(255)), T.float32(0)))
 
     q0, q1 = T.bind(quantize(T.float32(0))), T.bind(quantize(T.float32(1)))
-    scope = "local" if rows * k4 * 4 <= LOCAL_X_BYTES else "global"
-    xq = T.alloc_buffer((rows, k4 * 4), isa.x_dtype, scope=scope)
-    seen = T.alloc_buffer((k4 * 4,), "uint8", scope="local")  # per input: max over the steps of its byte
+    xq = T.alloc_buffer((rows, k4 * 4), isa.x_dtype, scope=SCRATCH_SCOPE)
+    seen = T.alloc_buffer((k4 * 4,), "uint8", scope=SCRATCH_SCOPE)  # per input: max over the steps of its byte
     with T.serial(k4) as o, T.vectorized(4) as i:
         T.buffer_store(seen, T.uint8(0), [o * 4 + i])
 
@@ -257,8 +265,8 @@ def _emit_spike_quantization(isa: Any, s: Any, rows: int, k: int) -> tuple[Any, 
             each_element(lambda m, i: store(m, i, quantize(s[m, i])))
     with T.serial(rows) as m, T.serial(k4 * 4 - k) as i:
         T.buffer_store(xq, T.Cast(isa.x_dtype, 0), [m, k + i])
-    words = T.decl_buffer((rows, k4), "int32", data=xq.data, scope=scope)
-    seen_words = T.decl_buffer((k4,), "int32", data=seen.data, scope="local")
+    words = T.decl_buffer((rows, k4), "int32", data=xq.data, scope=SCRATCH_SCOPE)
+    seen_words = T.decl_buffer((k4,), "int32", data=seen.data, scope=SCRATCH_SCOPE)
     zeff = T.bind(Cast("int32", zp) + T.int32(isa.x_shift))
     return scale, zeff, words, seen_words, k4
 
@@ -300,8 +308,8 @@ def fused_layer_int8_kernel(g: Recurrence, k: int, n: int, block_n: int, isa_nam
             s = T.decl_buffer((rows, k), f32, data=sg.data)
         else:  # every step's input from the one argument row, all steps per vector of inputs
             x = T.decl_buffer((1, k), f32, data=sg.data)
-            s = T.alloc_buffer((rows, k), f32, scope="local" if rows * k * 4 <= LOCAL_X_BYTES else "global")
-            code_scratch = T.alloc_buffer((len(input_code.nodes), 16), f32, scope="local")
+            s = T.alloc_buffer((rows, k), f32, scope=SCRATCH_SCOPE)
+            code_scratch = T.alloc_buffer((len(input_code.nodes), 16), f32, scope=SCRATCH_SCOPE)
 
             def code(base: int | Any, width: int) -> None:
                 with T.vectorized(0, width) as i:
@@ -314,19 +322,23 @@ def fused_layer_int8_kernel(g: Recurrence, k: int, n: int, block_n: int, isa_nam
         sx, zeff, words, seen, K4 = _emit_spike_quantization(isa, s, rows, k)
         # The active groups: some step's byte is nonzero in one of their 4 inputs. Branch-free: always write
         # at the cursor, advance it only for an active group.
-        idx = T.alloc_buffer((K4,), "int32", scope="local")
-        cnt = T.alloc_buffer((1,), "int32", scope="local")
+        idx = T.alloc_buffer((K4,), "int32", scope=SCRATCH_SCOPE)
+        cnt = T.alloc_buffer((1,), "int32", scope=SCRATCH_SCOPE)
         T.buffer_store(cnt, 0, [0])
         with T.serial(0, K4) as kk:
             T.buffer_store(idx, kk, [cnt[0]])
             T.buffer_store(cnt, cnt[0] + Cast("int32", seen[kk] != T.int32(0)), [0])
+        # Per-block scratch, allocated once (an allocation inside the block loop is one per block).
+        wmax = BN if full else tbn
+        acc = T.alloc_buffer((rows, wmax), "int32", scope=SCRATCH_SCOPE)
+        # With shifted activations (sdot) a skipped group still has a nonzero shifted term: the sum over the
+        # active groups of the weight (a dot with ones) puts it back.
+        act_sum = T.alloc_buffer((wmax,), "int32", scope=SCRATCH_SCOPE) if isa.x_shift else None
+        scratch = T.alloc_buffer((len(g.nodes), wmax), f32, scope=SCRATCH_SCOPE)
+        tail_out = T.alloc_buffer((t_out, tbn), f32, scope=SCRATCH_SCOPE) if tail else None
 
         def block(col0: Any, woff: Any, width: int, nout: int) -> None:
             """Output neurons col0 .. col0 + nout (``width`` packed columns, whole vectors) at weight offset woff."""
-            acc = T.alloc_buffer((rows, width), "int32", scope="local")
-            # With shifted activations (sdot) a skipped group still has a nonzero shifted term: the sum over
-            # the active groups of the weight (a dot with ones) puts it back.
-            act_sum = T.alloc_buffer((width,), "int32", scope="local") if isa.x_shift else None
             for r in range(rows):
                 with T.unroll(width // V) as c:
                     T.buffer_store(acc, T.Broadcast(T.int32(0), V), [r, T.Ramp(c * V, 1, V)])
@@ -343,10 +355,9 @@ def fused_layer_int8_kernel(g: Recurrence, k: int, n: int, block_n: int, isa_nam
                             T.buffer_store(acc, dot4(isa, acc[r, lanes], words[r, grp], w), [r, lanes])
                         if act_sum is not None and r0 == 0:
                             T.buffer_store(act_sum, dot4(isa, act_sum[lanes], T.int32(0x01010101), w), [lanes])
-            scratch = T.alloc_buffer((len(g.nodes), width), f32, scope="local")
             # The recurrence at the block's whole vector width (padded constants); a narrower tail goes through
-            # a local copy so the stores to ``out`` stay within its rows.
-            dst = out if nout == width else T.alloc_buffer((t_out, width), f32, scope="local")
+            # a copy so the stores to ``out`` stay within its rows.
+            dst = out if nout == width else tail_out
             with T.vectorized(0, width) as i:
                 col = col0 + i
                 # sum (q - zp) w = acc - zeff colsum; with the shift and skipped groups:
@@ -392,7 +403,7 @@ def fused_recurrence_kernel(g: Recurrence, n: int, lanes: int) -> Any:
                      "op_pattern": 8})
         c = T.arg("c", T.buffer((g.rows, n), f32))
         s = T.arg("s", T.buffer((len(g.outputs), n), f32))
-        scratch = T.alloc_buffer((len(g.nodes), lanes), f32, scope="local")
+        scratch = T.alloc_buffer((len(g.nodes), lanes), f32, scope=SCRATCH_SCOPE)
         if chunks:
             with T.serial(0, chunks) as ci, T.vectorized(0, lanes) as lane:
                 body(c, s, scratch, ci * lanes, lane, lanes)
