@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
+from kernels.tvm.tir.gemv import SCRATCH_SCOPE
 from kernels.tvm.tir.int8_dot import ISAS, dot4, emit_dynamic_quantization, emit_quantized_copy
 
 KERNEL_NAME = "grouped-gemv-f32"
@@ -169,7 +170,7 @@ def grouped_gemv_kernel(bs: BlockSparse, rows: int, bias: bool, relu: bool, x_sh
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
         x = T.decl_buffer((M, K), "float32", data=xg.data)  # flat 2-D views of the graph's tensors
         y = T.decl_buffer((M, N), "float32", data=yg.data)
-        acc = T.alloc_buffer((M, BN), "float32", scope="local")
+        acc = T.alloc_buffer((M, BN), "float32", scope=SCRATCH_SCOPE)
         for nb in range(NB):
             for m in range(M):
                 for i in T.vectorized(BN):
@@ -316,7 +317,7 @@ def grouped_dot_kernel(bs: BlockSparseInt8, rows: int, isa_name: str, x_shape: t
             if bias:
                 f = f + bb[j]
             return T.max(f, T.float32(0)) if relu else f
-        acc = T.alloc_buffer((M, BN), "int32", scope="local")
+        acc = T.alloc_buffer((M, BN), "int32", scope=SCRATCH_SCOPE)
 
         def word(m: Any, g: Any) -> Any:
             if not bs.gather:  # one unaligned 4-byte load
