@@ -199,7 +199,9 @@ class BlockSparseInt8:
     n: int
     block_n: int
     gptr: np.ndarray  # int32 [NB + 1]: groups of block nb are gptr[nb] .. gptr[nb + 1]
-    gidx: np.ndarray  # int32: the first input of each group's window [NG], or its 4 rows [NG * 4] (gather)
+    # The first input of each group's window [NG] (int32), or its 4 rows [NG * 4] (gather: uint16 where K
+    # allows, so one 8-byte load gives a group's 4 row indices)
+    gidx: np.ndarray
     wv: np.ndarray  # int8 [NG * BN * 4]: per group, per column, the 4 weights
     colsum: np.ndarray  # int32 [NB * BN]: column sums in packed order (zero-point compensation)
     gather: bool
@@ -260,7 +262,8 @@ def pack_block_sparse_int8(w: np.ndarray, block_n: int, perm: np.ndarray | None 
         vals.append(wb.transpose(0, 2, 1).reshape(-1))  # [groups, BN, 4]
         gptr.append(gptr[-1] + len(wb))
     colsum = padded.astype(np.int32).sum(axis=0).astype(np.int32)
-    return BlockSparseInt8(k, n, block_n, np.asarray(gptr, np.int32), np.concatenate(gidx).astype(np.int32),
+    index_dtype = np.uint16 if gather and kp <= 1 << 16 else np.int32
+    return BlockSparseInt8(k, n, block_n, np.asarray(gptr, np.int32), np.concatenate(gidx).astype(index_dtype),
                            np.ascontiguousarray(np.concatenate(vals), dtype=np.int8), colsum, gather,
                            None if perm is None else np.asarray(perm, np.int32))
 
@@ -289,7 +292,7 @@ def grouped_dot_kernel(bs: BlockSparseInt8, rows: int, isa_name: str, x_shape: t
         xg = T.arg("xg", T.buffer(x_shape or (M, K), XT))
         zpb = None if dynamic else T.arg("zp", T.buffer((), "uint8"))
         gptr = T.arg("gptr", T.buffer((NB + 1,), "int32"))
-        gidx = T.arg("gidx", T.buffer((len(bs.gidx),), "int32"))
+        gidx = T.arg("gidx", T.buffer((len(bs.gidx),), str(bs.gidx.dtype)))
         wv = T.arg("wv", T.buffer((max(1, NG * BN * 4),), "int8"))
         cs = T.arg("colsum", T.buffer((NB * BN,), "int32"))
         if dynamic:
@@ -324,7 +327,13 @@ def grouped_dot_kernel(bs: BlockSparseInt8, rows: int, isa_name: str, x_shape: t
                 return T.reinterpret("int32", xq[m, T.Ramp(gidx[g], 1, 4)])
             # Four scalar byte loads assembled in a general register (a vector gather of bytes became
             # 16 vpinsrb for the broadcast).
-            parts = [T.bitwise_and(Cast("int32", xq[m, gidx[g * 4 + j]]), T.int32(255)) for j in range(4)]
+            if bs.gidx.dtype == np.uint16:  # the 4 indices in one load
+                quad = T.reinterpret("int64", gidx[T.Ramp(g * 4, 1, 4)])
+                rows = [Cast("int32", T.bitwise_and(T.shift_right(quad, T.int64(16 * j)), T.int64(0xFFFF)))
+                        for j in range(4)]
+            else:
+                rows = [gidx[g * 4 + j] for j in range(4)]
+            parts = [T.bitwise_and(Cast("int32", xq[m, rows[j]]), T.int32(255)) for j in range(4)]
             return parts[0] | T.shift_left(parts[1], 8) | T.shift_left(parts[2], 16) | T.shift_left(parts[3], 24)
 
         def block(nb: Any, nout: int) -> None:
