@@ -8,12 +8,16 @@ After the int8 pass (dynamic) the contraction is ``DynamicQuantizeLinear`` + ``M
 (substitute_gemv's ``match_dynamic_layer``) over the same reshaped basis: that layer becomes the int8 fused
 kernel (``kan.fused_kan_int8_kernel``: basis fp32 in L1, quantized per call as the graph says, int8 weights
 per output column on the CPU's int8 dot products) where the profile has them and they multiply W exactly.
+The int8 kernel takes in what surrounds the contraction in the zoo's KAN layers (``int8_plans``): a LayerNorm of
+the layer input feeding only the bases, the dynamic-int8 SiLU base branch over the same input and the add
+(FastKAN / efficient-kan: the whole layer is one call), and S-KAN's several bases over constant gathers of the
+normalized input, concatenated into one contraction.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -183,13 +187,23 @@ class Int8Plan:
     gathers: tuple[np.ndarray, ...] = ()  # int32 feature indices of the gathered segments, in order
 
 
+class SegmentMatch(NamedTuple):
+    """One basis feeding a contraction: ``reshape(B(z[idx] or z))``."""
+
+    graph: kan.BasisGraph
+    n: int  # features it expands
+    k: int  # basis functions per feature
+    z: Any  # the tensor its features come from
+    idx: np.ndarray | None  # int32 gather indices into z's features, None for all of them in order
+
+
 @dataclass(frozen=True)
 class SplineMatch:
     """A dynamic-int8 contraction over the concatenated bases of one tensor z (one basis, or S-KAN's several
     over constant gathers of z)."""
 
     layer: DynamicLayer
-    segments: list[tuple[kan.BasisGraph, int, int, Any, np.ndarray | None]]  # graph, n, K, z, gather indices
+    segments: list[SegmentMatch]
     z: Any
     n: int  # features of z
     yshape: tuple[int, ...]
@@ -212,8 +226,7 @@ def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int
     def lookup(e: Any) -> Any:
         return bound.get(e) if isinstance(e, relax.Var) else None
 
-    def segment_of(e: Any) -> tuple[kan.BasisGraph, int, int, Any, np.ndarray | None] | None:
-        """(basis graph, n, K, z, gather indices or None) when ``e`` is ``reshape(B(z[idx] or z))``."""
+    def segment_of(e: Any) -> SegmentMatch | None:
         rs = lookup(e)
         if not (isinstance(rs, relax.Call) and rs.op == op_reshape):
             return None
@@ -236,7 +249,7 @@ def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int
         root_shape = static_shape(g.root)
         if root_shape is None or int(np.prod(root_shape)) != vs[-2]:
             return None
-        return g, vs[-2], vs[-1], z, idx
+        return SegmentMatch(g, vs[-2], vs[-1], z, idx)
 
     def spline_of(value: Any) -> SplineMatch | None:
         layer = match_dynamic_layer(value, bound, uses, [], isa)
@@ -248,18 +261,17 @@ def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int
         cat = lookup(layer.x)
         parts = list(cat.args[0].fields) if isinstance(cat, relax.Call) and cat.op == op_concat and \
             int(cat.attrs.axis) in (len(xs) - 1, -1) else [layer.x]
-        segs = [segment_of(e) for e in parts]
-        if any(sg is None for sg in segs) or (len(parts) > 1 and any(uses.get(e, 0) != 1 for e in parts)):
+        found = [segment_of(e) for e in parts]
+        segs = [sg for sg in found if sg is not None]
+        if len(segs) != len(parts) or (len(parts) > 1 and any(uses.get(e, 0) != 1 for e in parts)):
             return None
-        z = segs[0][3]  # type: ignore[index]
-        if any(not sg[3].same_as(z) for sg in segs) or static_shape(z) is None:  # type: ignore[index]
-            return None
-        if sum(sg[1] * sg[2] for sg in segs) != layer.w.shape[0]:  # type: ignore[index]
+        z = segs[0].z
+        if any(not sg.z.same_as(z) for sg in segs) or static_shape(z) is None:
             return None
         n = int(np.prod(static_shape(z)))
-        if any(sg[4] is None and sg[1] != n for sg in segs):  # type: ignore[index]
+        if sum(sg.n * sg.k for sg in segs) != layer.w.shape[0] or any(sg.idx is None and sg.n != n for sg in segs):
             return None
-        return SplineMatch(layer, segs, z, n, (*xs[:-1], int(layer.w.shape[1])))  # type: ignore[arg-type]
+        return SplineMatch(layer, segs, z, n, (*xs[:-1], int(layer.w.shape[1])))
 
     def layer_norm_of(sp: SplineMatch, x: Any | None) -> tuple[Any, np.ndarray, np.ndarray, float] | None:
         """(its input, gamma, beta, eps) when the basis input ``sp.z`` is a LayerNorm over the last axis of a
@@ -281,11 +293,11 @@ def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int
         layer = sp.layer
         out = int(layer.w.shape[1])
         branch = kan.BaseBranch(base_graph, out, base.bias is not None) if base is not None else None
-        segs = tuple(kan.Segment(g, nb, kb, idx is not None) for g, nb, kb, _, idx in sp.segments)
+        segs = tuple(kan.Segment(sg.graph, sg.n, sg.k, sg.idx is not None) for sg in sp.segments)
         p = kan.Int8Layer(n=sp.n, segments=segs, out=out, isa=isa, block_n=kan.int8_block_n(out, isa),
                           lanes=lanes, x_shape=static_shape(x), y_shape=sp.yshape, bias=layer.bias is not None,
                           norm_eps=norm[3] if norm is not None else None, base=branch)
-        gathers = tuple(idx for *_, idx in sp.segments if idx is not None)
+        gathers = tuple(sg.idx for sg in sp.segments if sg.idx is not None)
         return Int8Plan(x, p, layer, (norm[1], norm[2]) if norm is not None else None, base, gathers)
 
     plans: dict[Any, Int8Plan] = {}
