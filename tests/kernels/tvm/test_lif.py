@@ -7,6 +7,7 @@ the same graph, agreeing with ONNX Runtime's int8 on real Fashion-MNIST images, 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from kernels.tvm.testing import build_vm, substitute, with_kernels
 from targets.tvm.build import build_library
 from toolchain.core.onnx_io import ort_session
 from toolchain.core.profile import Profile, load_profile
+from toolchain.device import emulate
 from toolchain.export import run_ort, torch_to_onnx
 from toolchain.passes import PassContext
 from toolchain.passes.int8 import Config as Int8Config
@@ -199,3 +201,45 @@ def test_int8_lif_layer_uses_the_dot_product_instructions(profile_id: str, prese
             assert re.search(insn, asm), f"{insn} missing from {name}"
         for insn in absent:  # the whole library too: one VNNI instruction on a Haswell is a crash
             assert not re.search(insn, asm), f"{insn} in {name}"
+
+
+EMULATED_RUN = """
+import sys
+import numpy as np
+import tvm
+from tvm import relax
+vm = relax.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
+xs = np.load(sys.argv[2])
+np.save(sys.argv[3], np.concatenate([vm["main"](tvm.runtime.tensor(x[None])).numpy() for x in xs]))
+"""
+
+
+@pytest.mark.slow
+def test_int8_lif_layer_on_sdot_is_exact_on_emulated_aarch64(tmp_path: Path, fashion: object) -> None:
+    """The sdot form (activations shifted to int8, skipped groups put back by the active weight sums) run on an
+    emulated aarch64 (qemu, dotprod): spike counts bit-identical to TVM's generic lowering of the same int8
+    graph on x86, on real Fashion-MNIST images."""
+    if emulate.missing_tools() or not emulate.is_ready():
+        pytest.skip("the aarch64 emulator is not provisioned: 'make emulator' (EDGEC_EMULATOR_DIR)")
+    prof = with_kernels(load_profile("rpi5"), lif_layer_max_rows=8)
+    if prof.cpu.cross_cc and shutil.which(prof.cpu.cross_cc) is None:
+        pytest.skip("aarch64 cross compiler missing: apt-get install gcc-aarch64-linux-gnu")
+    model = _int8_snn("rpi5", 8)
+    meta = build_library(model, prof, tmp_path / "lib.so")
+    assert [r["kernel"] for r in meta["kernels"] if r["kernel"].startswith("lif")] == ["lif-layer-i8"] * 2
+    xs = fashion.x_test[:60].reshape(60, 784).astype(np.float32)  # type: ignore[attr-defined]
+    np.save(tmp_path / "x.npy", xs)
+    (tmp_path / "run.py").write_text(EMULATED_RUN)
+    d = emulate.emulator_dir()
+    sysroot = d / "sysroot"
+    env = {**os.environ, "QEMU_LD_PREFIX": str(sysroot), "PYTHONPATH": str(d / "site"), "PYTHONNOUSERSITE": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONHOME", None)
+    subprocess.run(["qemu-aarch64", "-cpu", emulate.QEMU_CPU_FALLBACK, "-L", str(sysroot),
+                    str(sysroot / "usr" / "bin" / emulate.PYTHON), str(tmp_path / "run.py"), str(tmp_path / "lib.so"),
+                    str(tmp_path / "x.npy"), str(tmp_path / "arm.npy")], env=env, check=True, timeout=900)
+    generic, _ = build_vm(model, load_profile("x86-avx512"), substitute=False)
+    want = np.concatenate([generic(x[None]) for x in xs])
+    got = np.load(tmp_path / "arm.npy")
+    assert want.sum() > 0
+    np.testing.assert_array_equal(got, want)
