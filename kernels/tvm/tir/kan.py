@@ -61,7 +61,8 @@ class BasisGraph:
     root: Any = None  # the Relax var holding z, shape (..., n)
 
 
-Item = tuple[Any, ...]  # one basis value: ("c", value) a constant, ("r", row) a scratch row, ("z",) the input
+# one basis value: ("c", value) a constant, ("r", row) a scratch row, ("v", var) a let-bound value, ("z",) the input
+Item = tuple[Any, ...]
 
 
 def scratch_rows(g: BasisGraph) -> tuple[dict[int, int], int]:
@@ -83,12 +84,16 @@ def basis_value(item: Item, z: Any, s: Any, base: Any, lane: Any) -> Any:
         return FloatImm("float32", item[1])
     if item[0] == "r":
         return s[item[1], lane]
+    if item[0] == "v":
+        return item[1]
     return z[base + lane]
 
 
-def emit_basis(g: BasisGraph, k: int, rows: dict[int, int], z: Any, s: Any, base: Any, lane: Any) -> list[Item]:
+def emit_basis(g: BasisGraph, k: int, rows: dict[int, int], z: Any, s: Any, base: Any, lane: Any,
+               bind: bool = False) -> list[Item]:
     """Store every non-constant node of ``g`` for feature ``base + lane`` into the scratch ``s`` (inside the
-    caller's vectorized lane loop). Returns phi_0..phi_{K-1} as items (see ``basis_value``)."""
+    caller's vectorized lane loop), or with ``bind`` keep each in a let-bound variable (registers: only for
+    a caller that uses phi inside the same lane loop). Returns phi_0..phi_{K-1} as items (see ``basis_value``)."""
     from tvm.script.ir_builder import tirx as T
 
     vals: dict[int, list[Item]] = {}
@@ -113,6 +118,9 @@ def emit_basis(g: BasisGraph, k: int, rows: dict[int, int], z: Any, s: Any, base
             vals[i] = vals[nd.args[0]]
             continue
         exprs = [apply_op(nd.op, *ts) for ts in zip(*(bcast(vals[a], nd.width) for a in nd.args), strict=False)]
+        if bind:
+            vals[i] = [("v", T.bind(e)) for e in exprs]
+            continue
         r = rows[i]
         for j, e in enumerate(exprs):
             T.buffer_store(s, e, [r + j, lane])
@@ -227,8 +235,7 @@ def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any, off
     the rest), the graph's intermediate values in a (rows, lanes) register scratch."""
     from tvm.script.ir_builder import tirx as T
 
-    rows, nrows = scratch_rows(g)
-    s = T.alloc_buffer((max(1, nrows), lanes), "float32", scope="local")
+    s = None  # every node is let-bound: no scratch
     chunks, rem = n // lanes, n % lanes
     for count, width in ((chunks, lanes), (1 if rem else 0, rem)):
         if count == 0:
@@ -237,7 +244,7 @@ def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any, off
         with T.serial(0, count) as ci:
             base = start + ci * width
             with T.vectorized(0, width) as lane:
-                phi = emit_basis(g, k, rows, z, s, base, lane)
+                phi = emit_basis(g, k, {}, z, s, base, lane, bind=True)
                 for j in range(k):
                     T.buffer_store(v, basis_value(phi[j], z, s, base, lane), [0, offset + j * n + base + lane])
 
