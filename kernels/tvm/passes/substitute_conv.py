@@ -11,6 +11,7 @@ each conv [+ add] [+ relu] chain is rewritten; the absorbed bindings are dead co
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ from kernels.tvm.tir.conv2d import (
     ConvParams,
     choose_block_oc,
     choose_tile_ow,
+    columns_fit,
+    conv2d_columns_kernel,
     conv2d_kernel,
     depthwise_kernel,
     pack_conv_weight,
@@ -227,6 +230,11 @@ class SubstituteConv(RewritePass):
             name, kname = f"edgec_conv2d_dw_{index}", DEPTHWISE_KERNEL_NAME
             func = depthwise_kernel(p)
             wc = relax.const(np.ascontiguousarray(w.reshape(oc, kh, kw)))
+        elif columns_fit(p):  # fewer channels than a vector: vectorized over output columns instead
+            name, kname = f"edgec_conv2d_{index}", KERNEL_NAME
+            func = conv2d_columns_kernel(p)
+            wc = relax.const(pack_conv_weight(w, oc))
+            boc, p = oc, replace(p, block_oc=oc, tile_ow=p.ow)
         else:
             name, kname = f"edgec_conv2d_{index}", KERNEL_NAME
             func = conv2d_kernel(p)

@@ -121,6 +121,49 @@ def test_direct_conv_matches_ort(case: tuple) -> None:
     assert [r["kernel"] for r in table] == ["conv2d-direct-f32"]  # bias and relu fused into the one kernel
 
 
+# (ic, oc, k, pads, bias, relu, hw, dilation): stride-1 layers with fewer output channels than a vector, which the
+# column-vectorized kernel takes: Conv-KAN's first conv (9 -> 8 at 28x28), asymmetric padding, a row of 2 whole
+# vectors + 5 columns, dilation 2, a row narrower than one vector.
+COLUMN_CASES = [
+    (9, 8, 3, None, True, False, 28, 1),
+    (3, 5, 3, (0, 1, 2, 0), False, True, 13, 1),
+    (4, 12, 5, None, True, True, 37, 1),
+    (2, 6, 3, (2, 2, 2, 2), True, False, 12, 2),
+    (3, 4, 3, None, True, False, 8, 1),
+]
+
+
+@pytest.mark.parametrize("case", COLUMN_CASES, ids=[f"ic{c[0]}oc{c[1]}k{c[2]}hw{c[6]}" for c in COLUMN_CASES])
+def test_column_conv_matches_ort(case: tuple) -> None:
+    ic, oc, k, pads, bias, relu, hw, dil = case
+    rng = np.random.default_rng(3)
+    nodes, inits = _conv(rng, "c", "x", ic, oc, k, 1, pads, bias=bias, dilation=dil)
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    model = _model(nodes, inits, [1, ic, hw, hw], "y" if relu else "c")
+    table = _check(model, rng.standard_normal((1, ic, hw, hw)).astype(np.float32))
+    assert [r["kernel"] for r in table] == ["conv2d-direct-f32"]
+    rows = substitute(model, load_profile("x86-avx512"))[1]
+    assert rows[0]["block_oc"] == oc  # the column kernel: all channels of a column vector in one pass
+
+
+def test_column_conv_on_rbf_channels_of_fashion_images(fashion: object) -> None:
+    """Conv-KAN's first conv on what it really sees: SiLU(x) plus 8 Gaussian RBF channels of real Fashion-MNIST
+    images (mostly subnormal or 0, flushed in the padded copy), against ONNX Runtime."""
+    rng = np.random.default_rng(4)
+    nodes, inits = _conv(rng, "c", "x", 9, 8, 3, 1)
+    model = _model(nodes, inits, [1, 9, 28, 28], "c")
+    run, _ = build_vm(model, load_profile("x86-avx512"))
+    assert substitute(model, load_profile("x86-avx512"))[1][0]["block_oc"] == 8
+    centers = np.linspace(-2.0, 2.0, 8, dtype=np.float32)
+    for img in fashion.x_test[:8]:  # type: ignore[attr-defined]
+        z = (img.reshape(1, 28, 28).astype(np.float32) - 0.28) / 0.35
+        phi = np.exp(-np.square((z[..., None] - centers) * 1.75)).transpose(3, 0, 1, 2).reshape(8, 28, 28)
+        x = np.concatenate([z / (1 + np.exp(-z)), phi])[None].astype(np.float32)
+        ref = _ort(model, x)
+        assert np.abs(run(x) - ref).max() <= RTOL * np.abs(ref).max()
+
+
 def test_direct_conv_avx2_profile() -> None:
     rng = np.random.default_rng(1)
     nodes, inits = _conv(rng, "c", "x", 12, 24, 3, 1)
