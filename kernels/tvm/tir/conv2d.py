@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
+from kernels.tvm.tir._elementwise import fast_exp, fast_sigmoid
 
 KERNEL_NAME = "conv2d-direct-f32"
 DEPTHWISE_KERNEL_NAME = "conv2d-depthwise-f32"
@@ -147,15 +148,44 @@ def _flush_subnormal(v: Any) -> Any:
     return T.Select(T.abs(v) < T.float32(FLT_MIN), T.float32(0), v)
 
 
-def _padded_input(p: ConvParams, x: Any, n: Any, ch: int, hp: int, wp: int) -> Any:
+@dataclass(frozen=True)
+class RbfInput:
+    """A Conv-KAN layer's input channels, computed in the conv's padded copy from the ``channels`` raw ones
+    instead of read from an expanded tensor: first SiLU(x_c) for each c, then for each c the ``centers``
+    Gaussians exp(-(alpha_j x_c + beta_j)^2), j = c * centers + k (the BatchNorm, the center and the width
+    folded into alpha_j, beta_j: the kernel's ``coef[2, channels * centers]`` argument). A Gaussian below
+    exp(-RBF_FLUSH_D2) (~1.6e-38, about the smallest normal float32) is stored as exactly 0: a subnormal operand
+    would cost each FMA a microcode assist (see _flush_subnormal)."""
+
+    channels: int
+    centers: int
+
+    @property
+    def expanded(self) -> int:
+        return self.channels * (self.centers + 1)
+
+
+RBF_FLUSH_D2 = 87.0  # exp(-87) = 1.6e-38: Gaussians with a larger exponent are stored as 0
+
+
+def _rbf_value(xv: Any, alpha: Any, beta: Any) -> Any:
+    from tvm.script.ir_builder import tirx as T
+
+    d = xv * alpha + beta
+    d2 = d * d
+    return T.Select(d2 > T.float32(RBF_FLUSH_D2), T.float32(0), fast_exp(-d2))
+
+
+def _padded_input(p: ConvParams, x: Any, n: Any, ch: int, hp: int, wp: int, rbf: RbfInput | None = None,
+                  coef: Any = None) -> Any:
     """A zero-padded copy of x[n] as a (ch, hp, wp) buffer (hp / wp at least the padded input; the extra
     rows / columns are zeros too), or x[n] itself viewed 3-D when there is nothing to pad. Returns the buffer and
     the channel offset of x[n] in it. Subnormal inputs are flushed to 0 in the copy (see _flush_subnormal). The copy
-    runs row by row in whole vectors (a per-element bounds check
-    cost 2-3 % of a 3x3 conv)."""
+    runs row by row in whole vectors (a per-element bounds check cost 2-3 % of a 3x3 conv). With ``rbf`` the
+    copy computes the expanded channels from x[n]'s raw ones (``RbfInput``, coefficients in ``coef``)."""
     from tvm.script.ir_builder import tirx as T
 
-    if not p.padded and hp == p.ih and wp == p.iw:
+    if rbf is None and not p.padded and hp == p.ih and wp == p.iw:
         return T.decl_buffer((p.n * ch, p.ih, p.iw), "float32", data=x.data), n * ch
     xp = T.alloc_buffer((ch, hp, wp), "float32")
     top, left = p.pad[0], p.pad[1]
@@ -176,17 +206,27 @@ def _padded_input(p: ConvParams, x: Any, n: Any, ch: int, hp: int, wp: int) -> A
     def zero(_w: Any) -> Any:
         return T.float32(0)
 
-    with T.serial(ch) as c, T.serial(hp) as h, T.If(T.And(h >= top, h < top + p.ih)):
-        with T.Then():
-            fill(h, c, 0, left, zero)
-            fill(h, c, left, p.iw, lambda w: _flush_subnormal(x[n, c, h - top, w]))
-            fill(h, c, left + p.iw, right, zero)
-        with T.Else():
-            fill(h, c, 0, wp, zero)
+    def rows(c0: int, count: int, value: Any) -> None:
+        """Channels [c0, c0 + count) of xp: value(c, input row, w) inside the padding, zeros around it."""
+        with T.serial(count) as c, T.serial(hp) as h, T.If(T.And(h >= top, h < top + p.ih)):
+            with T.Then():
+                fill(h, c0 + c, 0, left, zero)
+                fill(h, c0 + c, left, p.iw, lambda w: value(c, h - top, w))
+                fill(h, c0 + c, left + p.iw, right, zero)
+            with T.Else():
+                fill(h, c0 + c, 0, wp, zero)
+
+    if rbf is None:
+        rows(0, ch, lambda c, r, w: _flush_subnormal(x[n, c, r, w]))
+    else:
+        K = rbf.centers
+        rows(0, rbf.channels, lambda c, r, w: _flush_subnormal(x[n, c, r, w] * fast_sigmoid(x[n, c, r, w])))
+        rows(rbf.channels, rbf.channels * K,
+             lambda j, r, w: _rbf_value(x[n, j // K, r, w], coef[0, j], coef[1, j]))
     return xp, 0
 
 
-def conv2d_kernel(p: ConvParams) -> Any:
+def conv2d_kernel(p: ConvParams, rbf: RbfInput | None = None) -> Any:
     """The PrimFunc ``(x[N, IC, IH, IW], wp[packed], b[OC or 1], [r[N, OC, OH, OW]], y[N, OC, OH, OW])`` for
     ``p`` (``r`` the residual, with ``p.residual``), marked hand-written."""
     from tvm.script.ir_builder import IRBuilder
@@ -203,13 +243,14 @@ def conv2d_kernel(p: ConvParams) -> Any:
     with IRBuilder() as ib, T.prim_func():
         T.func_name("conv2d")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
-        x = T.arg("x", T.buffer((p.n, IC, p.ih, p.iw), "float32"))
+        x = T.arg("x", T.buffer((p.n, rbf.channels if rbf else IC, p.ih, p.iw), "float32"))
+        coef = T.arg("coef", T.buffer((2, rbf.channels * rbf.centers), "float32")) if rbf else None
         wp = T.arg("wp", T.buffer((p.oc_blocks * IC * KH * KW * BOC,), "float32"))
         b = T.arg("b", T.buffer((p.oc if p.bias else 1,), "float32"))
         r = T.arg("r", T.buffer((p.n, p.oc, OH, OW), "float32")) if p.residual else None
         y = T.arg("y", T.buffer((p.n, p.oc, OH, OW), "float32"))
         with T.serial(p.n) as n:
-            xp, c0 = _padded_input(p, x, n, IC, hp, wpw)
+            xp, c0 = _padded_input(p, x, n, IC, hp, wpw, rbf, coef)
 
             def tile(ocb: Any, oh: Any, ow0: Any, tw: int, nch: int) -> None:
                 """Columns [ow0, ow0 + tw) of row oh for the channels of block ocb (nch of them real)."""
@@ -247,7 +288,7 @@ def columns_fit(p: ConvParams) -> bool:
     return p.stride == (1, 1) and p.oc < max(1, p.lanes) and not p.residual
 
 
-def conv2d_columns_kernel(p: ConvParams) -> Any:
+def conv2d_columns_kernel(p: ConvParams, rbf: RbfInput | None = None) -> Any:
     """The PrimFunc ``(x[N, IC, IH, IW], wp[IC * KH * KW * OC], b[OC or 1], y[N, OC, OH, OW])`` for a stride-1
     ``p`` with few output channels (``columns_fit``), marked hand-written. Vectorized over output columns
     instead of channels: per output row, OC x ceil(OW / lanes) vector accumulators; per reduction step (ic, kh,
@@ -266,12 +307,13 @@ def conv2d_columns_kernel(p: ConvParams) -> Any:
     with IRBuilder() as ib, T.prim_func():
         T.func_name("conv2d_columns")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
-        x = T.arg("x", T.buffer((p.n, IC, p.ih, p.iw), "float32"))
+        x = T.arg("x", T.buffer((p.n, rbf.channels if rbf else IC, p.ih, p.iw), "float32"))
+        coef = T.arg("coef", T.buffer((2, rbf.channels * rbf.centers), "float32")) if rbf else None
         wp = T.arg("wp", T.buffer((IC * KH * KW * OC,), "float32"))
         b = T.arg("b", T.buffer((OC if p.bias else 1,), "float32"))
         y = T.arg("y", T.buffer((p.n, OC, OH, OW), "float32"))
         with T.serial(p.n) as n:
-            xp, c0 = _padded_input(p, x, n, IC, hp, wpw)
+            xp, c0 = _padded_input(p, x, n, IC, hp, wpw, rbf, coef)
             with T.serial(OH) as oh:
                 acc = T.alloc_buffer((OC, NV * L), "float32", scope="local")
                 with T.unroll(OC) as o, T.unroll(NV) as v, T.vectorized(L) as i:
@@ -325,6 +367,6 @@ def depthwise_kernel(p: ConvParams) -> Any:
     return ib.get()
 
 
-__all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "ConvParams", "choose_block_oc", "choose_tile_ow",
-           "columns_fit", "conv2d_columns_kernel", "conv2d_kernel", "depthwise_kernel", "pack_conv_weight",
-           "tile_ow_for_block"]
+__all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "RBF_FLUSH_D2", "ConvParams", "RbfInput", "choose_block_oc",
+           "choose_tile_ow", "columns_fit", "conv2d_columns_kernel", "conv2d_kernel", "depthwise_kernel",
+           "pack_conv_weight", "tile_ow_for_block"]

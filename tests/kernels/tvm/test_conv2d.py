@@ -164,6 +164,52 @@ def test_column_conv_on_rbf_channels_of_fashion_images(fashion: object) -> None:
         assert np.abs(run(x) - ref).max() <= RTOL * np.abs(ref).max()
 
 
+def kan_conv_block(rng: np.random.Generator, c: int, k: int, oc: int, hw: int) -> onnx.ModelProto:
+    """A Conv-KAN layer as torch exports toolchain.zoo.convkan's KANConv2d: BatchNorm, K Gaussian RBFs per channel
+    (Unsqueeze, Sub centers, Mul width, square, Neg, Exp, Transpose, Reshape), SiLU(x) concatenated in front, Conv."""
+    ck = c * k
+    inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
+        ("scale", np.ones(c)), ("bias0", np.zeros(c)), ("mean", rng.uniform(-0.2, 0.3, c)),
+        ("var", rng.uniform(0.03, 0.4, c)), ("centers", np.linspace(-2, 2, k)), ("width", np.array((k - 1) / 4.0)),
+        ("w", rng.standard_normal((oc, c * (k + 1), 3, 3)) / np.sqrt(c * (k + 1) * 9)),
+        ("b", rng.standard_normal(oc) * 0.1))]
+    inits += [numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+              numpy_helper.from_array(np.array([-1, ck, hw, hw], np.int64), "shape")]
+    mk = helper.make_node
+    nodes = [mk("BatchNormalization", ["x", "scale", "bias0", "mean", "var"], ["z"]),
+             mk("Unsqueeze", ["z", "axes"], ["zu"]), mk("Sub", ["zu", "centers"], ["d0"]),
+             mk("Mul", ["d0", "width"], ["d"]), mk("Mul", ["d", "d"], ["d2"]), mk("Neg", ["d2"], ["nd2"]),
+             mk("Exp", ["nd2"], ["phi"]), mk("Transpose", ["phi"], ["phit"], perm=[0, 1, 4, 2, 3]),
+             mk("Reshape", ["phit", "shape"], ["phir"]), mk("Sigmoid", ["x"], ["sg"]), mk("Mul", ["x", "sg"], ["silu"]),
+             mk("Concat", ["silu", "phir"], ["cat"], axis=1),
+             mk("Conv", ["cat", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    return _model(nodes, inits, [1, c, hw, hw], "y")
+
+
+def test_rbf_expansion_computed_in_the_conv_on_fashion_images(fashion: object) -> None:
+    """Conv-KAN's first layer (1 channel, 8 RBFs, 8 outputs) on real Fashion-MNIST images: the expansion is
+    computed in the conv kernel's padded copy (one kernel, no expansion tensor) and agrees with ONNX Runtime."""
+    model = kan_conv_block(np.random.default_rng(5), 1, 8, 8, 28)
+    prof = load_profile("x86-avx512")
+    rows = substitute(model, prof)[1]
+    assert [(r["rbf_input"], r["block_oc"]) for r in rows] == [(True, 8)]
+    run, table = build_vm(model, prof)
+    assert [r["kernel"] for r in table] == ["conv2d-direct-f32"]  # no separate expansion kernel left
+    for img in fashion.x_test[:16]:  # type: ignore[attr-defined]
+        x = np.ascontiguousarray(img.reshape(1, 1, 28, 28).astype(np.float32))
+        ref = _ort(model, x)
+        assert np.abs(run(x) - ref).max() <= RTOL * np.abs(ref).max()
+
+
+def test_rbf_expansion_in_the_channel_blocked_conv() -> None:
+    """Conv-KAN's second layer (8 channels, 4 RBFs, 16 outputs: the channel-blocked kernel) against ONNX Runtime."""
+    rng = np.random.default_rng(6)
+    model = kan_conv_block(rng, 8, 4, 16, 14)
+    rows = substitute(model, load_profile("x86-avx512"))[1]
+    assert [(r["rbf_input"], r["block_oc"]) for r in rows] == [(True, 16)]
+    _check(model, (rng.standard_normal((1, 8, 14, 14)) * 0.3).astype(np.float32))
+
+
 def test_direct_conv_avx2_profile() -> None:
     rng = np.random.default_rng(1)
     nodes, inits = _conv(rng, "c", "x", 12, 24, 3, 1)
