@@ -46,7 +46,10 @@ KERNEL_NAME = "kan-fused-f32"
 KERNEL_NAME_BF16W = "kan-fused-bf16w"  # coefficients stored as bfloat16 (exact ones only), fp32 arithmetic
 KERNEL_NAME_INT8 = "kan-fused-i8"  # dynamic int8: basis quantized per call, int8 weights, int8 dot products
 MAX_OUT = 512  # accumulators for all outputs stay live: beyond this, leave the layer to the GEMV path
-LOCAL_BASIS_BYTES = 65536  # the int8 kernel's fp32 basis scratch lives on the stack up to this size
+# The int8 kernel's scratch scope. TVM 0.27's LowerTVMBuiltin puts a "global" allocation of constant size under
+# 1 KB on the stack (LLVM keeps it in registers where it can: the accumulators, the extrema) and turns any other,
+# "local" ones of every size included, into a TVMBackendAllocWorkspace / FreeWorkspace pair per call.
+SCRATCH_SCOPE = "global"
 CHAINS = 8  # independent int32 accumulator vectors per block of the int8 kernel (partial sums x vectors)
 QUANT_LANES = 16  # values per vector of the per-call quantization
 BLOCK_VECTORS = 4  # int32 accumulator vectors (output columns / isa lanes) per block of the int8 kernel
@@ -230,12 +233,135 @@ def basis_major(w: np.ndarray, n: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n, k, -1).transpose(1, 0, 2).reshape(n * k, -1))
 
 
-def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any, offset: int = 0) -> None:
+# Pieces of the cardinal B-spline of each degree on [0, degree + 1): piece m (basis j on the interval i = j + m)
+# as a polynomial in the fractional position f of the interval, Horner coefficients, highest power first.
+BSPLINE_PIECES: dict[int, tuple[tuple[float, ...], ...]] = {
+    1: ((1.0, 0.0), (-1.0, 1.0)),
+    2: ((0.5, 0.0, 0.0), (-1.0, 1.0, 0.5), (0.5, -1.0, 0.5)),
+    3: ((1 / 6, 0.0, 0.0, 0.0), (-0.5, 0.5, 0.5, 1 / 6), (0.5, -1.0, 0.0, 2 / 3), (-1 / 6, 0.5, -0.5, 1 / 6)),
+}
+BSPLINE_TOLERANCE = 1e-5  # a basis graph is taken for the closed form when it agrees to this everywhere probed
+_NUMPY_OPS: dict[str, Any] = {
+    "identity": lambda a: a, "negative": np.negative, "floor": np.floor, "abs": np.abs, "square": np.square,
+    "sqrt": np.sqrt, "exp": np.exp, "tanh": np.tanh, "sigmoid": lambda a: 1 / (1 + np.exp(-a)),
+    "to_bool": lambda a: (a != 0).astype(np.float32), "add": np.add, "subtract": np.subtract,
+    "multiply": np.multiply, "divide": np.divide, "maximum": np.maximum, "minimum": np.minimum,
+    "logical_and": np.multiply, "logical_or": np.maximum,
+    "greater": lambda a, b: (a > b).astype(np.float32), "greater_equal": lambda a, b: (a >= b).astype(np.float32),
+    "less": lambda a, b: (a < b).astype(np.float32), "less_equal": lambda a, b: (a <= b).astype(np.float32),
+}
+
+
+def evaluate_basis(g: BasisGraph, k: int, z: np.ndarray) -> np.ndarray:
+    """(len(z), K) float32: the basis graph evaluated in numpy, as the kernel's ``emit_basis`` reads it."""
+    vals: list[np.ndarray] = []
+
+    def full(i: int) -> np.ndarray:
+        return np.broadcast_to(vals[i], (len(z), g.nodes[i].width))
+
+    with np.errstate(all="ignore"):
+        for nd in g.nodes:
+            if nd.kind == CONST:
+                v = np.asarray(nd.values, np.float32)[None, :]
+            elif nd.kind == INPUT:
+                v = z.astype(np.float32)[:, None]
+            elif nd.kind == SLICE:
+                v = full(nd.args[0])[:, nd.start:nd.start + nd.width]
+            elif nd.kind == CONCAT:
+                v = np.concatenate([full(a) for a in nd.args], axis=1)
+            else:
+                v = np.asarray(_NUMPY_OPS[nd.op](*(vals[a] for a in nd.args)), np.float32)
+            vals.append(v)
+        return np.broadcast_to(vals[g.output], (len(z), k)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class UniformBSpline:
+    """B-splines of ``degree`` on the uniform knots t0 + m*h: on the interval i = floor((z - t0) / h), with f the
+    fractional position in it, basis j = i - m is piece m of the cardinal B-spline at f (``BSPLINE_PIECES``) for m
+    in 0..degree, every other basis 0. No recursion, no division."""
+
+    t0: float
+    h: float
+    degree: int
+
+    def values(self, z: np.ndarray, k: int) -> np.ndarray:
+        """(len(z), K) in numpy, the same arithmetic as ``emit``."""
+        u = (z.astype(np.float32) - np.float32(self.t0)) * np.float32(1 / self.h)
+        i = np.floor(u)
+        f = u - i
+        pieces = [_horner(c, f, np.float32) for c in BSPLINE_PIECES[self.degree]]
+        out = np.zeros((len(z), k), np.float32)
+        for j in range(k):
+            for m, pm in enumerate(pieces):
+                out[:, j] = np.where(i - j == m, pm, out[:, j])
+        return out
+
+    def emit(self, z: Any, k: int) -> list[Any]:
+        """The K basis values of the float32 TIR value ``z`` (inside the caller's vectorized lane loop)."""
+        from tvm.script.ir_builder import tirx as T
+        from tvm.tirx import Select
+
+        u = T.bind((z - T.float32(self.t0)) * T.float32(1 / self.h))
+        i = T.bind(T.floor(u))
+        f = T.bind(u - i)
+        pieces = [T.bind(_horner(c, f, T.float32)) for c in BSPLINE_PIECES[self.degree]]
+        out = []
+        for j in range(k):
+            d = T.bind(i - T.float32(j))
+            e: Any = T.float32(0)
+            for m in reversed(range(len(pieces))):
+                e = Select(d == T.float32(m), pieces[m], e)
+            out.append(e)
+        return out
+
+
+def _horner(coefs: tuple[float, ...], f: Any, const: Any) -> Any:
+    e = const(coefs[0])
+    for c in coefs[1:]:
+        e = e * f + const(c)
+    return e
+
+
+def uniform_bspline(g: BasisGraph, k: int) -> UniformBSpline | None:
+    """The closed form of ``g`` when it computes K B-splines on a uniform grid (Cox-de Boor as efficient-kan
+    exports it, or any other form): candidate knots from the graph's evenly spaced constants, degrees 1-3, each
+    checked against the graph evaluated on a dense sweep over and beyond the grid and on every knot."""
+    seen: set[tuple[float, float, int]] = set()
+    for nd in g.nodes:
+        if nd.kind != CONST or nd.width < 2:
+            continue
+        c = np.asarray(nd.values, np.float64)
+        h = float(c[1] - c[0])
+        if h <= 0 or not np.allclose(np.diff(c), h, rtol=1e-5, atol=0):
+            continue
+        for shift in range(4):
+            for degree in BSPLINE_PIECES:
+                cand = (float(c[0] - shift * h), h, degree)
+                key = (round(cand[0] / h, 3), round(h, 7), degree)
+                if key in seen:
+                    continue
+                seen.add(key)
+                sp = UniformBSpline(*cand)
+                knots = sp.t0 + sp.h * np.arange(k + degree + 1)
+                z = np.concatenate([np.linspace(sp.t0 - 2 * h, knots[-1] + 2 * h, 4001), knots,
+                                    np.nextafter(knots.astype(np.float32), np.float32(-np.inf))]).astype(np.float32)
+                ref = evaluate_basis(g, k, z)
+                if np.max(ref) > 0.1 and np.all(np.abs(sp.values(z, k) - ref) <= BSPLINE_TOLERANCE):
+                    return sp
+    return None
+
+
+def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any, offset: int = 0,
+                  ext: Any = None) -> None:
     """``v[0, offset + j*n + i] = phi_j(z[i])`` for every feature i, ``lanes`` features at a time (a tail chunk for
-    the rest), the graph's intermediate values in a (rows, lanes) register scratch."""
+    the rest), every node let-bound (registers). With ``ext`` (``emit_extrema_init``), the lane-wise maximum and
+    minimum of the stored values are kept in it as they are made (the quantization's extrema without another pass
+    over v). A uniform B-spline basis (``uniform_bspline``) is evaluated in its closed form instead of the graph."""
     from tvm.script.ir_builder import tirx as T
 
     s = None  # every node is let-bound: no scratch
+    spline = uniform_bspline(g, k)
     chunks, rem = n // lanes, n % lanes
     for count, width in ((chunks, lanes), (1 if rem else 0, rem)):
         if count == 0:
@@ -244,9 +370,46 @@ def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any, off
         with T.serial(0, count) as ci:
             base = start + ci * width
             with T.vectorized(0, width) as lane:
-                phi = emit_basis(g, k, {}, z, s, base, lane, bind=True)
+                if spline is not None:
+                    vals = spline.emit(z[base + lane], k)
+                else:
+                    phi = emit_basis(g, k, {}, z, s, base, lane, bind=True)
+                    vals = [basis_value(phi[j], z, s, base, lane) for j in range(k)]
                 for j in range(k):
-                    T.buffer_store(v, basis_value(phi[j], z, s, base, lane), [0, offset + j * n + base + lane])
+                    T.buffer_store(v, vals[j], [0, offset + j * n + base + lane])
+                if ext is not None:
+                    hi, lo = ext[0, lane], ext[1, lane]
+                    for j in range(k):
+                        hi, lo = T.max(hi, vals[j]), T.min(lo, vals[j])
+                    T.buffer_store(ext, hi, [0, lane])
+                    T.buffer_store(ext, lo, [1, lane])
+
+
+def emit_extrema_init(lanes: int) -> Any:
+    """A (2, lanes) stack buffer: row 0 lane-wise running maxima (from the lowest float), row 1 minima."""
+    from tvm.script.ir_builder import tirx as T
+
+    ext = T.alloc_buffer((2, lanes), "float32", scope=SCRATCH_SCOPE)
+    with T.vectorized(lanes) as i:
+        T.buffer_store(ext, T.min_value("float32"), [0, i])
+        T.buffer_store(ext, T.max_value("float32"), [1, i])
+    return ext
+
+
+def dynamic_quantization_of_extrema(ext: Any, lanes: int) -> tuple[Any, Any]:
+    """DynamicQuantizeLinear's (scale, uint8 zero point) from the lane-wise extrema ``ext``, in the same float
+    operations as ``int8_dot.emit_dynamic_quantization`` (so as the graph computes them)."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    with T.serial(lanes - 1) as i:
+        T.buffer_store(ext, T.max(ext[0, 0], ext[0, i + 1]), [0, 0])
+        T.buffer_store(ext, T.min(ext[1, 0], ext[1, i + 1]), [1, 0])
+    hi = T.bind(T.max(T.float32(0), ext[0, 0]))
+    lo = T.bind(T.min(T.float32(0), ext[1, 0]))
+    scale = T.bind((hi - lo) / T.float32(255))
+    zpf = T.bind(T.nearbyint(T.max(T.min(T.float32(0) - lo / scale, T.float32(255)), T.float32(0))))
+    return scale, T.bind(Cast("uint8", zpf))
 
 
 def emit_layer_norm(x: Any, gamma: Any, beta: Any, n: int, lanes: int, eps: float) -> Any:
@@ -256,8 +419,8 @@ def emit_layer_norm(x: Any, gamma: Any, beta: Any, n: int, lanes: int, eps: floa
 
     f32 = "float32"
     main = n // lanes * lanes
-    part = T.alloc_buffer((2, lanes), f32, scope="local")
-    z = T.alloc_buffer((n,), f32, scope="local" if n * 4 <= LOCAL_BASIS_BYTES else "global")
+    part = T.alloc_buffer((2, lanes), f32, scope=SCRATCH_SCOPE)
+    z = T.alloc_buffer((n,), f32, scope=SCRATCH_SCOPE)
     with T.vectorized(lanes) as i:
         T.buffer_store(part, T.float32(0), [0, i])
         T.buffer_store(part, T.float32(0), [1, i])
@@ -293,7 +456,7 @@ def emit_quantized_words(isa: Any, v: Any, nk: int, quantize: Any) -> Any:
     from tvm.tirx import Cast
 
     k4 = -(-nk // 4)
-    scope = "local" if k4 * 4 <= LOCAL_BASIS_BYTES else "global"
+    scope = SCRATCH_SCOPE
     xq = T.alloc_buffer((k4 * 4,), isa.x_dtype, scope=scope)
     main = nk // QUANT_LANES * QUANT_LANES
 
@@ -311,11 +474,12 @@ def emit_quantized_words(isa: Any, v: Any, nk: int, quantize: Any) -> Any:
 
 
 def emit_int8_contraction(isa_name: str, v: Any, nk: int, wp: Any, out: int, block_n: int,
-                          store: Any) -> None:
+                          store: Any, quantization: tuple[Any, Any] | None = None) -> None:
     """Quantize the fp32 (1, nk) ``v`` as DynamicQuantizeLinear does and multiply it by the packed int8 weight
     ``wp`` (``pack_int8(W, block_n, isa lanes)``) on the isa's dot products; ``store(acc, col, sx, zeff)`` gets
     each output column's int32 sum of ``(vq + shift) * W`` (subtract ``zeff * colsum`` for the exact
-    ``(vq - zp) W``)."""
+    ``(vq - zp) W``). ``quantization``: the (scale, zero point) already known (``dynamic_quantization_of_extrema``),
+    else computed from v here."""
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
 
@@ -326,7 +490,7 @@ def emit_int8_contraction(isa_name: str, v: Any, nk: int, wp: Any, out: int, blo
     # DynamicQuantizeLinear's scale and zero point as the graph computes them; the values are multiplied by
     # 1 / scale instead of divided by it (a division per value costs more than the rest of the quantization;
     # the quotient can differ in its last bit, moving a value that lies on a rounding tie by one step)
-    sx, zp, _ = emit_dynamic_quantization(v, 1, nk)
+    sx, zp = quantization if quantization is not None else emit_dynamic_quantization(v, 1, nk)[:2]
     inv = T.bind(T.float32(1) / sx)
     zpf = T.bind(Cast("float32", zp))
 
@@ -338,7 +502,7 @@ def emit_int8_contraction(isa_name: str, v: Any, nk: int, wp: Any, out: int, blo
 
     def block(woff: Any, col0: Any, W: int, NOUT: int) -> None:
         S = max(1, CHAINS // (W // V))  # partial sums over k: independent dot chains
-        acc = T.alloc_buffer((S, W), "int32", scope="local")
+        acc = T.alloc_buffer((S, W), "int32", scope=SCRATCH_SCOPE)
         with T.unroll(S) as si, T.unroll(W // V) as c:
             T.buffer_store(acc, T.Broadcast(T.int32(0), V), [si, T.Ramp(c * V, 1, V)])
 
@@ -388,7 +552,7 @@ def fused_kan_int8_kernel(p: Int8Layer) -> Any:
     f32 = "float32"
     n, out, lanes = p.n, p.out, p.lanes
     nk = p.nk
-    scope = "local" if nk * 4 <= LOCAL_BASIS_BYTES else "global"
+    scope = SCRATCH_SCOPE
     with IRBuilder() as ib, T.prim_func():
         T.func_name("kan_fused_i8")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME_INT8, "tirx.is_scheduled": True})
@@ -413,21 +577,23 @@ def fused_kan_int8_kernel(p: Int8Layer) -> Any:
         y = T.decl_buffer((out,), f32, data=yg.data)
         z = emit_layer_norm(x, gamma, beta, n, lanes, p.norm_eps) if p.norm_eps is not None else x
         v = T.alloc_buffer((1, nk), f32, scope=scope)
+        ext = emit_extrema_init(lanes)
         offset = 0
         for sg, ix in zip(p.segments, idx, strict=True):
             zs = z
             if ix is not None:  # this basis's features: a constant gather of z
-                zs = T.alloc_buffer((sg.n,), f32, scope="local" if sg.n * 4 <= LOCAL_BASIS_BYTES else "global")
+                zs = T.alloc_buffer((sg.n,), f32, scope=SCRATCH_SCOPE)
                 with T.serial(sg.n) as i:
                     T.buffer_store(zs, z[ix[i]], [i])
-            emit_features(sg.graph, sg.k, sg.n, lanes, zs, v, offset)
+            emit_features(sg.graph, sg.k, sg.n, lanes, zs, v, offset, ext)
             offset += sg.n * sg.k
 
         def spline_out(a: Any, c: Any, sx: Any, zeff: Any) -> None:
             f = Cast(f32, a - zeff * cs[c]) * (sx * ws[c])
             T.buffer_store(y, f + bb[c] if p.bias else f, [c])
 
-        emit_int8_contraction(p.isa, v, nk, wp, out, p.block_n, spline_out)
+        emit_int8_contraction(p.isa, v, nk, wp, out, p.block_n, spline_out,
+                              dynamic_quantization_of_extrema(ext, lanes))
         if p.base is not None:
             base = p.base
 
@@ -435,9 +601,11 @@ def fused_kan_int8_kernel(p: Int8Layer) -> Any:
                 f = Cast(f32, a - zeff * csb[c]) * (sx * wsb[c])
                 T.buffer_store(y, y[c] + (f + bbb[c] if base.bias else f), [c])
 
-            u = T.alloc_buffer((1, n), f32, scope="local" if n * 4 <= LOCAL_BASIS_BYTES else "global")
-            emit_features(base.graph, 1, n, lanes, x, u)
-            emit_int8_contraction(p.isa, u, n, wpb, out, p.block_n, base_out)
+            u = T.alloc_buffer((1, n), f32, scope=SCRATCH_SCOPE)
+            ext_u = emit_extrema_init(lanes)
+            emit_features(base.graph, 1, n, lanes, x, u, 0, ext_u)
+            emit_int8_contraction(p.isa, u, n, wpb, out, p.block_n, base_out,
+                                  dynamic_quantization_of_extrema(ext_u, lanes))
     return ib.get()
 
 

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from kernels.tvm.testing import build_vm, with_kernels
+from kernels.tvm.tir import kan
+from kernels.tvm.tir._elementwise import BINARY, CONST, INPUT, SLICE, UNARY, Node
 from targets.tvm.build import build_library
 from toolchain.core.onnx_io import ort_session
 from toolchain.core.profile import load_profile
@@ -176,3 +178,56 @@ def test_int8_kan_uses_dot_products(profile_id: str, present: list[str], absent:
             assert re.search(insn, asm), f"{insn} missing from {name}"
         for insn in absent:
             assert not re.search(insn, asm), f"{insn} in {name}"
+
+
+def _cox_de_boor_graph(knots: np.ndarray) -> tuple[kan.BasisGraph, int]:
+    """efficient-kan's Cox-de Boor recursion (``kb.BSplineBasis.forward``) as a basis graph, written out by hand."""
+    g = kan.BasisGraph()
+
+    def add(node: Node) -> int:
+        g.nodes.append(node)
+        return len(g.nodes) - 1
+
+    def const(v: np.ndarray) -> int:
+        return add(Node(CONST, len(v), values=tuple(float(c) for c in v)))
+
+    def binary(op: str, a: int, b: int, w: int) -> int:
+        return add(Node(BINARY, w, op, (a, b)))
+
+    z = add(Node(INPUT))
+    w = len(knots) - 1
+    bases = binary("logical_and", binary("greater_equal", z, const(knots[:-1]), w),
+                   binary("less", z, const(knots[1:]), w), w)
+    for j in range(1, 4):
+        w -= 1
+        left = binary("divide", binary("subtract", z, const(knots[: -(j + 1)]), w),
+                      const(knots[j:-1] - knots[: -(j + 1)]), w)
+        right = binary("divide", binary("subtract", const(knots[j + 1:]), z, w),
+                       const(knots[j + 1:] - knots[1:-j]), w)
+        lo, hi = add(Node(SLICE, w, args=(bases,), start=0)), add(Node(SLICE, w, args=(bases,), start=1))
+        bases = binary("add", binary("multiply", left, lo, w), binary("multiply", right, hi, w), w)
+    g.output = bases
+    return g, w
+
+
+def test_uniform_bspline_closed_form() -> None:
+    """The Cox-de Boor graph of efficient-kan's cubic B-splines is recognised as uniform B-splines (the int8
+    kernel then evaluates the closed form per interval), and that form agrees with the torch basis inside,
+    outside and exactly on the grid; a Gaussian RBF graph is not taken for one."""
+    basis = kb.BSplineBasis(5, 3)
+    knots = basis.grid.numpy()
+    g, k = _cox_de_boor_graph(knots)
+    sp = kan.uniform_bspline(g, k)
+    assert sp is not None and sp.degree == 3
+    assert abs(sp.t0 - knots[0]) < 1e-6 and abs(sp.h - (knots[1] - knots[0])) < 1e-6
+    z = np.concatenate([np.linspace(-3, 3, 2001), knots]).astype(np.float32)
+    ref = basis(torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(kan.evaluate_basis(g, k, z), ref, atol=1e-6)
+    np.testing.assert_allclose(sp.values(z, k), ref, atol=2e-6)
+    centers = np.linspace(-2, 2, 8, dtype=np.float32)
+    rbf = kan.BasisGraph([Node(INPUT), Node(CONST, 8, values=tuple(map(float, centers))),
+                          Node(BINARY, 8, "subtract", (0, 1)), Node(CONST, values=(1.75,)),
+                          Node(BINARY, 8, "multiply", (2, 3)),
+                          Node(BINARY, 8, "multiply", (4, 4)), Node(UNARY, 8, "negative", (5,)),
+                          Node(UNARY, 8, "exp", (6,))], output=7)
+    assert kan.uniform_bspline(rbf, 8) is None
