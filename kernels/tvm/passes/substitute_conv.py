@@ -11,7 +11,8 @@ each conv [+ add] [+ relu] chain is rewritten; the absorbed bindings are dead co
 A conv whose input is a Conv-KAN expansion of a raw tensor (SiLU channels + Gaussian RBFs of the BatchNorm-ed
 channels, ``match_rbf_input``) reads the raw tensor instead: the kernel computes the expanded channels in its
 padded copy (conv2d.RbfInput), so the expansion is neither a separate kernel nor a tensor in memory (Conv-KAN
-whole net 39.5 -> 32.4 us, interleaved p50).
+whole net 39.5 -> 32.4 us, interleaved p50). A 2x2 stride-2 max pool that is a conv's only use goes into the
+conv kernel's epilogue (``match_max_pool_2x2``, conv2d.pool_fits).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from kernels.tvm.tir.conv2d import (
     conv2d_kernel,
     depthwise_kernel,
     pack_conv_weight,
+    pool_fits,
     tile_ow_for_block,
 )
 
@@ -221,6 +223,22 @@ def match_rbf_input(x: Any, bound: dict[Any, Any]) -> RbfMatch | None:
     return raw, RbfInput(channels=c, centers=len(centers)), np.stack([alpha, offset]).astype(np.float32)
 
 
+
+def match_max_pool_2x2(value: Any) -> Any:
+    """The input of ``value`` when it is a 2x2, stride-2, unpadded, floor-mode NCHW max pool, else None."""
+    import tvm
+    from tvm import relax
+
+    if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.nn.max_pool2d")):
+        return None
+    at = value.attrs
+    if (const_ints(at.pool_size) != [2, 2] or const_ints(at.strides) != [2, 2] or any(const_ints(at.padding))
+            or const_ints(at.dilation) != [1, 1] or bool(at.ceil_mode) or str(at.layout) != "NCHW"
+            or str(at.out_layout) != "NCHW"):
+        return None
+    return value.args[0]
+
+
 def conv_layer_key(x_shape: tuple[int, ...], w_shape: tuple[int, ...], at: Any, bias: bool, relu: bool,
                    residual: bool) -> str:
     """A conv layer's identity, independent of tiling: what it computes (shapes, stride, padding, dilation, groups,
@@ -284,15 +302,22 @@ class SubstituteConv(RewritePass):
                     del heads[var]
             if not heads:
                 return None
+            # A 2x2 stride-2 max pool of a conv's output (its only use) goes into the conv's epilogue.
+            pooled: set[Any] = set()
+            for var, value in bound.items():
+                head = match_max_pool_2x2(value)
+                if head in heads and uses.get(head, 0) == 1 and int(heads[head][4].groups) == 1 and pool_fits(
+                        self._params(heads[head])):
+                    heads[var] = heads.pop(head)
+                    pooled.add(var)
             rbf = {var: match_rbf_input(conv[0], bound) for var, conv in heads.items()}
-            return (lambda rw, binding: self._replace(rw, heads[binding.var], rbf[binding.var])
+            return (lambda rw, binding: self._replace(rw, heads[binding.var], rbf[binding.var], binding.var in pooled)
                     if binding.var in heads else None)
 
         return rewrite_bindings(mod, rewrite_for)
 
-    def _replace(self, rw: Any, conv: Conv, rbf: RbfMatch | None = None) -> tuple[Any, str]:
-        from tvm import relax
-
+    def _params(self, conv: Conv) -> ConvParams:
+        """The kernel parameters of a matched layer, tiles from the profile."""
         cfg = self.cfg
         x, w, b, relu, at, residual = conv
         xs = static_shape(x)
@@ -301,13 +326,20 @@ class SubstituteConv(RewritePass):
         oc, _, kh, kw = w.shape
         pad = const_ints(at.padding)
         pad4 = (pad[0], pad[1], pad[0], pad[1]) if len(pad) == 2 else tuple(pad[:4])
-        depthwise = int(at.groups) > 1
         boc = choose_block_oc(oc, cfg.conv_block_oc, cfg.lanes)
         tile_ow = tile_ow_for_block(boc, cfg.conv_block_oc, cfg.conv_tile_ow, cfg.lanes)
-        p = ConvParams(n=n, ic=ic, ih=ih, iw=iw, oc=oc, kh=kh, kw=kw, stride=tuple(const_ints(at.strides)),
-                       dilation=tuple(const_ints(at.dilation)), pad=pad4, bias=b is not None, relu=relu,
-                       residual=residual is not None,
-                       block_oc=boc, tile_ow=tile_ow, lanes=cfg.lanes)
+        return ConvParams(n=n, ic=ic, ih=ih, iw=iw, oc=oc, kh=kh, kw=kw, stride=tuple(const_ints(at.strides)),
+                          dilation=tuple(const_ints(at.dilation)), pad=pad4, bias=b is not None, relu=relu,
+                          residual=residual is not None, block_oc=boc, tile_ow=tile_ow, lanes=cfg.lanes)
+
+    def _replace(self, rw: Any, conv: Conv, rbf: RbfMatch | None = None, pool: bool = False) -> tuple[Any, str]:
+        from tvm import relax
+
+        x, w, b, relu, at, residual = conv
+        p = replace(self._params(conv), pool=pool)
+        ic, ih, iw = p.ic, p.ih, p.iw
+        oc, kh, kw, pad4, boc = p.oc, p.kh, p.kw, p.pad, p.block_oc
+        depthwise = int(at.groups) > 1
         index = len([r for r in self.report if r["kernel"] != "generic"])
         if depthwise:
             rbf = None  # an expanded input has more channels than the conv's groups
@@ -331,8 +363,8 @@ class SubstituteConv(RewritePass):
                             "pad": list(pad4), "block_oc": boc, "tile_ow": choose_tile_ow(p.ow, p.tile_ow),
                             "bias": b is not None, "relu": relu, "residual": residual is not None,
                             "mflops": round(p.mflops / (ic if depthwise else 1), 2),  # one input channel each
-                            "rbf_input": rbf is not None})
-        yshape = (n, oc, p.oh, p.ow)
+                            "rbf_input": rbf is not None, "max_pool": pool})
+        yshape = p.out_shape
         inputs = [rw.visit_expr(rbf[0]), relax.const(rbf[2])] if rbf is not None else [rw.visit_expr(x)]
         args = [*inputs, wc, bias, *([rw.visit_expr(residual)] if residual is not None else [])]
         return relax.call_tir(gv, args, relax.TensorType(yshape, "float32")), "conv"

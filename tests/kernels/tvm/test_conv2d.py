@@ -210,6 +210,24 @@ def test_rbf_expansion_in_the_channel_blocked_conv() -> None:
     _check(model, (rng.standard_normal((1, 8, 14, 14)) * 0.3).astype(np.float32))
 
 
+# (ic, oc, hw, pooled in the kernel): the column kernel (even and odd sizes: floor pooling drops the last row and
+# column), the channel-blocked kernel (Conv-KAN's second conv; 19 columns: a 12-column tile and a 7-column rest),
+# and a tile of odd width (a whole row of 9) where the pool stays a separate kernel.
+POOL_CASES = [(9, 8, 28, True), (5, 6, 13, True), (40, 16, 14, True), (16, 40, 19, True), (16, 40, 9, False)]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=[f"ic{c[0]}oc{c[1]}hw{c[2]}" for c in POOL_CASES])
+def test_max_pool_in_the_conv_epilogue(case: tuple) -> None:
+    ic, oc, hw, fused = case
+    rng = np.random.default_rng(7)
+    nodes, inits = _conv(rng, "c", "x", ic, oc, 3, 1)
+    nodes.append(helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2]))
+    model = _model(nodes, inits, [1, ic, hw, hw], "y")
+    table = _check(model, rng.standard_normal((1, ic, hw, hw)).astype(np.float32))
+    assert [r["max_pool"] for r in substitute(model, load_profile("x86-avx512"))[1]] == [fused]
+    assert len(table) == (1 if fused else 2)  # the conv kernel alone, or it and the pooling kernel
+
+
 def test_direct_conv_avx2_profile() -> None:
     rng = np.random.default_rng(1)
     nodes, inits = _conv(rng, "c", "x", 12, 24, 3, 1)
