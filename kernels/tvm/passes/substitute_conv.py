@@ -184,6 +184,10 @@ def match_rbf_input(x: Any, bound: dict[Any, Any]) -> RbfMatch | None:
     rs = static_shape(raw) if raw is not None else None
     if rs is None or len(rs) != 4 or str(raw.ty.dtype) != "float32":
         return None
+    bn_input = raw
+    source = call(raw, "relax.reshape")
+    if source is not None and static_shape(source.args[0]) == rs:
+        raw = source.args[0]  # a reshape to the same shape (the exported net's input view): read its source
     perm = call(getattr(call(expanded, "relax.reshape"), "args", [None])[0], "relax.permute_dims")
     if perm is None or const_ints(perm.attrs.axes) != [0, 1, 4, 2, 3]:
         return None
@@ -209,7 +213,7 @@ def match_rbf_input(x: Any, bound: dict[Any, Any]) -> RbfMatch | None:
     if not isinstance(item, relax.TupleGetItem) or int(item.index) != 0:
         return None
     bn = call(item.tuple_value, "relax.nn.batch_norm")
-    if bn is None or not bn.args[0].same_as(raw) or int(bn.attrs.axis) != 1 or bool(bn.attrs.training):
+    if bn is None or not bn.args[0].same_as(bn_input) or int(bn.attrs.axis) != 1 or bool(bn.attrs.training):
         return None
     stats = [const_array(a) for a in bn.args[1:5]]
     n, c, _, _ = rs
@@ -279,7 +283,10 @@ class SubstituteConv(RewritePass):
         return _module_pass_class(cls)(cfg, frozenset(generic))
 
     def rewrite(self, mod: Any) -> Any:
+        import tvm
         from tvm import relax
+
+        op_reshape = tvm.ir.Op.get("relax.reshape")
 
         def rewrite_for(func: Any) -> Any:
             if not isinstance(func.body, relax.SeqExpr):
@@ -310,8 +317,21 @@ class SubstituteConv(RewritePass):
                         self._params(heads[head])):
                     heads[var] = heads.pop(head)
                     pooled.add(var)
+            # A reshape of a (pooled) conv output that is its only use (a flatten before a dense layer): the kernel
+            # writes that shape (the same elements in the same order) instead of a separate copy kernel.
+            reshaped: dict[Any, tuple[int, ...]] = {}
+            for var, value in bound.items():
+                if (isinstance(value, relax.Call) and value.op == op_reshape and value.args[0] in heads
+                        and uses.get(value.args[0], 0) == 1 and int(heads[value.args[0]][4].groups) == 1
+                        and static_shape(var) is not None):
+                    head = value.args[0]
+                    heads[var] = heads.pop(head)
+                    if head in pooled:
+                        pooled.add(var)
+                    reshaped[var] = static_shape(var)  # type: ignore[assignment]
             rbf = {var: match_rbf_input(conv[0], bound) for var, conv in heads.items()}
-            return (lambda rw, binding: self._replace(rw, heads[binding.var], rbf[binding.var], binding.var in pooled)
+            return (lambda rw, binding: self._replace(rw, heads[binding.var], rbf[binding.var], binding.var in pooled,
+                                                      reshaped.get(binding.var))
                     if binding.var in heads else None)
 
         return rewrite_bindings(mod, rewrite_for)
@@ -332,7 +352,8 @@ class SubstituteConv(RewritePass):
                           dilation=tuple(const_ints(at.dilation)), pad=pad4, bias=b is not None, relu=relu,
                           residual=residual is not None, block_oc=boc, tile_ow=tile_ow, lanes=cfg.lanes)
 
-    def _replace(self, rw: Any, conv: Conv, rbf: RbfMatch | None = None, pool: bool = False) -> tuple[Any, str]:
+    def _replace(self, rw: Any, conv: Conv, rbf: RbfMatch | None = None, pool: bool = False,
+                 y_shape: tuple[int, ...] | None = None) -> tuple[Any, str]:
         from tvm import relax
 
         x, w, b, relu, at, residual = conv
@@ -350,12 +371,12 @@ class SubstituteConv(RewritePass):
             wc = relax.const(np.ascontiguousarray(w.reshape(oc, kh, kw)))
         elif columns_fit(p):  # fewer channels than a vector: vectorized over output columns instead
             name, kname = f"edgec_conv2d_{index}", KERNEL_NAME
-            func = conv2d_columns_kernel(p, rbf[1] if rbf else None)
+            func = conv2d_columns_kernel(p, rbf[1] if rbf else None, y_shape)
             wc = relax.const(pack_conv_weight(w, oc))
             boc, p = oc, replace(p, block_oc=oc, tile_ow=p.ow)
         else:
             name, kname = f"edgec_conv2d_{index}", KERNEL_NAME
-            func = conv2d_kernel(p, rbf[1] if rbf else None)
+            func = conv2d_kernel(p, rbf[1] if rbf else None, y_shape)
             wc = relax.const(pack_conv_weight(w, boc))
         gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
         self.report.append({"kernel": kname, "func": name, "layer": key_of(conv), "in": [ic, ih, iw],
@@ -364,7 +385,7 @@ class SubstituteConv(RewritePass):
                             "bias": b is not None, "relu": relu, "residual": residual is not None,
                             "mflops": round(p.mflops / (ic if depthwise else 1), 2),  # one input channel each
                             "rbf_input": rbf is not None, "max_pool": pool})
-        yshape = p.out_shape
+        yshape = y_shape if y_shape is not None else p.out_shape
         inputs = [rw.visit_expr(rbf[0]), relax.const(rbf[2])] if rbf is not None else [rw.visit_expr(x)]
         args = [*inputs, wc, bias, *([rw.visit_expr(residual)] if residual is not None else [])]
         return relax.call_tir(gv, args, relax.TensorType(yshape, "float32")), "conv"

@@ -193,6 +193,18 @@ def _rbf_value(xv: Any, alpha: Any, beta: Any) -> Any:
     return T.Select(d2 > T.float32(RBF_FLUSH_D2), T.float32(0), fast_exp(-d2))
 
 
+def _output(p: ConvParams, y_shape: tuple[int, ...] | None) -> Any:
+    """The output argument, of ``y_shape`` where given (the same elements as ``p.out_shape``: a reshape of the
+    output folded into the kernel, e.g. a flatten before a dense layer), viewed as ``p.out_shape``."""
+    from tvm.script.ir_builder import tirx as T
+
+    if y_shape is None or tuple(y_shape) == p.out_shape:
+        return T.arg("y", T.buffer(p.out_shape, "float32"))
+    assert int(np.prod(y_shape)) == int(np.prod(p.out_shape)), (y_shape, p.out_shape)
+    y = T.arg("y", T.buffer(tuple(y_shape), "float32"))
+    return T.decl_buffer(p.out_shape, "float32", data=y.data)
+
+
 def _padded_input(p: ConvParams, x: Any, n: Any, ch: int, hp: int, wp: int, rbf: RbfInput | None = None,
                   coef: Any = None) -> Any:
     """A zero-padded copy of x[n] as a (ch, hp, wp) buffer (hp / wp at least the padded input; the extra
@@ -243,7 +255,7 @@ def _padded_input(p: ConvParams, x: Any, n: Any, ch: int, hp: int, wp: int, rbf:
     return xp, 0
 
 
-def conv2d_kernel(p: ConvParams, rbf: RbfInput | None = None) -> Any:
+def conv2d_kernel(p: ConvParams, rbf: RbfInput | None = None, y_shape: tuple[int, ...] | None = None) -> Any:
     """The PrimFunc ``(x[N, IC, IH, IW], wp[packed], b[OC or 1], [r[N, OC, OH, OW]], y[N, OC, OH, OW])`` for
     ``p`` (``r`` the residual, with ``p.residual``), marked hand-written."""
     from tvm.script.ir_builder import IRBuilder
@@ -265,7 +277,7 @@ def conv2d_kernel(p: ConvParams, rbf: RbfInput | None = None) -> Any:
         wp = T.arg("wp", T.buffer((p.oc_blocks * IC * KH * KW * BOC,), "float32"))
         b = T.arg("b", T.buffer((p.oc if p.bias else 1,), "float32"))
         r = T.arg("r", T.buffer((p.n, p.oc, OH, OW), "float32")) if p.residual else None
-        y = T.arg("y", T.buffer(p.out_shape, "float32"))
+        y = _output(p, y_shape)
         with T.serial(p.n) as n:
             xp, c0 = _padded_input(p, x, n, IC, hp, wpw, rbf, coef)
 
@@ -339,7 +351,8 @@ def columns_fit(p: ConvParams) -> bool:
     return p.stride == (1, 1) and p.oc < max(1, p.lanes) and not p.residual
 
 
-def conv2d_columns_kernel(p: ConvParams, rbf: RbfInput | None = None) -> Any:
+def conv2d_columns_kernel(p: ConvParams, rbf: RbfInput | None = None,
+                          y_shape: tuple[int, ...] | None = None) -> Any:
     """The PrimFunc ``(x[N, IC, IH, IW], wp[IC * KH * KW * OC], b[OC or 1], y[N, OC, OH, OW])`` for a stride-1
     ``p`` with few output channels (``columns_fit``), marked hand-written. Vectorized over output columns
     instead of channels: per output row, OC x ceil(OW / lanes) vector accumulators; per reduction step (ic, kh,
@@ -362,7 +375,7 @@ def conv2d_columns_kernel(p: ConvParams, rbf: RbfInput | None = None) -> Any:
         coef = T.arg("coef", T.buffer((2, rbf.channels * rbf.centers), "float32")) if rbf else None
         wp = T.arg("wp", T.buffer((IC * KH * KW * OC,), "float32"))
         b = T.arg("b", T.buffer((OC if p.bias else 1,), "float32"))
-        y = T.arg("y", T.buffer(p.out_shape, "float32"))
+        y = _output(p, y_shape)
         with T.serial(p.n) as n:
             xp, c0 = _padded_input(p, x, n, IC, hp, wpw, rbf, coef)
 

@@ -228,6 +228,46 @@ def test_max_pool_in_the_conv_epilogue(case: tuple) -> None:
     assert len(table) == (1 if fused else 2)  # the conv kernel alone, or it and the pooling kernel
 
 
+def test_conv_kan_net_is_three_kernels_and_matches_ort(fashion: object) -> None:
+    """The zoo's Conv-KAN shape end to end (input view, two KAN conv layers each with its 2x2 max pool, flatten,
+    linear): each layer one conv kernel (expansion in the padded copy, pool in the epilogue, the flatten written by
+    the second), then the dense kernel; agrees with ONNX Runtime on real Fashion-MNIST images."""
+    rng = np.random.default_rng(8)
+    b1, b2 = kan_conv_block(rng, 1, 8, 8, 28), kan_conv_block(rng, 8, 4, 16, 14)
+    inits = [*b1.graph.initializer]
+    for i in b2.graph.initializer:
+        inits.append(numpy_helper.from_array(numpy_helper.to_array(i), "l2_" + i.name))
+    mk = helper.make_node
+    nodes = [mk("Reshape", ["x", "view"], ["xv"])]
+    for prefix, block, src, out in (("", b1, "xv", "p1"), ("l2_", b2, "p1", "p2")):
+        for node in block.graph.node:
+            n = onnx.NodeProto()
+            n.CopyFrom(node)
+            ins = [src if a == "x" else (prefix + a) for a in n.input]
+            del n.input[:]
+            n.input.extend(ins)
+            outs = [prefix + o for o in n.output]
+            del n.output[:]
+            n.output.extend(outs)
+            nodes.append(n)
+        nodes.append(mk("MaxPool", [prefix + "y"], [out], kernel_shape=[2, 2], strides=[2, 2]))
+    inits += [numpy_helper.from_array(np.array([-1, 1, 28, 28], np.int64), "view"),
+              numpy_helper.from_array(np.array([-1, 784], np.int64), "flat"),
+              numpy_helper.from_array((rng.standard_normal((10, 784)) * 0.05).astype(np.float32), "head_w"),
+              numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "head_b")]
+    nodes += [mk("Reshape", ["p2", "flat"], ["f"]), mk("Gemm", ["f", "head_w", "head_b"], ["logits"], transB=1)]
+    model = _model(nodes, inits, [1, 1, 28, 28], "logits", [1, 10])
+    prof = load_profile("x86-avx512")
+    rows = substitute(model, prof)[1]
+    assert [(r["rbf_input"], r["max_pool"]) for r in rows if "rbf_input" in r] == [(True, True), (True, True)]
+    run, table = build_vm(model, prof)
+    assert sorted(r["kernel"] for r in table) == ["conv2d-direct-f32", "conv2d-direct-f32", "gemv-packed-f32"]
+    for img in fashion.x_test[:16]:  # type: ignore[attr-defined]
+        x = np.ascontiguousarray(img.reshape(1, 1, 28, 28).astype(np.float32))
+        ref = _ort(model, x)
+        assert np.abs(run(x) - ref).max() <= RTOL * np.abs(ref).max()
+
+
 def test_direct_conv_avx2_profile() -> None:
     rng = np.random.default_rng(1)
     nodes, inits = _conv(rng, "c", "x", 12, 24, 3, 1)
