@@ -50,9 +50,9 @@ DEPLOYABLE = sorted(name for name, e in entries().items() if "no-export" not in 
 SAMPLES = 1000
 # Read as the module is imported, before each test's isolation of $EDGEC_CACHE: a developer's trained weights.
 WEIGHTS_CACHE = default_cache_root()
-# The int8 pass per model: the default (dynamic) where TVM takes its graph. Dynamic int8 turns convkan's Conv
-# layers into ConvInteger, which TVM's Relax ONNX frontend does not convert (compile refuses it); static QDQ is
-# the int8 form TVM builds for convolutions ('edgec search' tries both).
+# The int8 pass per model: the default (dynamic), except convkan: its static QDQ form is the int8 variant that
+# keeps int8 through its convolutions (dynamic int8 makes ConvInteger, which edgec's TVM import converts to a
+# float32 or int32 conv; 'edgec search' tries both).
 INT8_PASS = {"convkan": "int8=mode=static"}
 GROUPED_INT8 = "grouped-gemv-i8"  # kernels.tvm.tir.block_sparse.KERNEL_NAME_INT8
 # 1000 inputs one at a time under qemu (a conv model: tens of ms each), in one device call.

@@ -82,7 +82,10 @@ def register(app: typer.Typer) -> None:
                 procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                                "--port", str(tport), "--port-end", str(tport + 1), "--silent"]))
                 tracker = f"127.0.0.1:{tport}"
-            argv, env = emulator.runtime_command(tracker, emulator.key_for(prof), port, port_end, d)
+            # qemu emulates the profile core's instruction set: a library using an extension the core lacks stops with
+            # SIGILL here, as it would on the device.
+            argv, env = emulator.runtime_command(tracker, emulator.key_for(prof), port, port_end, d,
+                                                 cpu=emulator.qemu_cpu(prof))
             env[TOKEN_ENV] = token
             device = subprocess.Popen(argv, env=env)
             procs.append(device)
