@@ -15,13 +15,13 @@ from toolchain.export import export_model, run_ort
 
 
 def test_factory_with_weights_only_checkpoint(tmp_path: Path, cache: Cache) -> None:
-    from tests.userpkg.nets import make_net
+    from tests.fixtures.userpkg.nets import make_net
 
     net = make_net()
     torch.nn.init.normal_(net[0].weight, std=0.5)
     ckpt = tmp_path / "w.pt"
     torch.save(net.state_dict(), ckpt)
-    art, hit = export_model("tests.userpkg.nets:make_net", cache, "1,784", weights=ckpt)
+    art, hit = export_model("tests.fixtures.userpkg.nets:make_net", cache, "1,784", weights=ckpt)
     assert not hit and art.meta["parity"]["max_rel"] <= 1e-4
     x = np.random.default_rng(0).standard_normal((4, 784)).astype(np.float32)
     got = run_ort(art.payload, [{load_onnx(art.payload).graph.input[0].name: x}])[0][0]
@@ -37,18 +37,18 @@ def test_pickled_objects_in_checkpoint_are_refused(tmp_path: Path, cache: Cache)
     ckpt = tmp_path / "evil.pt"
     torch.save({"0.weight": _Evil()}, ckpt, pickle_module=pickle)
     with pytest.raises(UsageError, match="weights-only"):
-        export_model("tests.userpkg.nets:make_net", cache, "1,784", weights=ckpt)
+        export_model("tests.fixtures.userpkg.nets:make_net", cache, "1,784", weights=ckpt)
 
 
 def test_factory_needs_shape(cache: Cache) -> None:
     with pytest.raises(UsageError, match="--input-shape"):
-        export_model("tests.userpkg.nets:make_net", cache)
+        export_model("tests.fixtures.userpkg.nets:make_net", cache)
     with pytest.raises(UsageError, match="cannot import"):
         export_model("no_such_pkg.x:make", cache, "1,4")
 
 
 def test_pt2_exported_program(tmp_path: Path, cache: Cache) -> None:
-    from tests.userpkg.nets import make_net
+    from tests.fixtures.userpkg.nets import make_net
 
     ep = torch.export.export(make_net().eval(), (torch.zeros(1, 784),))
     f = tmp_path / "net.pt2"

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.models import small_cnn, small_mlp
+from tests.fixtures.models import small_cnn, small_mlp
 
 EDGEC = [sys.executable, "-m", "cli"]
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.models import small_mlp
+from tests.fixtures.models import small_mlp
 from toolchain.core.errors import UsageError
 from toolchain.core.onnx_io import fix_batch, input_specs, load_onnx
 

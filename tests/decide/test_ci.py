@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from tests.device_models import fit_linear, save
+from tests.fixtures.device_models import fit_linear, save
 from toolchain.ci.run import run_ci
 
 PROJECT = """

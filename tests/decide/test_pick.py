@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from cli import app
-from tests.device_models import fit_linear, save
+from tests.fixtures.device_models import fit_linear, save
 from toolchain.pick import decide, pareto
 
 

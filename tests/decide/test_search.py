@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.device_models import fit_linear, save
+from tests.fixtures.device_models import fit_linear, save
 from toolchain import api
 from toolchain.core.cache import Cache
 from toolchain.core.errors import UsageError

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.device_farm import TOKEN, Farm, free_port, start_tracker
+from tests.fixtures.device_farm import TOKEN, Farm, free_port, start_tracker
 from toolchain.bench import prepare_job
 from toolchain.core.cache import Cache
 from toolchain.device import emulate as emulator

@@ -23,8 +23,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from tests.device_farm import TOKEN, Farm, start_tracker
-from tests.device_models import fit_linear, save
+from tests.fixtures.device_farm import TOKEN, Farm, start_tracker
+from tests.fixtures.device_models import fit_linear, save
 from toolchain import api
 from toolchain.bench import prepare_job
 from toolchain.core.cache import Cache

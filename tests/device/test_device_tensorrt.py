@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from targets.tensorrt import TensorRTTarget
-from tests.device_farm import TOKEN, start_tracker
-from tests.device_models import fit_linear, save
+from tests.fixtures.device_farm import TOKEN, start_tracker
+from tests.fixtures.device_models import fit_linear, save
 from toolchain.bench import RpcFarm, prepare_job
 from toolchain.core.cache import Cache, StepKey
 from toolchain.core.errors import SdkMissing, UsageError

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from cli import app
 from tests.device.emulated_helpers import need_emulator, quick_job, run_emulated, start_emulated_device, zoo_onnx
-from tests.device_farm import TOKEN, Farm
-from tests.device_models import fit_linear, save
+from tests.fixtures.device_farm import TOKEN, Farm
+from tests.fixtures.device_models import fit_linear, save
 from toolchain import api
 from toolchain.bench import prepare_job
 from toolchain.core.cache import Cache

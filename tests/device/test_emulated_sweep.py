@@ -35,7 +35,7 @@ from tests.device.emulated_helpers import (
     start_emulated_device,
     zoo_onnx,
 )
-from tests.device_farm import Farm
+from tests.fixtures.device_farm import Farm
 from toolchain import api
 from toolchain.core.cache import Artifact, Cache, default_cache_root
 from toolchain.core.profile import Profile, load_profile

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.device_farm import REPO, TOKEN, Farm, start_tracker
-from tests.device_models import fit_linear, save
+from tests.fixtures.device_farm import REPO, TOKEN, Farm, start_tracker
+from tests.fixtures.device_models import fit_linear, save
 from toolchain import api
 from toolchain.bench import prepare_job
 from toolchain.core.cache import Cache

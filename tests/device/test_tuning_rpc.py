@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from tests.device_farm import TOKEN, Farm, start_farm
+from tests.fixtures.device_farm import TOKEN, Farm, start_farm
 from tests.targets.tvm.test_tvm_tuning import _layernorm_model
 from toolchain.core.errors import UsageError
 

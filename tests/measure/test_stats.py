@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from targets.ort import OrtRunner
-from tests.device_models import fit_linear, random_mlp, save
+from tests.fixtures.device_models import fit_linear, random_mlp, save
 from toolchain.core.errors import UsageError
 from toolchain.measure.stats import StatsConfig, bootstrap_ci, require_comparable, summarize
 from toolchain.measure.timing import MeasureConfig, measure, warmup_until_steady

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.device_models import fit_linear
+from tests.fixtures.device_models import fit_linear
 from toolchain.core.cache import Cache
 from toolchain.core.errors import UsageError
 from toolchain.core.onnx_io import ort_session

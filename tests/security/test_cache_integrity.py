@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.models import small_mlp
+from tests.fixtures.models import small_mlp
 from tests.security.edgec_cli import edgec, one_line_error
 from toolchain.core.cache import MANIFEST, Cache, sha256_dir
 from toolchain.export import import_onnx_file

@@ -21,7 +21,7 @@ import onnx
 import pytest
 
 from targets.tvm.database import RECORDS, WORKLOADS, open_database
-from tests.models import small_mlp
+from tests.fixtures.models import small_mlp
 from tests.security.edgec_cli import REPO, edgec, one_line_error
 from toolchain.cli.common import emit  # noqa: TID251 -- the test of the CLI's JSON writer
 from toolchain.device.runtime import DeviceServer

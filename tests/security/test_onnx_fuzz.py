@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto
 
 from cli import app
-from tests.models import small_cnn, small_mlp
+from tests.fixtures.models import small_cnn, small_mlp
 from toolchain.describe import describe_onnx
 
 CASE_SECONDS = 30  # a child past this is a hang

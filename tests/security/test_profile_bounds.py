@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from tests.models import small_mlp
+from tests.fixtures.models import small_mlp
 from tests.security.edgec_cli import REPO, edgec, one_line_error
 from toolchain.core.errors import UsageError
 from toolchain.core.profile import check_llvm_target, load_profile

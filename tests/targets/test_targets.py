@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from targets import get_target
-from tests.models import small_cnn, small_mlp
+from tests.fixtures.models import small_cnn, small_mlp
 from toolchain import api
 from toolchain.core.cache import Cache
 from toolchain.core.errors import SdkMissing, UsageError

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cli import app
 from targets.base import CompileOptions
 from targets.tensorrt import TensorRTTarget, engine_config, timing_cache_path
-from tests.device_models import fit_linear, save
+from tests.fixtures.device_models import fit_linear, save
 from toolchain import api
 from toolchain.bench import prepare_job, remote_job
 from toolchain.core.cache import Cache, StepKey

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx
 
-from tests.models import small_cnn, small_mlp
+from tests.fixtures.models import small_cnn, small_mlp
 from toolchain import api
 from toolchain.core.cache import Cache
 

@@ -224,10 +224,27 @@ def test_uniform_bspline_closed_form() -> None:
     ref = basis(torch.from_numpy(z)).numpy()
     np.testing.assert_allclose(kan.evaluate_basis(g, k, z), ref, atol=1e-6)
     np.testing.assert_allclose(sp.values(z, k), ref, atol=2e-6)
-    centers = np.linspace(-2, 2, 8, dtype=np.float32)
-    rbf = kan.BasisGraph([Node(INPUT), Node(CONST, 8, values=tuple(map(float, centers))),
-                          Node(BINARY, 8, "subtract", (0, 1)), Node(CONST, values=(1.75,)),
-                          Node(BINARY, 8, "multiply", (2, 3)),
-                          Node(BINARY, 8, "multiply", (4, 4)), Node(UNARY, 8, "negative", (5,)),
-                          Node(UNARY, 8, "exp", (6,))], output=7)
-    assert kan.uniform_bspline(rbf, 8) is None
+    assert kan.uniform_bspline(_rbf_graph(), 8) is None
+    assert kan.gaussian_rbf(g, k) is None
+
+
+def _rbf_graph() -> kan.BasisGraph:
+    """FastKAN's ``exp(-(((z - c) * a)^2))`` over 8 centers in [-2, 2] (``kb.RBFBasis``) as a basis graph."""
+    centers = kb.RBFBasis(8).centers.numpy()
+    return kan.BasisGraph([Node(INPUT), Node(CONST, 8, values=tuple(map(float, centers))),
+                           Node(BINARY, 8, "subtract", (0, 1)), Node(CONST, values=(1.75,)),
+                           Node(BINARY, 8, "multiply", (2, 3)), Node(BINARY, 8, "multiply", (4, 4)),
+                           Node(UNARY, 8, "negative", (5,)), Node(UNARY, 8, "exp", (6,))], output=7)
+
+
+def test_gaussian_rbf_ratio_form() -> None:
+    """FastKAN's Gaussian RBF graph is recognised (the int8 kernel then takes 3 exps per feature, the rest by the
+    ratio of neighbours), and that form agrees with the torch basis near the centers and stays finite and
+    negligible far outside them (no overflow of the ratio, no NaN)."""
+    basis = kb.RBFBasis(8)
+    rbf = kan.gaussian_rbf(_rbf_graph(), 8)
+    assert rbf is not None and abs(rbf.a - 1.75) < 1e-5
+    z = np.concatenate([np.linspace(-6, 6, 4001), basis.centers.numpy()]).astype(np.float32)
+    np.testing.assert_allclose(rbf.values(z, 8), basis(torch.from_numpy(z)).numpy(), rtol=0, atol=1e-5)
+    far = rbf.values(np.asarray([-1e4, -40, 40, 1e4], np.float32), 8)
+    assert np.all(np.isfinite(far)) and np.max(far) < 1e-12

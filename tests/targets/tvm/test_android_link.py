@@ -13,7 +13,7 @@ import pytest
 
 from targets.tvm import build
 from targets.tvm.elf import ANDROID_ALLOWED_NEEDED, ANDROID_PAGE, EM_AARCH64, android_problems, read_elf
-from tests.device_models import fit_linear, save
+from tests.fixtures.device_models import fit_linear, save
 from toolchain import api
 from toolchain.core.cache import Cache
 from toolchain.core.errors import InfraError

@@ -108,7 +108,7 @@ def _conv_model(tmp_path: Path) -> Path:
 def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> None:
     from kernels.tvm.testing import with_kernels
     from targets.tvm.tuning import auto_trials
-    from tests.models import small_mlp
+    from tests.fixtures.models import small_mlp
 
     prof = load_profile("x86-avx512")
     trials, heavy = auto_trials(_conv_model(tmp_path), prof)
@@ -132,7 +132,7 @@ def test_auto_budget_tunes_only_where_heavy_layers_run_naive(tmp_path: Path) -> 
 
 def test_auto_budget_is_recorded_and_skips_cross_profiles_without_a_device(tmp_path: Path, cache: object) -> None:
     from targets.tvm import TvmTarget
-    from tests.models import small_mlp
+    from tests.fixtures.models import small_mlp
     from toolchain.export import import_onnx_file
 
     mlp = tmp_path / "mlp.onnx"
