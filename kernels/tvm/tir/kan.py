@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
-from kernels.tvm.tir._elementwise import CONCAT, CONST, INPUT, SLICE, UNARY, Node, apply_op
+from kernels.tvm.tir._elementwise import CONCAT, CONST, INPUT, SLICE, UNARY, Node, apply_op, fast_exp
 from kernels.tvm.tir.bf16 import widened
 from kernels.tvm.tir.int8_dot import (
     ISAS,
@@ -240,7 +240,7 @@ BSPLINE_PIECES: dict[int, tuple[tuple[float, ...], ...]] = {
     2: ((0.5, 0.0, 0.0), (-1.0, 1.0, 0.5), (0.5, -1.0, 0.5)),
     3: ((1 / 6, 0.0, 0.0, 0.0), (-0.5, 0.5, 0.5, 1 / 6), (0.5, -1.0, 0.0, 2 / 3), (-1 / 6, 0.5, -0.5, 1 / 6)),
 }
-BSPLINE_TOLERANCE = 1e-5  # a basis graph is taken for the closed form when it agrees to this everywhere probed
+BSPLINE_TOLERANCE = 1e-5  # a basis graph is taken for a closed form when it agrees to this everywhere probed
 _NUMPY_OPS: dict[str, Any] = {
     "identity": lambda a: a, "negative": np.negative, "floor": np.floor, "abs": np.abs, "square": np.square,
     "sqrt": np.sqrt, "exp": np.exp, "tanh": np.tanh, "sigmoid": lambda a: 1 / (1 + np.exp(-a)),
@@ -352,16 +352,95 @@ def uniform_bspline(g: BasisGraph, k: int) -> UniformBSpline | None:
     return None
 
 
+GAUSS_REACH = 6.0  # the Gaussian recurrence clamps the scaled input to this many widths beyond the outer centers
+GAUSS_MAX_EXPONENT = 80.0  # and is used only while every constant factor exp(-(2r-1) delta^2) is a normal float
+
+
+@dataclass(frozen=True)
+class GaussianRbf:
+    """Gaussian RBFs ``phi_j(z) = exp(-((z - c0 - j*dc) * a)^2)`` on evenly spaced centers, evaluated from the middle
+    center m by the ratio of neighbours: with t = (z - c0) * a - m*delta (delta = dc * a), phi_m = exp(-t^2) and
+    phi_{m+-r} = phi_{m+-(r-1)} * exp(+-2 delta t) * exp(-(2r-1) delta^2): three exps per feature instead of K. The
+    scaled input is clamped to GAUSS_REACH widths beyond the outer centers (every value there is below
+    exp(-GAUSS_REACH^2), far under one quantization step), so no intermediate overflows."""
+
+    c0: float
+    dc: float
+    a: float
+
+    def _parts(self, k: int) -> tuple[float, int, list[float]]:
+        delta = self.dc * self.a
+        return delta, k // 2, [float(np.exp(-(2 * r - 1) * delta * delta)) for r in range(1, k)]
+
+    def values(self, z: np.ndarray, k: int) -> np.ndarray:
+        """(len(z), K) in numpy, the same arithmetic as ``emit`` (with exact exps)."""
+        f32 = np.float32
+        delta, m, fac = self._parts(k)
+        s = np.clip((z.astype(f32) - f32(self.c0)) * f32(self.a), f32(-GAUSS_REACH), f32((k - 1) * delta + GAUSS_REACH))
+        t = s - f32(m * delta)
+        up, down = np.exp(f32(2 * delta) * t), np.exp(f32(-2 * delta) * t)
+        out = np.zeros((len(z), k), f32)
+        out[:, m] = np.exp(-(t * t))
+        for r in range(1, k - m):
+            out[:, m + r] = out[:, m + r - 1] * up * f32(fac[r - 1])
+        for r in range(1, m + 1):
+            out[:, m - r] = out[:, m - r + 1] * down * f32(fac[r - 1])
+        return out
+
+    def emit(self, z: Any, k: int) -> list[Any]:
+        """The K basis values of the float32 TIR value ``z`` (inside the caller's vectorized lane loop)."""
+        from tvm.script.ir_builder import tirx as T
+
+        delta, m, fac = self._parts(k)
+        s = T.max(T.min((z - T.float32(self.c0)) * T.float32(self.a), T.float32((k - 1) * delta + GAUSS_REACH)),
+                  T.float32(-GAUSS_REACH))
+        t = T.bind(s - T.float32(m * delta))
+        up = T.bind(fast_exp(T.float32(2 * delta) * t))
+        down = T.bind(fast_exp(T.float32(-2 * delta) * t))
+        out: list[Any] = [None] * k
+        out[m] = T.bind(fast_exp(-(t * t)))
+        for r in range(1, k - m):
+            out[m + r] = T.bind(out[m + r - 1] * up * T.float32(fac[r - 1]))
+        for r in range(1, m + 1):
+            out[m - r] = T.bind(out[m - r + 1] * down * T.float32(fac[r - 1]))
+        return out
+
+
+def gaussian_rbf(g: BasisGraph, k: int) -> GaussianRbf | None:
+    """The ratio form of ``g`` when it computes K Gaussians on evenly spaced centers (FastKAN's
+    ``exp(-((z - c) * a)^2)``, or any other form of it): centers from an evenly spaced constant of width K, the
+    width from the graph's value one center spacing away, checked against the graph on a dense sweep."""
+    for nd in g.nodes:
+        if nd.kind != CONST or nd.width != k or k < 2:
+            continue
+        c = np.asarray(nd.values, np.float64)
+        dc = float(c[1] - c[0])
+        if dc <= 0 or not np.allclose(np.diff(c), dc, rtol=1e-5, atol=0):
+            continue
+        probe = evaluate_basis(g, k, np.asarray([c[0], c[0] + dc], np.float32))
+        if not (abs(float(probe[0, 0]) - 1) < 1e-6 and 0 < float(probe[1, 0]) < 1):
+            continue
+        delta = float(np.sqrt(-np.log(float(probe[1, 0]))))
+        if (2 * k - 1) * delta * delta > GAUSS_MAX_EXPONENT:
+            continue
+        rbf = GaussianRbf(float(c[0]), dc, delta / dc)
+        z = np.concatenate([np.linspace(c[0] - 4 * dc, c[-1] + 4 * dc, 4001), c]).astype(np.float32)
+        if np.all(np.abs(rbf.values(z, k) - evaluate_basis(g, k, z)) <= BSPLINE_TOLERANCE):
+            return rbf
+    return None
+
+
 def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any, offset: int = 0,
                   ext: Any = None) -> None:
     """``v[0, offset + j*n + i] = phi_j(z[i])`` for every feature i, ``lanes`` features at a time (a tail chunk for
     the rest), every node let-bound (registers). With ``ext`` (``emit_extrema_init``), the lane-wise maximum and
     minimum of the stored values are kept in it as they are made (the quantization's extrema without another pass
-    over v). A uniform B-spline basis (``uniform_bspline``) is evaluated in its closed form instead of the graph."""
+    over v). A uniform B-spline basis (``uniform_bspline``) is evaluated in its closed form instead of the graph,
+    Gaussian RBFs on evenly spaced centers (``gaussian_rbf``) by the ratio of neighbours (3 exps, not K)."""
     from tvm.script.ir_builder import tirx as T
 
     s = None  # every node is let-bound: no scratch
-    spline = uniform_bspline(g, k)
+    spline: UniformBSpline | GaussianRbf | None = uniform_bspline(g, k) or gaussian_rbf(g, k)
     chunks, rem = n // lanes, n % lanes
     for count, width in ((chunks, lanes), (1 if rem else 0, rem)):
         if count == 0:
