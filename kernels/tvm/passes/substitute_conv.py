@@ -44,6 +44,7 @@ from kernels.tvm.tir.conv2d import (
     depthwise_kernel,
     pack_conv_weight,
     pool_fits,
+    rbf_coefficients,
     tile_ow_for_block,
 )
 
@@ -155,8 +156,7 @@ def match_rbf_input(x: Any, bound: dict[Any, Any]) -> RbfMatch | None:
     of C channels: ``concat([r * sigmoid(r), reshape(permute_dims(exp(-(((expand_dims(batch_norm(r)[0], 4) -
     centers) * s) ** 2)), [0, 1, 4, 2, 3]), (N, C * K, H, W))], axis=1)`` (as ONNX imports
     toolchain.zoo.convkan's KANConv2d), with the BatchNorm's statistics, the K centers and s constants. The kernel
-    then computes those channels in its padded copy (conv2d.RbfInput): alpha = s * gamma / sqrt(var + eps),
-    beta = s * (beta_bn - mean * gamma / sqrt(var + eps) - center)."""
+    then computes those channels in its padded copy (conv2d.RbfInput, coefficients from conv2d.rbf_coefficients)."""
     import tvm
     from tvm import relax
 
@@ -221,10 +221,8 @@ def match_rbf_input(x: Any, bound: dict[Any, Any]) -> RbfMatch | None:
         return None
     gamma, beta, mean, var = (np.asarray(a, np.float64).reshape(c) for a in stats)  # type: ignore[union-attr]
     scale = gamma / np.sqrt(var + float(bn.attrs.epsilon))
-    shift = beta - mean * scale
-    alpha = np.repeat(scale * width, len(centers))
-    offset = ((shift[:, None] - centers.astype(np.float64)[None, :]) * width).reshape(-1)
-    return raw, RbfInput(channels=c, centers=len(centers)), np.stack([alpha, offset]).astype(np.float32)
+    coef = rbf_coefficients(scale, beta - mean * scale, centers, width)
+    return raw, RbfInput(channels=c, centers=len(centers)), coef
 
 
 

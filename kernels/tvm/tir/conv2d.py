@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
-from kernels.tvm.tir._elementwise import fast_exp, fast_sigmoid
+from kernels.tvm.tir._elementwise import fast_sigmoid
 
 KERNEL_NAME = "conv2d-direct-f32"
 DEPTHWISE_KERNEL_NAME = "conv2d-depthwise-f32"
@@ -169,10 +169,11 @@ def _flush_subnormal(v: Any) -> Any:
 class RbfInput:
     """A Conv-KAN layer's input channels, computed in the conv's padded copy from the ``channels`` raw ones
     instead of read from an expanded tensor: first SiLU(x_c) for each c, then for each c the ``centers``
-    Gaussians exp(-(alpha_j x_c + beta_j)^2), j = c * centers + k (the BatchNorm, the center and the width
-    folded into alpha_j, beta_j: the kernel's ``coef[2, channels * centers]`` argument). A Gaussian below
-    exp(-RBF_FLUSH_D2) (~1.6e-38, about the smallest normal float32) is stored as exactly 0: a subnormal operand
-    would cost each FMA a microcode assist (see _flush_subnormal)."""
+    Gaussians 2^(-(alpha_j x_c + beta_j)^2) = exp(-((alpha_j x_c + beta_j) / sqrt(log2 e))^2), j = c * centers + k
+    (the BatchNorm, the center, the width and sqrt(log2 e) folded into alpha_j, beta_j: the kernel's
+    ``coef[2, channels * centers]`` argument, see ``rbf_coefficients``). A Gaussian below 2^-RBF_FLUSH_EXP2
+    (2.4e-38, about the smallest normal float32) is stored as exactly 0: a subnormal operand would cost each FMA
+    a microcode assist (see _flush_subnormal)."""
 
     channels: int
     centers: int
@@ -182,15 +183,37 @@ class RbfInput:
         return self.channels * (self.centers + 1)
 
 
-RBF_FLUSH_D2 = 87.0  # exp(-87) = 1.6e-38: Gaussians with a larger exponent are stored as 0
+RBF_FLUSH_EXP2 = 125.0  # 2^-125 = 2.4e-38: Gaussians with a larger base-2 exponent are stored as 0
+LOG2E = 1.4426950408889634
+# 2^f = e^(f ln 2) on [-0.5, 0.5]: Taylor to degree 6, truncation error (0.5 ln 2)^7 / 7! = 1.2e-7 relative.
+_EXP2_POLY = tuple(float(np.log(2.0) ** k / np.prod(np.arange(1, k + 1))) for k in range(6, -1, -1))
+
+
+def rbf_coefficients(scale: np.ndarray, shift: np.ndarray, centers: np.ndarray, width: float) -> np.ndarray:
+    """coef[2, C * K] of ``RbfInput`` for exp(-(((scale_c x + shift_c) - center_k) * width)^2) (a BatchNorm as
+    scale / shift per channel, then K Gaussians of that width): alpha = scale * width * sqrt(log2 e), beta =
+    (shift - center) * width * sqrt(log2 e), computed in float64."""
+    s = float(width) * np.sqrt(LOG2E)
+    alpha = np.repeat(np.asarray(scale, np.float64) * s, len(centers))
+    beta = ((np.asarray(shift, np.float64)[:, None] - np.asarray(centers, np.float64)[None, :]) * s).reshape(-1)
+    return np.stack([alpha, beta]).astype(np.float32)
 
 
 def _rbf_value(xv: Any, alpha: Any, beta: Any) -> Any:
+    """2^(-d^2), d = alpha x + beta: n = floor(0.5 - d^2), 2^(-d^2 - n) by polynomial, 2^n through the exponent
+    bits; 0 where d^2 > RBF_FLUSH_EXP2 (there n would leave the normal range: the select drops that value)."""
+    import tvm
     from tvm.script.ir_builder import tirx as T
 
     d = xv * alpha + beta
-    d2 = d * d
-    return T.Select(d2 > T.float32(RBF_FLUSH_D2), T.float32(0), fast_exp(-d2))
+    t = -(d * d)
+    n = T.floor(t + T.float32(0.5))
+    f = t - n
+    poly = T.float32(_EXP2_POLY[0])
+    for c in _EXP2_POLY[1:]:
+        poly = poly * f + T.float32(c)
+    two_n = tvm.tirx.reinterpret("float32", (tvm.tirx.Cast("int32", n) + 127) * 8388608)
+    return T.Select(t < T.float32(-RBF_FLUSH_EXP2), T.float32(0), poly * two_n)
 
 
 def _output(p: ConvParams, y_shape: tuple[int, ...] | None) -> Any:
@@ -463,6 +486,6 @@ def depthwise_kernel(p: ConvParams) -> Any:
     return ib.get()
 
 
-__all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "RBF_FLUSH_D2", "ConvParams", "RbfInput", "choose_block_oc",
+__all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "RBF_FLUSH_EXP2", "ConvParams", "RbfInput", "choose_block_oc",
            "choose_tile_ow", "columns_fit", "conv2d_columns_kernel", "conv2d_kernel", "depthwise_kernel",
-           "pack_conv_weight", "pool_fits", "tile_ow_for_block"]
+           "pack_conv_weight", "pool_fits", "rbf_coefficients", "tile_ow_for_block"]
