@@ -12,8 +12,18 @@ from onnx import TensorProto, helper, numpy_helper
 from kernels.tvm import KernelConfig
 from kernels.tvm.passes import substitution_passes
 from kernels.tvm.testing import build_vm, substitute, with_kernels
-from kernels.tvm.tir.conv2d import FLT_MIN, choose_block_oc, choose_tile_ow, pack_conv_weight, tile_ow_for_block
-from targets.tvm.frontend import import_onnx
+from kernels.tvm.tir.conv2d import (
+    FLT_MIN,
+    ConvParams,
+    RbfInput,
+    choose_block_oc,
+    choose_tile_ow,
+    conv2d_columns_kernel,
+    pack_conv_weight,
+    rbf_coefficients,
+    tile_ow_for_block,
+)
+from targets.tvm.frontend import import_onnx, tvm_target
 from toolchain.core.profile import load_profile
 
 RTOL = 1e-4  # max |tvm - ort| / max |ort|
@@ -266,6 +276,26 @@ def test_conv_kan_net_is_three_kernels_and_matches_ort(fashion: object) -> None:
         x = np.ascontiguousarray(img.reshape(1, 1, 28, 28).astype(np.float32))
         ref = _ort(model, x)
         assert np.abs(run(x) - ref).max() <= RTOL * np.abs(ref).max()
+
+
+def test_rbf_channel_values_are_accurate_and_never_subnormal() -> None:
+    """The expansion's Gaussian channel alone (a 1x1 conv with weight 1 on it, 0 on the SiLU channel): within 1e-6
+    of exp(-d^2) where that is above 1e-30, and never subnormal (exactly 0 below ~2.4e-38) over d^2 in [0, 200]."""
+    import tvm
+
+    p = ConvParams(n=1, ic=2, ih=40, iw=50, oc=1, kh=1, kw=1, block_oc=1, tile_ow=50)
+    func = conv2d_columns_kernel(p, RbfInput(channels=1, centers=1)).with_attr("global_symbol", "f")
+    lib = tvm.compile(tvm.IRModule({"f": func}), target=tvm_target(load_profile("x86-avx512"))).mod
+    d = np.linspace(0.0, np.sqrt(200.0), 2000).astype(np.float32).reshape(1, 1, 40, 50)
+    coef = rbf_coefficients(np.ones(1), np.zeros(1), np.zeros(1), 1.0)  # d = x
+    args = [tvm.runtime.tensor(a) for a in (d, coef, np.array([0.0, 1.0], np.float32), np.zeros(1, np.float32),
+                                            np.zeros((1, 1, 40, 50), np.float32))]
+    lib["f"](*args)
+    out, ref = args[-1].numpy().ravel(), np.exp(-np.square(d.astype(np.float64))).ravel()
+    assert not np.any((out != 0) & (np.abs(out) < FLT_MIN))
+    big = ref > 1e-30
+    assert np.max(np.abs(out[big] - ref[big]) / ref[big]) < 1e-5
+    assert np.all(out[ref < 1e-38] == 0)
 
 
 def test_direct_conv_avx2_profile() -> None:
