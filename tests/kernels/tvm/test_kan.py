@@ -180,7 +180,7 @@ def test_int8_kan_uses_dot_products(profile_id: str, present: list[str], absent:
             assert not re.search(insn, asm), f"{insn} in {name}"
 
 
-def _cox_de_boor_graph(knots: np.ndarray) -> tuple[kan.BasisGraph, int]:
+def _cox_de_boor_graph(knots: np.ndarray, order: int) -> tuple[kan.BasisGraph, int]:
     """efficient-kan's Cox-de Boor recursion (``kb.BSplineBasis.forward``) as a basis graph, written out by hand."""
     g = kan.BasisGraph()
 
@@ -198,7 +198,7 @@ def _cox_de_boor_graph(knots: np.ndarray) -> tuple[kan.BasisGraph, int]:
     w = len(knots) - 1
     bases = binary("logical_and", binary("greater_equal", z, const(knots[:-1]), w),
                    binary("less", z, const(knots[1:]), w), w)
-    for j in range(1, 4):
+    for j in range(1, order + 1):
         w -= 1
         left = binary("divide", binary("subtract", z, const(knots[: -(j + 1)]), w),
                       const(knots[j:-1] - knots[: -(j + 1)]), w)
@@ -210,15 +210,16 @@ def _cox_de_boor_graph(knots: np.ndarray) -> tuple[kan.BasisGraph, int]:
     return g, w
 
 
-def test_uniform_bspline_closed_form() -> None:
+@pytest.mark.parametrize("grid,order", [(5, 3), (7, 2), (4, 1)])
+def test_uniform_bspline_closed_form(grid: int, order: int) -> None:
     """The Cox-de Boor graph of efficient-kan's cubic B-splines is recognised as uniform B-splines (the int8
     kernel then evaluates the closed form per interval), and that form agrees with the torch basis inside,
     outside and exactly on the grid; a Gaussian RBF graph is not taken for one."""
-    basis = kb.BSplineBasis(5, 3)
+    basis = kb.BSplineBasis(grid, order)
     knots = basis.grid.numpy()
-    g, k = _cox_de_boor_graph(knots)
+    g, k = _cox_de_boor_graph(knots, order)
     sp = kan.uniform_bspline(g, k)
-    assert sp is not None and sp.degree == 3
+    assert sp is not None and sp.degree == order
     assert abs(sp.t0 - knots[0]) < 1e-6 and abs(sp.h - (knots[1] - knots[0])) < 1e-6
     z = np.concatenate([np.linspace(-3, 3, 2001), knots]).astype(np.float32)
     ref = basis(torch.from_numpy(z)).numpy()
