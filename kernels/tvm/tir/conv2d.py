@@ -35,6 +35,7 @@ accumulators with more columns (``tile_ow_for_block``).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,6 +217,20 @@ def _rbf_value(xv: Any, alpha: Any, beta: Any) -> Any:
     return T.Select(t < T.float32(-RBF_FLUSH_EXP2), T.float32(0), poly * two_n)
 
 
+def _conv_args(p: ConvParams, rbf: RbfInput | None, suffix: str, columns: bool) -> tuple[Any, Any, Any, Any]:
+    """The input arguments of a groups-1 conv kernel: x (raw channels with ``rbf``), coef (with ``rbf``, else
+    None), the packed weight and the bias, named with ``suffix``."""
+    from tvm.script.ir_builder import tirx as T
+
+    first = suffix in ("", "0")  # a chain's later layers read the previous layer's output, not an argument
+    x = T.arg("x", T.buffer((p.n, rbf.channels if rbf else p.ic, p.ih, p.iw), "float32")) if first else None
+    coef = T.arg("coef" + suffix, T.buffer((2, rbf.channels * rbf.centers), "float32")) if rbf else None
+    boc = p.oc if columns else p.block_oc  # the column kernel's weight is one block of all channels
+    wp = T.arg("wp" + suffix, T.buffer((-(-p.oc // boc) * p.ic * p.kh * p.kw * boc,), "float32"))
+    b = T.arg("b" + suffix, T.buffer((p.oc if p.bias else 1,), "float32"))
+    return x, coef, wp, b
+
+
 def _output(p: ConvParams, y_shape: tuple[int, ...] | None) -> Any:
     """The output argument, of ``y_shape`` where given (the same elements as ``p.out_shape``: a reshape of the
     output folded into the kernel, e.g. a flatten before a dense layer), viewed as ``p.out_shape``."""
@@ -284,6 +299,20 @@ def conv2d_kernel(p: ConvParams, rbf: RbfInput | None = None, y_shape: tuple[int
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("conv2d")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
+        x, coef, wp, b = _conv_args(p, rbf, "", columns=False)
+        r = T.arg("r", T.buffer((p.n, p.oc, p.oh, p.ow), "float32")) if p.residual else None
+        y = _output(p, y_shape)
+        _blocked_body(p, rbf, x, coef, wp, b, r, y)
+    return ib.get()
+
+
+def _blocked_body(p: ConvParams, rbf: RbfInput | None, x: Any, coef: Any, wp: Any, b: Any, r: Any, y: Any) -> None:
+    """The body of ``conv2d_kernel`` over the given buffers (y viewed as ``p.out_shape``)."""
+    from tvm.script.ir_builder import tirx as T
+
     OH, OW, BOC, KH, KW, IC = p.oh, p.ow, p.block_oc, p.kh, p.kw, p.ic
     SH, SW = p.stride
     DH, DW = p.dilation
@@ -292,71 +321,88 @@ def conv2d_kernel(p: ConvParams, rbf: RbfInput | None = None, y_shape: tuple[int
     full_blocks = p.oc // BOC  # blocks with every channel real; the last one may be partly padding
     hp = max(p.ih + p.pad[0] + p.pad[2], (OH - 1) * SH + (KH - 1) * DH + 1)
     wpw = max(p.iw + p.pad[1] + p.pad[3], (OW - 1) * SW + (KW - 1) * DW + 1)
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name("conv2d")
-        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
-        x = T.arg("x", T.buffer((p.n, rbf.channels if rbf else IC, p.ih, p.iw), "float32"))
-        coef = T.arg("coef", T.buffer((2, rbf.channels * rbf.centers), "float32")) if rbf else None
-        wp = T.arg("wp", T.buffer((p.oc_blocks * IC * KH * KW * BOC,), "float32"))
-        b = T.arg("b", T.buffer((p.oc if p.bias else 1,), "float32"))
-        r = T.arg("r", T.buffer((p.n, p.oc, OH, OW), "float32")) if p.residual else None
-        y = _output(p, y_shape)
-        with T.serial(p.n) as n:
-            xp, c0 = _padded_input(p, x, n, IC, hp, wpw, rbf, coef)
+    with T.serial(p.n) as n:
+        xp, c0 = _padded_input(p, x, n, IC, hp, wpw, rbf, coef)
 
-            def accumulate(ocb: Any, oh: Any, ow0: Any, tw: int) -> Any:
-                """The accumulators of columns [ow0, ow0 + tw) of row oh for block ocb, before the epilogue."""
-                acc = T.alloc_buffer((tw, BOC), "float32", scope="local")
-                with T.unroll(tw) as t, T.vectorized(BOC) as i:
-                    T.buffer_store(acc, T.float32(0), [t, i])
-                with T.serial(IC) as ic, T.serial(KH) as kh, T.unroll(KW) as kw, T.unroll(tw) as t, \
-                        T.vectorized(BOC) as i:
-                    xv = xp[c0 + ic, oh * SH + kh * DH, (ow0 + t) * SW + kw * DW]
-                    wv = wp[(((ocb * IC + ic) * KH + kh) * KW + kw) * BOC + i]
-                    T.buffer_store(acc, acc[t, i] + xv * wv, [t, i])
-                return acc
+        def accumulate(ocb: Any, oh: Any, ow0: Any, tw: int) -> Any:
+            """The accumulators of columns [ow0, ow0 + tw) of row oh for block ocb, before the epilogue."""
+            acc = T.alloc_buffer((tw, BOC), "float32", scope="local")
+            with T.unroll(tw) as t, T.vectorized(BOC) as i:
+                T.buffer_store(acc, T.float32(0), [t, i])
+            with T.serial(IC) as ic, T.serial(KH) as kh, T.unroll(KW) as kw, T.unroll(tw) as t, \
+                    T.vectorized(BOC) as i:
+                xv = xp[c0 + ic, oh * SH + kh * DH, (ow0 + t) * SW + kw * DW]
+                wv = wp[(((ocb * IC + ic) * KH + kh) * KW + kw) * BOC + i]
+                T.buffer_store(acc, acc[t, i] + xv * wv, [t, i])
+            return acc
 
-            def tile(ocb: Any, oh: Any, ow0: Any, tw: int, nch: int) -> None:
-                """Columns [ow0, ow0 + tw) of row oh for the channels of block ocb (nch of them real)."""
-                acc = accumulate(ocb, oh, ow0, tw)
-                # Constant indices only (unrolled): the accumulators stay in registers.
-                with T.unroll(nch) as i, T.unroll(tw) as t:
-                    c = ocb * BOC + i
-                    res = r[n, c, oh, ow0 + t] if r is not None else None
-                    T.buffer_store(y, _act(p, acc[t, i], b, c, res), [n, c, oh, ow0 + t])
+        def tile(ocb: Any, oh: Any, ow0: Any, tw: int, nch: int) -> None:
+            """Columns [ow0, ow0 + tw) of row oh for the channels of block ocb (nch of them real)."""
+            acc = accumulate(ocb, oh, ow0, tw)
+            # Constant indices only (unrolled): the accumulators stay in registers.
+            with T.unroll(nch) as i, T.unroll(tw) as t:
+                c = ocb * BOC + i
+                res = r[n, c, oh, ow0 + t] if r is not None else None
+                T.buffer_store(y, _act(p, acc[t, i], b, c, res), [n, c, oh, ow0 + t])
 
-            def pooled_tile(ocb: Any, oh2: Any, ow0: Any, tw: int, nch: int) -> None:
-                """Pooled columns [ow0 / 2, (ow0 + tw) / 2) of pooled row oh2 (ow0 even): the tile of rows 2 oh2 and
-                2 oh2 + 1, column pairs maxed across whole channel vectors; bias and activation after the max."""
-                acc0 = accumulate(ocb, oh2 * 2, ow0, tw)
-                with T.unroll(tw // 2) as u, T.vectorized(BOC) as i:  # in place: pair u in acc0's column u
-                    T.buffer_store(acc0, T.max(acc0[2 * u, i], acc0[2 * u + 1, i]), [u, i])
-                acc1 = accumulate(ocb, oh2 * 2 + 1, ow0, tw)
-                with T.unroll(tw // 2) as u, T.vectorized(BOC) as i:
-                    T.buffer_store(acc0, T.max(acc0[u, i], T.max(acc1[2 * u, i], acc1[2 * u + 1, i])), [u, i])
-                with T.unroll(nch) as i, T.unroll(tw // 2) as u:
-                    c = ocb * BOC + i
-                    T.buffer_store(y, _act(p, acc0[u, i], b, c), [n, c, oh2, ow0 // 2 + u])
+        def pooled_tile(ocb: Any, oh2: Any, ow0: Any, tw: int, nch: int) -> None:
+            """Pooled columns [ow0 / 2, (ow0 + tw) / 2) of pooled row oh2 (ow0 even): the tile of rows 2 oh2 and
+            2 oh2 + 1, column pairs maxed across whole channel vectors; bias and activation after the max."""
+            acc0 = accumulate(ocb, oh2 * 2, ow0, tw)
+            with T.unroll(tw // 2) as u, T.vectorized(BOC) as i:  # in place: pair u in acc0's column u
+                T.buffer_store(acc0, T.max(acc0[2 * u, i], acc0[2 * u + 1, i]), [u, i])
+            acc1 = accumulate(ocb, oh2 * 2 + 1, ow0, tw)
+            with T.unroll(tw // 2) as u, T.vectorized(BOC) as i:
+                T.buffer_store(acc0, T.max(acc0[u, i], T.max(acc1[2 * u, i], acc1[2 * u + 1, i])), [u, i])
+            with T.unroll(nch) as i, T.unroll(tw // 2) as u:
+                c = ocb * BOC + i
+                T.buffer_store(y, _act(p, acc0[u, i], b, c), [n, c, oh2, ow0 // 2 + u])
 
-            def row_blocks(ocb: Any, nch: int) -> None:
-                if p.pool:
-                    assert TW % 2 == 0, "pooling needs an even tile width (pool_fits)"
-                    with T.serial(OH // 2) as oh2:
-                        with T.serial(MAIN) as owo:
-                            pooled_tile(ocb, oh2, owo * TW, TW, nch)
-                        if REM // 2:
-                            pooled_tile(ocb, oh2, MAIN * TW, REM, nch)
-                    return
-                with T.serial(OH) as oh:
+        def row_blocks(ocb: Any, nch: int) -> None:
+            if p.pool:
+                assert TW % 2 == 0, "pooling needs an even tile width (pool_fits)"
+                with T.serial(OH // 2) as oh2:
                     with T.serial(MAIN) as owo:
-                        tile(ocb, oh, owo * TW, TW, nch)
-                    if REM:
-                        tile(ocb, oh, MAIN * TW, REM, nch)
+                        pooled_tile(ocb, oh2, owo * TW, TW, nch)
+                    if REM // 2:
+                        pooled_tile(ocb, oh2, MAIN * TW, REM, nch)
+                return
+            with T.serial(OH) as oh:
+                with T.serial(MAIN) as owo:
+                    tile(ocb, oh, owo * TW, TW, nch)
+                if REM:
+                    tile(ocb, oh, MAIN * TW, REM, nch)
 
-            with T.serial(full_blocks) as ocb:
-                row_blocks(ocb, BOC)
-            if p.oc % BOC:
-                row_blocks(full_blocks, p.oc % BOC)
+        with T.serial(full_blocks) as ocb:
+            row_blocks(ocb, BOC)
+        if p.oc % BOC:
+            row_blocks(full_blocks, p.oc % BOC)
+
+
+def conv_chain_kernel(stages: list[tuple[ConvParams, RbfInput | None]], y_shape: tuple[int, ...] | None = None) -> Any:
+    """One PrimFunc running groups-1 conv layers in sequence, each one's (pooled) output the next one's input
+    (raw, with an ``RbfInput``) through a scratch buffer: ``(x, [coef0], wp0, b0, [coef1], wp1, b1, ..., y)``, each
+    layer as ``conv2d_columns_kernel`` or ``conv2d_kernel`` computes it (no residuals). One call instead of one per
+    layer (Conv-KAN: its two layers)."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    for (p, _), (q, rbf) in itertools.pairwise(stages):
+        assert p.out_shape == (q.n, rbf.channels if rbf else q.ic, q.ih, q.iw), (p, q)
+    assert not any(p.residual for p, _ in stages)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("conv2d_chain")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
+        args = [_conv_args(p, rbf, str(i), columns_fit(p)) for i, (p, rbf) in enumerate(stages)]
+        y = _output(stages[-1][0], y_shape)
+        cur = args[0][0]
+        for i, ((p, rbf), (_, coef, wp, b)) in enumerate(zip(stages, args, strict=True)):
+            out = y if i == len(stages) - 1 else T.alloc_buffer(p.out_shape, "float32")
+            if columns_fit(p):
+                _columns_body(p, rbf, cur, coef, wp, b, out)
+            else:
+                _blocked_body(p, rbf, cur, coef, wp, b, None, out)
+            cur = out
     return ib.get()
 
 
@@ -384,6 +430,19 @@ def conv2d_columns_kernel(p: ConvParams, rbf: RbfInput | None = None,
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("conv2d_columns")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
+        x, coef, wp, b = _conv_args(p, rbf, "", columns=True)
+        y = _output(p, y_shape)
+        _columns_body(p, rbf, x, coef, wp, b, y)
+    return ib.get()
+
+
+def _columns_body(p: ConvParams, rbf: RbfInput | None, x: Any, coef: Any, wp: Any, b: Any, y: Any) -> None:
+    """The body of ``conv2d_columns_kernel`` over the given buffers (y viewed as ``p.out_shape``)."""
+    from tvm.script.ir_builder import tirx as T
+
     OC, OH, OW, KH, KW, IC = p.oc, p.oh, p.ow, p.kh, p.kw, p.ic
     DH, DW = p.dilation
     L = max(1, p.lanes)
@@ -391,66 +450,56 @@ def conv2d_columns_kernel(p: ConvParams, rbf: RbfInput | None = None,
     FULL = OW // L  # column vectors stored whole; the rest of the row element by element
     hp = max(p.ih + p.pad[0] + p.pad[2], OH + (KH - 1) * DH)
     wpw = max(p.iw + p.pad[1] + p.pad[3], NV * L + (KW - 1) * DW)
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name("conv2d_columns")
-        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
-        x = T.arg("x", T.buffer((p.n, rbf.channels if rbf else IC, p.ih, p.iw), "float32"))
-        coef = T.arg("coef", T.buffer((2, rbf.channels * rbf.centers), "float32")) if rbf else None
-        wp = T.arg("wp", T.buffer((IC * KH * KW * OC,), "float32"))
-        b = T.arg("b", T.buffer((OC if p.bias else 1,), "float32"))
-        y = _output(p, y_shape)
-        with T.serial(p.n) as n:
-            xp, c0 = _padded_input(p, x, n, IC, hp, wpw, rbf, coef)
+    with T.serial(p.n) as n:
+        xp, c0 = _padded_input(p, x, n, IC, hp, wpw, rbf, coef)
 
-            def conv_row(oh: Any) -> Any:
-                """The accumulators of output row oh, before bias and activation."""
-                acc = T.alloc_buffer((OC, NV * L), "float32", scope="local")
-                with T.unroll(OC) as o, T.unroll(NV) as v, T.vectorized(L) as i:
-                    T.buffer_store(acc, T.float32(0), [o, v * L + i])
-                with T.serial(IC) as ic, T.serial(KH) as kh, T.unroll(KW) as kw, T.unroll(OC) as o, \
-                        T.unroll(NV) as v, T.vectorized(L) as i:
-                    xv = xp[c0 + ic, oh + kh * DH, v * L + i + kw * DW]
-                    wv = wp[((ic * KH + kh) * KW + kw) * OC + o]
-                    T.buffer_store(acc, acc[o, v * L + i] + xv * wv, [o, v * L + i])
-                return acc
+        def conv_row(oh: Any) -> Any:
+            """The accumulators of output row oh, before bias and activation."""
+            acc = T.alloc_buffer((OC, NV * L), "float32", scope="local")
+            with T.unroll(OC) as o, T.unroll(NV) as v, T.vectorized(L) as i:
+                T.buffer_store(acc, T.float32(0), [o, v * L + i])
+            with T.serial(IC) as ic, T.serial(KH) as kh, T.unroll(KW) as kw, T.unroll(OC) as o, \
+                    T.unroll(NV) as v, T.vectorized(L) as i:
+                xv = xp[c0 + ic, oh + kh * DH, v * L + i + kw * DW]
+                wv = wp[((ic * KH + kh) * KW + kw) * OC + o]
+                T.buffer_store(acc, acc[o, v * L + i] + xv * wv, [o, v * L + i])
+            return acc
 
-            if not p.pool:
-                with T.serial(OH) as oh:
-                    acc = conv_row(oh)
-                    with T.unroll(OC) as o:
-                        if FULL:
-                            with T.unroll(FULL) as v, T.vectorized(L) as i:
-                                T.buffer_store(y, _act(p, acc[o, v * L + i], b, o), [n, o, oh, v * L + i])
-                        if OW > FULL * L:
-                            with T.serial(OW - FULL * L) as i:
-                                T.buffer_store(y, _act(p, acc[o, FULL * L + i], b, o), [n, o, oh, FULL * L + i])
-            else:
-                # 2x2 max pool: each row's column pairs maxed (half vectors), the even row's kept on the stack,
-                # the odd row's maxed with them; bias and activation after the max (both monotonic per channel).
-                H2, PW = L // 2, OW // 2
-                PFULL = PW // H2
-                with T.serial(OH // 2) as oh2:
-                    acc0 = conv_row(oh2 * 2)
-                    # In place: pooled column c in acc0[o, c] (vector v reads columns past what v - 1 wrote).
-                    with T.unroll(OC) as o, T.unroll(NV) as v, T.vectorized(H2) as u:
-                        T.buffer_store(acc0, T.max(acc0[o, v * L + 2 * u], acc0[o, v * L + 2 * u + 1]),
-                                       [o, v * H2 + u])
-                    acc1 = conv_row(oh2 * 2 + 1)
+        if not p.pool:
+            with T.serial(OH) as oh:
+                acc = conv_row(oh)
+                with T.unroll(OC) as o:
+                    if FULL:
+                        with T.unroll(FULL) as v, T.vectorized(L) as i:
+                            T.buffer_store(y, _act(p, acc[o, v * L + i], b, o), [n, o, oh, v * L + i])
+                    if OW > FULL * L:
+                        with T.serial(OW - FULL * L) as i:
+                            T.buffer_store(y, _act(p, acc[o, FULL * L + i], b, o), [n, o, oh, FULL * L + i])
+        else:
+            # 2x2 max pool: each row's column pairs maxed (half vectors), the even row's kept on the stack,
+            # the odd row's maxed with them; bias and activation after the max (both monotonic per channel).
+            H2, PW = L // 2, OW // 2
+            PFULL = PW // H2
+            with T.serial(OH // 2) as oh2:
+                acc0 = conv_row(oh2 * 2)
+                # In place: pooled column c in acc0[o, c] (vector v reads columns past what v - 1 wrote).
+                with T.unroll(OC) as o, T.unroll(NV) as v, T.vectorized(H2) as u:
+                    T.buffer_store(acc0, T.max(acc0[o, v * L + 2 * u], acc0[o, v * L + 2 * u + 1]),
+                                   [o, v * H2 + u])
+                acc1 = conv_row(oh2 * 2 + 1)
 
-                    def pooled(o: Any, c: Any) -> Any:
-                        v, u = c // H2, c % H2
-                        m = T.max(acc1[o, v * L + 2 * u], acc1[o, v * L + 2 * u + 1])
-                        return _act(p, T.max(acc0[o, c], m), b, o)
+                def pooled(o: Any, c: Any) -> Any:
+                    v, u = c // H2, c % H2
+                    m = T.max(acc1[o, v * L + 2 * u], acc1[o, v * L + 2 * u + 1])
+                    return _act(p, T.max(acc0[o, c], m), b, o)
 
-                    with T.unroll(OC) as o:
-                        if PFULL:
-                            with T.unroll(PFULL) as v, T.vectorized(H2) as u:
-                                T.buffer_store(y, pooled(o, v * H2 + u), [n, o, oh2, v * H2 + u])
-                        if PW > PFULL * H2:
-                            with T.serial(PW - PFULL * H2) as u:
-                                T.buffer_store(y, pooled(o, PFULL * H2 + u), [n, o, oh2, PFULL * H2 + u])
-    return ib.get()
-
+                with T.unroll(OC) as o:
+                    if PFULL:
+                        with T.unroll(PFULL) as v, T.vectorized(H2) as u:
+                            T.buffer_store(y, pooled(o, v * H2 + u), [n, o, oh2, v * H2 + u])
+                    if PW > PFULL * H2:
+                        with T.serial(PW - PFULL * H2) as u:
+                            T.buffer_store(y, pooled(o, PFULL * H2 + u), [n, o, oh2, PFULL * H2 + u])
 
 def depthwise_kernel(p: ConvParams) -> Any:
     """The PrimFunc ``(x[N, C, IH, IW], w[C, KH, KW], b[C or 1], y[N, C, OH, OW])`` for a depthwise ``p``
@@ -487,5 +536,5 @@ def depthwise_kernel(p: ConvParams) -> Any:
 
 
 __all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "RBF_FLUSH_EXP2", "ConvParams", "RbfInput", "choose_block_oc",
-           "choose_tile_ow", "columns_fit", "conv2d_columns_kernel", "conv2d_kernel", "depthwise_kernel",
-           "pack_conv_weight", "pool_fits", "rbf_coefficients", "tile_ow_for_block"]
+           "choose_tile_ow", "columns_fit", "conv2d_columns_kernel", "conv2d_kernel", "conv_chain_kernel",
+           "depthwise_kernel", "pack_conv_weight", "pool_fits", "rbf_coefficients", "tile_ow_for_block"]

@@ -238,10 +238,10 @@ def test_max_pool_in_the_conv_epilogue(case: tuple) -> None:
     assert len(table) == (1 if fused else 2)  # the conv kernel alone, or it and the pooling kernel
 
 
-def test_conv_kan_net_is_three_kernels_and_matches_ort(fashion: object) -> None:
+def test_conv_kan_net_is_two_kernels_and_matches_ort(fashion: object) -> None:
     """The zoo's Conv-KAN shape end to end (input view, two KAN conv layers each with its 2x2 max pool, flatten,
-    linear): each layer one conv kernel (expansion in the padded copy, pool in the epilogue, the flatten written by
-    the second), then the dense kernel; agrees with ONNX Runtime on real Fashion-MNIST images."""
+    linear): both layers one conv chain kernel (expansions in the padded copies, pools in the epilogues, the flatten
+    written by the second), then the dense kernel; agrees with ONNX Runtime on real Fashion-MNIST images."""
     rng = np.random.default_rng(8)
     b1, b2 = kan_conv_block(rng, 1, 8, 8, 28), kan_conv_block(rng, 8, 4, 16, 14)
     inits = [*b1.graph.initializer]
@@ -269,9 +269,9 @@ def test_conv_kan_net_is_three_kernels_and_matches_ort(fashion: object) -> None:
     model = _model(nodes, inits, [1, 1, 28, 28], "logits", [1, 10])
     prof = load_profile("x86-avx512")
     rows = substitute(model, prof)[1]
-    assert [(r["rbf_input"], r["max_pool"]) for r in rows if "rbf_input" in r] == [(True, True), (True, True)]
+    assert [(r["rbf_input"], r["max_pool"], r.get("chain")) for r in rows if "rbf_input" in r] == [(True, True, 2)] * 2
     run, table = build_vm(model, prof)
-    assert sorted(r["kernel"] for r in table) == ["conv2d-direct-f32", "conv2d-direct-f32", "gemv-packed-f32"]
+    assert sorted(r["kernel"] for r in table) == ["conv2d-direct-f32", "gemv-packed-f32"]  # both layers: one kernel
     for img in fashion.x_test[:16]:  # type: ignore[attr-defined]
         x = np.ascontiguousarray(img.reshape(1, 1, 28, 28).astype(np.float32))
         ref = _ort(model, x)
@@ -296,6 +296,21 @@ def test_rbf_channel_values_are_accurate_and_never_subnormal() -> None:
     big = ref > 1e-30
     assert np.max(np.abs(out[big] - ref[big]) / ref[big]) < 1e-5
     assert np.all(out[ref < 1e-38] == 0)
+
+
+def test_consecutive_convs_run_as_one_chain_kernel() -> None:
+    """conv + relu (channel-blocked) -> conv + 2x2 max pool (column kernel, 6 channels): the second reads only the
+    first's output, so both run in one kernel call, through a scratch buffer; agrees with ONNX Runtime."""
+    rng = np.random.default_rng(9)
+    n1, i1 = _conv(rng, "c1", "x", 3, 16, 3)
+    n2, i2 = _conv(rng, "c2", "r1", 16, 6, 3)
+    nodes = [*n1, helper.make_node("Relu", ["c1"], ["r1"]), *n2,
+             helper.make_node("MaxPool", ["c2"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    model = _model(nodes, [*i1, *i2], [1, 3, 18, 18], "y")
+    table = _check(model, rng.standard_normal((1, 3, 18, 18)).astype(np.float32))
+    assert len(table) == 1
+    rows = substitute(model, load_profile("x86-avx512"))[1]
+    assert [(r["chain"], r["max_pool"], r["block_oc"]) for r in rows] == [(2, False, 16), (2, True, 6)]
 
 
 def test_direct_conv_avx2_profile() -> None:
