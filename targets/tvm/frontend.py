@@ -142,10 +142,11 @@ def import_onnx(model: onnx.ModelProto, batch: int = 1) -> Any:
     from tvm.relax.frontend.onnx import from_onnx
 
     pinned = fix_batch(model, batch)
-    if pinned != model:
-        # A dynamic-batch export computes shapes at run time (Shape -> Gather -> Concat -> Reshape), which
-        # TVM's importer turns into PrimValues its Reshape rejects (spiking nets). With the batch pinned,
-        # constant folding makes those shapes static, as a static-batch export would have them.
+    if pinned != model or any(n.op_type == "Shape" for n in pinned.graph.node):
+        # An export that computes shapes at run time (Shape -> Gather -> Concat -> Reshape, or the Slice bounds of
+        # a chunked projection) gives TVM's importer PrimValues and unknown-shape tensors its Reshape and
+        # constant folding reject (spiking nets; a transformer's q/k/v chunk). With the batch pinned, constant
+        # folding with shape inference makes those shapes static constants.
         pinned = cleanup(pinned, CleanupConfig()).model
     model = pinned
     shapes = {s.name: list(s.shape) for s in input_specs(model)}

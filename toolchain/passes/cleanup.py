@@ -16,6 +16,9 @@ from toolchain.passes import PassContext, PassResult
 @dataclass(frozen=True)
 class Config:
     fold_constants: bool = True
+    # Shapes inferred while folding: Shape of a statically shaped tensor folds to a constant, so shape arithmetic
+    # (Shape -> Gather -> Slice of a chunked projection) becomes constant attributes importers can take.
+    shape_inference_in_folding: bool = True
     rewrite: bool = True  # onnxscript's default fusion-friendly rewrite rules
     infer_shapes: bool = True
 
@@ -28,7 +31,7 @@ def run(model: onnx.ModelProto, cfg: Config, ctx: PassContext | None = None) -> 
     before = len(model.graph.node)
     irm = ir.from_proto(model)
     if cfg.fold_constants:
-        opt.optimize_ir(irm, num_iterations=2, onnx_shape_inference=False)
+        opt.optimize_ir(irm, num_iterations=2, onnx_shape_inference=cfg.shape_inference_in_folding)
     if cfg.rewrite:
         irm = rewriter.rewrite(irm)
     ir.passes.common.RemoveUnusedNodesPass()(irm)
