@@ -4,9 +4,6 @@ Fashion-MNIST images, and its dot-product instructions per ISA (vpdpbusd, vpmadd
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ from onnx import numpy_helper
 
 from kernels.tvm.testing import block_diagonal, build_vm, dense_onnx, substitute, with_kernels
 from kernels.tvm.tir.block_sparse import pack_block_sparse, regroup_columns
-from targets.tvm.build import build_library
+from tests.fixtures.disassembly import assert_instructions, built_library, function_bodies, objdump_for
 from tests.fixtures.synthetic import g2g_masked_mlp
 from toolchain.core.profile import load_profile
 from toolchain.passes import PassContext
@@ -176,24 +173,10 @@ def test_grouped_int8_agrees_with_ort_int8_on_fashion_mnist(profile_id: str, fas
 def test_grouped_int8_uses_the_dot_product_instructions(profile_id: str, present: list[str], absent: list[str],
                                                         tmp_path: Path) -> None:
     prof = load_profile(profile_id)
-    objdump = "aarch64-linux-gnu-objdump" if prof.cpu.arch == "aarch64" else "objdump"
-    if prof.cpu.cross_cc and shutil.which(prof.cpu.cross_cc) is None:
-        pytest.skip("aarch64 cross compiler missing: apt-get install gcc-aarch64-linux-gnu")
-    if shutil.which(objdump) is None:
-        pytest.skip(f"{objdump} missing: apt-get install binutils-aarch64-linux-gnu (make system-deps)")
     lib = tmp_path / "lib.so"
-    meta = build_library(_int8_g2g(profile_id), prof, lib)
+    meta = built_library(_int8_g2g(profile_id), prof, lib)
     assert [r["kernel"] for r in meta["kernels"]].count("grouped-gemv-i8") == 2, meta["kernels"]
-    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
-                          check=True).stdout
-    bodies = {"*": text}
-    for f in re.split(r"\n(?=[0-9a-f]+ <[^>]+>:\n)", text):
-        m = re.match(r"[0-9a-f]+ <([^>]+)>:", f)
-        if m and "grouped_gemv_i8" in m.group(1) and m.group(1).endswith("_compute_"):
-            bodies[m.group(1)] = f
+    bodies = function_bodies(lib, objdump_for(prof),
+                             lambda sym: "grouped_gemv_i8" in sym and sym.endswith("_compute_"))
     assert len(bodies) == 3, sorted(bodies)  # the two grouped kernels' bodies and the whole library
-    for name, asm in bodies.items():
-        for insn in present:
-            assert re.search(insn, asm), f"{insn} missing from {name}"
-        for insn in absent:  # the whole library too: one VNNI instruction on a Haswell is a crash
-            assert not re.search(insn, asm), f"{insn} in {name}"
+    assert_instructions(bodies, present, absent)

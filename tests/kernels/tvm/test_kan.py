@@ -4,9 +4,6 @@ inputs and multiplies on the profile's int8 dot products (vpdpbusd, vpmaddubsw, 
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import torch
 from kernels.tvm.testing import build_vm, with_kernels
 from kernels.tvm.tir import kan
 from kernels.tvm.tir._elementwise import BINARY, CONST, INPUT, SLICE, UNARY, Node
-from targets.tvm.build import build_library
+from tests.fixtures.disassembly import assert_instructions, built_library, function_bodies, objdump_for
 from toolchain.core.onnx_io import ort_session
 from toolchain.core.profile import load_profile
 from toolchain.export import torch_to_onnx
@@ -144,22 +141,10 @@ def _kan_i8_disassembly(model: onnx.ModelProto, profile_id: str, tmp_path: Path)
     """symbol -> disassembly of every fused int8 KAN kernel body in the library built for ``profile_id``,
     and ``"*"`` -> the whole library's."""
     prof = load_profile(profile_id)
-    objdump = "aarch64-linux-gnu-objdump" if prof.cpu.arch == "aarch64" else "objdump"
-    if prof.cpu.cross_cc and shutil.which(prof.cpu.cross_cc) is None:
-        pytest.skip("aarch64 cross compiler missing: apt-get install gcc-aarch64-linux-gnu")
-    if shutil.which(objdump) is None:
-        pytest.skip(f"{objdump} missing: apt-get install binutils-aarch64-linux-gnu (make system-deps)")
     lib = tmp_path / f"{profile_id}.so"
-    meta = build_library(model, prof, lib)
+    meta = built_library(model, prof, lib)
     assert [r["kernel"] for r in meta["kernels"] if r.get("kernel")] == ["kan-fused-i8"] * 2, meta["kernels"]
-    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
-                          check=True).stdout
-    out = {"*": text}
-    for f in re.split(r"\n(?=[0-9a-f]+ <[^>]+>:\n)", text):
-        m = re.match(r"[0-9a-f]+ <([^>]+)>:", f)
-        if m and "kan_i8" in m.group(1) and not m.group(1).startswith("__tvm_ffi"):
-            out[m.group(1)] = f
-    return out
+    return function_bodies(lib, objdump_for(prof), lambda sym: "kan_i8" in sym and not sym.startswith("__tvm_ffi"))
 
 
 @pytest.mark.parametrize("profile_id,present,absent", [
@@ -173,11 +158,7 @@ def test_int8_kan_uses_dot_products(profile_id: str, present: list[str], absent:
     model = _int8(_export(KANNet("rbf", [37, 12, 10], 8).eval(), 37), profile_id)
     funcs = _kan_i8_disassembly(model, profile_id, tmp_path)
     assert len(funcs) == 3, f"expected the two fused int8 KAN bodies, got {sorted(funcs)}"
-    for name, asm in funcs.items():  # the whole library too: one VNNI instruction on a Haswell is a crash
-        for insn in present:
-            assert re.search(insn, asm), f"{insn} missing from {name}"
-        for insn in absent:
-            assert not re.search(insn, asm), f"{insn} in {name}"
+    assert_instructions(funcs, present, absent)
 
 
 def _cox_de_boor_graph(knots: np.ndarray, order: int) -> tuple[kan.BasisGraph, int]:

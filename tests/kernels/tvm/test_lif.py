@@ -8,7 +8,6 @@ the same graph, agreeing with ONNX Runtime's int8 on real Fashion-MNIST images, 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from dataclasses import replace
@@ -21,6 +20,7 @@ import torch
 
 from kernels.tvm.testing import build_vm, substitute, with_kernels
 from targets.tvm.build import build_library
+from tests.fixtures.disassembly import assert_instructions, built_library, function_bodies, objdump_for
 from toolchain.core.onnx_io import ort_session
 from toolchain.core.profile import Profile, load_profile
 from toolchain.device import emulate
@@ -167,22 +167,12 @@ def test_int8_lif_layer_needs_the_row_bound_and_an_int8_isa() -> None:
     assert "lif-layer-i8" not in [r["kernel"] for r in rows]
 
 
-def _lif_disassembly(model: onnx.ModelProto, profile: Profile, tmp_path: Path, objdump: str) -> dict[str, str]:
+def _lif_disassembly(model: onnx.ModelProto, profile: Profile, tmp_path: Path) -> dict[str, str]:
     """symbol -> disassembly of the int8 LIF kernels' bodies in the library built for ``profile``."""
-    if profile.cpu.cross_cc and shutil.which(profile.cpu.cross_cc) is None:
-        pytest.skip("aarch64 cross compiler missing: apt-get install gcc-aarch64-linux-gnu")
-    if shutil.which(objdump) is None:
-        pytest.skip(f"{objdump} missing: apt-get install binutils-aarch64-linux-gnu (make system-deps)")
     lib = tmp_path / "lib.so"
-    meta = build_library(model, profile, lib)
+    meta = built_library(model, profile, lib)
     assert [r["kernel"] for r in meta["kernels"] if r["kernel"].startswith("lif")] == ["lif-layer-i8"] * 2
-    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
-                          check=True).stdout
-    out = {"*": text}
-    for f in re.split(r"\n(?=[0-9a-f]+ <[^>]+>:\n)", text):
-        m = re.match(r"[0-9a-f]+ <([^>]+)>:", f)
-        if m and "lif" in m.group(1) and m.group(1).endswith("_compute_"):
-            out[m.group(1)] = f
+    out = function_bodies(lib, objdump_for(profile), lambda sym: "lif" in sym and sym.endswith("_compute_"))
     assert len(out) == 3, sorted(out)  # the two layer kernels' bodies and the whole library
     return out
 
@@ -195,12 +185,7 @@ def _lif_disassembly(model: onnx.ModelProto, profile: Profile, tmp_path: Path, o
 def test_int8_lif_layer_uses_the_dot_product_instructions(profile_id: str, present: list[str], absent: list[str],
                                                           tmp_path: Path) -> None:
     prof = with_kernels(load_profile(profile_id), lif_layer_max_rows=8)
-    objdump = "aarch64-linux-gnu-objdump" if prof.cpu.arch == "aarch64" else "objdump"
-    for name, asm in _lif_disassembly(_int8_snn(profile_id, 8, hidden=24), prof, tmp_path, objdump).items():
-        for insn in present:
-            assert re.search(insn, asm), f"{insn} missing from {name}"
-        for insn in absent:  # the whole library too: one VNNI instruction on a Haswell is a crash
-            assert not re.search(insn, asm), f"{insn} in {name}"
+    assert_instructions(_lif_disassembly(_int8_snn(profile_id, 8, hidden=24), prof, tmp_path), present, absent)
 
 
 EMULATED_RUN = """
