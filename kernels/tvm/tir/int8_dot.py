@@ -180,6 +180,23 @@ class DotParams:
         return packed_size(self.k, self.n, self.block_n, ISAS[self.isa].lanes)
 
 
+def quantization_of_extrema(ext: Any, lanes: int) -> tuple[Any, Any]:
+    """DynamicQuantizeLinear's (scale, uint8 zero point) from the lane-wise extrema ``ext`` ((2, lanes): maxima,
+    minima), in the graph's float operations: ``scale = (max(0, max) - min(0, min)) / 255``,
+    ``zp = nearbyint(clip(-min / scale, 0, 255))``."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    with T.serial(lanes - 1) as i:
+        T.buffer_store(ext, T.max(ext[0, 0], ext[0, i + 1]), [0, 0])
+        T.buffer_store(ext, T.min(ext[1, 0], ext[1, i + 1]), [1, 0])
+    hi = T.bind(T.max(T.float32(0), ext[0, 0]))
+    lo = T.bind(T.min(T.float32(0), ext[1, 0]))
+    scale = T.bind((hi - lo) / T.float32(255))
+    zpf = T.bind(T.nearbyint(T.max(T.min(T.float32(0) - lo / scale, T.float32(255)), T.float32(0))))
+    return scale, T.bind(Cast("uint8", zpf))
+
+
 def emit_dynamic_quantization(x: Any, rows: int, k: int) -> tuple[Any, Any, Callable[[Any], Any]]:
     """DynamicQuantizeLinear of the float (rows, K) buffer ``x`` as TVM imports it: (scale, uint8 zero point,
     element -> uint8). ``scale = (max(0, max x) - min(0, min x)) / 255``, ``zp = nearbyint(clip(-min / scale,
@@ -200,14 +217,7 @@ def emit_dynamic_quantization(x: Any, rows: int, k: int) -> tuple[Any, Any, Call
     with T.serial(rows * k - main) as r:
         T.buffer_store(ext, T.max(ext[0, 0], flat[main + r]), [0, 0])
         T.buffer_store(ext, T.min(ext[1, 0], flat[main + r]), [1, 0])
-    with T.serial(L - 1) as i:
-        T.buffer_store(ext, T.max(ext[0, 0], ext[0, i + 1]), [0, 0])
-        T.buffer_store(ext, T.min(ext[1, 0], ext[1, i + 1]), [1, 0])
-    hi = T.bind(T.max(T.float32(0), ext[0, 0]))
-    lo = T.bind(T.min(T.float32(0), ext[1, 0]))
-    scale = T.bind((hi - lo) / T.float32(255))
-    zpf = T.bind(T.nearbyint(T.max(T.min(T.float32(0) - lo / scale, T.float32(255)), T.float32(0))))
-    zp = T.bind(Cast("uint8", zpf))
+    scale, zp = quantization_of_extrema(ext, L)
 
     def quantize(v: Any) -> Any:
         return Cast("uint8", T.max(T.min(T.round(v / scale) + Cast("float32", zp), T.float32(255)), T.float32(0)))

@@ -39,6 +39,7 @@ from kernels.tvm.tir.int8_dot import (
     dot4,
     emit_dynamic_quantization,
     packed_size,
+    quantization_of_extrema,
     tail_width,
 )
 
@@ -475,22 +476,6 @@ def emit_extrema_init(lanes: int) -> Any:
     return ext
 
 
-def dynamic_quantization_of_extrema(ext: Any, lanes: int) -> tuple[Any, Any]:
-    """DynamicQuantizeLinear's (scale, uint8 zero point) from the lane-wise extrema ``ext``, in the same float
-    operations as ``int8_dot.emit_dynamic_quantization`` (so as the graph computes them)."""
-    from tvm.script.ir_builder import tirx as T
-    from tvm.tirx import Cast
-
-    with T.serial(lanes - 1) as i:
-        T.buffer_store(ext, T.max(ext[0, 0], ext[0, i + 1]), [0, 0])
-        T.buffer_store(ext, T.min(ext[1, 0], ext[1, i + 1]), [1, 0])
-    hi = T.bind(T.max(T.float32(0), ext[0, 0]))
-    lo = T.bind(T.min(T.float32(0), ext[1, 0]))
-    scale = T.bind((hi - lo) / T.float32(255))
-    zpf = T.bind(T.nearbyint(T.max(T.min(T.float32(0) - lo / scale, T.float32(255)), T.float32(0))))
-    return scale, T.bind(Cast("uint8", zpf))
-
-
 def emit_layer_norm(x: Any, gamma: Any, beta: Any, n: int, lanes: int, eps: float) -> Any:
     """A local (n,) buffer ``z = (x - mean) / sqrt(var + eps) * gamma + beta`` (mean and variance over the n
     values of x, two passes, lane-wise partial sums)."""
@@ -557,7 +542,7 @@ def emit_int8_contraction(isa_name: str, v: Any, nk: int, wp: Any, out: int, blo
     """Quantize the fp32 (1, nk) ``v`` as DynamicQuantizeLinear does and multiply it by the packed int8 weight
     ``wp`` (``pack_int8(W, block_n, isa lanes)``) on the isa's dot products; ``store(acc, col, sx, zeff)`` gets
     each output column's int32 sum of ``(vq + shift) * W`` (subtract ``zeff * colsum`` for the exact
-    ``(vq - zp) W``). ``quantization``: the (scale, zero point) already known (``dynamic_quantization_of_extrema``),
+    ``(vq - zp) W``). ``quantization``: the (scale, zero point) already known (``int8_dot.quantization_of_extrema``),
     else computed from v here."""
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
@@ -672,7 +657,7 @@ def fused_kan_int8_kernel(p: Int8Layer) -> Any:
             T.buffer_store(y, f + bb[c] if p.bias else f, [c])
 
         emit_int8_contraction(p.isa, v, nk, wp, out, p.block_n, spline_out,
-                              dynamic_quantization_of_extrema(ext, lanes))
+                              quantization_of_extrema(ext, lanes))
         if p.base is not None:
             base = p.base
 
@@ -684,7 +669,7 @@ def fused_kan_int8_kernel(p: Int8Layer) -> Any:
             ext_u = emit_extrema_init(lanes)
             emit_features(base.graph, 1, n, lanes, x, u, 0, ext_u)
             emit_int8_contraction(p.isa, u, n, wpb, out, p.block_n, base_out,
-                                  dynamic_quantization_of_extrema(ext_u, lanes))
+                                  quantization_of_extrema(ext_u, lanes))
     return ib.get()
 
 
