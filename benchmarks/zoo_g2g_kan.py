@@ -166,7 +166,7 @@ def write(rows: dict[str, dict[str, Any]], seeds: dict[str, dict[str, float]], o
                   "| model | " + " | ".join(f"seed {k}" for k in sorted({k for v in seeds.values() for k in v})) + " |",
                   "| --- |" + " --- |" * len({k for v in seeds.values() for k in v})]
         lines += [f"| {n} | " + " | ".join(f"{v:.4f}" for _, v in sorted(a.items())) + " |" for n, a in seeds.items()]
-    lines += ["", "## Checks (issue 3 'done when')", "", "| claim | result | detail |", "| --- | --- | --- |"]
+    lines += ["", "## Checks", "", "| claim | result | detail |", "| --- | --- | --- |"]
     lines += [f"| {c['claim']} | {'met' if c['ok'] else 'NOT met'} | {c['detail']} |" for c in cks]
     for name in (n for n in SKANS if n in rows):
         x = rows[name]["extra"]
