@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from tests.fixtures.device_farm import TOKEN, start_farm
 from tests.fixtures.device_models import fit_linear, save
 from toolchain.ci.run import run_ci
 
@@ -120,8 +121,6 @@ def test_bad_config_exits_2(tmp_path: Path, text: str, needle: str) -> None:
 
 @pytest.mark.rpc
 def test_device_stopped_mid_run_exits_3(models_dir: Path, tmp_path: Path) -> None:
-    from device_farm import TOKEN, start_farm
-
     from toolchain.core.cache import Cache
 
     farm = start_farm("ci-dev", devices=1)
