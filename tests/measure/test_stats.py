@@ -69,7 +69,9 @@ def test_measure_warms_up_until_steady_and_reruns_when_unstable(runner: OrtRunne
     warm = warmup_until_steady(runner, feed, cfg)
     assert warm["windows"] >= 3 and warm["runs"] > 15
     res = measure(lambda: runner, feed, cfg)
-    assert (res.runs >= 50 and res.rerun is None) or not res.stable
+    assert res.runs >= 50 or not res.stable
+    # A noisy first pass (this machine is shared) is re-run once, and the re-run says why: stable or not after it.
+    assert res.rerun is None or res.rerun["reason"] == "unstable"
     # An impossible stability threshold forces the one automatic re-run, which is recorded.
     forced = measure(lambda: runner, feed, cfg, StatsConfig(stable_rel_width=0.0))
     assert res.rounds == cfg.rounds
