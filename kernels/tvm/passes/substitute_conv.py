@@ -47,6 +47,7 @@ from kernels.tvm.tir.conv2d import (
     depthwise_kernel,
     pack_conv_weight,
     pool_fits,
+    prefetch_fits,
     rbf_coefficients,
     tile_ow_for_block,
 )
@@ -371,9 +372,10 @@ class SubstituteConv(RewritePass):
         pad4 = (pad[0], pad[1], pad[0], pad[1]) if len(pad) == 2 else tuple(pad[:4])
         boc = choose_block_oc(oc, cfg.conv_block_oc, cfg.lanes)
         tile_ow = tile_ow_for_block(boc, cfg.conv_block_oc, cfg.conv_tile_ow, cfg.lanes)
-        return ConvParams(n=n, ic=ic, ih=ih, iw=iw, oc=oc, kh=kh, kw=kw, stride=tuple(const_ints(at.strides)),
-                          dilation=tuple(const_ints(at.dilation)), pad=pad4, bias=b is not None, relu=relu,
-                          residual=residual is not None, block_oc=boc, tile_ow=tile_ow, lanes=cfg.lanes)
+        p = ConvParams(n=n, ic=ic, ih=ih, iw=iw, oc=oc, kh=kh, kw=kw, stride=tuple(const_ints(at.strides)),
+                       dilation=tuple(const_ints(at.dilation)), pad=pad4, bias=b is not None, relu=relu,
+                       residual=residual is not None, block_oc=boc, tile_ow=tile_ow, lanes=cfg.lanes)
+        return replace(p, prefetch=prefetch_fits(p))
 
     def _replace(self, rw: Any, conv: Conv, rbf: RbfMatch | None = None, pool: bool = False,
                  y_shape: tuple[int, ...] | None = None) -> tuple[Any, str]:
@@ -414,7 +416,7 @@ class SubstituteConv(RewritePass):
                 "out": [p.oc, p.oh, p.ow], "kernel_hw": [p.kh, p.kw], "stride": list(p.stride), "pad": list(p.pad),
                 "block_oc": boc, "tile_ow": choose_tile_ow(p.ow, p.tile_ow), "bias": p.bias, "relu": p.relu,
                 "residual": p.residual, "mflops": round(p.mflops / (p.ic if depthwise else 1), 2),  # one channel each
-                "rbf_input": rbf, "max_pool": p.pool}
+                "rbf_input": rbf, "max_pool": p.pool, "prefetch": p.prefetch}
 
     def _replace_chain(self, rw: Any, stages: list[tuple[Conv, RbfMatch | None, bool]],
                        y_shape: tuple[int, ...] | None) -> tuple[Any, str]:

@@ -66,6 +66,7 @@ class ConvParams:
     relu: bool = False
     residual: bool = False  # a tensor of the output's shape added before the relu (groups = 1 only)
     pool: bool = False  # a 2x2 stride-2 max pool after the activation (the output is (OH // 2, OW // 2))
+    prefetch: bool = False  # each block prefetches the next block's weights (see prefetch_fits)
     block_oc: int = 16  # output channels per register tile (a multiple of the vector lanes)
     tile_ow: int = 8  # output columns per register tile, at most (see choose_tile_ow)
     lanes: int = 16
@@ -153,6 +154,7 @@ def _act(p: ConvParams, v: Any, bias: Any, c: Any, res: Any = None) -> Any:
 # "local" one a TVMBackendAllocWorkspace / FreeWorkspace pair.
 ACC_SCOPE = "global"
 
+LINE_FLOATS = 16  # float32 per 64-byte cache line
 FLT_MIN = 1.17549435e-38  # the smallest normal float32
 
 
@@ -324,31 +326,51 @@ def _blocked_body(p: ConvParams, rbf: RbfInput | None, x: Any, coef: Any, wp: An
     with T.serial(p.n) as n:
         xp, c0 = _padded_input(p, x, n, IC, hp, wpw, rbf, coef)
 
-        def accumulate(ocb: Any, oh: Any, ow0: Any, tw: int) -> Any:
-            """The accumulators of columns [ow0, ow0 + tw) of row oh for block ocb, before the epilogue."""
+        def prefetch_next_block(ocb: Any, row: Any, ic: Any, kh: Any) -> None:
+            """Software prefetch (into L2) of a share of block ocb + 1's weights at step (ic, kh) of the first tile
+            of (pooled) output row ``row``: the block's cache lines spread evenly over the steps of its rows, a
+            line or a few per step, so that the next block arrives while this one computes instead of all at once
+            when its first row starts (``ConvParams.prefetch``)."""
+            rows = OH // 2 if p.pool else OH
+            lines = IC * KH * KW * BOC // LINE_FLOATS
+            per = -(-lines // (rows * IC * KH))
+            nxt = T.min(ocb + 1, p.oc_blocks - 1)
+            step = (row * IC + ic) * KH + kh
+            for j in range(per):
+                line = step * per + j
+                with T.If(line < lines), T.Then():
+                    addr = T.address_of(wp[nxt * (IC * KH * KW * BOC) + line * LINE_FLOATS])
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, T.int32(0), T.int32(2),
+                                                  T.int32(1)))
+
+        def accumulate(ocb: Any, oh: Any, ow0: Any, tw: int, prefetch_row: Any = None) -> Any:
+            """The accumulators of columns [ow0, ow0 + tw) of row oh for block ocb, before the epilogue; with
+            ``prefetch_row`` (a row's first tile, ``p.prefetch``) also the next block's weights for that row."""
             acc = T.alloc_buffer((tw, BOC), "float32", scope="local")
             with T.unroll(tw) as t, T.vectorized(BOC) as i:
                 T.buffer_store(acc, T.float32(0), [t, i])
-            with T.serial(IC) as ic, T.serial(KH) as kh, T.unroll(KW) as kw, T.unroll(tw) as t, \
-                    T.vectorized(BOC) as i:
-                xv = xp[c0 + ic, oh * SH + kh * DH, (ow0 + t) * SW + kw * DW]
-                wv = wp[(((ocb * IC + ic) * KH + kh) * KW + kw) * BOC + i]
-                T.buffer_store(acc, acc[t, i] + xv * wv, [t, i])
+            with T.serial(IC) as ic, T.serial(KH) as kh:
+                if prefetch_row is not None:
+                    prefetch_next_block(ocb, prefetch_row, ic, kh)
+                with T.unroll(KW) as kw, T.unroll(tw) as t, T.vectorized(BOC) as i:
+                    xv = xp[c0 + ic, oh * SH + kh * DH, (ow0 + t) * SW + kw * DW]
+                    wv = wp[(((ocb * IC + ic) * KH + kh) * KW + kw) * BOC + i]
+                    T.buffer_store(acc, acc[t, i] + xv * wv, [t, i])
             return acc
 
-        def tile(ocb: Any, oh: Any, ow0: Any, tw: int, nch: int) -> None:
+        def tile(ocb: Any, oh: Any, ow0: Any, tw: int, nch: int, prefetch: bool = False) -> None:
             """Columns [ow0, ow0 + tw) of row oh for the channels of block ocb (nch of them real)."""
-            acc = accumulate(ocb, oh, ow0, tw)
+            acc = accumulate(ocb, oh, ow0, tw, oh if prefetch else None)
             # Constant indices only (unrolled): the accumulators stay in registers.
             with T.unroll(nch) as i, T.unroll(tw) as t:
                 c = ocb * BOC + i
                 res = r[n, c, oh, ow0 + t] if r is not None else None
                 T.buffer_store(y, _act(p, acc[t, i], b, c, res), [n, c, oh, ow0 + t])
 
-        def pooled_tile(ocb: Any, oh2: Any, ow0: Any, tw: int, nch: int) -> None:
+        def pooled_tile(ocb: Any, oh2: Any, ow0: Any, tw: int, nch: int, prefetch: bool = False) -> None:
             """Pooled columns [ow0 / 2, (ow0 + tw) / 2) of pooled row oh2 (ow0 even): the tile of rows 2 oh2 and
             2 oh2 + 1, column pairs maxed across whole channel vectors; bias and activation after the max."""
-            acc0 = accumulate(ocb, oh2 * 2, ow0, tw)
+            acc0 = accumulate(ocb, oh2 * 2, ow0, tw, oh2 if prefetch else None)
             with T.unroll(tw // 2) as u, T.vectorized(BOC) as i:  # in place: pair u in acc0's column u
                 T.buffer_store(acc0, T.max(acc0[2 * u, i], acc0[2 * u + 1, i]), [u, i])
             acc1 = accumulate(ocb, oh2 * 2 + 1, ow0, tw)
@@ -362,14 +384,18 @@ def _blocked_body(p: ConvParams, rbf: RbfInput | None, x: Any, coef: Any, wp: An
             if p.pool:
                 assert TW % 2 == 0, "pooling needs an even tile width (pool_fits)"
                 with T.serial(OH // 2) as oh2:
-                    with T.serial(MAIN) as owo:
-                        pooled_tile(ocb, oh2, owo * TW, TW, nch)
+                    pooled_tile(ocb, oh2, 0, TW, nch, p.prefetch)
+                    if MAIN > 1:
+                        with T.serial(MAIN - 1) as owo:
+                            pooled_tile(ocb, oh2, (owo + 1) * TW, TW, nch)
                     if REM // 2:
                         pooled_tile(ocb, oh2, MAIN * TW, REM, nch)
                 return
             with T.serial(OH) as oh:
-                with T.serial(MAIN) as owo:
-                    tile(ocb, oh, owo * TW, TW, nch)
+                tile(ocb, oh, 0, TW, nch, p.prefetch)  # the first tile of a row apart: it may prefetch
+                if MAIN > 1:
+                    with T.serial(MAIN - 1) as owo:
+                        tile(ocb, oh, (owo + 1) * TW, TW, nch)
                 if REM:
                     tile(ocb, oh, MAIN * TW, REM, nch)
 
@@ -412,6 +438,15 @@ def pool_fits(p: ConvParams) -> bool:
     if p.residual or p.oh < 2 or p.ow < 2:
         return False
     return columns_fit(p) or choose_tile_ow(p.ow, p.tile_ow) % 2 == 0
+
+
+def prefetch_fits(p: ConvParams) -> bool:
+    """Whether the channel-blocked kernel for ``p`` prefetches each next block's weights (``ConvParams.prefetch``):
+    wherever there is a next block. In a whole model the weights of a layer are not in L2 when it starts (ResNet-18
+    holds 46 MB of them), and a block's first row pass reads them faster than a core's demand misses bring them in
+    (~15 GB/s measured): ResNet-18's 512-channel layers ran 1.84 ms each instead of the 1.38 ms of the same layer
+    called alone; with the prefetch 1.47 ms (kernels timed in sequence on real activations)."""
+    return p.oc_blocks > 1 and not columns_fit(p)
 
 
 def columns_fit(p: ConvParams) -> bool:
@@ -537,4 +572,5 @@ def depthwise_kernel(p: ConvParams) -> Any:
 
 __all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "RBF_FLUSH_EXP2", "ConvParams", "RbfInput", "choose_block_oc",
            "choose_tile_ow", "columns_fit", "conv2d_columns_kernel", "conv2d_kernel", "conv_chain_kernel",
-           "depthwise_kernel", "pack_conv_weight", "pool_fits", "rbf_coefficients", "tile_ow_for_block"]
+           "depthwise_kernel", "pack_conv_weight", "pool_fits", "prefetch_fits", "rbf_coefficients",
+           "tile_ow_for_block"]

@@ -3,6 +3,8 @@ random-weight convolutions of each kind and on a small CNN."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,6 +21,7 @@ from kernels.tvm.tir.conv2d import (
     choose_block_oc,
     choose_tile_ow,
     conv2d_columns_kernel,
+    conv2d_kernel,
     pack_conv_weight,
     rbf_coefficients,
     tile_ow_for_block,
@@ -311,6 +314,23 @@ def test_consecutive_convs_run_as_one_chain_kernel() -> None:
     assert len(table) == 1
     rows = substitute(model, load_profile("x86-avx512"))[1]
     assert [(r["chain"], r["max_pool"], r["block_oc"]) for r in rows] == [(2, False, 16), (2, True, 6)]
+
+
+def test_layers_of_several_channel_blocks_prefetch_the_next_block() -> None:
+    """A layer of 3 output-channel blocks (80 = 32 + 32 + 16) prefetches each next block's weights during the current
+    one and still agrees with ONNX Runtime; a layer of one block issues no prefetch."""
+    rng = np.random.default_rng(4)
+    n1, i1 = _conv(rng, "c1", "x", 24, 80, 3)
+    n2, i2 = _conv(rng, "c2", "r1", 80, 32, 3)
+    nodes = [*n1, helper.make_node("Relu", ["c1"], ["r1"]), *n2]
+    model = _model(nodes, [*i1, *i2], [1, 24, 11, 11], "c2")
+    _check(model, rng.standard_normal((1, 24, 11, 11)).astype(np.float32))
+    rows = substitute(model, load_profile("x86-avx512"))[1]
+    assert [(r["block_oc"], r["prefetch"]) for r in rows] == [(32, True), (32, False)]
+    many = ConvParams(n=1, ic=24, ih=11, iw=11, oc=80, kh=3, kw=3, pad=(1, 1, 1, 1), block_oc=32, tile_ow=12,
+                      prefetch=True)
+    assert "llvm.prefetch" in conv2d_kernel(many).script()
+    assert "llvm.prefetch" not in conv2d_kernel(replace(many, oc=32, prefetch=False)).script()
 
 
 def test_direct_conv_avx2_profile() -> None:
