@@ -110,7 +110,7 @@ def conv_layers(model: onnx.ModelProto, profile: Profile, min_mflops: float = 0.
     cfg = KernelConfig.from_profile(profile)
     whole = SubstituteConv.create(cfg)
     whole(import_onnx(model))
-    present = {r["layer"] for r in whole.report}  # the layers as the build matches them in the whole model
+    present = {r["layer"] for r in whole.report if "layer" in r}  # the conv layers as the whole model's build has them
     found: dict[str, ConvLayer] = {}
     for nodes, inputs, output in _layer_chains(pinned):
         layer = _slice(pinned, nodes, inputs, output, infos)

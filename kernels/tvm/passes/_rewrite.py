@@ -17,6 +17,9 @@ from kernels.tvm import KernelConfig
 # the binding. The mutator gives ``visit_expr`` (an argument as rewritten so far), ``lookup_binding`` and
 # ``builder_`` (``add_func`` for a new PrimFunc).
 BindingRewrite = Callable[[Any, Any], "tuple[Any, str] | None"]
+# What a binding rewrite returns for a dead binding to leave out (one its replacement absorbed, whose value no longer
+# types: e.g. an NCHW op over a tensor a kernel now writes in another layout). Its variable must have no other use.
+DROP_BINDING: tuple[Any, str] = (None, "")
 # A call rewrite: (the mutator, a Call with its arguments already rewritten) -> the replacement expression.
 CallRewrite = Callable[[Any, Any], Any]
 
@@ -70,6 +73,8 @@ def _binding_mutator() -> type:
 
         def visit_var_binding_(self, binding: Any) -> None:
             new = self.rewrite(self, binding)
+            if new is DROP_BINDING:
+                return
             if new is None:
                 super().visit_var_binding_(binding)
                 return

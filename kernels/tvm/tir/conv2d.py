@@ -67,6 +67,12 @@ class ConvParams:
     residual: bool = False  # a tensor of the output's shape added before the relu (groups = 1 only)
     pool: bool = False  # a 2x2 stride-2 max pool after the activation (the output is (OH // 2, OW // 2))
     prefetch: bool = False  # each block prefetches the next block's weights (see prefetch_fits)
+    # Channel-blocked activations between direct convs (see ``stored_shape``): x arrives as (N, ceil(IC / in_block),
+    # IH, IW, in_block) (0: NCHW); y, with ``blocked_out``, and r, with ``residual_blocked``, as (N, oc_blocks, OH, OW,
+    # block_oc), channels past OC zero. The tile is then stored (and the residual read) as whole channel vectors.
+    in_block: int = 0
+    blocked_out: bool = False
+    residual_blocked: bool = False
     block_oc: int = 16  # output channels per register tile (a multiple of the vector lanes)
     tile_ow: int = 8  # output columns per register tile, at most (see choose_tile_ow)
     lanes: int = 16
@@ -85,6 +91,18 @@ class ConvParams:
         if self.pool:
             return (self.n, self.oc, self.oh // 2, self.ow // 2)
         return (self.n, self.oc, self.oh, self.ow)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The output buffer's shape: ``out_shape``, or channel-blocked with ``blocked_out``."""
+        if self.blocked_out:
+            return (self.n, self.oc_blocks, self.oh, self.ow, self.block_oc)
+        return self.out_shape
+
+    @property
+    def blocked_shape(self) -> tuple[int, int, int, int, int]:
+        """The output (or residual) of this layer channel-blocked: (N, oc_blocks, OH, OW, block_oc)."""
+        return (self.n, self.oc_blocks, self.oh, self.ow, self.block_oc)
 
     @property
     def oc_blocks(self) -> int:
@@ -224,12 +242,17 @@ def _conv_args(p: ConvParams, rbf: RbfInput | None, suffix: str, columns: bool) 
     None), the packed weight and the bias, named with ``suffix``."""
     from tvm.script.ir_builder import tirx as T
 
-    first = suffix in ("", "0")  # a chain's later layers read the previous layer's output, not an argument
-    x = T.arg("x", T.buffer((p.n, rbf.channels if rbf else p.ic, p.ih, p.iw), "float32")) if first else None
+    first = suffix in ("", "0")
+    if not first:  # a chain's later layers read the previous layer's output, not an argument
+        x = None
+    elif p.in_block:
+        x = T.arg("x", T.buffer((p.n, -(-p.ic // p.in_block), p.ih, p.iw, p.in_block), "float32"))
+    else:
+        x = T.arg("x", T.buffer((p.n, rbf.channels if rbf else p.ic, p.ih, p.iw), "float32"))
     coef = T.arg("coef" + suffix, T.buffer((2, rbf.channels * rbf.centers), "float32")) if rbf else None
     boc = p.oc if columns else p.block_oc  # the column kernel's weight is one block of all channels
     wp = T.arg("wp" + suffix, T.buffer((-(-p.oc // boc) * p.ic * p.kh * p.kw * boc,), "float32"))
-    b = T.arg("b" + suffix, T.buffer((p.oc if p.bias else 1,), "float32"))
+    b = T.arg("b" + suffix, T.buffer((bias_size(p),), "float32"))
     return x, coef, wp, b
 
 
@@ -238,6 +261,9 @@ def _output(p: ConvParams, y_shape: tuple[int, ...] | None) -> Any:
     output folded into the kernel, e.g. a flatten before a dense layer), viewed as ``p.out_shape``."""
     from tvm.script.ir_builder import tirx as T
 
+    if p.blocked_out:
+        assert y_shape is None or tuple(y_shape) == p.stored_shape, (y_shape, p)
+        return T.arg("y", T.buffer(p.stored_shape, "float32"))
     if y_shape is None or tuple(y_shape) == p.out_shape:
         return T.arg("y", T.buffer(p.out_shape, "float32"))
     assert int(np.prod(y_shape)) == int(np.prod(p.out_shape)), (y_shape, p.out_shape)
@@ -245,45 +271,66 @@ def _output(p: ConvParams, y_shape: tuple[int, ...] | None) -> Any:
     return T.decl_buffer(p.out_shape, "float32", data=y.data)
 
 
-def _padded_input(p: ConvParams, x: Any, n: Any, ch: int, hp: int, wp: int, rbf: RbfInput | None = None,
-                  coef: Any = None) -> Any:
-    """A zero-padded copy of x[n] as a (ch, hp, wp) buffer (hp / wp at least the padded input; the extra
-    rows / columns are zeros too), or x[n] itself viewed 3-D when there is nothing to pad. Returns the buffer and
-    the channel offset of x[n] in it. Subnormal inputs are flushed to 0 in the copy (see _flush_subnormal). The copy
-    runs row by row in whole vectors (a per-element bounds check cost 2-3 % of a 3x3 conv). With ``rbf`` the
-    copy computes the expanded channels from x[n]'s raw ones (``RbfInput``, coefficients in ``coef``)."""
+def _fill_rows(xp: Any, c0: int, count: int, hp: int, wp: int, top: int, left: int, ih: int, iw: int, lanes: int,
+               value: Any) -> None:
+    """Channels [c0, c0 + count) of the (channels, hp, wp) buffer xp: value(c, input row, w) for rows [top, top + ih)
+    and columns [left, left + iw), zeros around it; row by row in whole vectors of ``lanes`` (a per-element bounds
+    check cost 2-3 % of a 3x3 conv)."""
     from tvm.script.ir_builder import tirx as T
 
-    if rbf is None and not p.padded and hp == p.ih and wp == p.iw:
-        return T.decl_buffer((p.n * ch, p.ih, p.iw), "float32", data=x.data), n * ch
-    xp = T.alloc_buffer((ch, hp, wp), "float32")
-    top, left = p.pad[0], p.pad[1]
-    right = wp - left - p.iw
-    lanes = max(1, p.lanes)
+    right = wp - left - iw
 
-    def fill(h: Any, c: Any, start: int, width: int, value: Any) -> None:
-        """xp[c, h, start:start + width] = value(w) for w in [0, width), in vectors of ``lanes`` then the rest."""
+    def fill(h: Any, c: Any, start: int, width: int, val: Any) -> None:
+        """xp[c, h, start:start + width] = val(w) for w in [0, width), in vectors of ``lanes`` then the rest."""
         if width <= 0:
             return
         whole = width // lanes * lanes
         if whole:
             with T.serial(whole // lanes) as o, T.vectorized(lanes) as i:
-                T.buffer_store(xp, value(o * lanes + i), [c, h, start + o * lanes + i])
+                T.buffer_store(xp, val(o * lanes + i), [c, h, start + o * lanes + i])
         with T.serial(width - whole) as i:
-            T.buffer_store(xp, value(whole + i), [c, h, start + whole + i])
+            T.buffer_store(xp, val(whole + i), [c, h, start + whole + i])
 
     def zero(_w: Any) -> Any:
         return T.float32(0)
 
+    with T.serial(count) as c, T.serial(hp) as h, T.If(T.And(h >= top, h < top + ih)):
+        with T.Then():
+            fill(h, c0 + c, 0, left, zero)
+            fill(h, c0 + c, left, iw, lambda w: value(c, h - top, w))
+            fill(h, c0 + c, left + iw, right, zero)
+        with T.Else():
+            fill(h, c0 + c, 0, wp, zero)
+
+
+def _padded_input(p: ConvParams, x: Any, n: Any, ch: int, hp: int, wp: int, rbf: RbfInput | None = None,
+                  coef: Any = None) -> Any:
+    """A zero-padded copy of x[n] as a (ch, hp, wp) buffer (hp / wp at least the padded input; the extra
+    rows / columns are zeros too), or x[n] itself viewed 3-D when there is nothing to pad. Returns the buffer and
+    the channel offset of x[n] in it. Subnormal inputs are flushed to 0 in the copy (see _flush_subnormal). With
+    ``rbf`` the copy computes the expanded channels from x[n]'s raw ones (``RbfInput``, coefficients in ``coef``).
+    A channel-blocked input (``p.in_block``) gives a (ceil(IC / in_block), hp, wp, in_block) buffer instead."""
+    from tvm.script.ir_builder import tirx as T
+
+    lanes = max(1, p.lanes)
+    top, left = p.pad[0], p.pad[1]
+    if p.in_block:
+        B, icb = p.in_block, -(-p.ic // p.in_block)
+        if not p.padded and hp == p.ih and wp == p.iw:
+            return T.decl_buffer((p.n * icb, p.ih, p.iw, B), "float32", data=x.data), n * icb
+        xp = T.alloc_buffer((icb, hp, wp, B), "float32")
+        # Row by row, a padded row of the blocked layout is wp * B contiguous values: the NCHW copy with wider rows.
+        flat = T.decl_buffer((icb, hp, wp * B), "float32", data=xp.data)
+        xf = T.decl_buffer((p.n, icb, p.ih, p.iw * B), "float32", data=x.data)
+        _fill_rows(flat, 0, icb, hp, wp * B, top, left * B, p.ih, p.iw * B, lanes,
+                   lambda c, r, w: _flush_subnormal(xf[n, c, r, w]))
+        return xp, 0
+    if rbf is None and not p.padded and hp == p.ih and wp == p.iw:
+        return T.decl_buffer((p.n * ch, p.ih, p.iw), "float32", data=x.data), n * ch
+    xp = T.alloc_buffer((ch, hp, wp), "float32")
+
     def rows(c0: int, count: int, value: Any) -> None:
-        """Channels [c0, c0 + count) of xp: value(c, input row, w) inside the padding, zeros around it."""
-        with T.serial(count) as c, T.serial(hp) as h, T.If(T.And(h >= top, h < top + p.ih)):
-            with T.Then():
-                fill(h, c0 + c, 0, left, zero)
-                fill(h, c0 + c, left, p.iw, lambda w: value(c, h - top, w))
-                fill(h, c0 + c, left + p.iw, right, zero)
-            with T.Else():
-                fill(h, c0 + c, 0, wp, zero)
+        _fill_rows(xp, c0, count, hp, wp, top, left, p.ih, p.iw, lanes, value)
 
     if rbf is None:
         rows(0, ch, lambda c, r, w: _flush_subnormal(x[n, c, r, w]))
@@ -305,15 +352,19 @@ def conv2d_kernel(p: ConvParams, rbf: RbfInput | None = None, y_shape: tuple[int
         T.func_name("conv2d")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
         x, coef, wp, b = _conv_args(p, rbf, "", columns=False)
-        r = T.arg("r", T.buffer((p.n, p.oc, p.oh, p.ow), "float32")) if p.residual else None
+        r_shape = p.blocked_shape if p.residual_blocked else (p.n, p.oc, p.oh, p.ow)
+        r = T.arg("r", T.buffer(r_shape, "float32")) if p.residual else None
         y = _output(p, y_shape)
         _blocked_body(p, rbf, x, coef, wp, b, r, y)
     return ib.get()
 
 
 def _blocked_body(p: ConvParams, rbf: RbfInput | None, x: Any, coef: Any, wp: Any, b: Any, r: Any, y: Any) -> None:
-    """The body of ``conv2d_kernel`` over the given buffers (y viewed as ``p.out_shape``)."""
+    """The body of ``conv2d_kernel`` over the given buffers (y viewed as ``p.stored_shape``)."""
     from tvm.script.ir_builder import tirx as T
+
+    assert not (p.pool and p.blocked_out), "a pooled output is stored NCHW"
+    assert not (p.in_block and rbf is not None), "an expanded input is computed from NCHW raw channels"
 
     OH, OW, BOC, KH, KW, IC = p.oh, p.ow, p.block_oc, p.kh, p.kw, p.ic
     SH, SW = p.stride
@@ -353,7 +404,11 @@ def _blocked_body(p: ConvParams, rbf: RbfInput | None, x: Any, coef: Any, wp: An
                 if prefetch_row is not None:
                     prefetch_next_block(ocb, prefetch_row, ic, kh)
                 with T.unroll(KW) as kw, T.unroll(tw) as t, T.vectorized(BOC) as i:
-                    xv = xp[c0 + ic, oh * SH + kh * DH, (ow0 + t) * SW + kw * DW]
+                    row, col = oh * SH + kh * DH, (ow0 + t) * SW + kw * DW
+                    if p.in_block:
+                        xv = xp[c0 + ic // p.in_block, row, col, ic % p.in_block]
+                    else:
+                        xv = xp[c0 + ic, row, col]
                     wv = wp[(((ocb * IC + ic) * KH + kh) * KW + kw) * BOC + i]
                     T.buffer_store(acc, acc[t, i] + xv * wv, [t, i])
             return acc
@@ -361,10 +416,20 @@ def _blocked_body(p: ConvParams, rbf: RbfInput | None, x: Any, coef: Any, wp: An
         def tile(ocb: Any, oh: Any, ow0: Any, tw: int, nch: int, prefetch: bool = False) -> None:
             """Columns [ow0, ow0 + tw) of row oh for the channels of block ocb (nch of them real)."""
             acc = accumulate(ocb, oh, ow0, tw, oh if prefetch else None)
+            if p.blocked_out:  # whole channel vectors, padding channels included (zero weights and bias)
+                with T.unroll(tw) as t, T.vectorized(BOC) as i:
+                    v = acc[t, i] + b[ocb * BOC + i] if p.bias else acc[t, i]
+                    if r is not None:
+                        v = v + (r[n, ocb, oh, ow0 + t, i] if p.residual_blocked else
+                                 r[n, ocb * BOC + i, oh, ow0 + t])
+                    T.buffer_store(y, T.max(v, T.float32(0)) if p.relu else v, [n, ocb, oh, ow0 + t, i])
+                return
             # Constant indices only (unrolled): the accumulators stay in registers.
             with T.unroll(nch) as i, T.unroll(tw) as t:
                 c = ocb * BOC + i
-                res = r[n, c, oh, ow0 + t] if r is not None else None
+                res = None
+                if r is not None:
+                    res = r[n, ocb, oh, ow0 + t, i] if p.residual_blocked else r[n, c, oh, ow0 + t]
                 T.buffer_store(y, _act(p, acc[t, i], b, c, res), [n, c, oh, ow0 + t])
 
         def pooled_tile(ocb: Any, oh2: Any, ow0: Any, tw: int, nch: int, prefetch: bool = False) -> None:
@@ -415,7 +480,7 @@ def conv_chain_kernel(stages: list[tuple[ConvParams, RbfInput | None]], y_shape:
 
     for (p, _), (q, rbf) in itertools.pairwise(stages):
         assert p.out_shape == (q.n, rbf.channels if rbf else q.ic, q.ih, q.iw), (p, q)
-    assert not any(p.residual for p, _ in stages)
+    assert not any(p.residual or p.in_block or p.blocked_out for p, _ in stages)
     with IRBuilder() as ib, T.prim_func():
         T.func_name("conv2d_chain")
         T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME, "tirx.is_scheduled": True})
@@ -438,6 +503,14 @@ def pool_fits(p: ConvParams) -> bool:
     if p.residual or p.oh < 2 or p.ow < 2:
         return False
     return columns_fit(p) or choose_tile_ow(p.ow, p.tile_ow) % 2 == 0
+
+
+def bias_size(p: ConvParams) -> int:
+    """The bias argument's length: OC, padded to whole blocks for a channel-blocked output (the epilogue adds it
+    to whole channel vectors), 1 without a bias."""
+    if not p.bias:
+        return 1
+    return p.oc_blocks * p.block_oc if p.blocked_out else p.oc
 
 
 def prefetch_fits(p: ConvParams) -> bool:
@@ -477,6 +550,8 @@ def conv2d_columns_kernel(p: ConvParams, rbf: RbfInput | None = None,
 def _columns_body(p: ConvParams, rbf: RbfInput | None, x: Any, coef: Any, wp: Any, b: Any, y: Any) -> None:
     """The body of ``conv2d_columns_kernel`` over the given buffers (y viewed as ``p.out_shape``)."""
     from tvm.script.ir_builder import tirx as T
+
+    assert not (p.in_block or p.blocked_out or p.residual_blocked), "the column kernel reads and writes NCHW"
 
     OC, OH, OW, KH, KW, IC = p.oc, p.oh, p.ow, p.kh, p.kw, p.ic
     DH, DW = p.dilation
@@ -570,7 +645,8 @@ def depthwise_kernel(p: ConvParams) -> Any:
     return ib.get()
 
 
-__all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "RBF_FLUSH_EXP2", "ConvParams", "RbfInput", "choose_block_oc",
+__all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "RBF_FLUSH_EXP2", "ConvParams", "RbfInput", "bias_size",
+           "choose_block_oc",
            "choose_tile_ow", "columns_fit", "conv2d_columns_kernel", "conv2d_kernel", "conv_chain_kernel",
            "depthwise_kernel", "pack_conv_weight", "pool_fits", "prefetch_fits", "rbf_coefficients",
            "tile_ow_for_block"]

@@ -26,6 +26,7 @@ from kernels.tvm.tir.conv2d import (
     rbf_coefficients,
     tile_ow_for_block,
 )
+from kernels.tvm.tir.pool import PoolParams, max_pool_blocked_kernel
 from targets.tvm.frontend import import_onnx, tvm_target
 from toolchain.core.profile import load_profile
 
@@ -237,8 +238,11 @@ def test_max_pool_in_the_conv_epilogue(case: tuple) -> None:
     nodes.append(helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2]))
     model = _model(nodes, inits, [1, ic, hw, hw], "y")
     table = _check(model, rng.standard_normal((1, ic, hw, hw)).astype(np.float32))
-    assert [r["max_pool"] for r in substitute(model, load_profile("x86-avx512"))[1]] == [fused]
-    assert len(table) == (1 if fused else 2)  # the conv kernel alone, or it and the pooling kernel
+    rows = substitute(model, load_profile("x86-avx512"))[1]
+    assert [r["max_pool"] for r in rows if r["kernel"] == "conv2d-direct-f32"] == [fused]
+    # the conv kernel alone, or it (output channel-blocked) and the blocked pooling kernel
+    assert [r["kernel"] for r in table] == (["conv2d-direct-f32"] if fused else
+                                            ["conv2d-direct-f32", "maxpool-blocked-f32"])
 
 
 def test_conv_kan_net_is_two_kernels_and_matches_ort(fashion: object) -> None:
@@ -413,6 +417,59 @@ def test_small_cnn_matches_ort() -> None:
     assert not any("add" in r["name"] for r in table)
     rows = substitute(model, load_profile("x86-avx512"))[1]
     assert sum(bool(r.get("residual")) for r in rows) == 2
+
+
+def test_activations_between_direct_convs_stay_channel_blocked() -> None:
+    """In the small ResNet every conv output read only by direct convs (input or residual) or by the max pool is
+    stored channel-blocked, the stem's max pool runs on the blocked layout, and what the depthwise conv reads stays
+    NCHW; the network still agrees with ONNX Runtime (test_small_cnn_matches_ort)."""
+    rows = substitute(small_cnn(), load_profile("x86-avx512"))[1]
+    layout = {r["func"]: (r["kernel"], r["in_block"], r["blocked_out"]) for r in rows
+              if r["kernel"] in ("conv2d-direct-f32", "conv2d-depthwise-f32", "maxpool-blocked-f32")}
+    assert sorted(layout.values()) == sorted([
+        ("conv2d-direct-f32", 0, True),  # stem: NCHW image in, blocked out (read by the pool)
+        ("maxpool-blocked-f32", 16, True),  # read by b1 (input) and b2 (residual)
+        ("conv2d-direct-f32", 16, True),  # b1
+        ("conv2d-direct-f32", 16, True),  # b2 (+ the pool's output as residual): read by d1 and ds
+        ("conv2d-direct-f32", 16, True),  # d1 or ds, whichever is the other's residual
+        ("conv2d-direct-f32", 16, False),  # the other: read by the depthwise conv
+        ("conv2d-depthwise-f32", 0, False),
+    ])
+    x = np.random.default_rng(6).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    table = _check(small_cnn(seed=3), x)
+    assert "maxpool-blocked-f32" in [r["kernel"] for r in table]
+
+
+@pytest.mark.parametrize(("c", "block", "k", "stride", "pad", "blocked_out"),
+                         [(40, 32, 3, 2, 1, False), (40, 32, 3, 2, 1, True), (16, 16, 2, 2, 0, True),
+                          (20, 16, 3, 1, 1, False)])
+def test_max_pool_on_blocked_channels(c: int, block: int, k: int, stride: int, pad: int, blocked_out: bool) -> None:
+    """max_pool_blocked_kernel agrees with a numpy max pool (padding as -inf), C a whole number of blocks or not,
+    NCHW or blocked output (the padding channels of a blocked output stay zero)."""
+    import tvm
+
+    rng = np.random.default_rng(c + k)
+    h, w = 13, 11
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    p = PoolParams(n=1, c=c, ih=h, iw=w, kh=k, kw=k, stride=(stride, stride), pad=(pad,) * 4, block=block,
+                   blocked_out=blocked_out)
+    xb = np.zeros((1, p.blocks * block, h, w), np.float32)
+    xb[:, :c] = x
+    xb = np.ascontiguousarray(xb.reshape(1, p.blocks, block, h, w).transpose(0, 1, 3, 4, 2))
+    f = tvm.compile(max_pool_blocked_kernel(p).with_attr("global_symbol", "pool"),
+                    tvm_target(load_profile("x86-avx512")))["pool"]
+    out = tvm.runtime.tensor(np.zeros(p.out_shape, np.float32))
+    f(tvm.runtime.tensor(xb), out)
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=-np.inf)
+    ref = np.stack([np.stack([padded[0, :, i * stride:i * stride + k, j * stride:j * stride + k].max(axis=(1, 2))
+                              for j in range(p.ow)], -1) for i in range(p.oh)], -2)
+    got = out.numpy()
+    if blocked_out:
+        assert np.all(got[..., :][0].transpose(0, 3, 1, 2).reshape(-1, p.oh, p.ow)[c:] == 0)
+        got = got[0].transpose(0, 3, 1, 2).reshape(-1, p.oh, p.ow)[:c]
+    else:
+        got = got[0]
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_layers_keyed_generic_stay_with_the_generic_lowering() -> None:
