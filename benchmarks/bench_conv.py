@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                f"({compile_s:.1f} s); latency <= {LATENCY_GOAL}x ORT: {'met' if ratio <= LATENCY_GOAL else 'MISSED'} "
                f"({ratio:.2f}x).")
     notes = ["- tvm (0 trials): `conv2d-direct-f32` is the register-tiled direct convolution "
-             "(kernels/tvm/tir/conv2d.py), `gemv-packed-f32` the classifier, `rule` the vector rule (pooling, "
-             "residual adds)."]
+             "(kernels/tvm/tir/conv2d.py; the activations between convs stay channel-blocked, residual adds in "
+             "its epilogue), `maxpool-blocked-f32` the stem's max pool on that layout (kernels/tvm/tir/pool.py), "
+             "`gemv-packed-f32` the classifier, `rule` the vector rule (the global average pool)."]
     json_extra: dict[str, Any] = {}
     if tuned is not None:
         tt = st["tvm_tuned"]
