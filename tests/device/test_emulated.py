@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from cli import app
 from tests.device.emulated_helpers import need_emulator, quick_job, run_emulated, start_emulated_device, zoo_onnx
 from tests.fixtures.device_farm import TOKEN, Farm
-from tests.fixtures.device_models import fit_linear, save
+from tests.fixtures.device_models import fit_linear, residual_cnn, save
 from toolchain import api
 from toolchain.bench import prepare_job
 from toolchain.core.cache import Cache
@@ -154,6 +154,18 @@ def test_every_family_rpi5_fp32_agrees_with_ort_on_emulated_aarch64(
     art = api.compile(src, profile="rpi5", target="tvm", cache=family_cache)[0]
     r = run_family(emulated, family_cache, art, dataset, data_dir)
     # The aarch64 library agrees with ONNX Runtime on x86 on 200 real test inputs.
+    assert r["agreement"]["max_rel"] < 1e-4 and r["agreement"]["argmax_agreement"] == 1.0, r["agreement"]
+
+
+def test_residual_cnn_with_blocked_activations_agrees_on_emulated_aarch64(emulated: Farm, family_cache: Cache,
+                                                                           tmp_path: Path) -> None:
+    """A ResNet-shaped CNN built for rpi5: its convs keep channel-blocked activations between them and its max pool
+    runs on that layout (aarch64 NEON vectors, prefetch as PRFM); on the emulated device it agrees with ONNX
+    Runtime on x86 on 200 real test images."""
+    src, _ = import_onnx_file(save(residual_cnn(), tmp_path / "cnn.onnx"), family_cache)
+    art = api.compile(src, profile="rpi5", target="tvm", cache=family_cache)[0]
+    assert "maxpool-blocked-f32" in [k["kernel"] for k in art.meta["kernels"]]
+    r = run_emulated(emulated, family_cache, art)
     assert r["agreement"]["max_rel"] < 1e-4 and r["agreement"]["argmax_agreement"] == 1.0, r["agreement"]
 
 
