@@ -39,7 +39,8 @@ KEY = "rpi5-emulated"
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory: pytest.TempPathFactory) -> Any:
     need_emulator()
-    farm = start_emulated_device(KEY, tmp_path_factory.mktemp("emulated"))
+    # Under the rpi5's core model (Cortex-A76, also phone-arm64's): an instruction the core lacks would crash here.
+    farm = start_emulated_device(KEY, tmp_path_factory.mktemp("emulated"), cpu=emulator.qemu_cpu(load_profile("rpi5")))
     yield farm
     farm.close()
 
