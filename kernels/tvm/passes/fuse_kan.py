@@ -330,6 +330,47 @@ def int8_plans(bound: dict[Any, Any], uses: dict[Any, int], isa: str, lanes: int
     return plans
 
 
+def int8_chains(plans: dict[Any, Int8Plan], bound: dict[Any, Any], uses: dict[Any, int]) -> dict[Any, Any]:
+    """var -> the var of the int8 KAN layer before it, for each layer (``int8_plans``) whose input is another
+    layer's output that nothing else reads (every use of it lies in the bindings the later layer replaces): the two
+    run as one kernel call (``kan.fused_kan_int8_kernel``'s ``then``)."""
+    from tvm import relax
+
+    def uses_within(var: Any, src: Any) -> int:
+        """Uses of ``src`` in the bindings ``var`` is computed from (not looking past ``src``)."""
+        seen: set[Any] = set()
+        count = 0
+        todo = [var]
+        while todo:
+            v = todo.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            stack = [bound.get(v)]
+            while stack:
+                e = stack.pop()
+                if isinstance(e, relax.Var):
+                    if e.same_as(src):
+                        count += 1
+                    elif e in bound:
+                        todo.append(e)
+                elif isinstance(e, relax.Call):
+                    stack.extend(e.args)
+                elif isinstance(e, relax.Tuple):
+                    stack.extend(e.fields)
+                elif isinstance(e, relax.TupleGetItem):
+                    stack.append(e.tuple_value)
+        return count
+
+    prev: dict[Any, Any] = {}
+    for var, plan in plans.items():
+        src = plan.x
+        if (isinstance(src, relax.Var) and src in plans and src not in prev.values()
+                and plans[src].params.out == plan.params.n and uses_within(var, src) == uses.get(src, 0)):
+            prev[var] = src
+    return prev
+
+
 class FuseKan(RewritePass):
     """Folds constants, then replaces each KAN layer by one fused kernel; ``report``: one row per layer."""
 
@@ -394,11 +435,16 @@ class FuseKan(RewritePass):
                 return None
             bound, uses = bindings_and_uses(func)
             plans = int8_plans(bound, uses, self.cfg.int8_isa, lanes)
+            prev = int8_chains(plans, bound, uses)
+
+            def chain(var: Any) -> list[Int8Plan]:
+                return [*(chain(prev[var]) if var in prev else []), plans[var]]
 
             def fuse(rw: Any, binding: Any) -> tuple[Any, str] | None:
-                plan_i8 = plans.get(binding.var)
-                if plan_i8 is not None:
-                    return self._emit_int8(rw, plan_i8)
+                if binding.var in prev.values():
+                    return None  # computed inside the next layer's kernel; its own bindings are dead afterwards
+                if binding.var in plans:
+                    return self._emit_int8(rw, chain(binding.var))
                 return fuse_fp32(rw, binding.value)
 
             return fuse
@@ -407,32 +453,35 @@ class FuseKan(RewritePass):
         return rewrite_bindings(folded, rewrite_for)
 
 
-    def _emit_int8(self, rw: Any, plan: Int8Plan) -> tuple[Any, str]:
-        """The call_tir of the int8 fused kernel for ``plan`` (its PrimFunc added to the module)."""
+    def _emit_int8(self, rw: Any, plans: list[Int8Plan]) -> tuple[Any, str]:
+        """The call_tir of the int8 fused kernel for a chain of ``plans`` (each the next one's input; usually
+        one), its PrimFunc added to the module."""
         from tvm import relax
 
-        p = plan.params
-        isa_lanes = ISAS[p.isa].lanes
-        starts = np.cumsum([0, *(sg.n * sg.k for sg in p.segments)])
-        wmajor = np.concatenate([kan.basis_major(plan.spline.w[starts[i]:starts[i + 1]], sg.n, sg.k)
-                                 for i, sg in enumerate(p.segments)])
-        func = kan.fused_kan_int8_kernel(p)
+        layers = [plan.params for plan in plans]
+        func = kan.fused_kan_int8_kernel(layers[0], tuple(layers[1:]))
         name = f"edgec_kan_i8_{len(self.report)}"
         gv = rw.builder_.add_func(func.with_attr("global_symbol", name), name)
         zeros = np.zeros((1,), np.float32)
-        consts: list[np.ndarray] = [*(plan.norm or ()), *plan.gathers, pack_int8(wmajor, p.block_n, isa_lanes),
-                                    column_sums(wmajor),
-                                    plan.spline.wscale, plan.spline.bias if plan.spline.bias is not None else zeros]
-        if plan.base is not None:
-            base = plan.base
-            consts += [pack_int8(base.w, p.block_n, isa_lanes), column_sums(base.w), base.wscale,
-                       base.bias if base.bias is not None else zeros]
-        call = relax.call_tir(gv, [rw.visit_expr(plan.x), *(relax.const(c) for c in consts)],
-                              relax.TensorType(p.y_shape, "float32"))
+        consts: list[np.ndarray] = []
+        for plan, p in zip(plans, layers, strict=True):
+            isa_lanes = ISAS[p.isa].lanes
+            wmajor = kan.int8_weight_rows(p, plan.spline.w)
+            consts += [*(plan.norm or ()), *plan.gathers, pack_int8(wmajor, p.block_n, isa_lanes),
+                       column_sums(wmajor), plan.spline.wscale,
+                       plan.spline.bias if plan.spline.bias is not None else zeros]
+            if plan.base is not None:
+                base = plan.base
+                consts += [pack_int8(base.w, p.block_n, isa_lanes), column_sums(base.w), base.wscale,
+                           base.bias if base.bias is not None else zeros]
+        call = relax.call_tir(gv, [rw.visit_expr(plans[0].x), *(relax.const(c) for c in consts)],
+                              relax.TensorType(layers[-1].y_shape, "float32"))
+        p, plan = layers[0], plans[0]
         self.report.append({"kernel": kan.KERNEL_NAME_INT8, "func": name, "in": p.n,
-                            "basis": "+".join(str(sg.k) for sg in p.segments), "out": p.out,
+                            "basis": "+".join(str(sg.k) for sg in p.segments), "out": layers[-1].out,
                             "nodes": sum(len(sg.graph.nodes) for sg in p.segments), "segments": len(p.segments),
-                            "isa": p.isa, "dynamic_quantization": True,
+                            "isa": p.isa, "dynamic_quantization": True, "layers": len(plans),
+                            "streamed": [kan.streamed_basis(q) is not None for q in layers],
                             "layer_norm": plan.norm is not None, "base_branch": plan.base is not None})
         return call, "kan"
 

@@ -22,11 +22,15 @@ into an fp32 scratch in basis-major order (v[j*n + i], whole vectors), quantized
 DynamicQuantizeLinear's per-call scale and zero point (``int8_dot.emit_dynamic_quantization``), multiplied by
 the int8 weight (rows permuted to the same order, packed as ``int8_dot.pack_int8``) on the CPU's int8 dot
 products (``int8_dot.dot4``: vpdpbusd, vpmaddubsw + vpmaddwd, sdot), then dequantized per output column.
+A basis with a closed form whose value range is known before its values (uniform B-splines, Gaussian RBFs on
+evenly spaced centers) is streamed instead (``emit_streamed_layer``): the scale first, from the values' bounds,
+then per chunk of features its values are made, quantized and multiplied while they are in registers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -224,8 +228,54 @@ class Int8Layer:
         return sum(sg.n * sg.k for sg in self.segments)
 
     @property
+    def rows(self) -> int:
+        """Rows of the packed weight: ``nk``, or per chunk of a streamed layer (``streamed_basis``) its K runs of
+        its features rounded up to whole words (the rest zero)."""
+        if streamed_basis(self) is None:
+            return self.nk
+        rem = self.n % self.lanes
+        return self.segments[0].k * (self.n - rem + -(-rem // 4) * 4)
+
+    @property
     def packed_size(self) -> int:
-        return packed_size(self.nk, self.out, self.block_n, ISAS[self.isa].lanes)
+        return packed_size(self.rows, self.out, self.block_n, ISAS[self.isa].lanes)
+
+
+def streamed_basis(p: Int8Layer) -> UniformBSpline | GaussianRbf | None:
+    """The closed form the int8 kernel streams ``p`` with (``emit_streamed_layer``): one basis over all of z whose
+    value range is known before its values (uniform B-splines, Gaussian RBFs), every output column in one block of
+    accumulators, whole words per vector of features; None: the layer is evaluated, quantized and contracted in
+    three passes."""
+    if len(p.segments) != 1 or p.segments[0].gather or p.out > p.block_n or p.lanes % 4:
+        return None
+    sg = p.segments[0]
+    return uniform_bspline(sg.graph, sg.k) or gaussian_rbf(sg.graph, sg.k)
+
+
+def chunk_major(w: np.ndarray, n: int, k: int, lanes: int) -> np.ndarray:
+    """(n*K, out) rows i*K + j -> the streamed kernel's order: per chunk of ``lanes`` features, per basis j, the
+    chunk's features (the last chunk's rounded up to a multiple of 4 with zero rows): one word of 4 features at a
+    time, in the order the chunk's quantized values are made."""
+    out = w.shape[1]
+    w3 = w.reshape(n, k, out)
+    parts = []
+    for c0 in range(0, n, lanes):
+        wc = min(lanes, n - c0)
+        blk = np.zeros((k, -(-wc // 4) * 4, out), w.dtype)
+        blk[:, :wc] = w3[c0:c0 + wc].transpose(1, 0, 2)
+        parts.append(blk.reshape(-1, out))
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def int8_weight_rows(p: Int8Layer, w: np.ndarray) -> np.ndarray:
+    """The layer's (n*K, out) int8 spline weight (rows i*K + j per segment, concatenated) in the row order the
+    kernel multiplies it in (``pack_int8`` it): ``chunk_major`` for a streamed layer, else ``basis_major`` per
+    segment."""
+    if streamed_basis(p) is not None:
+        sg = p.segments[0]
+        return chunk_major(w, sg.n, sg.k, p.lanes)
+    starts = np.cumsum([0, *(sg.n * sg.k for sg in p.segments)])
+    return np.concatenate([basis_major(w[starts[i]:starts[i + 1]], sg.n, sg.k) for i, sg in enumerate(p.segments)])
 
 
 def basis_major(w: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -298,15 +348,15 @@ class UniformBSpline:
                 out[:, j] = np.where(i - j == m, pm, out[:, j])
         return out
 
-    def emit(self, z: Any, k: int) -> list[Any]:
-        """The K basis values of the float32 TIR value ``z`` (inside the caller's vectorized lane loop)."""
+    def emit(self, z: Any, k: int, scale: Any = None, ldexp: bool = False) -> list[Any]:
+        """The K basis values of the float32 TIR value ``z`` (inside the caller's vectorized lane loop), times
+        ``scale`` where given (each piece multiplied once; no exp: ``ldexp`` is ignored)."""
         from tvm.script.ir_builder import tirx as T
         from tvm.tirx import Select
 
-        u = T.bind((z - T.float32(self.t0)) * T.float32(1 / self.h))
-        i = T.bind(T.floor(u))
-        f = T.bind(u - i)
-        pieces = [T.bind(_horner(c, f, T.float32)) for c in BSPLINE_PIECES[self.degree]]
+        i, pieces = self._pieces(z)
+        if scale is not None:
+            pieces = [T.bind(pc * scale) for pc in pieces]
         out = []
         for j in range(k):
             d = T.bind(i - T.float32(j))
@@ -315,6 +365,32 @@ class UniformBSpline:
                 e = Select(d == T.float32(m), pieces[m], e)
             out.append(e)
         return out
+
+    def _pieces(self, z: Any) -> tuple[Any, list[Any]]:
+        """(the interval index as a float, the degree + 1 pieces at the fractional position) of the TIR value z."""
+        from tvm.script.ir_builder import tirx as T
+
+        u = T.bind((z - T.float32(self.t0)) * T.float32(1 / self.h))
+        i = T.bind(T.floor(u))
+        f = T.bind(u - i)
+        return i, [T.bind(_horner(c, f, T.float32)) for c in BSPLINE_PIECES[self.degree]]
+
+    def emit_range(self, z: Any, k: int) -> tuple[Any, Any]:
+        """(an upper, a lower bound) of the K values ``emit`` makes for z, 0 included: the largest and the
+        smallest of the pieces that fall on a basis (the same float operations), and 0. Exact."""
+        from tvm.script.ir_builder import tirx as T
+        from tvm.tirx import Select
+
+        i, pieces = self._pieces(z)
+        vals = [Select(T.And(i >= T.float32(m), i <= T.float32(k - 1 + m)), pieces[m], T.float32(0))
+                for m in range(len(pieces))]
+        return _tree(T.max, vals), _tree(T.min, vals)
+
+    def range_value(self, hi: Any) -> Any:
+        return hi
+
+    def exps_in_range(self, k: int) -> bool:
+        return True
 
 
 def _horner(coefs: tuple[float, ...], f: Any, const: Any) -> Any:
@@ -353,6 +429,28 @@ def uniform_bspline(g: BasisGraph, k: int) -> UniformBSpline | None:
     return None
 
 
+def _exp_scaled(x: Any, ldexp: bool) -> Any:
+    """``fast_exp`` (Cephes' expf) for an x known to lie in [ln(FLT_MIN), ln(FLT_MAX)] (no clamp), 2^n put in by
+    ``llvm.ldexp`` with ``ldexp`` (AVX-512: one vscalefps, no shift / add / multiply), else ``fast_exp`` itself."""
+    import tvm
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast, FloatImm
+
+    if not ldexp:
+        return fast_exp(x)
+
+    def f(v: float) -> Any:
+        return FloatImm("float32", v)
+
+    n = tvm.tirx.floor(x * f(1.44269504088896341) + f(0.5))
+    r = x - n * f(0.693359375) - n * f(-2.12194440e-4)
+    p = f(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + f(c)
+    p = p * r * r + r + f(1.0)
+    return T.call_llvm_pure_intrin("float32", "llvm.ldexp", p, Cast("int32", n))
+
+
 GAUSS_REACH = 6.0  # the Gaussian recurrence clamps the scaled input to this many widths beyond the outer centers
 GAUSS_MAX_EXPONENT = 80.0  # and is used only while every constant factor exp(-(2r-1) delta^2) is a normal float
 
@@ -388,23 +486,50 @@ class GaussianRbf:
             out[:, m - r] = out[:, m - r + 1] * down * f32(fac[r - 1])
         return out
 
-    def emit(self, z: Any, k: int) -> list[Any]:
-        """The K basis values of the float32 TIR value ``z`` (inside the caller's vectorized lane loop)."""
+    def emit(self, z: Any, k: int, scale: Any = None, ldexp: bool = False) -> list[Any]:
+        """The K basis values of the float32 TIR value ``z`` (inside the caller's vectorized lane loop), times
+        ``scale`` where given (the middle one multiplied, the rest follow by the ratios). ``ldexp``: the exps
+        as ``_exp_scaled`` (x86 AVX-512)."""
         from tvm.script.ir_builder import tirx as T
 
         delta, m, fac = self._parts(k)
         s = T.max(T.min((z - T.float32(self.c0)) * T.float32(self.a), T.float32((k - 1) * delta + GAUSS_REACH)),
                   T.float32(-GAUSS_REACH))
         t = T.bind(s - T.float32(m * delta))
-        up = T.bind(fast_exp(T.float32(2 * delta) * t))
-        down = T.bind(fast_exp(T.float32(-2 * delta) * t))
+        up = T.bind(_exp_scaled(T.float32(2 * delta) * t, ldexp))
+        down = T.bind(_exp_scaled(T.float32(-2 * delta) * t, ldexp))
         out: list[Any] = [None] * k
-        out[m] = T.bind(fast_exp(-(t * t)))
+        mid = _exp_scaled(T.max(-(t * t), T.float32(-87.3365447504019)), ldexp)
+        out[m] = T.bind(mid if scale is None else mid * scale)
         for r in range(1, k - m):
             out[m + r] = T.bind(out[m + r - 1] * up * T.float32(fac[r - 1]))
         for r in range(1, m + 1):
             out[m - r] = T.bind(out[m - r + 1] * down * T.float32(fac[r - 1]))
         return out
+
+    def emit_range(self, z: Any, k: int) -> tuple[Any, Any]:
+        """(an upper, a lower bound) of the K values for z: the Gaussian of the nearest center, exp(-t^2) at its
+        distance (as its exponent -t^2, the exp taken once after the reduction: ``range_value``), the largest in
+        exact arithmetic (``emit``'s ratio form agrees to a few ulps: a value above the bound by that much still
+        quantizes to 255), and 0 below (every value is positive)."""
+        from tvm.script.ir_builder import tirx as T
+
+        delta = self.dc * self.a
+        s = T.bind(T.max(T.min((z - T.float32(self.c0)) * T.float32(self.a), T.float32((k - 1) * delta + GAUSS_REACH)),
+                         T.float32(-GAUSS_REACH)))
+        m = T.max(T.min(T.round(s * T.float32(1 / delta)), T.float32(k - 1)), T.float32(0))
+        t = T.bind(s - m * T.float32(delta))
+        return -(t * t), T.float32(0)  # the exponent: the largest value's is the largest (``range_value``)
+
+    def exps_in_range(self, k: int) -> bool:
+        """Whether the ratios exp(+-2 delta t) stay finite without a clamp (the scaled input is clamped: |t| is
+        at most GAUSS_REACH + the larger count of centers on one side of the middle one, times delta)."""
+        delta, m, _ = self._parts(k)
+        return 2 * delta * (GAUSS_REACH + max(m, k - 1 - m) * delta) < 80.0
+
+    def range_value(self, hi: Any) -> Any:
+        """The bound of ``emit_range``'s reduced upper key: one exp for the whole call, not one per feature."""
+        return fast_exp(hi)
 
 
 def gaussian_rbf(g: BasisGraph, k: int) -> GaussianRbf | None:
@@ -463,6 +588,13 @@ def emit_features(g: BasisGraph, k: int, n: int, lanes: int, z: Any, v: Any, off
                         hi, lo = T.max(hi, vals[j]), T.min(lo, vals[j])
                     T.buffer_store(ext, hi, [0, lane])
                     T.buffer_store(ext, lo, [1, lane])
+
+
+def _tree(op: Any, vals: list[Any]) -> Any:
+    """``op`` over ``vals`` as a balanced tree (depth log2 len, not len)."""
+    while len(vals) > 1:
+        vals = [op(vals[i], vals[i + 1]) if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
+    return vals[0]
 
 
 def emit_extrema_init(lanes: int) -> Any:
@@ -593,10 +725,116 @@ def emit_int8_contraction(isa_name: str, v: Any, nk: int, wp: Any, out: int, blo
         block(FULL * K4 * BN * 4, FULL * BN, tail_width(TAIL, V), TAIL)
 
 
-def fused_kan_int8_kernel(p: Int8Layer) -> Any:
+def emit_streamed_layer(p: Int8Layer, spline: UniformBSpline | GaussianRbf, z: Any, wp: Any, out_fn: Any,
+                        base: tuple[Any, Any, Any] | None = None) -> None:
+    """The contraction of a streamed layer (``streamed_basis``) in one pass over its features, the basis never in
+    memory: the quantization's scale and zero point first, from the bounds of the values (``emit_range``, cheap:
+    no K values), then per chunk of ``lanes`` features its K values are made, quantized into a few words on the
+    stack and multiplied at once by the chunk's rows of ``wp`` (``chunk_major``): no pass over an fp32 basis
+    buffer, and the weight stream of one chunk can overlap the arithmetic of the next. ``out_fn(acc, col, sx,
+    zeff)`` stores an output column. ``base``: (the base branch's values u (1, n) fp32 with their extrema, its
+    packed weight (natural row order), its ``out_fn``), quantized and multiplied chunk by chunk alongside."""
+    from tvm.script.ir_builder import tirx as T
+    from tvm.tirx import Cast
+
+    isa = ISAS[p.isa]
+    n, k, lanes, V = p.n, p.segments[0].k, p.lanes, isa.lanes
+    W = p.block_n if p.out == p.block_n else tail_width(p.out, V)  # one block: every column
+    S = 2  # partial sums of the spline's contraction (alternate words)
+
+    ext = emit_extrema_init(lanes)
+    main = n // lanes * lanes
+    for count, width, start in ((n // lanes, lanes, 0), (1 if n % lanes else 0, n % lanes, main)):
+        if count == 0:
+            continue
+        with T.serial(count) as ci, T.vectorized(width) as lane:
+            hi, lo = spline.emit_range(z[start + ci * width + lane], k)
+            T.buffer_store(ext, T.max(ext[0, lane], hi), [0, lane])
+            T.buffer_store(ext, T.min(ext[1, lane], lo), [1, lane])
+    with T.serial(lanes - 1) as i:
+        T.buffer_store(ext, T.max(ext[0, 0], ext[0, i + 1]), [0, 0])
+    hi_all = T.bind(spline.range_value(ext[0, 0]))
+    with T.vectorized(lanes) as i:
+        T.buffer_store(ext, hi_all, [0, i])
+    quants = [quantization_of_extrema(ext, lanes)]
+    if base is not None:
+        quants.append(quantization_of_extrema(base[0][1], lanes))
+
+    def quantizer(sx: Any, zp: Any) -> Any:
+        inv = T.bind(T.float32(1) / sx)
+        zpi = T.bind(Cast("int32", zp))
+
+        def q(e: Any, scaled: bool = False) -> Any:  # zero point and clip in int32: 2 float operations, not 6
+            v = e if scaled else e * inv
+            # vnni (x86): lrint, one vcvtps2dq in the rounding mode (nearest even, as round), not a round + a cast
+            r = (T.call_llvm_pure_intrin("int32", "llvm.lrint", v) if isa.name == "vnni"
+                 else Cast("int32", T.round(v))) + zpi
+            u = Cast("uint8", T.max(T.min(r, T.int32(255)), T.int32(0)))
+            return u if not isa.x_shift else Cast("int8", Cast("int16", u) + T.int16(isa.x_shift))
+
+        return q, inv, T.bind(zpi + T.int32(isa.x_shift))  # the dot multiplies vq + shift
+
+    qs, inv_s, zeff = quantizer(*quants[0])
+    ldexp = isa.name == "vnni" and spline.exps_in_range(k)
+    acc = T.alloc_buffer((S, W), "int32", scope=SCRATCH_SCOPE)
+    xq = T.alloc_buffer((k * lanes,), isa.x_dtype, scope=SCRATCH_SCOPE)
+    x32 = T.decl_buffer((k * lanes // 4,), "int32", data=xq.data, scope=SCRATCH_SCOPE)
+    if base is not None:
+        qb, _, zeffb = quantizer(*quants[1])
+        accb = T.alloc_buffer((1, W), "int32", scope=SCRATCH_SCOPE)
+        xb = T.alloc_buffer((lanes,), isa.x_dtype, scope=SCRATCH_SCOPE)
+        xb32 = T.decl_buffer((lanes // 4,), "int32", data=xb.data, scope=SCRATCH_SCOPE)
+    for a in ([acc, accb] if base is not None else [acc]):
+        with T.unroll(a.shape[0]) as si, T.unroll(W // V) as c:
+            T.buffer_store(a, T.Broadcast(T.int32(0), V), [si, T.Ramp(c * V, 1, V)])
+
+    def dot(a: Any, si: int, word: Any, w: Any, woff: Any) -> None:
+        for c in range(W // V):
+            wv = w[T.Ramp(woff + c * V * 4, 1, 4 * V)]
+            T.buffer_store(a, dot4(isa, a[si, T.Ramp(c * V, 1, V)], word, wv), [si, T.Ramp(c * V, 1, V)])
+
+    for count, width, start in ((n // lanes, lanes, 0), (1 if n % lanes else 0, n % lanes, main)):
+        if count == 0:
+            continue
+        words = -(-width // 4)
+        with T.serial(count) as ci:
+            f0 = start + ci * width  # the chunk's first feature
+            # whole words: a tail chunk's last word is padded with the last feature's values (the weight's rows
+            # there are zero); stored vectors of whole words keep the words aligned in the registers they are
+            # taken from (LLVM extracts odd byte runs with instructions some x86 CPUs lack: SSE4a's extrq)
+            with T.vectorized(words * 4) as lane:
+                fi = f0 + lane if width % 4 == 0 else T.min(f0 + lane, n - 1)
+                vals = spline.emit(z[fi], k, inv_s, ldexp)  # values already divided by the scale
+                for j in range(k):
+                    T.buffer_store(xq, qs(vals[j], scaled=True), [j * words * 4 + lane])
+                if base is not None:
+                    T.buffer_store(xb, qb(base[0][0][0, fi]), [lane])
+            row0 = k * f0  # the chunk's first row of wp (chunk_major; f0 is a multiple of 4)
+            # a loop over the words, not unrolled: each word is broadcast from the stack (a load), where LLVM
+            # would otherwise pick the words out of the quantized vectors by shuffles (two per word)
+            nw = k * words
+            with T.serial(nw // S) as ko, T.unroll(S) as si:
+                dot(acc, si, x32[ko * S + si], wp, (row0 + (ko * S + si) * 4) * W)
+            for kk in range(nw // S * S, nw):
+                dot(acc, kk % S, x32[kk], wp, (row0 + kk * 4) * W)
+            if base is not None:
+                for kk in range(words):
+                    dot(accb, 0, xb32[kk], base[1], (f0 + kk * 4) * W)
+    with T.unroll(W // V) as c:
+        T.buffer_store(acc, acc[0, T.Ramp(c * V, 1, V)] + acc[1, T.Ramp(c * V, 1, V)], [0, T.Ramp(c * V, 1, V)])
+    with T.serial(p.out) as c:
+        out_fn(acc[0, c], c, quants[0][0], zeff)
+    if base is not None:
+        with T.serial(p.out) as c:
+            base[2](accb[0, c], c, quants[1][0], zeffb)
+
+
+def fused_kan_int8_kernel(p: Int8Layer, then: tuple[Int8Layer, ...] = ()) -> Any:
     """PrimFunc ``(x[x_shape] f32, [gamma[n], beta[n] f32,] [idx[n_s] int32 per gathered segment,] wp[packed] int8,
     colsum[out] int32, wscale[out] f32, b[out or 1] f32, [wpb, colsum_b, wscale_b, b_b: the same for the base
-    branch,] y[y_shape] f32)``: the whole dynamic-int8 KAN layer, ONNX semantics of the int8 pass's graph:
+    branch,] [the same arguments for each layer of ``then``,] y[y_shape] f32)``: the whole dynamic-int8 KAN layer
+    (and the layers ``then`` after it, each taking the previous one's output from the stack: one call for a chain
+    of layers), ONNX semantics of the int8 pass's graph:
 
         z = LayerNorm(x) (``norm_eps``) or x
         v = phi(z) (n*K values, fp32, in basis-major order j*n + i; per segment: its basis of z[idx], its
@@ -605,11 +843,62 @@ def fused_kan_int8_kernel(p: Int8Layer) -> Any:
         y[c] = float(sum_r (vq[r] - zp) W[r, c]) * (sx * wscale[c]) [+ b[c]]
         [+ the same for u = S(x) by Wb, with its own scale and zero point, + b_b[c]  (``base``)]
 
-    with ``wp`` = ``pack_int8(basis_major(W), block_n, isa lanes)`` (per segment) and ``colsum`` its column sums
-    (the base weight packed as it is). The basis is evaluated vectorised across features into an fp32 scratch (L1),
-    quantized as the graph does (int8_dot's ``emit_dynamic_quantization``), then multiplied on the CPU's int8
-    dot products (``dot4``)."""
+    with ``wp`` = ``pack_int8(int8_weight_rows(p, W), block_n, isa lanes)`` and ``colsum`` its column sums (the base
+    weight packed as it is). A layer with a closed-form basis (``streamed_basis``: uniform B-splines, Gaussian RBFs)
+    is streamed (``emit_streamed_layer``): scale and zero point from the values' bounds first, then each chunk of
+    features evaluated, quantized and multiplied at once, the basis never in memory. Any other basis is evaluated
+    vectorised across features into an fp32 scratch (L1), quantized as the graph does (int8_dot's
+    ``emit_dynamic_quantization``), then multiplied; both on the CPU's int8 dot products (``dot4``)."""
     from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    f32 = "float32"
+    layers = (p, *then)
+    for a, b in pairwise(layers):
+        if b.n != a.out:
+            raise ValueError(f"a chained int8 KAN layer takes {b.n} features, the previous one makes {a.out}")
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("kan_fused_i8")
+        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME_INT8, "tirx.is_scheduled": True})
+        xg = T.arg("x", T.buffer(p.x_shape, f32))
+        args = [_layer_args(q, f"_{i}" if i else "") for i, q in enumerate(layers)]
+        yg = T.arg("y", T.buffer(layers[-1].y_shape, f32))
+        x = T.decl_buffer((p.n,), f32, data=xg.data)
+        for i, (q, a) in enumerate(zip(layers, args, strict=True)):
+            last = i == len(layers) - 1
+            y = T.decl_buffer((q.out,), f32, data=yg.data) if last else \
+                T.alloc_buffer((q.out,), f32, scope=SCRATCH_SCOPE)
+            _emit_layer(q, a, x, y)
+            x = y
+    return ib.get()
+
+
+def _layer_args(p: Int8Layer, suffix: str) -> dict[str, Any]:
+    """Declare one layer's constant arguments (``fused_kan_int8_kernel``), names ending in ``suffix``."""
+    from tvm.script.ir_builder import tirx as T
+
+    f32, n, out = "float32", p.n, p.out
+    a: dict[str, Any] = {}
+    if p.norm_eps is not None:
+        a["gamma"] = T.arg("gamma" + suffix, T.buffer((n,), f32))
+        a["beta"] = T.arg("beta" + suffix, T.buffer((n,), f32))
+    a["idx"] = [T.arg(f"idx{i}{suffix}", T.buffer((sg.n,), "int32")) if sg.gather else None
+                for i, sg in enumerate(p.segments)]
+    a["wp"] = T.arg("wp" + suffix, T.buffer((max(1, p.packed_size),), "int8"))
+    a["cs"] = T.arg("colsum" + suffix, T.buffer((out,), "int32"))
+    a["ws"] = T.arg("wscale" + suffix, T.buffer((out,), f32))
+    a["bb"] = T.arg("b" + suffix, T.buffer((out if p.bias else 1,), f32))
+    if p.base is not None:
+        bpacked = packed_size(n, out, p.block_n, ISAS[p.isa].lanes)
+        a["wpb"] = T.arg("wp_base" + suffix, T.buffer((max(1, bpacked),), "int8"))
+        a["csb"] = T.arg("colsum_base" + suffix, T.buffer((out,), "int32"))
+        a["wsb"] = T.arg("wscale_base" + suffix, T.buffer((out,), f32))
+        a["bbb"] = T.arg("b_base" + suffix, T.buffer((out if p.base.bias else 1,), f32))
+    return a
+
+
+def _emit_layer(p: Int8Layer, a: dict[str, Any], x: Any, y: Any) -> None:
+    """One layer's body (``fused_kan_int8_kernel``): the flat (n,) input ``x`` to the flat (out,) output ``y``."""
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
 
@@ -617,60 +906,45 @@ def fused_kan_int8_kernel(p: Int8Layer) -> Any:
     n, out, lanes = p.n, p.out, p.lanes
     nk = p.nk
     scope = SCRATCH_SCOPE
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name("kan_fused_i8")
-        T.func_attr({"tirx.noalias": True, ATTR_KERNEL: KERNEL_NAME_INT8, "tirx.is_scheduled": True})
-        xg = T.arg("x", T.buffer(p.x_shape, f32))
-        if p.norm_eps is not None:
-            gamma = T.arg("gamma", T.buffer((n,), f32))
-            beta = T.arg("beta", T.buffer((n,), f32))
-        idx = [T.arg(f"idx{i}", T.buffer((sg.n,), "int32")) if sg.gather else None for i, sg in enumerate(p.segments)]
-        wp = T.arg("wp", T.buffer((max(1, p.packed_size),), "int8"))
-        cs = T.arg("colsum", T.buffer((out,), "int32"))
-        ws = T.arg("wscale", T.buffer((out,), f32))
-        bb = T.arg("b", T.buffer((out if p.bias else 1,), f32))
+    cs, ws, bb, wp, idx = a["cs"], a["ws"], a["bb"], a["wp"], a["idx"]
+    z = emit_layer_norm(x, a["gamma"], a["beta"], n, lanes, p.norm_eps) if p.norm_eps is not None else x
+    streamed = streamed_basis(p)
+
+    def spline_out(acc: Any, c: Any, sx: Any, zeff: Any) -> None:
+        f = Cast(f32, acc - zeff * cs[c]) * (sx * ws[c])
+        T.buffer_store(y, f + bb[c] if p.bias else f, [c])
+
+    if p.base is not None:
+        base = p.base
+        wpb, csb, wsb, bbb = a["wpb"], a["csb"], a["wsb"], a["bbb"]
+
+        def base_out(acc: Any, c: Any, sx: Any, zeff: Any) -> None:
+            f = Cast(f32, acc - zeff * csb[c]) * (sx * wsb[c])
+            T.buffer_store(y, y[c] + (f + bbb[c] if base.bias else f), [c])
+
+        u = T.alloc_buffer((1, n), f32, scope=SCRATCH_SCOPE)
+        ext_u = emit_extrema_init(lanes)
+    if streamed is not None:
         if p.base is not None:
-            bisa = ISAS[p.isa]
-            bpacked = packed_size(n, out, p.block_n, bisa.lanes)
-            wpb = T.arg("wp_base", T.buffer((max(1, bpacked),), "int8"))
-            csb = T.arg("colsum_base", T.buffer((out,), "int32"))
-            wsb = T.arg("wscale_base", T.buffer((out,), f32))
-            bbb = T.arg("b_base", T.buffer((out if p.base.bias else 1,), f32))
-        yg = T.arg("y", T.buffer(p.y_shape, f32))
-        x = T.decl_buffer((n,), f32, data=xg.data)
-        y = T.decl_buffer((out,), f32, data=yg.data)
-        z = emit_layer_norm(x, gamma, beta, n, lanes, p.norm_eps) if p.norm_eps is not None else x
-        v = T.alloc_buffer((1, nk), f32, scope=scope)
-        ext = emit_extrema_init(lanes)
-        offset = 0
-        for sg, ix in zip(p.segments, idx, strict=True):
-            zs = z
-            if ix is not None:  # this basis's features: a constant gather of z
-                zs = T.alloc_buffer((sg.n,), f32, scope=SCRATCH_SCOPE)
-                with T.serial(sg.n) as i:
-                    T.buffer_store(zs, z[ix[i]], [i])
-            emit_features(sg.graph, sg.k, sg.n, lanes, zs, v, offset, ext)
-            offset += sg.n * sg.k
-
-        def spline_out(a: Any, c: Any, sx: Any, zeff: Any) -> None:
-            f = Cast(f32, a - zeff * cs[c]) * (sx * ws[c])
-            T.buffer_store(y, f + bb[c] if p.bias else f, [c])
-
-        emit_int8_contraction(p.isa, v, nk, wp, out, p.block_n, spline_out,
-                              quantization_of_extrema(ext, lanes))
-        if p.base is not None:
-            base = p.base
-
-            def base_out(a: Any, c: Any, sx: Any, zeff: Any) -> None:
-                f = Cast(f32, a - zeff * csb[c]) * (sx * wsb[c])
-                T.buffer_store(y, y[c] + (f + bbb[c] if base.bias else f), [c])
-
-            u = T.alloc_buffer((1, n), f32, scope=SCRATCH_SCOPE)
-            ext_u = emit_extrema_init(lanes)
             emit_features(base.graph, 1, n, lanes, x, u, 0, ext_u)
-            emit_int8_contraction(p.isa, u, n, wpb, out, p.block_n, base_out,
-                                  quantization_of_extrema(ext_u, lanes))
-    return ib.get()
+        emit_streamed_layer(p, streamed, z, wp, spline_out,
+                            ((u, ext_u), wpb, base_out) if p.base is not None else None)
+        return
+    v = T.alloc_buffer((1, nk), f32, scope=scope)
+    ext = emit_extrema_init(lanes)
+    offset = 0
+    for sg, ix in zip(p.segments, idx, strict=True):
+        zs = z
+        if ix is not None:  # this basis's features: a constant gather of z
+            zs = T.alloc_buffer((sg.n,), f32, scope=SCRATCH_SCOPE)
+            with T.serial(sg.n) as i:
+                T.buffer_store(zs, z[ix[i]], [i])
+        emit_features(sg.graph, sg.k, sg.n, lanes, zs, v, offset, ext)
+        offset += sg.n * sg.k
+    emit_int8_contraction(p.isa, v, nk, wp, out, p.block_n, spline_out, quantization_of_extrema(ext, lanes))
+    if p.base is not None:
+        emit_features(base.graph, 1, n, lanes, x, u, 0, ext_u)
+        emit_int8_contraction(p.isa, u, n, wpb, out, p.block_n, base_out, quantization_of_extrema(ext_u, lanes))
 
 
 def int8_block_n(out: int, isa: str) -> int:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from kernels.tvm.testing import build_vm, with_kernels
+from kernels.tvm.testing import build_vm, substitute, with_kernels
 from kernels.tvm.tir import kan
 from kernels.tvm.tir._elementwise import BINARY, CONST, INPUT, SLICE, UNARY, Node
 from tests.fixtures.disassembly import assert_instructions, built_library, function_bodies, objdump_for
@@ -100,13 +100,15 @@ def _int8(model: onnx.ModelProto, profile_id: str) -> onnx.ModelProto:
 ])
 def test_int8_kan_agrees_with_onnx_runtime(kind: str, profile_id: str, fashion: object,
                                            trained_kan_onnx: Callable[[str], onnx.ModelProto]) -> None:
-    """The int8 pass's KAN (dynamic int8 contraction and SiLU base branch): every layer is one fused int8
-    kernel (LayerNorm, basis, quantization, dot products, base branch), and its logits on real test images
-    agree with ONNX Runtime running the same int8 ONNX."""
+    """The int8 pass's KAN (dynamic int8 contraction and SiLU base branch): both layers are one fused int8
+    kernel call (each layer's LayerNorm, basis, quantization, dot products, base branch; the first layer's output
+    on the stack), and its logits on real test images agree with ONNX Runtime running the same int8 ONNX."""
     model = _int8(trained_kan_onnx(kind), profile_id)
-    fast, table = build_vm(model, load_profile(profile_id))
+    prof = load_profile(profile_id)
+    fast, table = build_vm(model, prof)
     rows = [r for r in table if r["kernel"]]
-    assert [r["kernel"] for r in rows] == ["kan-fused-i8"] * 2, table
+    assert [r["kernel"] for r in rows] == ["kan-fused-i8"], table
+    assert [r["layers"] for r in substitute(model, prof)[1] if r["kernel"]] == [2]
     sess = ort_session(model, 1)
     name = sess.get_inputs()[0].name
     xs = fashion.x_test[:300]  # type: ignore[attr-defined]
@@ -117,18 +119,21 @@ def test_int8_kan_agrees_with_onnx_runtime(kind: str, profile_id: str, fashion: 
     assert np.mean(ours.argmax(1) == fashion.y_test[:300]) > 0.6  # type: ignore[attr-defined]  # a real classifier
 
 
-@pytest.mark.parametrize("kind", ["bspline", "cheby"])
+@pytest.mark.parametrize("kind", ["bspline", "rbf", "cheby"])
 def test_int8_kan_layer_matches_onnx_runtime(kind: str) -> None:
     """One int8 KAN layer (n not a multiple of the lanes: a tail chunk; 12 outputs: a tail block), spline
-    weights large enough that a wrong basis would show: close to ONNX Runtime on the same int8 ONNX."""
+    weights large enough that a wrong basis would show: close to ONNX Runtime on the same int8 ONNX. The closed-form
+    bases (B-splines, Gaussians) are streamed chunk by chunk (``kan.emit_streamed_layer``), the others not."""
     torch.manual_seed(1)
     n, out = 37, 12
-    layer = {"bspline": kb.BSplineKANLayer, "cheby": kb.ChebyKANLayer}[kind](n, out)
+    layer = {"bspline": kb.BSplineKANLayer, "rbf": kb.FastKANLayer, "cheby": kb.ChebyKANLayer}[kind](n, out)
     with torch.no_grad():
         layer.spline_weight.mul_(10)
     model = _int8(_export(layer.eval(), n), "x86-avx512")
     fast, table = build_vm(model, load_profile("x86-avx512"))
     assert [r["kernel"] for r in table if r["kernel"]] == ["kan-fused-i8"], table
+    report = [r for r in substitute(model, load_profile("x86-avx512"))[1] if r["kernel"] == "kan-fused-i8"]
+    assert [r["streamed"] for r in report] == [[kind != "cheby"]], report
     sess = ort_session(model, 1)
     rng = np.random.default_rng(2)
     for scale in (0.5, 2.0):  # inside and partly outside the spline grid
@@ -137,13 +142,29 @@ def test_int8_kan_layer_matches_onnx_runtime(kind: str) -> None:
         np.testing.assert_allclose(fast(x), ref, rtol=0, atol=0.01 * np.max(np.abs(ref)))
 
 
+@pytest.mark.parametrize("n,lanes", [(37, 16), (32, 16), (13, 4), (5, 8)])
+def test_chunk_major_rows(n: int, lanes: int) -> None:
+    """The streamed kernel's weight rows: per chunk of ``lanes`` features, per basis, the chunk's features (the last
+    chunk's padded to whole words with zero rows); the values laid out the same way give the same contraction."""
+    k, out = 3, 5
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (n * k, out)).astype(np.int8)
+    v = rng.integers(0, 256, (n, k))  # v[i, j]: basis j of feature i, the model's row order i*K + j
+    rows = kan.chunk_major(w, n, k, lanes)
+    chunks = [(c0, min(lanes, n - c0)) for c0 in range(0, n, lanes)]
+    assert rows.shape == (k * sum(-(-wc // 4) * 4 for _, wc in chunks), out)
+    vals = np.concatenate([np.pad(v[c0:c0 + wc].T, ((0, 0), (0, -(-wc // 4) * 4 - wc)), constant_values=255).ravel()
+                           for c0, wc in chunks])  # the padding lanes hold anything: their rows are zero
+    np.testing.assert_array_equal(vals @ rows.astype(np.int64), v.ravel() @ w.astype(np.int64))
+
+
 def _kan_i8_disassembly(model: onnx.ModelProto, profile_id: str, tmp_path: Path) -> dict[str, str]:
     """symbol -> disassembly of every fused int8 KAN kernel body in the library built for ``profile_id``,
     and ``"*"`` -> the whole library's."""
     prof = load_profile(profile_id)
     lib = tmp_path / f"{profile_id}.so"
     meta = built_library(model, prof, lib)
-    assert [r["kernel"] for r in meta["kernels"] if r.get("kernel")] == ["kan-fused-i8"] * 2, meta["kernels"]
+    assert [r["kernel"] for r in meta["kernels"] if r.get("kernel")] == ["kan-fused-i8"], meta["kernels"]
     return function_bodies(lib, objdump_for(prof), lambda sym: "kan_i8" in sym and not sym.startswith("__tvm_ffi"))
 
 
@@ -157,7 +178,7 @@ def test_int8_kan_uses_dot_products(profile_id: str, present: list[str], absent:
     torch.manual_seed(3)
     model = _int8(_export(KANNet("rbf", [37, 12, 10], 8).eval(), 37), profile_id)
     funcs = _kan_i8_disassembly(model, profile_id, tmp_path)
-    assert len(funcs) == 3, f"expected the two fused int8 KAN bodies, got {sorted(funcs)}"
+    assert len(funcs) == 2, f"expected the fused int8 KAN body (both layers), got {sorted(funcs)}"
     assert_instructions(funcs, present, absent)
 
 
