@@ -389,6 +389,8 @@ class UniformBSpline:
     def range_value(self, hi: Any) -> Any:
         return hi
 
+    positive = False  # a piece can come out a rounding error below 0
+
     def exps_in_range(self, k: int) -> bool:
         return True
 
@@ -520,6 +522,8 @@ class GaussianRbf:
         m = T.max(T.min(T.round(s * T.float32(1 / delta)), T.float32(k - 1)), T.float32(0))
         t = T.bind(s - m * T.float32(delta))
         return -(t * t), T.float32(0)  # the exponent: the largest value's is the largest (``range_value``)
+
+    positive = True  # every value is a product of exps: >= 0, its lower bound 0, so its zero point 0
 
     def exps_in_range(self, k: int) -> bool:
         """Whether the ratios exp(+-2 delta t) stay finite without a clamp (the scaled input is clamped: |t| is
@@ -734,6 +738,7 @@ def emit_streamed_layer(p: Int8Layer, spline: UniformBSpline | GaussianRbf, z: A
     buffer, and the weight stream of one chunk can overlap the arithmetic of the next. ``out_fn(acc, col, sx,
     zeff)`` stores an output column. ``base``: (the base branch's values u (1, n) fp32 with their extrema, its
     packed weight (natural row order), its ``out_fn``), quantized and multiplied chunk by chunk alongside."""
+    import tvm
     from tvm.script.ir_builder import tirx as T
     from tvm.tirx import Cast
 
@@ -764,12 +769,17 @@ def emit_streamed_layer(p: Int8Layer, spline: UniformBSpline | GaussianRbf, z: A
         inv = T.bind(T.float32(1) / sx)
         zpi = T.bind(Cast("int32", zp))
 
-        def q(e: Any, scaled: bool = False) -> Any:  # zero point and clip in int32: 2 float operations, not 6
+        def q(e: Any, scaled: bool = False, positive: bool = False) -> Any:
+            """Zero point and clip in int32: 2 float operations, not 6; ``positive``: values >= 0 (and so a zero
+            point of 0): rounded and saturated to 255 only (vnni: vcvtps2dq, vpmovusdb)."""
             v = e if scaled else e * inv
             # vnni (x86): lrint, one vcvtps2dq in the rounding mode (nearest even, as round), not a round + a cast
             r = (T.call_llvm_pure_intrin("int32", "llvm.lrint", v) if isa.name == "vnni"
-                 else Cast("int32", T.round(v))) + zpi
-            u = Cast("uint8", T.max(T.min(r, T.int32(255)), T.int32(0)))
+                 else Cast("int32", T.round(v)))
+            if positive:
+                u = Cast("uint8", T.min(Cast("uint32", r), tvm.tirx.const(255, "uint32")))
+            else:
+                u = Cast("uint8", T.max(T.min(r + zpi, T.int32(255)), T.int32(0)))
             return u if not isa.x_shift else Cast("int8", Cast("int16", u) + T.int16(isa.x_shift))
 
         return q, inv, T.bind(zpi + T.int32(isa.x_shift))  # the dot multiplies vq + shift
@@ -806,7 +816,7 @@ def emit_streamed_layer(p: Int8Layer, spline: UniformBSpline | GaussianRbf, z: A
                 fi = f0 + lane if width % 4 == 0 else T.min(f0 + lane, n - 1)
                 vals = spline.emit(z[fi], k, inv_s, ldexp)  # values already divided by the scale
                 for j in range(k):
-                    T.buffer_store(xq, qs(vals[j], scaled=True), [j * words * 4 + lane])
+                    T.buffer_store(xq, qs(vals[j], scaled=True, positive=spline.positive), [j * words * 4 + lane])
                 if base is not None:
                     T.buffer_store(xb, qb(base[0][0][0, fi]), [lane])
             row0 = k * f0  # the chunk's first row of wp (chunk_major; f0 is a multiple of 4)
