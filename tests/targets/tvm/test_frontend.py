@@ -9,9 +9,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from targets import get_target
+from targets.tvm.frontend import tvm_target
 from toolchain import api
 from toolchain.core.cache import Cache
 from toolchain.core.onnx_io import ort_session
+from toolchain.core.profile import load_profile
 from toolchain.export import import_onnx_file
 
 
@@ -47,3 +49,15 @@ def test_run_time_shape_arithmetic_of_a_static_export_builds_for_tvm(tmp_path: P
         got = runner.infer({"x": x})[0]
     want = ort_session(path).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, want)
+
+
+def test_x86_avx512_code_runs_on_zen4_and_ice_lake() -> None:
+    """The x86-avx512 profile names Zen 4 and Ice Lake: LLVM must not use what only one of them has (SSE4a's
+    extrq / insertq are AMD only, AVX512-BF16 is missing on Ice Lake), and keeps what both have."""
+    from tvm.target import codegen
+
+    target = tvm_target(load_profile("x86-avx512"))
+    assert not codegen.llvm_cpu_has_features(["sse4a"], target)
+    assert not codegen.llvm_cpu_has_features(["avx512bf16"], target)
+    for feature in ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "fma", "bmi2"):
+        assert codegen.llvm_cpu_has_features([feature], target), feature
