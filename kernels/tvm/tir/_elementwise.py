@@ -47,22 +47,31 @@ class Node:
     start: int = 0
 
 
+def exp_reduced(x: Any) -> tuple[Any, Any]:
+    """(n, p) with exp(x) = p * 2^n for a float32 TIR expression: n = round(x log2 e) and p the Cephes polynomial
+    of the remainder, no clamping (the caller scales by 2^n as its range allows)."""
+    import tvm
+    from tvm.tirx import FloatImm
+
+    def f(v: float) -> Any:
+        return FloatImm("float32", v)
+
+    n = tvm.tirx.floor(x * f(1.44269504088896341) + f(0.5))
+    r = x - n * f(0.693359375) - n * f(-2.12194440e-4)
+    p = f(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + f(c)
+    return n, p * r * r + r + f(1.0)
+
+
 def fast_exp(x: Any) -> Any:
     """exp of a float32 TIR expression in plain arithmetic (see the module docstring), so the vectorizer
     keeps it in vector registers. Inputs are clamped to [ln(FLT_MIN), ln(FLT_MAX)]."""
     import tvm
     from tvm.tirx import Cast, FloatImm
 
-    def f(v: float) -> Any:
-        return FloatImm("float32", v)
-
-    x = tvm.tirx.max(tvm.tirx.min(x, f(88.3762626647949)), f(-87.3365447504019))
-    n = tvm.tirx.floor(x * f(1.44269504088896341) + f(0.5))
-    r = x - n * f(0.693359375) - n * f(-2.12194440e-4)
-    p = f(1.9875691500e-4)
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * r + f(c)
-    p = p * r * r + r + f(1.0)
+    x = tvm.tirx.max(tvm.tirx.min(x, FloatImm("float32", 88.3762626647949)), FloatImm("float32", -87.3365447504019))
+    n, p = exp_reduced(x)
     two_n = tvm.tirx.reinterpret("float32", (Cast("int32", n) + 127) * 8388608)  # 2^n via the exponent bits
     return p * two_n
 
@@ -116,4 +125,4 @@ def apply_op(op: str, *args: Any, exact_exp: bool = False) -> Any:
     return _table(exact_exp)[op](*args)
 
 
-__all__ = ["BINARY_OPS", "COMPARE_OPS", "UNARY_OPS", "Node", "apply_op", "fast_exp", "fast_sigmoid"]
+__all__ = ["BINARY_OPS", "COMPARE_OPS", "UNARY_OPS", "Node", "apply_op", "exp_reduced", "fast_exp", "fast_sigmoid"]

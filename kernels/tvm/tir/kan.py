@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from kernels.tvm import ATTR_KERNEL
-from kernels.tvm.tir._elementwise import CONCAT, CONST, INPUT, SLICE, UNARY, Node, apply_op, fast_exp
+from kernels.tvm.tir._elementwise import CONCAT, CONST, INPUT, SLICE, UNARY, Node, apply_op, exp_reduced, fast_exp
 from kernels.tvm.tir.bf16 import widened
 from kernels.tvm.tir.int8_dot import (
     ISAS,
@@ -437,22 +437,12 @@ def uniform_bspline(g: BasisGraph, k: int) -> UniformBSpline | None:
 def _exp_scaled(x: Any, ldexp: bool) -> Any:
     """``fast_exp`` (Cephes' expf) for an x known to lie in [ln(FLT_MIN), ln(FLT_MAX)] (no clamp), 2^n put in by
     ``llvm.ldexp`` with ``ldexp`` (AVX-512: one vscalefps, no shift / add / multiply), else ``fast_exp`` itself."""
-    import tvm
     from tvm.script.ir_builder import tirx as T
-    from tvm.tirx import Cast, FloatImm
+    from tvm.tirx import Cast
 
     if not ldexp:
         return fast_exp(x)
-
-    def f(v: float) -> Any:
-        return FloatImm("float32", v)
-
-    n = tvm.tirx.floor(x * f(1.44269504088896341) + f(0.5))
-    r = x - n * f(0.693359375) - n * f(-2.12194440e-4)
-    p = f(1.9875691500e-4)
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * r + f(c)
-    p = p * r * r + r + f(1.0)
+    n, p = exp_reduced(x)
     return T.call_llvm_pure_intrin("float32", "llvm.ldexp", p, Cast("int32", n))
 
 
