@@ -237,18 +237,9 @@ def match_rbf_input(x: Any, bound: dict[Any, Any]) -> RbfMatch | None:
 
 
 def match_max_pool_2x2(value: Any) -> Any:
-    """The input of ``value`` when it is a 2x2, stride-2, unpadded, floor-mode NCHW max pool, else None."""
-    import tvm
-    from tvm import relax
-
-    if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.nn.max_pool2d")):
-        return None
-    at = value.attrs
-    if (const_ints(at.pool_size) != [2, 2] or const_ints(at.strides) != [2, 2] or any(const_ints(at.padding))
-            or const_ints(at.dilation) != [1, 1] or bool(at.ceil_mode) or str(at.layout) != "NCHW"
-            or str(at.out_layout) != "NCHW"):
-        return None
-    return value.args[0]
+    """The input of ``value`` when it is a 2x2, stride-2, unpadded max pool (``match_max_pool``), else None."""
+    m = match_max_pool(value)
+    return m[0] if m is not None and m[1:4] == (2, 2, (2, 2)) and not any(m[4]) else None
 
 
 def call_args(value: Any) -> list[Any]:
