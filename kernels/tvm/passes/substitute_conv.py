@@ -466,13 +466,17 @@ class SubstituteConv(RewritePass):
         n, c, ih, iw = xs
         p = PoolParams(n=n, c=c, ih=ih, iw=iw, kh=kh, kw=kw, stride=stride, pad=pad4, block=block,
                        blocked_out=blocked_out)
-        index = len([r for r in self.report if r["kernel"] != "generic"])
+        index = self._kernel_count()
         name = f"edgec_max_pool_{index}"
         gv = rw.builder_.add_func(max_pool_blocked_kernel(p).with_attr("global_symbol", name), name)
         self.report.append({"kernel": POOL_KERNEL_NAME, "func": name, "pool": f"max_pool2d in{c}x{ih}x{iw} "
                             f"k{kh}x{kw} s{stride[0]}x{stride[1]} p{','.join(map(str, pad4))}", "in": [c, ih, iw],
                             "out": [c, p.oh, p.ow], "mflops": 0.0, "in_block": block, "blocked_out": blocked_out})
         return relax.call_tir(gv, [rw.visit_expr(x)], relax.TensorType(p.out_shape, "float32")), "pool"
+
+    def _kernel_count(self) -> int:
+        """Kernels put in so far (rows not left generic): the index that names the next one."""
+        return len([r for r in self.report if r["kernel"] != "generic"])
 
     def _blocked_kernel(self, conv: Conv) -> bool:
         """Whether the layer runs ``conv2d_kernel`` (groups 1, not the column kernel): the kernel that can read and
@@ -492,7 +496,7 @@ class SubstituteConv(RewritePass):
                     blocked_out=blocked_out)
         oc, kh, kw, boc = p.oc, p.kh, p.kw, p.block_oc
         depthwise = int(at.groups) > 1
-        index = len([r for r in self.report if r["kernel"] != "generic"])
+        index = self._kernel_count()
         if depthwise:
             rbf = None  # an expanded input has more channels than the conv's groups
         bias_values = np.zeros((bias_size(p),), np.float32)
@@ -535,7 +539,7 @@ class SubstituteConv(RewritePass):
         [coef], packed weight, bias)."""
         from tvm import relax
 
-        index = len([r for r in self.report if r["kernel"] != "generic"])
+        index = self._kernel_count()
         name = f"edgec_conv2d_chain_{index}"
         params: list[tuple[ConvParams, RbfInput | None]] = []
         args: list[Any] = []

@@ -95,9 +95,7 @@ class ConvParams:
     @property
     def stored_shape(self) -> tuple[int, ...]:
         """The output buffer's shape: ``out_shape``, or channel-blocked with ``blocked_out``."""
-        if self.blocked_out:
-            return (self.n, self.oc_blocks, self.oh, self.ow, self.block_oc)
-        return self.out_shape
+        return self.blocked_shape if self.blocked_out else self.out_shape
 
     @property
     def blocked_shape(self) -> tuple[int, int, int, int, int]:
@@ -418,11 +416,11 @@ def _blocked_body(p: ConvParams, rbf: RbfInput | None, x: Any, coef: Any, wp: An
             acc = accumulate(ocb, oh, ow0, tw, oh if prefetch else None)
             if p.blocked_out:  # whole channel vectors, padding channels included (zero weights and bias)
                 with T.unroll(tw) as t, T.vectorized(BOC) as i:
-                    v = acc[t, i] + b[ocb * BOC + i] if p.bias else acc[t, i]
+                    c = ocb * BOC + i
+                    res = None
                     if r is not None:
-                        v = v + (r[n, ocb, oh, ow0 + t, i] if p.residual_blocked else
-                                 r[n, ocb * BOC + i, oh, ow0 + t])
-                    T.buffer_store(y, T.max(v, T.float32(0)) if p.relu else v, [n, ocb, oh, ow0 + t, i])
+                        res = r[n, ocb, oh, ow0 + t, i] if p.residual_blocked else r[n, c, oh, ow0 + t]
+                    T.buffer_store(y, _act(p, acc[t, i], b, c, res), [n, ocb, oh, ow0 + t, i])
                 return
             # Constant indices only (unrolled): the accumulators stay in registers.
             with T.unroll(nch) as i, T.unroll(tw) as t:
@@ -646,7 +644,6 @@ def depthwise_kernel(p: ConvParams) -> Any:
 
 
 __all__ = ["DEPTHWISE_KERNEL_NAME", "KERNEL_NAME", "RBF_FLUSH_EXP2", "ConvParams", "RbfInput", "bias_size",
-           "choose_block_oc",
-           "choose_tile_ow", "columns_fit", "conv2d_columns_kernel", "conv2d_kernel", "conv_chain_kernel",
-           "depthwise_kernel", "pack_conv_weight", "pool_fits", "prefetch_fits", "rbf_coefficients",
-           "tile_ow_for_block"]
+           "choose_block_oc", "choose_tile_ow", "columns_fit", "conv2d_columns_kernel", "conv2d_kernel",
+           "conv_chain_kernel", "depthwise_kernel", "pack_conv_weight", "pool_fits", "prefetch_fits",
+           "rbf_coefficients", "tile_ow_for_block"]
