@@ -13,6 +13,7 @@ from kernels.tvm.passes.bf16_weights import StoreWeightsBf16
 from kernels.tvm.schedule.vector_rule import schedule_naive
 from targets.tvm.database import apply_database, tuned_conv_layers
 from targets.tvm.frontend import tvm_target
+from targets.tvm.weights_as_inputs import weights_as_inputs
 from toolchain.core.profile import Profile
 
 Step = tuple[str, Callable[[Any], Any]]
@@ -64,6 +65,8 @@ def pipeline(profile: Profile, tuning_db: Path | None = None,
         *((("apply-tuning-db", apply_db),) if tuning_db is not None else ()),
         # Whatever no hand-written kernel and no tuning record covers: inlined + vectorized by rule.
         *((("vector-rule", vector_rule),) if k.vector_rule else ()),
+        # A model whose weights fit L2 also gets main with its weights as arguments, for the runner to place them.
+        ("weights-as-inputs", lambda mod: weights_as_inputs(mod, profile.kernels.contiguous_weights_max_kb)),
         ("dataflow-lower", seq(_dataflow_lower(cpu, target))),
         ("finalize", seq(cpu.finalize_passes(target))),
     )
