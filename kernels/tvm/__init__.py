@@ -51,7 +51,7 @@ class KernelConfig:
     lanes: int = 4  # fp32 lanes per vector register
     block_n: int = 32  # GEMV output columns per packed block
     unroll: int = 4  # GEMV k unroll
-    chain_max_kb: int = 1024  # GEMV runs up to this many KB of packed weights become one kernel; 0: off
+    chain_max_kb: int = 2048  # GEMV runs up to this many KB of packed weights become one kernel; 0: off
     fast_exp: bool = True  # exp / sigmoid as vectorizable arithmetic
     vector_rule: bool = True  # the rule schedule for what nothing else covers
     int8_isa: str = "none"  # int8 dot products of the CPU (``int8_isa``): vnni | avx2 | sdot | none

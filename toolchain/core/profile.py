@@ -54,7 +54,8 @@ class KernelSpec:
     vector_lanes: int = 4  # fp32 lanes per vector register: a power of two, at most cpu.vector_bits / 32
     gemv_block_n: int = 32  # output rows per packed block
     # A run of dense layers whose packed weights total at most this many KB becomes one kernel
-    # (kernels/tvm/tir/chain.py: saves the per-layer VM dispatch of tiny MLPs); 0 turns it off.
+    # (kernels/tvm/tir/chain.py: saves the per-layer VM dispatch, ~0.6 us a layer here; mlp-1m's 1.48 MB int8
+    # chain: 13.9-14.0 us vs 14.7-17.1 us as four kernels, called directly, interleaved); 0 turns it off.
     gemv_chain_max_kb: int = 2048
     unroll: int = 4
     use_fused_kan: bool = True
