@@ -2,10 +2,12 @@
 that returns them (``toolchain.core.tvm_abi``), so that the runner can place the weights itself.
 
 Why: the Relax VM keeps each constant in its own allocation of 4 KB pages at physical addresses the OS picks at
-random. A model whose weights nearly fill L2 (mlp-1m: 1.48 MB of int8 in a 2 MB, 16-way L2) then has more lines in
-some cache sets than the sets hold, and which sets overflow differs per process: the same kernels ran 14.6-20.1 us
-per call in four processes, against 13.9-14.7 us with the weights copied into one 2 MB huge page (physically
-contiguous, so every set gets its share). ``TvmLibRunner`` makes that copy.
+random. When the weights nearly fill L2 (mlp-1m: 1.48 MB of int8 in a 2 MB, 16-way L2), some cache sets then get
+more lines than they hold and those lines come from L3 on every call. A 2 MB transparent huge page is physically
+contiguous on bare metal (a Pi, a phone, a Jetson), so every set gets its share. On a VM whose host backs guest
+memory with small pages (this build machine) a buffer's placement stays a draw, only a better one: the int8 GEMV
+loop over 1.46 MB read 8 huge-page buffers at 110-134 GB/s (mean 126) and 8 plain ones at 94-138 (mean 116),
+same bytes, all alive in one process. ``TvmLibRunner`` makes the copy.
 
 Only models whose weight tensors total at most the profile's ``contiguous_weights_max_kb`` get the extra entry
 points (0: none): beyond L2 the weights stream from L3 or DRAM on every call, where the page placement matters

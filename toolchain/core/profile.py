@@ -80,10 +80,9 @@ class KernelSpec:
     conv_block_oc: int = 16
     conv_tile_ow: int = 6
     # A model whose weight tensors total at most this many KB also gets an entry point that takes them as arguments,
-    # and the runner keeps them in one buffer on huge-page boundaries (kernels/tvm/passes/weights_as_inputs.py):
-    # weights that stay in L2 between calls then spread over all its sets instead of overfilling the sets that 4 KB
-    # pages at random physical addresses land on (mlp-1m, 1.48 MB in a 2 MB L2: 14.6-20.1 us per call in four
-    # processes before, 13.9-14.7 us after). Past L2 the weights stream from L3 / DRAM anyway. 0 turns it off.
+    # and the runner keeps them in one buffer on huge-page boundaries (targets/tvm/weights_as_inputs.py): weights
+    # that stay in L2 between calls then spread over all its sets instead of overfilling the sets that 4 KB pages at
+    # random physical addresses land on. Past L2 the weights stream from L3 / DRAM anyway. 0 turns it off.
     contiguous_weights_max_kb: int = 2048
 
 
