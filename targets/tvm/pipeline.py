@@ -65,8 +65,9 @@ def pipeline(profile: Profile, tuning_db: Path | None = None,
         *((("apply-tuning-db", apply_db),) if tuning_db is not None else ()),
         # Whatever no hand-written kernel and no tuning record covers: inlined + vectorized by rule.
         *((("vector-rule", vector_rule),) if k.vector_rule else ()),
-        # A model whose weights fit L2 also gets main with its weights as arguments, for the runner to place them.
-        ("weights-as-inputs", lambda mod: weights_as_inputs(mod, profile.kernels.contiguous_weights_max_kb)),
+        # A model whose weights nearly fill L2 also gets main with its weights as arguments, for the runner to place.
+        ("weights-as-inputs", lambda mod: weights_as_inputs(mod, profile.kernels.contiguous_weights_min_kb,
+                                                            profile.kernels.contiguous_weights_max_kb)),
         ("dataflow-lower", seq(_dataflow_lower(cpu, target))),
         ("finalize", seq(cpu.finalize_passes(target))),
     )

@@ -79,10 +79,12 @@ class KernelSpec:
     use_direct_conv: bool = True
     conv_block_oc: int = 16
     conv_tile_ow: int = 6
-    # A model whose weight tensors total at most this many KB also gets an entry point that takes them as arguments,
-    # and the runner keeps them in one buffer on huge-page boundaries (targets/tvm/weights_as_inputs.py): weights
-    # that stay in L2 between calls then spread over all its sets instead of overfilling the sets that 4 KB pages at
-    # random physical addresses land on. Past L2 the weights stream from L3 / DRAM anyway. 0 turns it off.
+    # A model whose weight tensors total from contiguous_weights_min_kb to contiguous_weights_max_kb KB also gets an
+    # entry point that takes them as arguments, and the runner keeps them in one buffer on huge-page boundaries
+    # (targets/tvm/weights_as_inputs.py): weights that nearly fill L2 then spread over all its sets instead of
+    # overfilling the sets that 4 KB pages at random physical addresses land on. Below the window no set overflows
+    # and each argument costs the call ~60 ns; past L2 the weights stream from L3 / DRAM anyway. max 0 turns it off.
+    contiguous_weights_min_kb: int = 1024
     contiguous_weights_max_kb: int = 2048
 
 
@@ -157,6 +159,7 @@ _BOUNDS: dict[tuple[str, str], tuple[float, float]] = {
     ("kernels", "lif_layer_max_rows"): (0, 1 << 16),
     ("kernels", "conv_block_oc"): (1, 1024),
     ("kernels", "conv_tile_ow"): (1, 64),
+    ("kernels", "contiguous_weights_min_kb"): (0, 1 << 20),
     ("kernels", "contiguous_weights_max_kb"): (0, 1 << 20),
     ("bench", "threads"): (1, 4096),  # and at most 4 x cpu.num_cores (parse_profile)
     ("bench", "warmup_s"): (0.0, 600.0),

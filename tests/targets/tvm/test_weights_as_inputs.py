@@ -12,7 +12,7 @@ from toolchain.core.profile import load_profile
 from toolchain.core.tvm_abi import MAIN_WITH_WEIGHTS, WEIGHTS
 from toolchain.device.runners import HUGE_PAGE, TvmLibRunner, weight_buffer
 
-PROFILE = load_profile("x86-avx512")
+PROFILE = with_kernels(load_profile("x86-avx512"), contiguous_weights_min_kb=0)  # the test MLP has 27 KB
 
 
 def mlp(seed: int = 0) -> tuple[object, np.ndarray]:
@@ -48,10 +48,12 @@ def test_runner_runs_the_weights_from_its_own_buffer_with_mains_results(tmp_path
     assert not np.array_equal(runner.infer({"x": x})[0], want)
 
 
-def test_weights_past_the_profiles_limit_stay_inside_main(tmp_path: Path) -> None:
+def test_weights_outside_the_profiles_window_stay_inside_main(tmp_path: Path) -> None:
     model, x = mlp(1)
     for name, profile in (("off", with_kernels(PROFILE, contiguous_weights_max_kb=0)),
-                          ("small", with_kernels(PROFILE, contiguous_weights_max_kb=16))):  # 27 KB of weights
+                          ("above", with_kernels(PROFILE, contiguous_weights_max_kb=16)),  # 27 KB of weights
+                          ("below", with_kernels(PROFILE, contiguous_weights_min_kb=32)),
+                          ("default", load_profile("x86-avx512"))):
         lib = tmp_path / f"{name}.so"
         build_library(model, profile, lib)
         runner = TvmLibRunner(lib, ["x"], 1)
