@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolchain.core.tvm_abi import MAIN, MAIN_WITH_WEIGHTS, WEIGHTS
+from toolchain.core.tvm_abi import MAIN, MAIN_WITH_WEIGHTS, WEIGHTS, tensor_nbytes
 
 
 def weight_constants(func: Any) -> list[Any]:
@@ -41,13 +41,6 @@ def weight_constants(func: Any) -> list[Any]:
     return seen
 
 
-def tensor_bytes(const: Any) -> int:
-    import numpy as np
-
-    v = const.value
-    return int(np.prod(v.shape, dtype=np.int64)) * ((v.dtype.bits * v.dtype.lanes + 7) // 8)
-
-
 def weights_as_inputs(mod: Any, min_kb: int, max_kb: int) -> Any:
     """``mod`` with ``MAIN_WITH_WEIGHTS`` and ``WEIGHTS`` added when ``main``'s weights total from ``min_kb`` to
     ``max_kb`` KB (and there is at least one); otherwise ``mod`` itself."""
@@ -60,7 +53,7 @@ def weights_as_inputs(mod: Any, min_kb: int, max_kb: int) -> Any:
         return mod
     main = mod[MAIN]
     consts = weight_constants(main)
-    if not consts or not min_kb * 1024 <= sum(tensor_bytes(c) for c in consts) <= max_kb * 1024:
+    if not consts or not min_kb * 1024 <= sum(tensor_nbytes(c.value) for c in consts) <= max_kb * 1024:
         return mod
     params = [relax.Var(f"weight{i}", c.ty) for i, c in enumerate(consts)]
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.core.errors import UsageError
-from toolchain.core.tvm_abi import MAIN, MAIN_WITH_WEIGHTS, WEIGHTS
+from toolchain.core.tvm_abi import MAIN, MAIN_WITH_WEIGHTS, WEIGHTS, tensor_nbytes
 from toolchain.device.tensorrt_engine import (
     MIN_WORKSPACE_BYTES,
     CudaDriver,
@@ -29,8 +29,8 @@ from toolchain.device.tensorrt_engine import (
 class TvmLibRunner:
     """A TVM library on the Relax VM with pre-bound, 64-byte aligned input buffers: one copy per input on the
     hot path, outputs read through DLPack. A library that exports its weights (``toolchain.core.tvm_abi``: built
-    when they fit L2) runs with them copied into one buffer on huge-page boundaries (``weight_buffer``), which
-    spreads them evenly over the cache's sets."""
+    when they nearly fill L2) runs with them copied into one buffer on a huge-page boundary (``weight_buffer``),
+    which spreads them evenly over the cache's sets."""
 
     def __init__(self, lib_path: Path, input_names: list[str], threads: int) -> None:
         import tvm
@@ -96,8 +96,8 @@ HUGE_PAGE = 2 << 20  # x86-64 and aarch64 (4 KB granule) transparent huge pages
 
 def weight_buffer(nbytes: int) -> np.ndarray:
     """A zeroed uint8 array of ``nbytes`` that starts on a 2 MB boundary, in anonymous memory the OS is asked to
-    back with transparent huge pages (physically contiguous 2 MB: every L2 set gets its share of the bytes). Where
-    THP is off it is 4 KB pages, as any allocation would be."""
+    back with transparent huge pages (on bare metal physically contiguous 2 MB: every L2 set gets its share of the
+    bytes). Where THP is off it is 4 KB pages, as any allocation would be."""
     size = max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
     area = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = np.frombuffer(area, np.uint8)  # the array keeps the mapping alive
@@ -114,11 +114,11 @@ def place_weights(vm: Any, from_dlpack: Any) -> list[Any]:
     if not vm.module.implements_function(WEIGHTS):
         return []
     source = list(vm[WEIGHTS]())
-    sizes = [w.numel() * ((w.dtype.bits * w.dtype.lanes + 7) // 8) for w in source]
-    offsets = np.concatenate([[0], np.cumsum([-(-n // 64) * 64 for n in sizes])]).astype(int)
-    region = weight_buffer(int(offsets[-1]))
+    sizes = [tensor_nbytes(w) for w in source]
+    ends = np.cumsum([-(-n // 64) * 64 for n in sizes]).tolist()
+    region = weight_buffer(ends[-1])
     placed = []
-    for w, off, n in zip(source, offsets, sizes, strict=False):
+    for w, off, n in zip(source, [0, *ends[:-1]], sizes, strict=True):
         # a byte range of the region typed as the weight (the kernels take no byte offset: the data pointer moves)
         view = from_dlpack(region[off : off + n])._create_view(tuple(w.shape), w.dtype)
         w.copyto(view)
