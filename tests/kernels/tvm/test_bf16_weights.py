@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,6 +22,7 @@ from targets.tvm.frontend import import_onnx
 from targets.tvm.pipeline import pipeline
 from targets.tvm.tuning import auto_trials
 from toolchain.core.profile import load_profile
+from toolchain.core.tvm_abi import tensor_nbytes
 from toolchain.export import torch_to_onnx
 from toolchain.passes import PassContext
 from toolchain.passes.bf16 import Config as Bf16Config
@@ -46,24 +48,25 @@ def round_bf16(w: np.ndarray) -> np.ndarray:
 
 
 def constant_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of every constant the lowered module holds (what the library carries as weights)."""
+    """Bytes of every constant the lowered module holds (what the library carries as weights), each once: the
+    weights entry points (targets/tvm/weights_as_inputs.py) use ``main``'s constants, one pool in the library."""
     import tvm
     from tvm import relax
 
     mod = import_onnx(model)
     for _name, step in pipeline(PROFILE):
         mod = step(mod)
-    total = [0]
+    seen: list[Any] = []
 
-    def visit(e: object) -> None:
+    def visit(e: Any) -> None:
         v = getattr(e, "value", None) if isinstance(e, tvm.ir.expr.GenericConst) else None
-        if hasattr(v, "shape") and hasattr(v, "dtype"):
-            total[0] += int(np.prod(v.shape, dtype=np.int64)) * tvm.runtime.DataType(str(v.dtype)).bits // 8
+        if hasattr(v, "shape") and hasattr(v, "dtype") and not any(e.same_as(s) for s in seen):
+            seen.append(e)
 
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func.body, visit)
-    return total[0]
+    return sum(tensor_nbytes(c.value) for c in seen)
 
 
 def agree(fp32: object, bf16: object, inputs: list[np.ndarray]) -> float:
