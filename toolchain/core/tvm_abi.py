@@ -1,9 +1,10 @@
-"""The entry points of a TVM library edgec builds, shared by the build (``kernels.tvm.passes.weights_as_inputs``)
-and the runner that loads it (``toolchain.device.runners.TvmLibRunner``).
+"""The entry points of a TVM library edgec builds, shared by the build (``targets.tvm.weights_as_inputs``) and the
+runner that loads it (``toolchain.device.runners.TvmLibRunner``).
 
-Every library has ``main(inputs...)`` with its weights built in. A library whose weights are small enough to stay
-in the CPU's L2 between calls also has ``main`` with the weights as trailing arguments and a function that returns
-them, so that the runner can keep them in memory it lays out itself (one buffer on huge-page boundaries)."""
+Every library has ``main(inputs...)`` with its weights built in. A library whose weights nearly fill the CPU's L2
+(the profile's ``kernels.contiguous_weights_min_kb`` to ``_max_kb``) also has ``main`` with the weights as trailing
+arguments and a function that returns them, so that the runner can keep them in memory it lays out itself (one
+buffer on a huge-page boundary)."""
 
 from __future__ import annotations
 

@@ -111,9 +111,9 @@ def weight_buffer(nbytes: int) -> np.ndarray:
 def place_weights(vm: Any, from_dlpack: Any) -> list[Any]:
     """The library's exported weights (``WEIGHTS``) copied into one ``weight_buffer``, each on a 64-byte boundary,
     in argument order; [] when the library exports none."""
-    if not vm.module.implements_function(WEIGHTS):
+    source = list(vm[WEIGHTS]()) if vm.module.implements_function(WEIGHTS) else []
+    if not source:
         return []
-    source = list(vm[WEIGHTS]())
     sizes = [tensor_nbytes(w) for w in source]
     ends = np.cumsum([-(-n // 64) * 64 for n in sizes]).tolist()
     region = weight_buffer(ends[-1])

@@ -1,4 +1,4 @@
-"""A library whose weights fit L2 exports them, and the runner keeps them in one buffer on huge-page boundaries."""
+"""A library whose weights nearly fill L2 exports them, and the runner keeps them in one buffer on a huge page."""
 
 from __future__ import annotations
 
